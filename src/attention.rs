@@ -1,0 +1,128 @@
+//! Softmax attention shared by the sliding-window self-decoder and the cross-decoder.
+//!
+//! Grouped-query attention without repeating K/V: the `G = H / H_kv` query heads that share a
+//! key/value head are stacked into one matrix, so each K/V head is read once.
+
+use candle_core::{DType, Tensor};
+
+use crate::Result;
+
+/// `softmax(q k^T * scale + mask) v`.
+///
+/// * `q`: `(B, H, C, d)`; `k`, `v`: `(B, H_kv, L, d)` (a strided view of a cache is fine);
+/// * `mask`: additive (0 or -inf), broadcastable to `(B, H_kv, G, C, L)`: either `(C, L)` for a
+///   mask shared by all rows, or `(B, 1, 1, C, L)` for one per row; `None` = every key visible.
+///
+/// Scores and softmax are computed in f32; the result has `v`'s dtype, shape `(B, H, C, d)`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, c, d) = q.dims4()?;
+    let (_, h_kv, l, _) = k.dims4()?;
+    let g = h / h_kv;
+    // (B, H, C, d) -> (B, H_kv, G*C, d): head h = kv * G + g reads kv head h / G.
+    let q = q.contiguous()?.reshape((b, h_kv, g * c, d))?;
+    let scores = q.matmul(&k.t()?)?;
+    let scores = (scores.to_dtype(DType::F32)? * scale)?;
+    let scores = match mask {
+        Some(mask) => scores
+            .reshape((b, h_kv, g, c, l))?
+            .broadcast_add(mask)?
+            .reshape((b, h_kv, g * c, l))?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    let out = probs.matmul(v)?;
+    Ok(out.reshape((b, h, c, d))?)
+}
+
+/// Additive mask `(C, L)` with 0 where query `i` may see key `j` and -inf elsewhere, for queries
+/// and keys numbered by absolute position: query `i` sits at `q_start + i`, key `j` at
+/// `k_start + j`, and a query sees keys in `(pos - window, pos]` (`window = None`: all earlier keys).
+pub fn causal_mask(
+    c: usize,
+    l: usize,
+    q_start: usize,
+    k_start: usize,
+    window: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mut data = Vec::with_capacity(c * l);
+    for i in 0..c {
+        let p = q_start + i;
+        for j in 0..l {
+            let kp = k_start + j;
+            let visible = kp <= p && window.is_none_or(|w| p - kp < w);
+            data.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+        }
+    }
+    Ok(Tensor::from_vec(data, (c, l), device)?)
+}
+
+/// Per-row additive mask `(B, 1, 1, 1, L)` for one decode step over a right-aligned cache of `L`
+/// slots in which row `b`'s real entries are the last `visible[b]`.
+pub fn right_aligned_mask(visible: &[usize], l: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mut data = Vec::with_capacity(visible.len() * l);
+    for &n in visible {
+        for j in 0..l {
+            data.push(if j + n >= l { 0f32 } else { f32::NEG_INFINITY });
+        }
+    }
+    Ok(Tensor::from_vec(data, (visible.len(), 1, 1, 1, l), device)?)
+}
+
+/// Sum over the last dimension, kept for the shape checks of tests.
+#[cfg(test)]
+pub(crate) fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    // Repeat K/V per query head: the textbook form the grouped version must equal.
+    let (_, h, _, _) = q.dims4()?;
+    let (_, h_kv, _, _) = k.dims4()?;
+    let g = h / h_kv;
+    let rep = |t: &Tensor| -> Result<Tensor> {
+        let heads: Vec<Tensor> = (0..h).map(|i| t.narrow(1, i / g, 1)).collect::<candle_core::Result<_>>()?;
+        Ok(Tensor::cat(&heads, 1)?)
+    };
+    let (k, v) = (rep(k)?, rep(v)?);
+    let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(m)?;
+    }
+    let probs = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn grouped_query_attention_equals_repeated_kv() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 6, 5, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 2, 9, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 2, 9, 8), &dev)?;
+        let mask = causal_mask(5, 9, 4, 0, Some(3), &dev)?;
+        let fast = attention(&q, &k, &v, Some(&mask), 0.3)?;
+        let slow = naive_attention(&q, &k, &v, Some(&mask), 0.3)?;
+        let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn causal_window_mask_admits_exactly_window_keys() -> Result<()> {
+        let m: Vec<Vec<f32>> = causal_mask(3, 6, 3, 0, Some(2), &Device::Cpu)?.to_vec2()?;
+        // query at position 3 sees keys 2 and 3; position 5 sees 4 and 5.
+        let seen: Vec<Vec<usize>> = m
+            .iter()
+            .map(|row| (0..6).filter(|&j| row[j] == 0.0).collect())
+            .collect();
+        assert_eq!(seen, vec![vec![2, 3], vec![3, 4], vec![4, 5]]);
+        Ok(())
+    }
+}

@@ -1,0 +1,40 @@
+//! RMSNorm: `y = x * rsqrt(mean(x^2) + eps) * weight`, accumulated in f32 whatever the dtype.
+
+use candle_core::{DType, Tensor};
+
+use crate::Result;
+
+/// RMS normalisation over the last dimension.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// From a `(dim,)` weight.
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm {
+            weight,
+            eps: eps as f32,
+        }
+    }
+
+    /// A norm without learned scale (the reference's per-head norm of retention outputs,
+    /// `elementwise_affine=False`).
+    pub fn without_weight(dim: usize, eps: f64, dtype: DType, device: &candle_core::Device) -> Result<Self> {
+        Ok(RmsNorm::new(Tensor::ones(dim, dtype, device)?, eps))
+    }
+
+    /// Normalises `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's fused kernel needs contiguous input; this is a no-op when it already is.
+        let x = x.contiguous()?;
+        let w = if self.weight.dtype() == x.dtype() {
+            self.weight.clone()
+        } else {
+            self.weight.to_dtype(x.dtype())?
+        };
+        Ok(candle_nn::ops::rms_norm(&x, &w, self.eps)?)
+    }
+}

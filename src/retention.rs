@@ -1,0 +1,261 @@
+//! Gated retention (gRet), the default self-decoder mixer.
+//!
+//! Per layer, with `H = n_self_heads` heads of size `d = dim / H`:
+//!
+//! ```text
+//! q, k, v, g = x W_q, x W_k, x W_v, x W_g          (dim -> dim)
+//! gt         = x W_gt                              (dim -> H)
+//! q, k       = RoPE(q), RoPE(k) * d^-0.5           (no softmax anywhere)
+//! lg_t       = logsigmoid(gt_t) / 16               (log of the decay gamma_t, per head and token)
+//! o          = retention(q, k, v, lg)              (below)
+//! o          = RMSNorm_noweight(o) per head        (eps 1e-5)
+//! out        = out_proj(silu(g) * o)
+//! ```
+//!
+//! Retention has three equivalent forms, all here and all tested against each other:
+//! * parallel:  `o_n = sum_{m<=n} exp(G_n - G_m) (q_n . k_m) v_m`, `G = cumsum(lg)`;
+//! * recurrent: `S_t = exp(lg_t) S_{t-1} + k_t^T v_t`, `o_t = q_t S_t` (`S` is `d x d` per head);
+//! * chunkwise: the parallel form inside a chunk plus `(q_i * exp(G_i)) S_prev`, then
+//!   `S = exp(G_last) S_prev + sum_j exp(G_last - G_j) k_j^T v_j`.
+//!
+//! The state `S` and all decay arithmetic are f32 whatever the weights' dtype.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::Linear;
+
+use crate::norm::RmsNorm;
+use crate::rope::RopeTables;
+use crate::Result;
+
+/// The reference's `gate_logit_normalizer`.
+const GATE_LOGIT_NORMALIZER: f64 = 16.0;
+
+/// Chunk length of the chunkwise form during prefill (the reference uses 256): the inner
+/// parallel part costs `O(C^2 d)` per head, the state update `O(C d^2)`.
+pub const RETENTION_CHUNK: usize = 256;
+
+/// Weights of one gated-retention layer.
+#[derive(Clone, Debug)]
+pub struct GatedRetention {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) g_proj: Linear,
+    pub(crate) gt_proj: Linear,
+    pub(crate) out_proj: Linear,
+    pub(crate) n_heads: usize,
+    pub(crate) head_dim: usize,
+    /// Per-head output norm without weight.
+    pub(crate) head_norm: RmsNorm,
+}
+
+impl GatedRetention {
+    /// Mixes a chunk `x: (B, C, dim)` (already normalised) and advances `state: (B, H, d, d)`.
+    pub fn forward(&self, x: &Tensor, rope: &RopeTables, state: &mut Tensor) -> Result<Tensor> {
+        let (b, c, dim) = x.dims3()?;
+        let (h, d) = (self.n_heads, self.head_dim);
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, c, h, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope.apply(&heads(self.q_proj.forward(x)?)?)?;
+        let k = (rope.apply(&heads(self.k_proj.forward(x)?)?)? * (d as f64).powf(-0.5))?;
+        let v = heads(self.v_proj.forward(x)?)?;
+        let g = self.g_proj.forward(x)?;
+        // (B, C, H) -> (B, H, C), f32.
+        let gt = self.gt_proj.forward(x)?.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
+        let lg = (log_sigmoid(&gt)? / GATE_LOGIT_NORMALIZER)?;
+
+        let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+        let o = if c == 1 {
+            let (o, s) = recurrent_step(&q, &k, &v, &lg, state)?;
+            *state = s;
+            o
+        } else {
+            let (o, s) = chunkwise(&q, &k, &v, &lg, state, RETENTION_CHUNK)?;
+            *state = s;
+            o
+        };
+        let o = self.head_norm.forward(&o)?.to_dtype(x.dtype())?;
+        let o = o.transpose(1, 2)?.reshape((b, c, dim))?;
+        Ok(self.out_proj.forward(&(g.silu()? * o)?)?)
+    }
+}
+
+/// `log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|))`, stable for large `|x|`.
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let neg_abs = x.abs()?.neg()?;
+    let softplus = (neg_abs.exp()? + 1.0)?.log()?;
+    Ok((x.minimum(0f32)? - softplus)?)
+}
+
+/// Parallel form over a whole sequence from a zero state.
+/// `q, k, v: (B, H, T, d)` f32 (k already scaled), `lg: (B, H, T)` f32; returns `(B, H, T, d)`.
+pub fn parallel(q: &Tensor, k: &Tensor, v: &Tensor, lg: &Tensor) -> Result<Tensor> {
+    let g = lg.cumsum(D::Minus1)?;
+    intra_chunk(q, k, v, &g)
+}
+
+/// `sum_{m<=n} exp(G_n - G_m) (q_n . k_m) v_m` for cumulative log-decays `g: (B, H, C)`.
+fn intra_chunk(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let c = q.dim(2)?;
+    // exp(G_n - G_m), with -inf above the diagonal *before* the exp: there G_n - G_m > 0 and
+    // could overflow, and inf * 0 would be NaN.
+    let diff = g.unsqueeze(3)?.broadcast_sub(&g.unsqueeze(2)?)?;
+    let upper = upper_neg_inf(c, q.device())?;
+    let decay = diff.broadcast_add(&upper)?.exp()?;
+    let scores = (q.matmul(&k.t()?)? * decay)?;
+    Ok(scores.matmul(v)?)
+}
+
+fn upper_neg_inf(c: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..c * c)
+        .map(|i| if i % c > i / c { f32::NEG_INFINITY } else { 0.0 })
+        .collect();
+    Ok(Tensor::from_vec(data, (c, c), device)?)
+}
+
+/// Chunkwise form: processes `T` tokens in chunks of `chunk`, starting from `state: (B, H, d, d)`.
+/// Returns the outputs `(B, H, T, d)` and the state after the last token.
+pub fn chunkwise(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lg: &Tensor,
+    state: &Tensor,
+    chunk: usize,
+) -> Result<(Tensor, Tensor)> {
+    let t = q.dim(2)?;
+    let chunk = chunk.max(1);
+    let mut state = state.clone();
+    let mut outs = Vec::with_capacity(t.div_ceil(chunk));
+    let mut start = 0;
+    while start < t {
+        let c = chunk.min(t - start);
+        let qc = q.narrow(2, start, c)?.contiguous()?;
+        let kc = k.narrow(2, start, c)?.contiguous()?;
+        let vc = v.narrow(2, start, c)?.contiguous()?;
+        let g = lg.narrow(2, start, c)?.contiguous()?.cumsum(D::Minus1)?; // (B, H, C)
+        let g_last = g.narrow(2, c - 1, 1)?; // (B, H, 1)
+
+        let inner = intra_chunk(&qc, &kc, &vc, &g)?;
+        // Contribution of everything before the chunk: (q_i * exp(G_i)) S_prev.
+        let q_decayed = qc.broadcast_mul(&g.exp()?.unsqueeze(3)?)?;
+        let outer = q_decayed.matmul(&state)?;
+        outs.push((inner + outer)?);
+
+        // S = exp(G_last) S_prev + sum_j exp(G_last - G_j) k_j^T v_j.
+        let k_decayed = kc.broadcast_mul(&g_last.broadcast_sub(&g)?.exp()?.unsqueeze(3)?)?;
+        let update = k_decayed.t()?.matmul(&vc)?;
+        state = (state.broadcast_mul(&g_last.exp()?.unsqueeze(3)?)? + update)?;
+        start += c;
+    }
+    let out = if outs.len() == 1 {
+        outs.swap_remove(0)
+    } else {
+        Tensor::cat(&outs, 2)?
+    };
+    Ok((out, state))
+}
+
+/// One token of the recurrent form: `q, k, v: (B, H, 1, d)`, `lg: (B, H, 1)`.
+pub fn recurrent_step(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lg: &Tensor,
+    state: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let decay = lg.exp()?.unsqueeze(3)?; // (B, H, 1, 1)
+    let kv = k.t()?.matmul(v)?; // (B, H, d, d): outer product k^T v
+    let state = (state.broadcast_mul(&decay)? + kv)?;
+    let o = q.matmul(&state)?;
+    Ok((o, state))
+}
+
+/// Recurrent form over a whole sequence, token by token (the reference for the other two).
+pub fn recurrent(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lg: &Tensor,
+    state: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let t = q.dim(2)?;
+    let mut state = state.clone();
+    let mut outs = Vec::with_capacity(t);
+    for i in 0..t {
+        let (o, s) = recurrent_step(
+            &q.narrow(2, i, 1)?.contiguous()?,
+            &k.narrow(2, i, 1)?.contiguous()?,
+            &v.narrow(2, i, 1)?.contiguous()?,
+            &lg.narrow(2, i, 1)?.contiguous()?,
+            &state,
+        )?;
+        outs.push(o);
+        state = s;
+    }
+    Ok((Tensor::cat(&outs, 2)?, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .unwrap_or(f32::INFINITY)
+    }
+
+    fn inputs(b: usize, h: usize, t: usize, d: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
+        let k = (Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)? * (d as f64).powf(-0.5))?;
+        let v = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
+        // Gate logits spread over [-8, 8] so that decays range from ~0.6 to ~1.
+        let gt = (Tensor::randn(0f32, 4.0, (b, h, t), &dev)?).clamp(-8f32, 8f32)?;
+        let lg = (log_sigmoid(&gt)? / GATE_LOGIT_NORMALIZER)?;
+        Ok((q, k, v, lg))
+    }
+
+    #[test]
+    fn log_sigmoid_matches_the_definition_and_is_finite_far_out() -> Result<()> {
+        let x = Tensor::new(&[-100f32, -3.0, 0.0, 2.5, 100.0], &Device::Cpu)?;
+        let got: Vec<f32> = log_sigmoid(&x)?.to_vec1()?;
+        for (xi, yi) in [-100f64, -3.0, 0.0, 2.5, 100.0].iter().zip(got) {
+            let want = -(1.0 + (-xi).exp()).ln();
+            assert!((want - yi as f64).abs() < 1e-5 * want.abs().max(1.0), "{xi}: {yi} vs {want}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn three_forms_agree_for_all_chunk_sizes() -> Result<()> {
+        let (b, h, t, d) = (2, 3, 300, 8);
+        let (q, k, v, lg) = inputs(b, h, t, d)?;
+        let zero = Tensor::zeros((b, h, d, d), DType::F32, &Device::Cpu)?;
+        let par = parallel(&q, &k, &v, &lg)?;
+        let (rec, rec_state) = recurrent(&q, &k, &v, &lg, &zero)?;
+        assert!(max_diff(&par, &rec) <= 1e-5, "parallel vs recurrent {}", max_diff(&par, &rec));
+        for chunk in [1, 7, 64, 256] {
+            let (out, state) = chunkwise(&q, &k, &v, &lg, &zero, chunk)?;
+            assert!(max_diff(&out, &rec) <= 1e-5, "chunk {chunk}: {}", max_diff(&out, &rec));
+            assert!(max_diff(&state, &rec_state) <= 1e-5, "chunk {chunk} state");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn chunkwise_continues_from_a_nonzero_state() -> Result<()> {
+        let (q, k, v, lg) = inputs(1, 2, 50, 4)?;
+        let zero = Tensor::zeros((1, 2, 4, 4), DType::F32, &Device::Cpu)?;
+        let (_, mid) = chunkwise(&q.narrow(2, 0, 20)?, &k.narrow(2, 0, 20)?, &v.narrow(2, 0, 20)?, &lg.narrow(2, 0, 20)?, &zero, 256)?;
+        let (tail, _) = chunkwise(&q.narrow(2, 20, 30)?, &k.narrow(2, 20, 30)?, &v.narrow(2, 20, 30)?, &lg.narrow(2, 20, 30)?, &mid, 9)?;
+        let (all, _) = recurrent(&q, &k, &v, &lg, &zero)?;
+        assert!(max_diff(&tail, &all.narrow(2, 20, 30)?) <= 1e-5);
+        Ok(())
+    }
+}
