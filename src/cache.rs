@@ -299,3 +299,96 @@ impl Cache {
         self.positions.iter_mut().for_each(|p| *p += n);
     }
 }
+
+impl KvBuffer {
+    /// Stacks single-row buffers into one batch, right-aligned: the newest entry of every row
+    /// lands in the same slot, and shorter rows are padded at the front (masked by `filled`).
+    fn stack(parts: &[&KvBuffer], slack: usize) -> Result<Self> {
+        let len = parts.iter().map(|p| p.len).max().unwrap_or(0);
+        let mut ks = Vec::with_capacity(parts.len());
+        let mut vs = Vec::with_capacity(parts.len());
+        let mut filled = Vec::with_capacity(parts.len());
+        for part in parts {
+            let (b, h, _, d) = part.k.dims4()?;
+            if b != 1 {
+                return Err(Error::Input("Cache::stack takes caches of one sequence each".into()));
+            }
+            let pad = len - part.len;
+            let mut k = Tensor::zeros((1, h, len + slack, d), part.k.dtype(), part.k.device())?;
+            let mut v = Tensor::zeros((1, h, len + slack, d), part.v.dtype(), part.v.device())?;
+            if part.len > 0 {
+                k.slice_set(&part.k.narrow(2, 0, part.len)?.contiguous()?, 2, pad)?;
+                v.slice_set(&part.v.narrow(2, 0, part.len)?.contiguous()?, 2, pad)?;
+            } else {
+                k = k.contiguous()?;
+                v = v.contiguous()?;
+            }
+            ks.push(k);
+            vs.push(v);
+            filled.push(part.filled.first().copied().unwrap_or(0));
+        }
+        Ok(KvBuffer {
+            k: Tensor::cat(&ks, 0)?,
+            v: Tensor::cat(&vs, 0)?,
+            len,
+            filled,
+            owner: Arc::new(()),
+        })
+    }
+}
+
+impl Cache {
+    /// Joins caches of one sequence each (possibly at different positions) into one batch, for
+    /// decoding them together with `Model::step`. Each row then behaves exactly as its cache
+    /// would alone. `reserve` is honoured for the largest reservation among the parts.
+    pub fn stack(caches: &[Cache]) -> Result<Self> {
+        let first = caches
+            .first()
+            .ok_or_else(|| Error::Input("Cache::stack needs at least one cache".into()))?;
+        if caches
+            .iter()
+            .any(|c| c.layers.len() != first.layers.len() || c.window != first.window)
+        {
+            return Err(Error::Input("Cache::stack: caches come from different models".into()));
+        }
+        let slack = caches
+            .iter()
+            .map(|c| c.global.capacity().saturating_sub(c.global.len))
+            .max()
+            .unwrap_or(0);
+        let globals: Vec<&KvBuffer> = caches.iter().map(|c| &c.global).collect();
+        let global = KvBuffer::stack(&globals, slack)?;
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for i in 0..first.layers.len() {
+            let layer = match &first.layers[i] {
+                SelfState::Retention(_) => {
+                    let states = caches
+                        .iter()
+                        .map(|c| match &c.layers[i] {
+                            SelfState::Retention(s) => Ok(s.clone()),
+                            SelfState::Window(_) => Err(Error::Input("mixed cache kinds".into())),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    SelfState::Retention(Tensor::cat(&states, 0)?)
+                }
+                SelfState::Window(_) => {
+                    let parts = caches
+                        .iter()
+                        .map(|c| match &c.layers[i] {
+                            SelfState::Window(buf) => Ok(buf),
+                            SelfState::Retention(_) => Err(Error::Input("mixed cache kinds".into())),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    SelfState::Window(KvBuffer::stack(&parts, 0)?)
+                }
+            };
+            layers.push(layer);
+        }
+        Ok(Cache {
+            layers,
+            global,
+            positions: caches.iter().flat_map(|c| c.positions.iter().copied()).collect(),
+            window: first.window,
+        })
+    }
+}

@@ -141,13 +141,19 @@ impl WeightFiles {
 
     /// A `VarBuilder` over these files that converts to `dtype` on `device`, rooted at `prefix`.
     pub fn var_builder(&self, prefix: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        // Opening re-parses the headers (candle's checks are stricter than `safetensors_header`,
+        // e.g. tensors must tile the data section): a failure here is a corrupt checkpoint.
         let vb = match self {
             WeightFiles::Safetensors(paths) => {
                 // SAFETY: the files are memory-mapped read-only; as with every mmap-based loader,
                 // they must not be modified while the model loads (the tensors are copied out).
-                unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device)? }
+                unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }.map_err(|e| {
+                    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                    Error::Checkpoint(format!("cannot open {}: {e}", names.join(", ")))
+                })?
             }
-            WeightFiles::Pth(path) => VarBuilder::from_pth(path, dtype, device)?,
+            WeightFiles::Pth(path) => VarBuilder::from_pth(path, dtype, device)
+                .map_err(|e| Error::Checkpoint(format!("cannot read {}: {e}", path.display())))?,
         };
         let mut vb = vb;
         for part in prefix.split('.').filter(|p| !p.is_empty()) {
@@ -288,11 +294,17 @@ pub fn safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorEntry>> 
 /// Checks a checkpoint's tensors against a config, strictly. Returns the prefix the names
 /// carry (`""` or [`TRAINER_PREFIX`]).
 pub fn check_tensors(cfg: &Config, found: &BTreeMap<String, TensorEntry>) -> Result<&'static str> {
-    let prefix = if !found.is_empty() && found.keys().all(|k| k.starts_with(TRAINER_PREFIX)) {
-        TRAINER_PREFIX
-    } else {
-        ""
-    };
+    let (prefixed, plain): (Vec<&String>, Vec<&String>) =
+        found.keys().partition(|k| k.starts_with(TRAINER_PREFIX));
+    if let (Some(p), Some(q)) = (prefixed.first(), plain.first()) {
+        return Err(Error::Checkpoint(format!(
+            "tensor names mix the trainer prefix `{TRAINER_PREFIX}` ({} names, e.g. `{p}`) with \
+             unprefixed names ({}, e.g. `{q}`); all names must use one form",
+            prefixed.len(),
+            plain.len()
+        )));
+    }
+    let prefix = if prefixed.is_empty() { "" } else { TRAINER_PREFIX };
     let mut remaining: BTreeMap<&str, &TensorEntry> = found
         .iter()
         .map(|(k, v)| (k.strip_prefix(prefix).unwrap_or(k), v))

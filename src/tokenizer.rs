@@ -100,7 +100,11 @@ impl Tokenizer {
         let bos = find(&BOS_NAMES);
         let eos = find(&EOS_NAMES);
         let mut skipped: Vec<u32> = bos.into_iter().chain(eos).collect();
-        skipped.extend(OTHER_SPECIAL_NAMES.iter().filter_map(|n| inner.token_to_id(n)));
+        skipped.extend(
+            OTHER_SPECIAL_NAMES
+                .iter()
+                .filter_map(|n| inner.token_to_id(n)),
+        );
         let largest = inner.get_vocab(true).into_values().max();
         let vocab_size = largest
             .map_or(0, |id| id as usize + 1)
