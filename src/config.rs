@@ -78,6 +78,26 @@ fn default_max_positions() -> usize {
     DEFAULT_MAX_POSITIONS
 }
 
+/// serde's message for a value of the wrong type (`invalid value: integer `-2`, expected usize`)
+/// does not say which field holds it: find the field by trying each one in a valid config.
+fn describe_json_error(text: &str, e: serde_json::Error) -> String {
+    let message = e.to_string();
+    let (Ok(serde_json::Value::Object(fields)), Ok(serde_json::Value::Object(valid))) = (
+        serde_json::from_str::<serde_json::Value>(text),
+        serde_json::to_value(Config::new(2, 2, 2, 1, 1, 1, 2)),
+    ) else {
+        return message;
+    };
+    for (name, value) in fields {
+        let mut probe = valid.clone();
+        probe.insert(name.clone(), value);
+        if serde_json::from_value::<Config>(serde_json::Value::Object(probe)).is_err() {
+            return format!("field `{name}`: {message}");
+        }
+    }
+    message
+}
+
 /// Which efficient self-attention the self-decoder uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SelfMixer {
@@ -123,12 +143,7 @@ impl Config {
 
     /// Parses and validates a `params.json` text.
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: Config = serde_json::from_str(text).map_err(|e| Error::Json {
-            path: "params.json".into(),
-            message: e.to_string(),
-        })?;
-        cfg.validate()?;
-        Ok(cfg)
+        Self::parse(text, Path::new("params.json"))
     }
 
     /// Reads and validates a `params.json` file.
@@ -143,9 +158,13 @@ impl Config {
             });
         }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Config = serde_json::from_str(&text).map_err(|e| Error::Json {
+        Self::parse(&text, path)
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Self> {
+        let cfg: Config = serde_json::from_str(text).map_err(|e| Error::Json {
             path: path.into(),
-            message: e.to_string(),
+            message: describe_json_error(text, e),
         })?;
         cfg.validate()?;
         Ok(cfg)

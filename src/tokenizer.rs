@@ -126,8 +126,10 @@ impl Tokenizer {
     /// Encodes `text` into token ids.
     ///
     /// The tokenizer's post-processor adds no special tokens; when `add_bos` is true and the
-    /// vocabulary has a BOS token ([`Tokenizer::bos_id`]), it is prepended. Special tokens
-    /// written literally in `text` (such as `</s>`) become their ids.
+    /// vocabulary has a BOS token ([`Tokenizer::bos_id`]), it is prepended. The tokenizer's
+    /// added tokens written literally in `text` become their ids (for the YOCO tokenizer:
+    /// `<|endoftext|>`, `<fim_prefix>`, ..., but not `<s>` or `</s>`, which its reference
+    /// encodes as ordinary text).
     ///
     /// # Errors
     ///
@@ -205,7 +207,8 @@ impl Tokenizer {
 /// It follows the algorithm of `tokenizers`' `DecodeStream` (`decode_stream`): it decodes a
 /// short window of recent ids and returns what the new id adds to the text, holding back only
 /// while the text ends in an incomplete UTF-8 sequence (so a character split across byte-level
-/// tokens comes out whole) or the new id adds no text. Complete text is never delayed because
+/// tokens comes out whole; a genuine trailing U+FFFD waits for the next id too) or the new id
+/// adds no text. Complete text is never delayed because
 /// it ends in punctuation or a space. The returned chunks, followed by
 /// [`TextStream::finish`], concatenate to [`Tokenizer::decode`] of all the ids fed.
 #[derive(Debug)]
