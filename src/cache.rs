@@ -154,8 +154,13 @@ impl KvBuffer {
     }
 
     fn bytes_used(&self) -> usize {
+        self.bytes_of(self.len)
+    }
+
+    /// Bytes of `slots` slots of keys and values.
+    fn bytes_of(&self, slots: usize) -> usize {
         let (b, h, _, d) = self.k.dims4().unwrap_or((0, 0, 0, 0));
-        2 * b * h * self.len * d * self.k.dtype().size_in_bytes()
+        2 * b * h * slots * d * self.k.dtype().size_in_bytes()
     }
 
     fn bytes_allocated(&self) -> usize {
@@ -272,7 +277,10 @@ impl Cache {
             .iter()
             .map(|l| match l {
                 SelfState::Retention(s) => s.elem_count() * s.dtype().size_in_bytes(),
-                SelfState::Window(buf) => buf.bytes_used(),
+                // Slack beyond the last W - 1 entries is allocation, not state.
+                SelfState::Window(buf) => {
+                    buf.bytes_of(buf.len.min(self.window.unwrap_or(1).saturating_sub(1)))
+                }
             })
             .sum()
     }
@@ -390,5 +398,117 @@ impl Cache {
             positions: caches.iter().flat_map(|c| c.positions.iter().copied()).collect(),
             window: first.window,
         })
+    }
+}
+
+/// Version of the on-disk cache layout written by [`Cache::save`].
+const CACHE_FORMAT_VERSION: u32 = 1;
+
+impl Cache {
+    /// Saves the cache (every row's state, global K/V and positions) to a safetensors file.
+    /// Only the slots in use are written, so the file is as small as the state itself.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let path = path.as_ref();
+        let dev = Device::Cpu;
+        let u32s = |v: &[usize]| -> Result<Tensor> {
+            let v: Vec<u32> = v.iter().map(|&x| x as u32).collect();
+            Ok(Tensor::new(v.as_slice(), &dev)?)
+        };
+        let mut ts: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
+        ts.insert("format_version".into(), Tensor::new(&[CACHE_FORMAT_VERSION], &dev)?);
+        ts.insert("positions".into(), u32s(&self.positions)?);
+        // A window buffer may hold slack beyond the last W - 1 entries; only those matter.
+        let keep = self.window.map(|w| w.saturating_sub(1));
+        let put_buffer = |ts: &mut std::collections::HashMap<String, Tensor>,
+                          name: &str,
+                          buf: &KvBuffer,
+                          keep: Option<usize>|
+         -> Result<()> {
+            let n = keep.map_or(buf.len, |k| k.min(buf.len));
+            let (k, v) = buf.last(n)?;
+            let filled: Vec<usize> = buf.filled.iter().map(|&f| f.min(n)).collect();
+            ts.insert(format!("{name}.k"), k.contiguous()?);
+            ts.insert(format!("{name}.v"), v.contiguous()?);
+            ts.insert(format!("{name}.filled"), u32s(&filled)?);
+            Ok(())
+        };
+        put_buffer(&mut ts, "global", &self.global, None)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            match layer {
+                SelfState::Retention(state) => {
+                    ts.insert(format!("layers.{i}.state"), state.clone());
+                }
+                SelfState::Window(buf) => put_buffer(&mut ts, &format!("layers.{i}"), buf, keep)?,
+            }
+        }
+        candle_core::safetensors::save(&ts, path)
+            .map_err(|e| Error::Checkpoint(format!("cannot save cache to {}: {e}", path.display())))
+    }
+
+    /// Restores a cache written by [`Cache::save`] for a model with config `cfg`, placing its
+    /// K/V in `dtype` on `device`. Shapes are checked against the config.
+    pub fn load(
+        path: impl AsRef<std::path::Path>,
+        cfg: &Config,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let bad = |m: String| Error::Checkpoint(format!("cache file {}: {m}", path.display()));
+        let ts = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| bad(format!("cannot read: {e}")))?;
+        let get = |name: &str| ts.get(name).ok_or_else(|| bad(format!("missing tensor `{name}`")));
+        let usizes = |name: &str| -> Result<Vec<usize>> {
+            Ok(get(name)?.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|x| x as usize).collect())
+        };
+        let version = usizes("format_version")?;
+        if version != [CACHE_FORMAT_VERSION as usize] {
+            return Err(bad(format!("format version {version:?}, expected {CACHE_FORMAT_VERSION}")));
+        }
+        let positions = usizes("positions")?;
+        let b = positions.len();
+        let mut cache = Cache::new(cfg, b, dtype, device)?;
+        let read_buffer = |name: &str, h: usize, d: usize, window: Option<usize>| -> Result<KvBuffer> {
+            let k = get(&format!("{name}.k"))?;
+            let v = get(&format!("{name}.v"))?;
+            let filled = usizes(&format!("{name}.filled"))?;
+            let (kb, kh, len, kd) = k.dims4().map_err(|_| bad(format!("`{name}.k` is not 4-D")))?;
+            if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() || filled.len() != b {
+                return Err(bad(format!(
+                    "`{name}` has shape {:?}, expected ({b}, {h}, T, {d})",
+                    k.dims()
+                )));
+            }
+            if filled.iter().any(|&f| f > len) || window.is_some_and(|w| len > w) {
+                return Err(bad(format!("`{name}` has inconsistent fill counts")));
+            }
+            let mut buf = KvBuffer::new(b, h, d, len, dtype, device)?;
+            if len > 0 {
+                buf.append(&k.to_dtype(dtype)?.to_device(device)?, &v.to_dtype(dtype)?.to_device(device)?)?;
+            }
+            buf.filled = filled;
+            Ok(buf)
+        };
+        cache.global = read_buffer("global", cfg.n_attn_kv_heads, cfg.attn_head_dim(), None)?;
+        let (h, d) = (cfg.n_self_heads, cfg.self_head_dim());
+        for (i, layer) in cache.layers.iter_mut().enumerate() {
+            match layer {
+                SelfState::Retention(state) => {
+                    let s = get(&format!("layers.{i}.state"))?;
+                    if s.dims() != [b, h, d, d] {
+                        return Err(bad(format!("`layers.{i}.state` has shape {:?}, expected ({b}, {h}, {d}, {d})", s.dims())));
+                    }
+                    *state = s.to_dtype(DType::F32)?.to_device(device)?;
+                }
+                SelfState::Window(buf) => {
+                    *buf = read_buffer(&format!("layers.{i}"), h, d, cache.window.map(|w| w.saturating_sub(1)))?;
+                }
+            }
+        }
+        if cache.global.filled.iter().zip(&positions).any(|(f, p)| f != p) {
+            return Err(bad("positions do not match the global K/V".into()));
+        }
+        cache.positions = positions;
+        Ok(cache)
     }
 }
