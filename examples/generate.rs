@@ -41,7 +41,10 @@ fn parse_args() -> Result<Args, String> {
         model: PathBuf::from(DEFAULT_MODEL),
         prompt: None,
         prompt_tokens: None,
-        cfg: GenerationConfig { max_new_tokens: 200, ..GenerationConfig::default() },
+        cfg: GenerationConfig {
+            max_new_tokens: 200,
+            ..GenerationConfig::default()
+        },
         device: "cpu".into(),
         dtype: "f32".into(),
         json: false,
@@ -50,7 +53,8 @@ fn parse_args() -> Result<Args, String> {
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String> {
-            v.parse().map_err(|_| format!("{flag}: `{v}` is not a valid number"))
+            v.parse()
+                .map_err(|_| format!("{flag}: `{v}` is not a valid number"))
         }
         let s = &mut args.cfg.sampling;
         match flag.as_str() {
@@ -60,7 +64,11 @@ fn parse_args() -> Result<Args, String> {
                 let v = value()?;
                 let ids = v
                     .split(',')
-                    .map(|t| t.trim().parse::<u32>().map_err(|_| format!("--prompt-tokens: `{t}` is not a token id")))
+                    .map(|t| {
+                        t.trim()
+                            .parse::<u32>()
+                            .map_err(|_| format!("--prompt-tokens: `{t}` is not a token id"))
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 args.prompt_tokens = Some(ids);
             }

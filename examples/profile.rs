@@ -85,14 +85,21 @@ fn prompt(ctx: usize) -> Vec<u32> {
     let mut x = 12345u64;
     (0..ctx)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 33) % VOCAB as u64) as u32
         })
         .collect()
 }
 
 /// One measurement in this process; prints one JSON line.
-fn single(model: &str, ctx: usize, steps: usize, chunk: usize) -> candle_core::Result<serde_json::Value> {
+fn single(
+    model: &str,
+    ctx: usize,
+    steps: usize,
+    chunk: usize,
+) -> candle_core::Result<serde_json::Value> {
     let dev = Device::Cpu;
     let ids = prompt(ctx + steps);
     let base_rss = peak_rss_bytes();
@@ -102,15 +109,19 @@ fn single(model: &str, ctx: usize, steps: usize, chunk: usize) -> candle_core::R
             let m = random_yoco(&cfg, &dev)?;
             let weights = cfg.n_params() * 4;
             let mut cache = m.new_cache(1).map_err(candle_core::Error::wrap)?;
-            cache.reserve(ctx + steps).map_err(candle_core::Error::wrap)?;
+            cache
+                .reserve(ctx + steps)
+                .map_err(candle_core::Error::wrap)?;
             let t = Tensor::new(&ids[..ctx], &dev)?.unsqueeze(0)?;
             let t0 = Instant::now();
-            m.prefill_chunked(&t, &mut cache, chunk).map_err(candle_core::Error::wrap)?;
+            m.prefill_chunked(&t, &mut cache, chunk)
+                .map_err(candle_core::Error::wrap)?;
             let prefill_s = t0.elapsed().as_secs_f64();
             let mut times = Vec::new();
             for &tok in &ids[ctx..ctx + steps] {
                 let t0 = Instant::now();
-                m.step(&Tensor::new(&[tok], &dev)?, &mut cache).map_err(candle_core::Error::wrap)?;
+                m.step(&Tensor::new(&[tok], &dev)?, &mut cache)
+                    .map_err(candle_core::Error::wrap)?;
                 times.push(t0.elapsed().as_secs_f64());
             }
             (prefill_s, times, weights, cache.size_bytes())
@@ -134,7 +145,12 @@ fn single(model: &str, ctx: usize, steps: usize, chunk: usize) -> candle_core::R
                 times.push(t0.elapsed().as_secs_f64());
             }
             // One K and one V per layer: (1, kv_heads, T, head_dim) f32 each.
-            let kv = 2 * cfg.num_hidden_layers * (ctx + steps) * cfg.num_key_value_heads * (cfg.hidden_size / cfg.num_attention_heads) * 4;
+            let kv = 2
+                * cfg.num_hidden_layers
+                * (ctx + steps)
+                * cfg.num_key_value_heads
+                * (cfg.hidden_size / cfg.num_attention_heads)
+                * 4;
             (prefill_s, times, weights, kv)
         }
         other => candle_core::bail!("unknown model {other}"),
@@ -163,7 +179,9 @@ fn limits() -> candle_core::Result<(f64, f64)> {
     }
     let gflops = 2.0 * (n as f64).powi(3) / median(times) / 1e9;
     // Bandwidth: sum 512 MB of f32 on every core, as a decode step reads weights.
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let data: Vec<f32> = (0..128 << 20).map(|i| (i % 7) as f32).collect();
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -171,7 +189,17 @@ fn limits() -> candle_core::Result<(f64, f64)> {
         let total: f32 = std::thread::scope(|s| {
             let hs: Vec<_> = data
                 .chunks(data.len().div_ceil(threads))
-                .map(|c| s.spawn(move || c.iter().fold([0f32; 8], |mut acc, chunk| { acc[0] += chunk; acc }).iter().sum::<f32>()))
+                .map(|c| {
+                    s.spawn(move || {
+                        c.iter()
+                            .fold([0f32; 8], |mut acc, chunk| {
+                                acc[0] += chunk;
+                                acc
+                            })
+                            .iter()
+                            .sum::<f32>()
+                    })
+                })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
         });
@@ -184,11 +212,23 @@ fn limits() -> candle_core::Result<(f64, f64)> {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
-    let get = |flag: &str| argv.iter().position(|a| a == flag).and_then(|i| argv.get(i + 1)).cloned();
-    let steps: usize = get("--decode-steps").and_then(|s| s.parse().ok()).unwrap_or(16);
-    let chunk: usize = get("--chunk").and_then(|s| s.parse().ok()).unwrap_or(yoco::model::DEFAULT_PREFILL_CHUNK);
+    let get = |flag: &str| {
+        argv.iter()
+            .position(|a| a == flag)
+            .and_then(|i| argv.get(i + 1))
+            .cloned()
+    };
+    let steps: usize = get("--decode-steps")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
+    let chunk: usize = get("--chunk")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(yoco::model::DEFAULT_PREFILL_CHUNK);
     if let Some(i) = argv.iter().position(|a| a == "--single") {
-        let (Some(model), Some(ctx)) = (argv.get(i + 1), argv.get(i + 2).and_then(|c| c.parse().ok())) else {
+        let (Some(model), Some(ctx)) = (
+            argv.get(i + 1),
+            argv.get(i + 2).and_then(|c| c.parse().ok()),
+        ) else {
             eprintln!("--single MODEL CONTEXT");
             return ExitCode::from(2);
         };
@@ -208,7 +248,11 @@ fn main() -> ExitCode {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let models: Vec<String> = get("--models").unwrap_or_else(|| "yoco,yoco-swa,llama".into()).split(',').map(String::from).collect();
+    let models: Vec<String> = get("--models")
+        .unwrap_or_else(|| "yoco,yoco-swa,llama".into())
+        .split(',')
+        .map(String::from)
+        .collect();
     let out_dir = std::path::PathBuf::from(get("--out").unwrap_or_else(|| "target/profile".into()));
     let _ = std::fs::create_dir_all(&out_dir);
     let exe = match std::env::current_exe() {
@@ -221,7 +265,9 @@ fn main() -> ExitCode {
     let mut md = String::new();
     if argv.iter().any(|a| a == "--limits") {
         match limits() {
-            Ok((gflops, gbs)) => md.push_str(&format!("Machine bounds: f32 matmul {gflops:.1} GFLOP/s, memory read {gbs:.1} GB/s.\n\n")),
+            Ok((gflops, gbs)) => md.push_str(&format!(
+                "Machine bounds: f32 matmul {gflops:.1} GFLOP/s, memory read {gbs:.1} GB/s.\n\n"
+            )),
             Err(e) => eprintln!("limits failed: {e}"),
         }
     }
@@ -231,12 +277,26 @@ fn main() -> ExitCode {
         for &ctx in &contexts {
             eprintln!("{model} @ {ctx} ...");
             let out = Command::new(&exe)
-                .args(["--single", model, &ctx.to_string(), "--decode-steps", &steps.to_string(), "--chunk", &chunk.to_string()])
+                .args([
+                    "--single",
+                    model,
+                    &ctx.to_string(),
+                    "--decode-steps",
+                    &steps.to_string(),
+                    "--chunk",
+                    &chunk.to_string(),
+                ])
                 .output();
             let row = match out {
-                Ok(o) if o.status.success() => serde_json::from_slice::<serde_json::Value>(&o.stdout).ok(),
+                Ok(o) if o.status.success() => {
+                    serde_json::from_slice::<serde_json::Value>(&o.stdout).ok()
+                }
                 Ok(o) => {
-                    eprintln!("  failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim());
+                    eprintln!(
+                        "  failed ({}): {}",
+                        o.status,
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    );
                     None
                 }
                 Err(e) => {
@@ -249,14 +309,19 @@ fn main() -> ExitCode {
                     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
                     md.push_str(&format!(
                         "| {model} | {ctx} | {:.3} | {:.0} | {:.1} | {:.0} | {:.1} |\n",
-                        f("prefill_s"), f("prefill_tokens_per_s"), f("decode_tokens_per_s"),
-                        f("peak_rss_bytes") / 1e6, f("cache_bytes") / 1e6
+                        f("prefill_s"),
+                        f("prefill_tokens_per_s"),
+                        f("decode_tokens_per_s"),
+                        f("peak_rss_bytes") / 1e6,
+                        f("cache_bytes") / 1e6
                     ));
                     eprintln!("  {v}");
                     results.push(v);
                 }
                 None => {
-                    md.push_str(&format!("| {model} | {ctx} | failed (out of memory?) | | | | |\n"));
+                    md.push_str(&format!(
+                        "| {model} | {ctx} | failed (out of memory?) | | | | |\n"
+                    ));
                     // Longer contexts only get worse for a model that failed.
                     break;
                 }
@@ -265,11 +330,19 @@ fn main() -> ExitCode {
     }
     print!("{md}");
     let _ = std::fs::write(out_dir.join("profile.md"), &md);
-    let _ = std::fs::write(out_dir.join("profile.json"), serde_json::to_string_pretty(&results).unwrap_or_default());
+    let _ = std::fs::write(
+        out_dir.join("profile.json"),
+        serde_json::to_string_pretty(&results).unwrap_or_default(),
+    );
     for (file, key, scale, ylabel) in [
         ("memory.svg", "peak_rss_bytes", 1e-9, "peak memory (GB)"),
         ("prefill.svg", "prefill_s", 1.0, "prefill latency (s)"),
-        ("throughput.svg", "decode_tokens_per_s", 1.0, "decode throughput (tokens/s)"),
+        (
+            "throughput.svg",
+            "decode_tokens_per_s",
+            1.0,
+            "decode throughput (tokens/s)",
+        ),
     ] {
         let svg = plot(&results, &models, key, scale, ylabel);
         let _ = std::fs::write(out_dir.join(file), svg);
@@ -279,44 +352,98 @@ fn main() -> ExitCode {
 }
 
 /// A line chart, log2 x axis (context length), one line per model.
-fn plot(results: &[serde_json::Value], models: &[String], key: &str, scale: f64, ylabel: &str) -> String {
+fn plot(
+    results: &[serde_json::Value],
+    models: &[String],
+    key: &str,
+    scale: f64,
+    ylabel: &str,
+) -> String {
     let (w, h, left, bottom, top, right) = (640.0, 400.0, 70.0, 50.0, 20.0, 130.0);
     let pts: Vec<(String, f64, f64)> = results
         .iter()
-        .filter_map(|r| Some((r["model"].as_str()?.to_string(), r["context"].as_f64()?.log2(), r[key].as_f64()? * scale)))
+        .filter_map(|r| {
+            Some((
+                r["model"].as_str()?.to_string(),
+                r["context"].as_f64()?.log2(),
+                r[key].as_f64()? * scale,
+            ))
+        })
         .collect();
-    let (xmin, xmax) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let (xmin, xmax) = pts
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     let ymax = pts.iter().fold(0f64, |a, p| a.max(p.2)) * 1.1;
     let sx = |x: f64| left + (x - xmin) / (xmax - xmin).max(1e-9) * (w - left - right);
     let sy = |y: f64| h - bottom - y / ymax.max(1e-12) * (h - bottom - top);
     let colors = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"];
     let mut s = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n");
-    s += &format!("<line x1='{left}' y1='{}' x2='{}' y2='{}' stroke='black'/>\n", h - bottom, w - right, h - bottom);
-    s += &format!("<line x1='{left}' y1='{top}' x2='{left}' y2='{}' stroke='black'/>\n", h - bottom);
+    s += &format!(
+        "<line x1='{left}' y1='{}' x2='{}' y2='{}' stroke='black'/>\n",
+        h - bottom,
+        w - right,
+        h - bottom
+    );
+    s += &format!(
+        "<line x1='{left}' y1='{top}' x2='{left}' y2='{}' stroke='black'/>\n",
+        h - bottom
+    );
     let mut x = xmin.ceil();
     while x <= xmax {
         let label = 2f64.powf(x);
-        let label = if label >= 1024.0 { format!("{}K", label / 1024.0) } else { format!("{label}") };
-        s += &format!("<text x='{:.1}' y='{}' text-anchor='middle'>{label}</text>\n", sx(x), h - bottom + 18.0);
+        let label = if label >= 1024.0 {
+            format!("{}K", label / 1024.0)
+        } else {
+            format!("{label}")
+        };
+        s += &format!(
+            "<text x='{:.1}' y='{}' text-anchor='middle'>{label}</text>\n",
+            sx(x),
+            h - bottom + 18.0
+        );
         x += 1.0;
     }
     for i in 0..=4 {
         let y = ymax * i as f64 / 4.0;
-        s += &format!("<text x='{}' y='{:.1}' text-anchor='end'>{:.3}</text>\n", left - 6.0, sy(y) + 4.0, y);
+        s += &format!(
+            "<text x='{}' y='{:.1}' text-anchor='end'>{:.3}</text>\n",
+            left - 6.0,
+            sy(y) + 4.0,
+            y
+        );
     }
-    s += &format!("<text x='{:.1}' y='{}' text-anchor='middle'>context length (tokens)</text>\n", (left + w - right) / 2.0, h - 10.0);
+    s += &format!(
+        "<text x='{:.1}' y='{}' text-anchor='middle'>context length (tokens)</text>\n",
+        (left + w - right) / 2.0,
+        h - 10.0
+    );
     s += &format!("<text x='15' y='{:.1}' transform='rotate(-90 15 {:.1})' text-anchor='middle'>{ylabel}</text>\n", (top + h - bottom) / 2.0, (top + h - bottom) / 2.0);
     for (i, m) in models.iter().enumerate() {
         let c = colors[i % colors.len()];
-        let line: Vec<String> = pts.iter().filter(|p| &p.0 == m).map(|p| format!("{:.1},{:.1}", sx(p.1), sy(p.2))).collect();
+        let line: Vec<String> = pts
+            .iter()
+            .filter(|p| &p.0 == m)
+            .map(|p| format!("{:.1},{:.1}", sx(p.1), sy(p.2)))
+            .collect();
         if line.is_empty() {
             continue;
         }
-        s += &format!("<polyline fill='none' stroke='{c}' stroke-width='2' points='{}'/>\n", line.join(" "));
+        s += &format!(
+            "<polyline fill='none' stroke='{c}' stroke-width='2' points='{}'/>\n",
+            line.join(" ")
+        );
         for p in pts.iter().filter(|p| &p.0 == m) {
-            s += &format!("<circle cx='{:.1}' cy='{:.1}' r='3' fill='{c}'/>\n", sx(p.1), sy(p.2));
+            s += &format!(
+                "<circle cx='{:.1}' cy='{:.1}' r='3' fill='{c}'/>\n",
+                sx(p.1),
+                sy(p.2)
+            );
         }
-        s += &format!("<text x='{}' y='{}' fill='{c}'>{m}</text>\n", w - right + 10.0, top + 20.0 + 18.0 * i as f64);
+        s += &format!(
+            "<text x='{}' y='{}' fill='{c}'>{m}</text>\n",
+            w - right + 10.0,
+            top + 20.0 + 18.0 * i as f64
+        );
     }
     s + "</svg>\n"
 }

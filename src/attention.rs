@@ -65,7 +65,11 @@ pub fn causal_mask(
 
 /// Per-row additive mask `(B, 1, 1, 1, L)` for one decode step over a right-aligned cache of `L`
 /// slots in which row `b`'s real entries are the last `visible[b]`.
-pub fn right_aligned_mask(visible: &[usize], l: usize, device: &candle_core::Device) -> Result<Tensor> {
+pub fn right_aligned_mask(
+    visible: &[usize],
+    l: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let mut data = Vec::with_capacity(visible.len() * l);
     for &n in visible {
         for j in 0..l {
@@ -77,13 +81,21 @@ pub fn right_aligned_mask(visible: &[usize], l: usize, device: &candle_core::Dev
 
 /// Sum over the last dimension, kept for the shape checks of tests.
 #[cfg(test)]
-pub(crate) fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub(crate) fn naive_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     // Repeat K/V per query head: the textbook form the grouped version must equal.
     let (_, h, _, _) = q.dims4()?;
     let (_, h_kv, _, _) = k.dims4()?;
     let g = h / h_kv;
     let rep = |t: &Tensor| -> Result<Tensor> {
-        let heads: Vec<Tensor> = (0..h).map(|i| t.narrow(1, i / g, 1)).collect::<candle_core::Result<_>>()?;
+        let heads: Vec<Tensor> = (0..h)
+            .map(|i| t.narrow(1, i / g, 1))
+            .collect::<candle_core::Result<_>>()?;
         Ok(Tensor::cat(&heads, 1)?)
     };
     let (k, v) = (rep(k)?, rep(v)?);

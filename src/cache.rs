@@ -35,7 +35,14 @@ pub(crate) struct KvBuffer {
 }
 
 impl KvBuffer {
-    fn new(b: usize, h: usize, d: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
+    fn new(
+        b: usize,
+        h: usize,
+        d: usize,
+        capacity: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         Ok(KvBuffer {
             k: Tensor::zeros((b, h, capacity, d), dtype, device)?,
             v: Tensor::zeros((b, h, capacity, d), dtype, device)?,
@@ -71,8 +78,16 @@ impl KvBuffer {
         let mut k = Tensor::zeros((b, h, capacity, d), self.k.dtype(), self.k.device())?;
         let mut v = Tensor::zeros((b, h, capacity, d), self.v.dtype(), self.v.device())?;
         if keep > 0 {
-            k.slice_set(&self.k.narrow(2, self.len - keep, keep)?.contiguous()?, 2, 0)?;
-            v.slice_set(&self.v.narrow(2, self.len - keep, keep)?.contiguous()?, 2, 0)?;
+            k.slice_set(
+                &self.k.narrow(2, self.len - keep, keep)?.contiguous()?,
+                2,
+                0,
+            )?;
+            v.slice_set(
+                &self.v.narrow(2, self.len - keep, keep)?.contiguous()?,
+                2,
+                0,
+            )?;
         } else {
             // Zero-sized narrow is fine, but there is nothing to copy.
             k = k.contiguous()?;
@@ -206,12 +221,21 @@ impl Cache {
         let layers = (0..cfg.n_half_layers())
             .map(|_| -> Result<SelfState> {
                 Ok(match window {
-                    None => SelfState::Retention(Tensor::zeros((batch, h, d, d), DType::F32, device)?),
+                    None => {
+                        SelfState::Retention(Tensor::zeros((batch, h, d, d), DType::F32, device)?)
+                    }
                     Some(_) => SelfState::Window(KvBuffer::new(batch, h, d, 0, dtype, device)?),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let global = KvBuffer::new(batch, cfg.n_attn_kv_heads, cfg.attn_head_dim(), 0, dtype, device)?;
+        let global = KvBuffer::new(
+            batch,
+            cfg.n_attn_kv_heads,
+            cfg.attn_head_dim(),
+            0,
+            dtype,
+            device,
+        )?;
         Ok(Cache {
             layers,
             global,
@@ -239,7 +263,8 @@ impl Cache {
     /// Makes room for `total_positions` tokens in the global K/V at once, so that a known-length
     /// generation never reallocates (and never over-allocates).
     pub fn reserve(&mut self, total_positions: usize) -> Result<()> {
-        let extra = total_positions.saturating_sub(self.positions.iter().copied().min().unwrap_or(0));
+        let extra =
+            total_positions.saturating_sub(self.positions.iter().copied().min().unwrap_or(0));
         self.global.reserve(self.global.len() + extra)
     }
 
@@ -319,7 +344,9 @@ impl KvBuffer {
         for part in parts {
             let (b, h, _, d) = part.k.dims4()?;
             if b != 1 {
-                return Err(Error::Input("Cache::stack takes caches of one sequence each".into()));
+                return Err(Error::Input(
+                    "Cache::stack takes caches of one sequence each".into(),
+                ));
             }
             let pad = len - part.len;
             let mut k = Tensor::zeros((1, h, len + slack, d), part.k.dtype(), part.k.device())?;
@@ -357,7 +384,9 @@ impl Cache {
             .iter()
             .any(|c| c.layers.len() != first.layers.len() || c.window != first.window)
         {
-            return Err(Error::Input("Cache::stack: caches come from different models".into()));
+            return Err(Error::Input(
+                "Cache::stack: caches come from different models".into(),
+            ));
         }
         let slack = caches
             .iter()
@@ -384,7 +413,9 @@ impl Cache {
                         .iter()
                         .map(|c| match &c.layers[i] {
                             SelfState::Window(buf) => Ok(buf),
-                            SelfState::Retention(_) => Err(Error::Input("mixed cache kinds".into())),
+                            SelfState::Retention(_) => {
+                                Err(Error::Input("mixed cache kinds".into()))
+                            }
                         })
                         .collect::<Result<Vec<_>>>()?;
                     SelfState::Window(KvBuffer::stack(&parts, 0)?)
@@ -395,7 +426,10 @@ impl Cache {
         Ok(Cache {
             layers,
             global,
-            positions: caches.iter().flat_map(|c| c.positions.iter().copied()).collect(),
+            positions: caches
+                .iter()
+                .flat_map(|c| c.positions.iter().copied())
+                .collect(),
             window: first.window,
         })
     }
@@ -415,7 +449,10 @@ impl Cache {
             Ok(Tensor::new(v.as_slice(), &dev)?)
         };
         let mut ts: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
-        ts.insert("format_version".into(), Tensor::new(&[CACHE_FORMAT_VERSION], &dev)?);
+        ts.insert(
+            "format_version".into(),
+            Tensor::new(&[CACHE_FORMAT_VERSION], &dev)?,
+        );
         ts.insert("positions".into(), u32s(&self.positions)?);
         // A window buffer may hold slack beyond the last W - 1 entries; only those matter.
         let keep = self.window.map(|w| w.saturating_sub(1));
@@ -457,38 +494,54 @@ impl Cache {
         let bad = |m: String| Error::Checkpoint(format!("cache file {}: {m}", path.display()));
         let ts = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| bad(format!("cannot read: {e}")))?;
-        let get = |name: &str| ts.get(name).ok_or_else(|| bad(format!("missing tensor `{name}`")));
+        let get = |name: &str| {
+            ts.get(name)
+                .ok_or_else(|| bad(format!("missing tensor `{name}`")))
+        };
         let usizes = |name: &str| -> Result<Vec<usize>> {
-            Ok(get(name)?.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|x| x as usize).collect())
+            Ok(get(name)?
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?
+                .into_iter()
+                .map(|x| x as usize)
+                .collect())
         };
         let version = usizes("format_version")?;
         if version != [CACHE_FORMAT_VERSION as usize] {
-            return Err(bad(format!("format version {version:?}, expected {CACHE_FORMAT_VERSION}")));
+            return Err(bad(format!(
+                "format version {version:?}, expected {CACHE_FORMAT_VERSION}"
+            )));
         }
         let positions = usizes("positions")?;
         let b = positions.len();
         let mut cache = Cache::new(cfg, b, dtype, device)?;
-        let read_buffer = |name: &str, h: usize, d: usize, window: Option<usize>| -> Result<KvBuffer> {
-            let k = get(&format!("{name}.k"))?;
-            let v = get(&format!("{name}.v"))?;
-            let filled = usizes(&format!("{name}.filled"))?;
-            let (kb, kh, len, kd) = k.dims4().map_err(|_| bad(format!("`{name}.k` is not 4-D")))?;
-            if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() || filled.len() != b {
-                return Err(bad(format!(
-                    "`{name}` has shape {:?}, expected ({b}, {h}, T, {d})",
-                    k.dims()
-                )));
-            }
-            if filled.iter().any(|&f| f > len) || window.is_some_and(|w| len > w) {
-                return Err(bad(format!("`{name}` has inconsistent fill counts")));
-            }
-            let mut buf = KvBuffer::new(b, h, d, len, dtype, device)?;
-            if len > 0 {
-                buf.append(&k.to_dtype(dtype)?.to_device(device)?, &v.to_dtype(dtype)?.to_device(device)?)?;
-            }
-            buf.filled = filled;
-            Ok(buf)
-        };
+        let read_buffer =
+            |name: &str, h: usize, d: usize, window: Option<usize>| -> Result<KvBuffer> {
+                let k = get(&format!("{name}.k"))?;
+                let v = get(&format!("{name}.v"))?;
+                let filled = usizes(&format!("{name}.filled"))?;
+                let (kb, kh, len, kd) = k
+                    .dims4()
+                    .map_err(|_| bad(format!("`{name}.k` is not 4-D")))?;
+                if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() || filled.len() != b {
+                    return Err(bad(format!(
+                        "`{name}` has shape {:?}, expected ({b}, {h}, T, {d})",
+                        k.dims()
+                    )));
+                }
+                if filled.iter().any(|&f| f > len) || window.is_some_and(|w| len > w) {
+                    return Err(bad(format!("`{name}` has inconsistent fill counts")));
+                }
+                let mut buf = KvBuffer::new(b, h, d, len, dtype, device)?;
+                if len > 0 {
+                    buf.append(
+                        &k.to_dtype(dtype)?.to_device(device)?,
+                        &v.to_dtype(dtype)?.to_device(device)?,
+                    )?;
+                }
+                buf.filled = filled;
+                Ok(buf)
+            };
         cache.global = read_buffer("global", cfg.n_attn_kv_heads, cfg.attn_head_dim(), None)?;
         let (h, d) = (cfg.n_self_heads, cfg.self_head_dim());
         for (i, layer) in cache.layers.iter_mut().enumerate() {
@@ -496,16 +549,30 @@ impl Cache {
                 SelfState::Retention(state) => {
                     let s = get(&format!("layers.{i}.state"))?;
                     if s.dims() != [b, h, d, d] {
-                        return Err(bad(format!("`layers.{i}.state` has shape {:?}, expected ({b}, {h}, {d}, {d})", s.dims())));
+                        return Err(bad(format!(
+                            "`layers.{i}.state` has shape {:?}, expected ({b}, {h}, {d}, {d})",
+                            s.dims()
+                        )));
                     }
                     *state = s.to_dtype(DType::F32)?.to_device(device)?;
                 }
                 SelfState::Window(buf) => {
-                    *buf = read_buffer(&format!("layers.{i}"), h, d, cache.window.map(|w| w.saturating_sub(1)))?;
+                    *buf = read_buffer(
+                        &format!("layers.{i}"),
+                        h,
+                        d,
+                        cache.window.map(|w| w.saturating_sub(1)),
+                    )?;
                 }
             }
         }
-        if cache.global.filled.iter().zip(&positions).any(|(f, p)| f != p) {
+        if cache
+            .global
+            .filled
+            .iter()
+            .zip(&positions)
+            .any(|(f, p)| f != p)
+        {
             return Err(bad("positions do not match the global K/V".into()));
         }
         cache.positions = positions;

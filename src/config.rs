@@ -193,47 +193,52 @@ impl Config {
                 return bad(format!("{name} must be positive, got 0"));
             }
             if value > max {
-                return bad(format!("{name} = {value} is larger than the supported {max}"));
+                return bad(format!(
+                    "{name} = {value} is larger than the supported {max}"
+                ));
             }
         }
-        if self.n_layers % 2 != 0 {
+        if !self.n_layers.is_multiple_of(2) {
             return bad(format!(
                 "n_layers must be even (half self-decoder, half cross-decoder), got {}",
                 self.n_layers
             ));
         }
-        if self.dim % self.n_self_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_self_heads) {
             return bad(format!(
                 "dim {} is not divisible by n_self_heads {}",
                 self.dim, self.n_self_heads
             ));
         }
-        if self.dim % self.n_attn_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_attn_heads) {
             return bad(format!(
                 "dim {} is not divisible by n_attn_heads {}",
                 self.dim, self.n_attn_heads
             ));
         }
-        if self.n_attn_heads % self.n_attn_kv_heads != 0 {
+        if !self.n_attn_heads.is_multiple_of(self.n_attn_kv_heads) {
             return bad(format!(
                 "n_attn_heads {} is not a multiple of n_attn_kv_heads {}",
                 self.n_attn_heads, self.n_attn_kv_heads
             ));
         }
-        if self.self_head_dim() % 2 != 0 {
+        if !self.self_head_dim().is_multiple_of(2) {
             return bad(format!(
                 "self-decoder head size dim/n_self_heads = {} is odd; RoPE rotates pairs",
                 self.self_head_dim()
             ));
         }
-        if self.attn_head_dim() % 2 != 0 {
+        if !self.attn_head_dim().is_multiple_of(2) {
             return bad(format!(
                 "cross-decoder head size dim/n_attn_heads = {} is odd; RoPE rotates pairs",
                 self.attn_head_dim()
             ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return bad(format!("rope_theta must be finite and > 1, got {}", self.rope_theta));
+            return bad(format!(
+                "rope_theta must be finite and > 1, got {}",
+                self.rope_theta
+            ));
         }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0 && self.norm_eps < 1.0) {
             return bad(format!("norm_eps must be in (0, 1), got {}", self.norm_eps));
@@ -241,7 +246,9 @@ impl Config {
         match self.sliding_window {
             Some(0) => return bad("sliding_window must be at least 1, got 0".into()),
             Some(w) if w > MAX_WINDOW => {
-                return bad(format!("sliding_window {w} is larger than the supported {MAX_WINDOW}"))
+                return bad(format!(
+                    "sliding_window {w} is larger than the supported {MAX_WINDOW}"
+                ))
             }
             _ => {}
         }

@@ -29,10 +29,17 @@ pub struct KvBuilder {
 
 impl KvBuilder {
     /// Projects `x: (B, C, dim)` and appends the chunk's K/V to `global`.
-    pub(crate) fn append(&self, x: &Tensor, rope: &RopeTables, global: &mut KvBuffer) -> Result<()> {
+    pub(crate) fn append(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        global: &mut KvBuffer,
+    ) -> Result<()> {
         let (b, c, _) = x.dims3()?;
         let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, c, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+            Ok(t.reshape((b, c, self.n_kv_heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let xn = self.kv_layer_norm.forward(x)?;
         let k = rope.apply(&heads(self.k_proj.forward(&xn)?)?)?;
@@ -61,7 +68,10 @@ impl CrossAttention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, c, dim) = x.dims3()?;
-        let q = self.q_proj.forward(x)?.reshape((b, c, self.n_heads, self.head_dim))?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, c, self.n_heads, self.head_dim))?;
         let q = rope.apply(&q.transpose(1, 2)?.contiguous()?)?;
         let o = attention(&q, k, v, mask, 1.0 / (self.head_dim as f64).sqrt())?;
         let o = o.transpose(1, 2)?.reshape((b, c, dim))?;

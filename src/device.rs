@@ -21,9 +21,12 @@ pub fn device_by_name(name: &str) -> Result<Device> {
                     "CUDA requested, but this build of yoco has no CUDA support (build with `--features cuda`)".into(),
                 ));
             }
-            Device::new_cuda(ordinal).map_err(|e| Error::Device(format!("cannot open CUDA device {ordinal}: {e}")))
+            Device::new_cuda(ordinal)
+                .map_err(|e| Error::Device(format!("cannot open CUDA device {ordinal}: {e}")))
         }
-        _ => Err(Error::Device(format!("unknown device `{name}` (use cpu, cuda or cuda:N)"))),
+        _ => Err(Error::Device(format!(
+            "unknown device `{name}` (use cpu, cuda or cuda:N)"
+        ))),
     }
 }
 
@@ -33,7 +36,9 @@ pub fn dtype_by_name(name: &str) -> Result<DType> {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
         "f16" => Ok(DType::F16),
-        _ => Err(Error::Device(format!("unknown dtype `{name}` (use f32, bf16 or f16)"))),
+        _ => Err(Error::Device(format!(
+            "unknown dtype `{name}` (use f32, bf16 or f16)"
+        ))),
     }
 }
 
@@ -48,6 +53,8 @@ mod tests {
         assert!(matches!(dtype_by_name("bf16"), Ok(DType::BF16)));
         assert!(matches!(dtype_by_name("f8"), Err(Error::Device(_))));
         #[cfg(not(feature = "cuda"))]
-        assert!(matches!(device_by_name("cuda"), Err(Error::Device(m)) if m.contains("--features cuda")));
+        assert!(
+            matches!(device_by_name("cuda"), Err(Error::Device(m)) if m.contains("--features cuda"))
+        );
     }
 }

@@ -177,15 +177,22 @@ impl Model {
             return Err(Error::Input("empty prompt: give at least one token".into()));
         }
         if cache.batch_size() != 1 {
-            return Err(Error::Input("generate_from takes a cache of one sequence".into()));
+            return Err(Error::Input(
+                "generate_from takes a cache of one sequence".into(),
+            ));
         }
         let start = cache.positions()[0];
         self.check_room(start + prompt.len(), cfg.max_new_tokens)?;
-        let mut sampler = Sampler::new(cfg.sampling.clone(), cfg.seed, cfg.suppress_tokens.clone())?;
+        let mut sampler =
+            Sampler::new(cfg.sampling.clone(), cfg.seed, cfg.suppress_tokens.clone())?;
         cache.reserve(start + prompt.len() + cfg.max_new_tokens)?;
 
         let t0 = Instant::now();
-        let mut logits = self.prefill_chunked(&ids_tensor(prompt, &self.device().clone())?, cache, cfg.prefill_chunk)?;
+        let mut logits = self.prefill_chunked(
+            &ids_tensor(prompt, &self.device().clone())?,
+            cache,
+            cfg.prefill_chunk,
+        )?;
         let prefill_time = t0.elapsed();
 
         let t1 = Instant::now();
@@ -223,7 +230,11 @@ impl Model {
     /// its own (prefill is compute-bound), then all rows decode together in one batch (decode is
     /// bound by reading the weights, which a batch shares). Each result equals
     /// [`Model::generate`] of that prompt alone with the same settings (same seed per row).
-    pub fn generate_batch(&self, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<Vec<Generation>> {
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        cfg: &GenerationConfig,
+    ) -> Result<Vec<Generation>> {
         cfg.validate()?;
         if prompts.is_empty() {
             return Ok(Vec::new());

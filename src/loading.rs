@@ -49,7 +49,10 @@ pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
         }
         if cfg.self_mixer() == SelfMixer::GatedRetention {
             out.push((format!("{p}.mixer.g_proj.weight"), vec![d, d]));
-            out.push((format!("{p}.mixer.gt_proj.weight"), vec![cfg.n_self_heads, d]));
+            out.push((
+                format!("{p}.mixer.gt_proj.weight"),
+                vec![cfg.n_self_heads, d],
+            ));
         }
     }
     out.push(("cross_decoder.k_proj.weight".into(), vec![cfg.kv_dim(), d]));
@@ -140,17 +143,25 @@ impl WeightFiles {
     }
 
     /// A `VarBuilder` over these files that converts to `dtype` on `device`, rooted at `prefix`.
-    pub fn var_builder(&self, prefix: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    pub fn var_builder(
+        &self,
+        prefix: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
         // Opening re-parses the headers (candle's checks are stricter than `safetensors_header`,
         // e.g. tensors must tile the data section): a failure here is a corrupt checkpoint.
         let vb = match self {
             WeightFiles::Safetensors(paths) => {
                 // SAFETY: the files are memory-mapped read-only; as with every mmap-based loader,
                 // they must not be modified while the model loads (the tensors are copied out).
-                unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }.map_err(|e| {
-                    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-                    Error::Checkpoint(format!("cannot open {}: {e}", names.join(", ")))
-                })?
+                unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }.map_err(
+                    |e| {
+                        let names: Vec<String> =
+                            paths.iter().map(|p| p.display().to_string()).collect();
+                        Error::Checkpoint(format!("cannot open {}: {e}", names.join(", ")))
+                    },
+                )?
             }
             WeightFiles::Pth(path) => VarBuilder::from_pth(path, dtype, device)
                 .map_err(|e| Error::Checkpoint(format!("cannot read {}: {e}", path.display())))?,
@@ -219,7 +230,10 @@ fn read_small(path: &Path, limit: u64) -> Result<String> {
     if meta.len() > limit {
         return Err(Error::Json {
             path: path.into(),
-            message: format!("file is {} bytes, more than the {limit} accepted", meta.len()),
+            message: format!(
+                "file is {} bytes, more than the {limit} accepted",
+                meta.len()
+            ),
         });
     }
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
@@ -253,8 +267,8 @@ pub fn safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorEntry>> 
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header)
         .map_err(|_| bad("truncated inside the header".into()))?;
-    let json: HashMap<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let json: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
     let data_len = file_len - 8 - header_len;
     let mut out = BTreeMap::new();
     for (name, entry) in json {
@@ -263,7 +277,9 @@ pub fn safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorEntry>> 
         }
         let dtype_name = entry.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
         let dtype = safetensors_dtype(dtype_name).ok_or_else(|| {
-            bad(format!("tensor `{name}` has dtype {dtype_name}; weights must be F32, F16, BF16 or F64"))
+            bad(format!(
+                "tensor `{name}` has dtype {dtype_name}; weights must be F32, F16, BF16 or F64"
+            ))
         })?;
         let shape: Vec<usize> = entry
             .get("shape")
@@ -278,8 +294,14 @@ pub fn safetensors_header(path: &Path) -> Result<BTreeMap<String, TensorEntry>> 
             .ok_or_else(|| bad(format!("tensor `{name}` has no valid data_offsets")))?;
         let bytes = shape
             .iter()
-            .try_fold(dtype.size_in_bytes() as u64, |acc, &d| acc.checked_mul(d as u64))
-            .ok_or_else(|| bad(format!("tensor `{name}` has an overflowing shape {shape:?}")))?;
+            .try_fold(dtype.size_in_bytes() as u64, |acc, &d| {
+                acc.checked_mul(d as u64)
+            })
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` has an overflowing shape {shape:?}"
+                ))
+            })?;
         let (start, end) = (offsets[0], offsets[1]);
         if start > end || end > data_len || end - start != bytes {
             return Err(bad(format!(
@@ -304,7 +326,11 @@ pub fn check_tensors(cfg: &Config, found: &BTreeMap<String, TensorEntry>) -> Res
             plain.len()
         )));
     }
-    let prefix = if prefixed.is_empty() { "" } else { TRAINER_PREFIX };
+    let prefix = if prefixed.is_empty() {
+        ""
+    } else {
+        TRAINER_PREFIX
+    };
     let mut remaining: BTreeMap<&str, &TensorEntry> = found
         .iter()
         .map(|(k, v)| (k.strip_prefix(prefix).unwrap_or(k), v))
@@ -325,7 +351,10 @@ pub fn check_tensors(cfg: &Config, found: &BTreeMap<String, TensorEntry>) -> Res
                         actual: entry.shape.clone(),
                     });
                 }
-                if !matches!(entry.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+                if !matches!(
+                    entry.dtype,
+                    DType::F32 | DType::F16 | DType::BF16 | DType::F64
+                ) {
                     return Err(Error::Checkpoint(format!(
                         "tensor `{prefix}{name}` has dtype {:?}; weights must be floating point",
                         entry.dtype

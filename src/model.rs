@@ -46,7 +46,11 @@ struct Block<M> {
 }
 
 impl<M> Block<M> {
-    fn forward(&self, x: &Tensor, mix: impl FnOnce(&M, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mix: impl FnOnce(&M, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let h = (x + mix(&self.mixer, &self.mixer_layer_norm.forward(x)?)?)?;
         let out = (&h + self.ffn.forward(&self.final_layer_norm.forward(&h)?)?)?;
         Ok(out)
@@ -88,7 +92,10 @@ pub struct Model {
 }
 
 fn linear(vb: &VarBuilder, out_dim: usize, in_dim: usize, name: &str) -> Result<Linear> {
-    Ok(Linear::new(vb.get((out_dim, in_dim), &format!("{name}.weight"))?, None))
+    Ok(Linear::new(
+        vb.get((out_dim, in_dim), &format!("{name}.weight"))?,
+        None,
+    ))
 }
 
 fn norm(vb: &VarBuilder, dim: usize, name: &str, eps: f64) -> Result<RmsNorm> {
@@ -158,15 +165,17 @@ impl Model {
                         head_dim: ds,
                         head_norm: RmsNorm::without_weight(ds, cfg.norm_eps, DType::F32, &device)?,
                     }),
-                    SelfMixer::SlidingWindow { window } => SelfMixerLayer::Window(SlidingWindowAttention {
-                        q_proj: linear(&m, d, d, "q_proj")?,
-                        k_proj: linear(&m, d, d, "k_proj")?,
-                        v_proj: linear(&m, d, d, "v_proj")?,
-                        out_proj: linear(&m, d, d, "out_proj")?,
-                        n_heads: hs,
-                        head_dim: ds,
-                        window,
-                    }),
+                    SelfMixer::SlidingWindow { window } => {
+                        SelfMixerLayer::Window(SlidingWindowAttention {
+                            q_proj: linear(&m, d, d, "q_proj")?,
+                            k_proj: linear(&m, d, d, "k_proj")?,
+                            v_proj: linear(&m, d, d, "v_proj")?,
+                            out_proj: linear(&m, d, d, "out_proj")?,
+                            n_heads: hs,
+                            head_dim: ds,
+                            window,
+                        })
+                    }
                 };
                 block(&vb, &cfg, mixer)
             })
@@ -266,7 +275,11 @@ impl Model {
         let mut last = None;
         while start < t {
             let c = chunk.min(t - start);
-            let wanted = if start + c == t { Logits::Last } else { Logits::None };
+            let wanted = if start + c == t {
+                Logits::Last
+            } else {
+                Logits::None
+            };
             last = self.forward_chunk(&ids.narrow(1, start, c)?, cache, wanted)?;
             start += c;
         }
@@ -282,7 +295,9 @@ impl Model {
         };
         let t = self.check_ids(&ids, cache)?;
         if t != 1 {
-            return Err(Error::Input(format!("step takes one token per sequence, got {t}")));
+            return Err(Error::Input(format!(
+                "step takes one token per sequence, got {t}"
+            )));
         }
         self.forward_chunk(&ids, cache, Logits::Last)?
             .ok_or_else(|| Error::Input("no logits".into()))
@@ -291,9 +306,12 @@ impl Model {
     /// Validates `ids: (B, T)` against the vocabulary, the cache's batch and the position limit;
     /// returns `T`.
     fn check_ids(&self, ids: &Tensor, cache: &Cache) -> Result<usize> {
-        let (b, t) = ids
-            .dims2()
-            .map_err(|_| Error::Input(format!("token ids must have shape (batch, len), got {:?}", ids.dims())))?;
+        let (b, t) = ids.dims2().map_err(|_| {
+            Error::Input(format!(
+                "token ids must have shape (batch, len), got {:?}",
+                ids.dims()
+            ))
+        })?;
         if t == 0 {
             return Err(Error::Input("empty token sequence".into()));
         }
@@ -311,7 +329,11 @@ impl Model {
                 .into_iter()
                 .map(|x| u32::try_from(x).unwrap_or(u32::MAX))
                 .collect(),
-            other => return Err(Error::Input(format!("token ids must be u32 or i64, got {other:?}"))),
+            other => {
+                return Err(Error::Input(format!(
+                    "token ids must be u32 or i64, got {other:?}"
+                )))
+            }
         };
         if let Some(&bad) = values.iter().find(|&&x| x as usize >= self.cfg.vocab_size) {
             return Err(Error::Input(format!(
@@ -338,7 +360,12 @@ impl Model {
     }
 
     /// One chunk `ids: (B, C)` through the model (ids already checked).
-    fn forward_chunk(&self, ids: &Tensor, cache: &mut Cache, wanted: Logits) -> Result<Option<Tensor>> {
+    fn forward_chunk(
+        &self,
+        ids: &Tensor,
+        cache: &mut Cache,
+        wanted: Logits,
+    ) -> Result<Option<Tensor>> {
         let (_, c) = ids.dims2()?;
         let ids = ids.to_dtype(DType::U32)?;
         let starts = cache.positions().to_vec();
@@ -346,7 +373,9 @@ impl Model {
         // Self-decoder.
         let x = self.embed_tokens.forward(&ids)?;
         let mut x = (x * (self.cfg.dim as f64).sqrt())?;
-        let rope = self.self_rope.tables(&starts, c, self.dtype, &self.device)?;
+        let rope = self
+            .self_rope
+            .tables(&starts, c, self.dtype, &self.device)?;
         let window = self.window_mask(cache, &starts, c)?;
         for (layer, state) in self.self_layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, |mixer, xn| match (mixer, state) {
@@ -360,7 +389,9 @@ impl Model {
         }
 
         // The midpoint: this chunk's rows of the one global K/V.
-        let rope = self.attn_rope.tables(&starts, c, self.dtype, &self.device)?;
+        let rope = self
+            .attn_rope
+            .tables(&starts, c, self.dtype, &self.device)?;
         self.kv_builder.append(&x, &rope, &mut cache.global)?;
         cache.advance(c);
 
@@ -372,23 +403,34 @@ impl Model {
                     let l = cache.global.len();
                     Some(causal_mask(c, l, starts[0], 0, None, &self.device)?)
                 } else {
-                    self.ragged_mask(cache.global.filled(), cache.global.len(), cache.global.is_uniform())?
+                    self.ragged_mask(
+                        cache.global.filled(),
+                        cache.global.len(),
+                        cache.global.is_uniform(),
+                    )?
                 };
                 (x, rope, mask)
             }
             Logits::Last => {
                 let last: Vec<usize> = starts.iter().map(|s| s + c - 1).collect();
                 let rope = self.attn_rope.tables(&last, 1, self.dtype, &self.device)?;
-                let mask =
-                    self.ragged_mask(cache.global.filled(), cache.global.len(), cache.global.is_uniform())?;
+                let mask = self.ragged_mask(
+                    cache.global.filled(),
+                    cache.global.len(),
+                    cache.global.is_uniform(),
+                )?;
                 (x.narrow(1, c - 1, 1)?, rope, mask)
             }
         };
         let (k, v) = cache.global.last(cache.global.len())?;
         for layer in &self.cross_layers {
-            x = layer.forward(&x, |mixer, xn| mixer.forward(xn, &rope, &k, &v, mask.as_ref()))?;
+            x = layer.forward(&x, |mixer, xn| {
+                mixer.forward(xn, &rope, &k, &v, mask.as_ref())
+            })?;
         }
-        let logits = self.output_projection.forward(&self.layer_norm.forward(&x)?)?;
+        let logits = self
+            .output_projection
+            .forward(&self.layer_norm.forward(&x)?)?;
         let logits = logits.to_dtype(DType::F32)?;
         Ok(Some(match wanted {
             Logits::Last => logits.squeeze(1)?,
@@ -407,7 +449,12 @@ impl Model {
 
     /// The sliding-window mask shared by all self-decoder layers for this chunk, and how many
     /// trailing cache slots the chunk attends to. Built once per chunk, not once per layer.
-    fn window_mask(&self, cache: &Cache, starts: &[usize], c: usize) -> Result<(Option<Tensor>, usize)> {
+    fn window_mask(
+        &self,
+        cache: &Cache,
+        starts: &[usize],
+        c: usize,
+    ) -> Result<(Option<Tensor>, usize)> {
         let (Some(w), Some(SelfState::Window(buf))) = (cache.window(), cache.layers.first()) else {
             return Ok((None, 0));
         };

@@ -22,7 +22,12 @@ impl RmsNorm {
 
     /// A norm without learned scale (the reference's per-head norm of retention outputs,
     /// `elementwise_affine=False`).
-    pub fn without_weight(dim: usize, eps: f64, dtype: DType, device: &candle_core::Device) -> Result<Self> {
+    pub fn without_weight(
+        dim: usize,
+        eps: f64,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
         Ok(RmsNorm::new(Tensor::ones(dim, dtype, device)?, eps))
     }
 

@@ -62,10 +62,19 @@ impl GatedRetention {
         let v = heads(self.v_proj.forward(x)?)?;
         let g = self.g_proj.forward(x)?;
         // (B, C, H) -> (B, H, C), f32.
-        let gt = self.gt_proj.forward(x)?.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
+        let gt = self
+            .gt_proj
+            .forward(x)?
+            .to_dtype(DType::F32)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let lg = (log_sigmoid(&gt)? / GATE_LOGIT_NORMALIZER)?;
 
-        let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+        let (q, k, v) = (
+            q.to_dtype(DType::F32)?,
+            k.to_dtype(DType::F32)?,
+            v.to_dtype(DType::F32)?,
+        );
         let o = if c == 1 {
             let (o, s) = recurrent_step(&q, &k, &v, &lg, state)?;
             *state = s;
@@ -109,7 +118,13 @@ fn intra_chunk(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> Result<Tensor>
 
 fn upper_neg_inf(c: usize, device: &candle_core::Device) -> Result<Tensor> {
     let data: Vec<f32> = (0..c * c)
-        .map(|i| if i % c > i / c { f32::NEG_INFINITY } else { 0.0 })
+        .map(|i| {
+            if i % c > i / c {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
         .collect();
     Ok(Tensor::from_vec(data, (c, c), device)?)
 }
@@ -227,7 +242,10 @@ mod tests {
         let got: Vec<f32> = log_sigmoid(&x)?.to_vec1()?;
         for (xi, yi) in [-100f64, -3.0, 0.0, 2.5, 100.0].iter().zip(got) {
             let want = -(1.0 + (-xi).exp()).ln();
-            assert!((want - yi as f64).abs() < 1e-5 * want.abs().max(1.0), "{xi}: {yi} vs {want}");
+            assert!(
+                (want - yi as f64).abs() < 1e-5 * want.abs().max(1.0),
+                "{xi}: {yi} vs {want}"
+            );
         }
         Ok(())
     }
@@ -239,10 +257,18 @@ mod tests {
         let zero = Tensor::zeros((b, h, d, d), DType::F32, &Device::Cpu)?;
         let par = parallel(&q, &k, &v, &lg)?;
         let (rec, rec_state) = recurrent(&q, &k, &v, &lg, &zero)?;
-        assert!(max_diff(&par, &rec) <= 1e-5, "parallel vs recurrent {}", max_diff(&par, &rec));
+        assert!(
+            max_diff(&par, &rec) <= 1e-5,
+            "parallel vs recurrent {}",
+            max_diff(&par, &rec)
+        );
         for chunk in [1, 7, 64, 256] {
             let (out, state) = chunkwise(&q, &k, &v, &lg, &zero, chunk)?;
-            assert!(max_diff(&out, &rec) <= 1e-5, "chunk {chunk}: {}", max_diff(&out, &rec));
+            assert!(
+                max_diff(&out, &rec) <= 1e-5,
+                "chunk {chunk}: {}",
+                max_diff(&out, &rec)
+            );
             assert!(max_diff(&state, &rec_state) <= 1e-5, "chunk {chunk} state");
         }
         Ok(())
@@ -252,8 +278,22 @@ mod tests {
     fn chunkwise_continues_from_a_nonzero_state() -> Result<()> {
         let (q, k, v, lg) = inputs(1, 2, 50, 4)?;
         let zero = Tensor::zeros((1, 2, 4, 4), DType::F32, &Device::Cpu)?;
-        let (_, mid) = chunkwise(&q.narrow(2, 0, 20)?, &k.narrow(2, 0, 20)?, &v.narrow(2, 0, 20)?, &lg.narrow(2, 0, 20)?, &zero, 256)?;
-        let (tail, _) = chunkwise(&q.narrow(2, 20, 30)?, &k.narrow(2, 20, 30)?, &v.narrow(2, 20, 30)?, &lg.narrow(2, 20, 30)?, &mid, 9)?;
+        let (_, mid) = chunkwise(
+            &q.narrow(2, 0, 20)?,
+            &k.narrow(2, 0, 20)?,
+            &v.narrow(2, 0, 20)?,
+            &lg.narrow(2, 0, 20)?,
+            &zero,
+            256,
+        )?;
+        let (tail, _) = chunkwise(
+            &q.narrow(2, 20, 30)?,
+            &k.narrow(2, 20, 30)?,
+            &v.narrow(2, 20, 30)?,
+            &lg.narrow(2, 20, 30)?,
+            &mid,
+            9,
+        )?;
         let (all, _) = recurrent(&q, &k, &v, &lg, &zero)?;
         assert!(max_diff(&tail, &all.narrow(2, 20, 30)?) <= 1e-5);
         Ok(())

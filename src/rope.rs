@@ -33,7 +33,11 @@ impl Rope {
         let inv_freq = (0..half)
             .map(|i| {
                 // linspace(0, 1, n) has a single point 0 when n == 1.
-                let frac = if half > 1 { i as f64 / (half - 1) as f64 } else { 0.0 };
+                let frac = if half > 1 {
+                    i as f64 / (half - 1) as f64
+                } else {
+                    0.0
+                };
                 theta.powf(-frac) as f32
             })
             .collect();
@@ -55,7 +59,11 @@ impl Rope {
     ) -> Result<RopeTables> {
         let half = self.inv_freq.len();
         let uniform = start.windows(2).all(|w| w[0] == w[1]);
-        let rows: &[usize] = if uniform { &start[..start.len().min(1)] } else { start };
+        let rows: &[usize] = if uniform {
+            &start[..start.len().min(1)]
+        } else {
+            start
+        };
         let mut cos = Vec::with_capacity(rows.len() * len * half);
         let mut sin = Vec::with_capacity(rows.len() * len * half);
         for &s in rows {
@@ -96,7 +104,9 @@ mod tests {
     fn rotates_interleaved_pairs_by_linspace_frequencies() -> Result<()> {
         let (h, t, d) = (2, 5, 8);
         let rope = Rope::new(d, 10000.0);
-        let data: Vec<f32> = (0..h * t * d).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
+        let data: Vec<f32> = (0..h * t * d)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0)
+            .collect();
         let x = Tensor::from_vec(data.clone(), (1, h, t, d), &Device::Cpu)?;
         let start = 123;
         let tables = rope.tables(&[start], t, candle_core::DType::F32, &Device::Cpu)?;
@@ -121,12 +131,17 @@ mod tests {
     fn per_row_tables_match_uniform_tables_row_by_row() -> Result<()> {
         let rope = Rope::new(4, 100.0);
         let x = Tensor::randn(0f32, 1.0, (2, 3, 2, 4), &Device::Cpu)?;
-        let both = rope.tables(&[7, 40], 2, candle_core::DType::F32, &Device::Cpu)?.apply(&x)?;
+        let both = rope
+            .tables(&[7, 40], 2, candle_core::DType::F32, &Device::Cpu)?
+            .apply(&x)?;
         for (b, s) in [(0usize, 7usize), (1, 40)] {
             let one = rope
                 .tables(&[s], 2, candle_core::DType::F32, &Device::Cpu)?
                 .apply(&x.narrow(0, b, 1)?)?;
-            let diff = (one - both.narrow(0, b, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (one - both.narrow(0, b, 1)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             assert!(diff < 1e-6);
         }
         Ok(())

@@ -20,7 +20,10 @@ fn tmp(name: &str) -> std::path::PathBuf {
 
 fn sampled(n: usize, seed: u64) -> GenerationConfig {
     GenerationConfig {
-        sampling: Sampling { temperature: 1.0, ..Sampling::default() },
+        sampling: Sampling {
+            temperature: 1.0,
+            ..Sampling::default()
+        },
         seed,
         stop_tokens: vec![],
         suppress_tokens: vec![],
@@ -36,7 +39,9 @@ fn resuming_from_a_saved_cache_gives_the_same_tokens_as_never_stopping() {
         let (system, user) = (&toks[..70], &toks[70..90]);
         // Never stopping: system prompt and user turn in one go.
         let whole: Vec<u32> = toks[..90].to_vec();
-        let straight = model.generate(&whole, &GenerationConfig::greedy(25)).unwrap();
+        let straight = model
+            .generate(&whole, &GenerationConfig::greedy(25))
+            .unwrap();
 
         // Prefill the system prompt, save, restore, continue with the user turn.
         let mut cache = model.new_cache(1).unwrap();
@@ -44,10 +49,13 @@ fn resuming_from_a_saved_cache_gives_the_same_tokens_as_never_stopping() {
         let path = tmp(&format!("{folder}.safetensors"));
         cache.save(&path).unwrap();
         drop(cache);
-        let mut restored = Cache::load(&path, model.config(), model.dtype(), model.device()).unwrap();
+        let mut restored =
+            Cache::load(&path, model.config(), model.dtype(), model.device()).unwrap();
         assert_eq!(restored.positions(), &[70]);
         let resumed = model
-            .generate_from(&mut restored, user, &GenerationConfig::greedy(25), |_| std::ops::ControlFlow::Continue(()))
+            .generate_from(&mut restored, user, &GenerationConfig::greedy(25), |_| {
+                std::ops::ControlFlow::Continue(())
+            })
             .unwrap();
         assert_eq!(resumed.tokens, straight.tokens, "{folder}");
     }
@@ -63,9 +71,16 @@ fn a_forked_cache_is_independent_of_its_parent() {
     // Advance the child a lot (past the window, growing the global K/V), then check the parent
     // still gives the reference logits for position 50.
     for &t in &toks[50..120] {
-        model.step(&Tensor::new(&[t], &Device::Cpu).unwrap(), &mut child).unwrap();
+        model
+            .step(&Tensor::new(&[t], &Device::Cpu).unwrap(), &mut child)
+            .unwrap();
     }
-    let logits = model.step(&Tensor::new(&[toks[50]], &Device::Cpu).unwrap(), &mut parent).unwrap();
+    let logits = model
+        .step(
+            &Tensor::new(&[toks[50]], &Device::Cpu).unwrap(),
+            &mut parent,
+        )
+        .unwrap();
     let diff = max_abs_diff(&logits, &expected("swa").logits.narrow(0, 50, 1).unwrap());
     assert!(diff < 1e-4, "{diff}");
     assert_eq!(child.positions(), &[120]);
@@ -78,10 +93,15 @@ fn a_system_prompt_prefilled_once_serves_many_requests() {
     let toks = expected("gret").tokens;
     let mut system = model.new_cache(1).unwrap();
     model.prefill(&ids(&toks[..60]), &mut system).unwrap();
-    for (i, user) in [&toks[60..64], &toks[100..110], &toks[200..201]].iter().enumerate() {
+    for (i, user) in [&toks[60..64], &toks[100..110], &toks[200..201]]
+        .iter()
+        .enumerate()
+    {
         let mut fork = system.clone();
         let from_fork = model
-            .generate_from(&mut fork, user, &sampled(12, i as u64), |_| std::ops::ControlFlow::Continue(()))
+            .generate_from(&mut fork, user, &sampled(12, i as u64), |_| {
+                std::ops::ControlFlow::Continue(())
+            })
             .unwrap();
         let mut full = toks[..60].to_vec();
         full.extend_from_slice(user);
@@ -100,7 +120,11 @@ fn reset_returns_the_cache_to_an_empty_sequence() {
     cache.reset().unwrap();
     assert_eq!(cache.positions(), &[0]);
     assert_eq!(cache.global_kv_bytes(), 0);
-    let logits = model.forward(&ids(&toks[..40]), &mut cache).unwrap().squeeze(0).unwrap();
+    let logits = model
+        .forward(&ids(&toks[..40]), &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     assert!(max_abs_diff(&logits, &expected("swa").logits.narrow(0, 0, 40).unwrap()) < 1e-4);
 }
 
@@ -108,9 +132,14 @@ fn reset_returns_the_cache_to_an_empty_sequence() {
 fn one_model_shared_by_threads_gives_the_sequential_results() {
     let model = Arc::new(load("gret"));
     let toks = expected("gret").tokens;
-    let prompts: Vec<Vec<u32>> = (0..6).map(|i| toks[i * 20..i * 20 + 10 + i].to_vec()).collect();
-    let sequential: Vec<Vec<u32>> =
-        prompts.iter().enumerate().map(|(i, p)| model.generate(p, &sampled(20, i as u64)).unwrap().tokens).collect();
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| toks[i * 20..i * 20 + 10 + i].to_vec())
+        .collect();
+    let sequential: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| model.generate(p, &sampled(20, i as u64)).unwrap().tokens)
+        .collect();
     let handles: Vec<_> = prompts
         .into_iter()
         .enumerate()
@@ -131,7 +160,9 @@ fn the_self_decoder_state_stays_constant_while_the_global_kv_grows_per_token() {
         let mut cache = model.new_cache(1).unwrap();
         let mut sizes = Vec::new();
         for (i, &t) in expected(folder).tokens.iter().enumerate().take(120) {
-            model.step(&Tensor::new(&[t], &Device::Cpu).unwrap(), &mut cache).unwrap();
+            model
+                .step(&Tensor::new(&[t], &Device::Cpu).unwrap(), &mut cache)
+                .unwrap();
             sizes.push((i + 1, cache.self_state_bytes(), cache.global_kv_bytes()));
         }
         let per_token = cfg.cache_bytes_per_token(4);

@@ -47,7 +47,13 @@ fn greedy_generate_equals_argmax_of_full_forward_from_scratch() {
         for (i, &tok) in out.tokens.iter().enumerate() {
             let mut cache = model.new_cache(1).unwrap();
             let logits = model.forward(&ids(&seq), &mut cache).unwrap();
-            let last = logits.squeeze(0).unwrap().get(seq.len() - 1).unwrap().to_vec1::<f32>().unwrap();
+            let last = logits
+                .squeeze(0)
+                .unwrap()
+                .get(seq.len() - 1)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert_eq!(tok, argmax(&last), "{folder}: token {i} differs");
             seq.push(tok);
         }
@@ -58,12 +64,29 @@ fn greedy_generate_equals_argmax_of_full_forward_from_scratch() {
 fn top_k_one_and_tiny_top_p_equal_greedy() {
     let model = load("gret");
     let prompt = expected("gret").tokens[..30].to_vec();
-    let greedy = model.generate(&prompt, &plain_greedy(32, 512)).unwrap().tokens;
+    let greedy = model
+        .generate(&prompt, &plain_greedy(32, 512))
+        .unwrap()
+        .tokens;
     for sampling in [
-        Sampling { temperature: 1.5, top_k: Some(1), top_p: None, ..Sampling::default() },
-        Sampling { temperature: 1.5, top_k: None, top_p: Some(1e-6), ..Sampling::default() },
+        Sampling {
+            temperature: 1.5,
+            top_k: Some(1),
+            top_p: None,
+            ..Sampling::default()
+        },
+        Sampling {
+            temperature: 1.5,
+            top_k: None,
+            top_p: Some(1e-6),
+            ..Sampling::default()
+        },
     ] {
-        let cfg = GenerationConfig { sampling, seed: 7, ..plain_greedy(32, 512) };
+        let cfg = GenerationConfig {
+            sampling,
+            seed: 7,
+            ..plain_greedy(32, 512)
+        };
         assert_eq!(model.generate(&prompt, &cfg).unwrap().tokens, greedy);
     }
 }
@@ -73,7 +96,11 @@ fn a_seed_reproduces_and_different_seeds_differ() {
     let model = load("swa");
     let prompt = expected("swa").tokens[..20].to_vec();
     let cfg = |seed| GenerationConfig {
-        sampling: Sampling { temperature: 1.0, top_p: None, ..Sampling::default() },
+        sampling: Sampling {
+            temperature: 1.0,
+            top_p: None,
+            ..Sampling::default()
+        },
         seed,
         ..plain_greedy(40, 512)
     };
@@ -88,11 +115,17 @@ fn a_seed_reproduces_and_different_seeds_differ() {
 fn stop_tokens_max_new_tokens_and_callback_stop() {
     let model = load("gret");
     let prompt = expected("gret").tokens[..16].to_vec();
-    let full = model.generate(&prompt, &plain_greedy(24, 512)).unwrap().tokens;
+    let full = model
+        .generate(&prompt, &plain_greedy(24, 512))
+        .unwrap()
+        .tokens;
     // Stop at the first occurrence of the 6th token: everything before it, and not the stop token.
     let stop = full[5];
     let first = full.iter().position(|&t| t == stop).unwrap();
-    let cfg = GenerationConfig { stop_tokens: vec![stop], ..plain_greedy(24, 512) };
+    let cfg = GenerationConfig {
+        stop_tokens: vec![stop],
+        ..plain_greedy(24, 512)
+    };
     let out = model.generate(&prompt, &cfg).unwrap();
     assert_eq!(out.stop_reason, StopReason::StopToken(stop));
     assert_eq!(out.tokens, full[..first]);
@@ -105,7 +138,11 @@ fn stop_tokens_max_new_tokens_and_callback_stop() {
     let out = model
         .generate_stream(&prompt, &plain_greedy(24, 512), |t| {
             seen.push(t);
-            if seen.len() == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            if seen.len() == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
         })
         .unwrap();
     assert_eq!(out.stop_reason, StopReason::Callback);
@@ -117,8 +154,14 @@ fn stop_tokens_max_new_tokens_and_callback_stop() {
 fn suppressed_tokens_are_never_generated() {
     let model = load("gret");
     let prompt = expected("gret").tokens[..16].to_vec();
-    let full = model.generate(&prompt, &plain_greedy(24, 512)).unwrap().tokens;
-    let cfg = GenerationConfig { suppress_tokens: vec![full[0], full[1]], ..plain_greedy(24, 512) };
+    let full = model
+        .generate(&prompt, &plain_greedy(24, 512))
+        .unwrap()
+        .tokens;
+    let cfg = GenerationConfig {
+        suppress_tokens: vec![full[0], full[1]],
+        ..plain_greedy(24, 512)
+    };
     let out = model.generate(&prompt, &cfg).unwrap().tokens;
     assert!(!out.contains(&full[0]) && !out.contains(&full[1]));
 }
@@ -129,21 +172,38 @@ fn batch_results_equal_single_results() {
         let model = load(folder);
         let toks = expected(folder).tokens;
         // Different lengths: shorter than, equal to and longer than the window (32) and a chunk.
-        let prompts = vec![toks[..5].to_vec(), toks[10..50].to_vec(), toks[60..160].to_vec(), toks[200..201].to_vec()];
+        let prompts = vec![
+            toks[..5].to_vec(),
+            toks[10..50].to_vec(),
+            toks[60..160].to_vec(),
+            toks[200..201].to_vec(),
+        ];
         for cfg in [
             plain_greedy(30, 48),
             GenerationConfig {
-                sampling: Sampling { temperature: 1.0, top_p: Some(0.9), ..Sampling::default() },
+                sampling: Sampling {
+                    temperature: 1.0,
+                    top_p: Some(0.9),
+                    ..Sampling::default()
+                },
                 seed: 3,
                 ..plain_greedy(30, 48)
             },
             // A stop token makes rows finish at different times.
-            GenerationConfig { stop_tokens: vec![toks[3]], ..plain_greedy(30, 48) },
+            GenerationConfig {
+                stop_tokens: vec![toks[3]],
+                ..plain_greedy(30, 48)
+            },
         ] {
             let batch = model.generate_batch(&prompts, &cfg).unwrap();
             for (prompt, got) in prompts.iter().zip(&batch) {
                 let alone = model.generate(prompt, &cfg).unwrap();
-                assert_eq!(got.tokens, alone.tokens, "{folder}: prompt of {}", prompt.len());
+                assert_eq!(
+                    got.tokens,
+                    alone.tokens,
+                    "{folder}: prompt of {}",
+                    prompt.len()
+                );
                 assert_eq!(got.stop_reason, alone.stop_reason);
             }
         }
@@ -155,23 +215,59 @@ fn bad_settings_and_inputs_are_errors() {
     let model = load("gret");
     let prompt = [5u32, 6, 7];
     let bad_sampling = [
-        Sampling { temperature: -1.0, ..Sampling::default() },
-        Sampling { temperature: f32::NAN, ..Sampling::default() },
-        Sampling { top_p: Some(0.0), ..Sampling::default() },
-        Sampling { top_p: Some(1.5), ..Sampling::default() },
-        Sampling { top_k: Some(0), ..Sampling::default() },
+        Sampling {
+            temperature: -1.0,
+            ..Sampling::default()
+        },
+        Sampling {
+            temperature: f32::NAN,
+            ..Sampling::default()
+        },
+        Sampling {
+            top_p: Some(0.0),
+            ..Sampling::default()
+        },
+        Sampling {
+            top_p: Some(1.5),
+            ..Sampling::default()
+        },
+        Sampling {
+            top_k: Some(0),
+            ..Sampling::default()
+        },
     ];
     for sampling in bad_sampling {
-        let cfg = GenerationConfig { sampling: sampling.clone(), ..GenerationConfig::default() };
-        assert!(matches!(model.generate(&prompt, &cfg), Err(Error::Generation(_))), "{sampling:?}");
-        assert!(matches!(model.generate_batch(&[prompt.to_vec()], &cfg), Err(Error::Generation(_))));
+        let cfg = GenerationConfig {
+            sampling: sampling.clone(),
+            ..GenerationConfig::default()
+        };
+        assert!(
+            matches!(model.generate(&prompt, &cfg), Err(Error::Generation(_))),
+            "{sampling:?}"
+        );
+        assert!(matches!(
+            model.generate_batch(&[prompt.to_vec()], &cfg),
+            Err(Error::Generation(_))
+        ));
     }
     let cfg = GenerationConfig::greedy(4);
     assert!(matches!(model.generate(&[], &cfg), Err(Error::Input(_))));
-    assert!(matches!(model.generate(&[1, 256], &cfg), Err(Error::Input(_))));
-    assert!(matches!(model.generate_batch(&[vec![1], vec![]], &cfg), Err(Error::Input(_))));
-    let cfg = GenerationConfig { prefill_chunk: 0, ..GenerationConfig::greedy(4) };
-    assert!(matches!(model.generate(&prompt, &cfg), Err(Error::Generation(_))));
+    assert!(matches!(
+        model.generate(&[1, 256], &cfg),
+        Err(Error::Input(_))
+    ));
+    assert!(matches!(
+        model.generate_batch(&[vec![1], vec![]], &cfg),
+        Err(Error::Input(_))
+    ));
+    let cfg = GenerationConfig {
+        prefill_chunk: 0,
+        ..GenerationConfig::greedy(4)
+    };
+    assert!(matches!(
+        model.generate(&prompt, &cfg),
+        Err(Error::Generation(_))
+    ));
 }
 
 #[test]
@@ -180,11 +276,24 @@ fn prompts_beyond_the_position_limit_are_errors() {
     let mut cfg = Config::from_file(dir.join("params.json")).unwrap();
     cfg.max_positions = 50;
     let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap()
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
     };
     let model = Model::new(cfg, vb).unwrap();
     let prompt = vec![3u32; 45];
-    assert!(model.generate(&prompt, &GenerationConfig::greedy(5)).is_ok());
-    assert!(matches!(model.generate(&prompt, &GenerationConfig::greedy(6)), Err(Error::Input(_))));
-    assert!(matches!(model.generate(&[3; 51], &GenerationConfig::greedy(1)), Err(Error::Input(_))));
+    assert!(model
+        .generate(&prompt, &GenerationConfig::greedy(5))
+        .is_ok());
+    assert!(matches!(
+        model.generate(&prompt, &GenerationConfig::greedy(6)),
+        Err(Error::Input(_))
+    ));
+    assert!(matches!(
+        model.generate(&[3; 51], &GenerationConfig::greedy(1)),
+        Err(Error::Input(_))
+    ));
 }

@@ -14,13 +14,20 @@ fn check_full_forward(folder: &str, expected_folder: &str) {
     let model = Model::load(fixture(folder), &Device::Cpu, DType::F32).unwrap();
     let exp = expected(expected_folder);
     let mut cache = model.new_cache(1).unwrap();
-    let logits = model.forward(&ids(&exp.tokens), &mut cache).unwrap().squeeze(0).unwrap();
+    let logits = model
+        .forward(&ids(&exp.tokens), &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     let diff = max_abs_diff(&logits, &exp.logits);
     assert!(diff <= TOL, "{folder}: max |logits - reference| = {diff}");
     // The same comparison must reject the spec's two RoPE traps.
     let trap_a = max_abs_diff(&logits, &exp.halfsplit);
     let trap_b = max_abs_diff(&logits, &exp.standard_freqs);
-    assert!(trap_a > 100.0 * TOL && trap_b > 100.0 * TOL, "{folder}: traps {trap_a} {trap_b}");
+    assert!(
+        trap_a > 100.0 * TOL && trap_b > 100.0 * TOL,
+        "{folder}: traps {trap_a} {trap_b}"
+    );
 }
 
 #[test]
@@ -60,20 +67,37 @@ fn check_prefill_then_step(folder: &str, split: usize, chunk: usize) {
         .unwrap();
     let want = exp.logits.narrow(0, split - 1, 1).unwrap();
     let diff = max_abs_diff(&last, &want);
-    assert!(diff <= TOL, "{folder} prefill {split} chunk {chunk}: {diff}");
+    assert!(
+        diff <= TOL,
+        "{folder} prefill {split} chunk {chunk}: {diff}"
+    );
     for pos in split..n {
         let logits = model
-            .step(&Tensor::new(&[exp.tokens[pos]], &Device::Cpu).unwrap(), &mut cache)
+            .step(
+                &Tensor::new(&[exp.tokens[pos]], &Device::Cpu).unwrap(),
+                &mut cache,
+            )
             .unwrap();
         let diff = max_abs_diff(&logits, &exp.logits.narrow(0, pos, 1).unwrap());
-        assert!(diff <= TOL, "{folder} step at {pos} after prefill {split}/{chunk}: {diff}");
+        assert!(
+            diff <= TOL,
+            "{folder} step at {pos} after prefill {split}/{chunk}: {diff}"
+        );
     }
     assert_eq!(cache.positions(), &[n]);
 }
 
 #[test]
 fn gret_prefill_in_chunks_then_steps_equals_full_forward() {
-    for (split, chunk) in [(1, 1), (5, 2), (100, 7), (260, 64), (276, 256), (270, 100), (200, 512)] {
+    for (split, chunk) in [
+        (1, 1),
+        (5, 2),
+        (100, 7),
+        (260, 64),
+        (276, 256),
+        (270, 100),
+        (200, 512),
+    ] {
         check_prefill_then_step("gret", split, chunk);
     }
 }
@@ -81,7 +105,15 @@ fn gret_prefill_in_chunks_then_steps_equals_full_forward() {
 #[test]
 fn swa_prefill_in_chunks_then_steps_equals_full_forward() {
     // Window 32: chunks smaller than, equal to and larger than the window, not dividing the prompt.
-    for (split, chunk) in [(1, 1), (40, 3), (100, 31), (150, 32), (276, 33), (250, 100), (270, 512)] {
+    for (split, chunk) in [
+        (1, 1),
+        (40, 3),
+        (100, 31),
+        (150, 32),
+        (276, 33),
+        (250, 100),
+        (270, 512),
+    ] {
         check_prefill_then_step("swa", split, chunk);
     }
 }
@@ -93,7 +125,9 @@ fn stepping_every_token_from_the_start_equals_full_forward() {
         let exp = expected(folder);
         let mut cache = model.new_cache(1).unwrap();
         for (pos, &tok) in exp.tokens.iter().enumerate().take(80) {
-            let logits = model.step(&Tensor::new(&[tok], &Device::Cpu).unwrap(), &mut cache).unwrap();
+            let logits = model
+                .step(&Tensor::new(&[tok], &Device::Cpu).unwrap(), &mut cache)
+                .unwrap();
             let diff = max_abs_diff(&logits, &exp.logits.narrow(0, pos, 1).unwrap());
             assert!(diff <= TOL, "{folder} step {pos}: {diff}");
         }

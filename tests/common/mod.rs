@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The reference's token ids and logits for a fixture (shared by folders with the same weights).
@@ -31,9 +33,19 @@ pub fn expected(name: &str) -> Expected {
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 pub fn ids(tokens: &[u32]) -> Tensor {
-    Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+    Tensor::new(tokens, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
 }
