@@ -129,7 +129,11 @@ impl Model {
         let files = WeightFiles::find(dir)?;
         let prefix = crate::loading::check_tensors(&cfg, &files.tensors()?)?;
         let vb = files.var_builder(prefix, dtype, device)?;
-        Model::new(cfg, vb)
+        // The headers were checked; an error now comes from the tensor data itself.
+        Model::new(cfg, vb).map_err(|e| match e {
+            Error::Candle(e) => Error::Checkpoint(format!("reading weights from {}: {e}", dir.display())),
+            other => other,
+        })
     }
 
     /// Builds a model from a config and a `VarBuilder` that yields the reference's parameter
