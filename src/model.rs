@@ -275,6 +275,9 @@ impl Model {
         if chunk == 0 {
             return Err(Error::Input("prefill chunk size must be at least 1".into()));
         }
+        // The prompt's length is known: grow the global K/V once, to exactly what it needs.
+        let end = cache.positions().iter().copied().max().unwrap_or(0) + t;
+        cache.reserve(end)?;
         let mut start = 0;
         let mut last = None;
         while start < t {
