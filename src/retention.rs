@@ -100,18 +100,30 @@ pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
 /// Parallel form over a whole sequence from a zero state.
 /// `q, k, v: (B, H, T, d)` f32 (k already scaled), `lg: (B, H, T)` f32; returns `(B, H, T, d)`.
 pub fn parallel(q: &Tensor, k: &Tensor, v: &Tensor, lg: &Tensor) -> Result<Tensor> {
-    let g = lg.cumsum(D::Minus1)?;
-    intra_chunk(q, k, v, &g)
+    intra_chunk(q, k, v, &segment_sums(lg)?)
 }
 
-/// `sum_{m<=n} exp(G_n - G_m) (q_n . k_m) v_m` for cumulative log-decays `g: (B, H, C)`.
-fn intra_chunk(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> Result<Tensor> {
+/// `S[n, m] = sum_{j=m+1..=n} lg_j = G_n - G_m` for `n >= m`, from `lg: (B, H, C)`:
+/// `(B, H, C, C)`. Summed directly rather than as a difference of cumulative sums: over a long
+/// chunk `G` reaches -100 and beyond, where `G_n - G_m` in f32 would lose the digits that matter.
+fn segment_sums(lg: &Tensor) -> Result<Tensor> {
+    let (b, h, c) = lg.dims3()?;
+    // X[n, m] = lg_n where n > m, else 0; a cumulative sum down the columns gives S.
+    let strictly_lower: Vec<f32> = (0..c * c)
+        .map(|i| if i / c > i % c { 1.0 } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(strictly_lower, (c, c), lg.device())?;
+    let x = lg.unsqueeze(3)?.broadcast_as((b, h, c, c))?.broadcast_mul(&mask)?;
+    Ok(x.cumsum(2)?)
+}
+
+/// `sum_{m<=n} exp(S[n, m]) (q_n . k_m) v_m` for the segment sums `seg` of the log-decays.
+fn intra_chunk(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor) -> Result<Tensor> {
     let c = q.dim(2)?;
-    // exp(G_n - G_m), with -inf above the diagonal *before* the exp: there G_n - G_m > 0 and
-    // could overflow, and inf * 0 would be NaN.
-    let diff = g.unsqueeze(3)?.broadcast_sub(&g.unsqueeze(2)?)?;
+    // -inf above the diagonal *before* the exp (there the sum is 0 or meaningless), so those
+    // entries are exactly 0.
     let upper = upper_neg_inf(c, q.device())?;
-    let decay = diff.broadcast_add(&upper)?.exp()?;
+    let decay = seg.broadcast_add(&upper)?.exp()?;
     let scores = (q.matmul(&k.t()?)? * decay)?;
     Ok(scores.matmul(v)?)
 }
@@ -149,17 +161,20 @@ pub fn chunkwise(
         let qc = q.narrow(2, start, c)?.contiguous()?;
         let kc = k.narrow(2, start, c)?.contiguous()?;
         let vc = v.narrow(2, start, c)?.contiguous()?;
-        let g = lg.narrow(2, start, c)?.contiguous()?.cumsum(D::Minus1)?; // (B, H, C)
+        let lgc = lg.narrow(2, start, c)?.contiguous()?;
+        let g = lgc.cumsum(D::Minus1)?; // (B, H, C): G_i
         let g_last = g.narrow(2, c - 1, 1)?; // (B, H, 1)
+        let seg = segment_sums(&lgc)?; // (B, H, C, C): G_n - G_m
 
-        let inner = intra_chunk(&qc, &kc, &vc, &g)?;
+        let inner = intra_chunk(&qc, &kc, &vc, &seg)?;
         // Contribution of everything before the chunk: (q_i * exp(G_i)) S_prev.
         let q_decayed = qc.broadcast_mul(&g.exp()?.unsqueeze(3)?)?;
         let outer = q_decayed.matmul(&state)?;
         outs.push((inner + outer)?);
 
         // S = exp(G_last) S_prev + sum_j exp(G_last - G_j) k_j^T v_j.
-        let k_decayed = kc.broadcast_mul(&g_last.broadcast_sub(&g)?.exp()?.unsqueeze(3)?)?;
+        let to_last = seg.narrow(2, c - 1, 1)?.squeeze(2)?; // (B, H, C): G_last - G_j
+        let k_decayed = kc.broadcast_mul(&to_last.exp()?.unsqueeze(3)?)?;
         let update = k_decayed.t()?.matmul(&vc)?;
         state = (state.broadcast_mul(&g_last.exp()?.unsqueeze(3)?)? + update)?;
         start += c;
@@ -225,13 +240,26 @@ mod tests {
             .unwrap_or(f32::INFINITY)
     }
 
+    /// Normal samples from a seeded generator (candle's CPU RNG cannot be seeded): the same
+    /// inputs on every run.
+    fn normal(rng: &mut crate::sampling::Rng, shape: &[usize], std: f32) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u1, u2) = (rng.next_f32().max(1e-7), rng.next_f32());
+                std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+            })
+            .collect();
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+
     fn inputs(b: usize, h: usize, t: usize, d: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-        let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
-        let k = (Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)? * (d as f64).powf(-0.5))?;
-        let v = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
+        let rng = &mut crate::sampling::Rng::new((b * 1000 + h * 100 + t + d) as u64);
+        let q = normal(rng, &[b, h, t, d], 1.0)?;
+        let k = (normal(rng, &[b, h, t, d], 1.0)? * (d as f64).powf(-0.5))?;
+        let v = normal(rng, &[b, h, t, d], 1.0)?;
         // Gate logits spread over [-8, 8] so that decays range from ~0.6 to ~1.
-        let gt = (Tensor::randn(0f32, 4.0, (b, h, t), &dev)?).clamp(-8f32, 8f32)?;
+        let gt = normal(rng, &[b, h, t], 4.0)?.clamp(-8f32, 8f32)?;
         let lg = (log_sigmoid(&gt)? / GATE_LOGIT_NORMALIZER)?;
         Ok((q, k, v, lg))
     }
