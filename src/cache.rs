@@ -43,6 +43,8 @@ impl KvBuffer {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        // Never a zero-byte allocation: some CUDA drivers refuse those.
+        let capacity = capacity.max(1);
         Ok(KvBuffer {
             k: Tensor::zeros((b, h, capacity, d), dtype, device)?,
             v: Tensor::zeros((b, h, capacity, d), dtype, device)?,
