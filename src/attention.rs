@@ -23,6 +23,21 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (b, h, c, d) = q.dims4()?;
     let (_, h_kv, l, _) = k.dims4()?;
+    if mask.is_none() && b == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
+        // candle's fused CPU attention reads K/V through their strides (no copy of the cache,
+        // no packing of K^T) and keeps scores in registers: the decode hot path.
+        let q = q.transpose(1, 2)?; // (1, C, H, d)
+        let (k, v) = (k.transpose(1, 2)?, v.transpose(1, 2)?); // (1, L, H_kv, d) views
+        return Ok(candle_nn::attention::flash_attn::<f32>(
+            &q,
+            &k,
+            &v,
+            scale as f32,
+            candle_nn::attention::AttnMask::None,
+            None,
+            None,
+        )?);
+    }
     let g = h / h_kv;
     // (B, H, C, d) -> (B, H_kv, G*C, d): head h = kv * G + g reads kv head h / G.
     let q = q.contiguous()?.reshape((b, h_kv, g * c, d))?;
@@ -121,6 +136,21 @@ mod tests {
         let mask = causal_mask(5, 9, 4, 0, Some(3), &dev)?;
         let fast = attention(&q, &k, &v, Some(&mask), 0.3)?;
         let slow = naive_attention(&q, &k, &v, Some(&mask), 0.3)?;
+        let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_cpu_path_over_a_strided_cache_view_equals_repeated_kv() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 6, 1, 8), &dev)?;
+        // A cache with slack: attend to a narrowed, non-contiguous view of it.
+        let k_all = Tensor::randn(0f32, 1.0, (1, 2, 40, 8), &dev)?;
+        let v_all = Tensor::randn(0f32, 1.0, (1, 2, 40, 8), &dev)?;
+        let (k, v) = (k_all.narrow(2, 3, 29)?, v_all.narrow(2, 3, 29)?);
+        let fast = attention(&q, &k, &v, None, 0.3)?;
+        let slow = naive_attention(&q, &k, &v, None, 0.3)?;
         let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         Ok(())

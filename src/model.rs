@@ -131,7 +131,9 @@ impl Model {
         let vb = files.var_builder(prefix, dtype, device)?;
         // The headers were checked; an error now comes from the tensor data itself.
         Model::new(cfg, vb).map_err(|e| match e {
-            Error::Candle(e) => Error::Checkpoint(format!("reading weights from {}: {e}", dir.display())),
+            Error::Candle(e) => {
+                Error::Checkpoint(format!("reading weights from {}: {e}", dir.display()))
+            }
             other => other,
         })
     }

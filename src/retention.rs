@@ -113,7 +113,10 @@ fn segment_sums(lg: &Tensor) -> Result<Tensor> {
         .map(|i| if i / c > i % c { 1.0 } else { 0.0 })
         .collect();
     let mask = Tensor::from_vec(strictly_lower, (c, c), lg.device())?;
-    let x = lg.unsqueeze(3)?.broadcast_as((b, h, c, c))?.broadcast_mul(&mask)?;
+    let x = lg
+        .unsqueeze(3)?
+        .broadcast_as((b, h, c, c))?
+        .broadcast_mul(&mask)?;
     Ok(x.cumsum(2)?)
 }
 
