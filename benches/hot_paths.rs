@@ -4,10 +4,8 @@
 //!
 //! `cargo bench --bench hot_paths`
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use yoco::{Config, Model};
 
@@ -16,17 +14,7 @@ fn bench_config() -> Config {
 }
 
 fn random_model(cfg: &Config) -> Model {
-    let dev = Device::Cpu;
-    let mut ts = HashMap::new();
-    for (name, shape) in yoco::loading::expected_tensors(cfg) {
-        let t = if name.ends_with("norm.weight") {
-            Tensor::ones(shape.as_slice(), DType::F32, &dev)
-        } else {
-            Tensor::randn(0f32, 0.02, shape.as_slice(), &dev)
-        };
-        ts.insert(name, t.unwrap());
-    }
-    Model::new(cfg.clone(), VarBuilder::from_tensors(ts, DType::F32, &dev)).unwrap()
+    Model::random(cfg, DType::F32, &Device::Cpu).unwrap()
 }
 
 fn retention(c: &mut Criterion) {
@@ -66,7 +54,10 @@ fn model(c: &mut Criterion) {
     let ids: Vec<u32> = (0..1024u32).map(|i| i * 31 % 32000).collect();
     let mut cache = model.new_cache(1).unwrap();
     model
-        .prefill(&Tensor::new(&ids[..], &dev).unwrap().unsqueeze(0).unwrap(), &mut cache)
+        .prefill(
+            &Tensor::new(&ids[..], &dev).unwrap().unsqueeze(0).unwrap(),
+            &mut cache,
+        )
         .unwrap();
     let tok = Tensor::new(&[7u32], &dev).unwrap();
     c.bench_function("full decode step at 1K context (bench-160m)", |b| {
@@ -76,7 +67,10 @@ fn model(c: &mut Criterion) {
             criterion::BatchSize::LargeInput,
         )
     });
-    let chunk = Tensor::new(&ids[..512], &dev).unwrap().unsqueeze(0).unwrap();
+    let chunk = Tensor::new(&ids[..512], &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let mut group = c.benchmark_group("prefill");
     group.sample_size(10);
     group.bench_function("full prefill chunk of 512 (bench-160m)", |b| {

@@ -551,20 +551,7 @@ fn random(shape: &[usize], dtype: DType, device: &Device) -> candle_core::Result
 }
 
 fn yoco_model(cfg: &Config, dtype: DType, device: &Device) -> Result<Model, String> {
-    let mut tensors = HashMap::new();
-    for (name, shape) in yoco::loading::expected_tensors(cfg) {
-        let t = if shape.len() == 1 {
-            Tensor::ones(shape.as_slice(), dtype, device)
-        } else {
-            random(&shape, dtype, device)
-        };
-        tensors.insert(name, t.map_err(s)?);
-    }
-    Model::new(
-        cfg.clone(),
-        VarBuilder::from_tensors(tensors, dtype, device),
-    )
-    .map_err(s)
+    Model::random(cfg, dtype, device).map_err(s)
 }
 
 fn llama_config(shape: &Shape, max_positions: usize) -> llama::Config {

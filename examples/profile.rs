@@ -14,7 +14,6 @@
 //! 3 retention heads, 12 attention heads, 4 KV heads, vocab 32000; the Llama twin: hidden 768,
 //! 12 layers, 12 heads, 4 KV heads, FFN 2048, vocab 32000.
 
-use std::collections::HashMap;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
@@ -28,21 +27,6 @@ fn bench_config(window: Option<usize>) -> Config {
     let mut cfg = Config::new(768, 12, 2048, 3, 12, 4, VOCAB);
     cfg.sliding_window = window;
     cfg
-}
-
-/// Random weights named as the reference names them (std 0.02, norms 1, decay gate spread).
-fn random_yoco(cfg: &Config, dev: &Device) -> candle_core::Result<Model> {
-    let mut ts = HashMap::new();
-    for (name, shape) in yoco::loading::expected_tensors(cfg) {
-        let t = if name.ends_with("norm.weight") {
-            Tensor::ones(shape.as_slice(), DType::F32, dev)?
-        } else {
-            Tensor::randn(0f32, 0.02, shape.as_slice(), dev)?
-        };
-        ts.insert(name, t);
-    }
-    let vb = VarBuilder::from_tensors(ts, DType::F32, dev);
-    Model::new(cfg.clone(), vb).map_err(candle_core::Error::wrap)
 }
 
 fn llama_config(ctx: usize) -> candle_transformers::models::llama::Config {
@@ -106,7 +90,7 @@ fn single(
     let (prefill_s, decode, weights, cache_bytes) = match model {
         "yoco" | "yoco-swa" => {
             let cfg = bench_config((model == "yoco-swa").then_some(1024));
-            let m = random_yoco(&cfg, &dev)?;
+            let m = Model::random(&cfg, DType::F32, &dev).map_err(candle_core::Error::wrap)?;
             let weights = cfg.n_params() * 4;
             let mut cache = m.new_cache(1).map_err(candle_core::Error::wrap)?;
             cache

@@ -485,3 +485,24 @@ impl Model {
         Ok((Some(mask), l))
     }
 }
+
+impl Model {
+    /// A model with random weights (std 0.02, norm weights 1) of shape `cfg`, for benchmarks and
+    /// experiments with shapes that have no checkpoint. Not seeded: candle's RNG cannot be.
+    pub fn random(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        let mut tensors = std::collections::HashMap::new();
+        for (name, shape) in crate::loading::expected_tensors(cfg) {
+            let t = if shape.len() == 1 {
+                Tensor::ones(shape.as_slice(), dtype, device)?
+            } else {
+                // Draw in f32 (CUDA draws no half types), then convert.
+                Tensor::randn(0f32, 0.02, shape.as_slice(), device)?.to_dtype(dtype)?
+            };
+            tensors.insert(name, t);
+        }
+        Model::new(
+            cfg.clone(),
+            VarBuilder::from_tensors(tensors, dtype, device),
+        )
+    }
+}

@@ -35,11 +35,23 @@ fn wild_value(rng: &mut Rng) -> serde_json::Value {
 
 #[test]
 fn mutated_params_json_gives_a_valid_config_or_a_typed_error() {
-    let base: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("gret").join("params.json")).unwrap()).unwrap();
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("gret").join("params.json")).unwrap(),
+    )
+    .unwrap();
     let fields = [
-        "dim", "n_layers", "hidden_dim", "n_self_heads", "n_attn_heads", "n_attn_kv_heads", "vocab_size",
-        "rope_theta", "norm_eps", "sliding_window", "max_positions", "unknown_field",
+        "dim",
+        "n_layers",
+        "hidden_dim",
+        "n_self_heads",
+        "n_attn_heads",
+        "n_attn_kv_heads",
+        "vocab_size",
+        "rope_theta",
+        "norm_eps",
+        "sliding_window",
+        "max_positions",
+        "unknown_field",
     ];
     let mut rng = Rng::new(11);
     let mut accepted = 0;
@@ -47,7 +59,7 @@ fn mutated_params_json_gives_a_valid_config_or_a_typed_error() {
         let mut v = base.clone();
         for _ in 0..1 + rng.next_u64() % 3 {
             let field = fields[(rng.next_u64() % fields.len() as u64) as usize];
-            if rng.next_u64() % 5 == 0 {
+            if rng.next_u64().is_multiple_of(5) {
                 v.as_object_mut().unwrap().remove(field);
             } else {
                 v[field] = wild_value(&mut rng);

@@ -39,10 +39,22 @@ fn model_dir() -> PathBuf {
 fn bits_per_byte(model: &Model, tokenizer: &Tokenizer, text: &str) -> f64 {
     let ids = tokenizer.encode(text, true).unwrap();
     let mut cache = model.new_cache(1).unwrap();
-    let input = Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = model.forward(&input, &mut cache).unwrap().squeeze(0).unwrap();
-    let logp: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap().to_vec2().unwrap();
-    let nats: f64 = (1..ids.len()).map(|t| -(logp[t - 1][ids[t] as usize] as f64)).sum();
+    let input = Tensor::new(&ids[..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model
+        .forward(&input, &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let logp: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, D::Minus1)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let nats: f64 = (1..ids.len())
+        .map(|t| -(logp[t - 1][ids[t] as usize] as f64))
+        .sum();
     nats / std::f64::consts::LN_2 / text.len() as f64
 }
 
@@ -55,9 +67,13 @@ fn held_out_verse_scores_far_below_what_random_weights_can_reach() {
     // log2(vocab) bits per token, i.e. more than 4 bits per byte here. A loader that scrambled
     // any weight (a transposed projection, a wrong RoPE, a swapped FFN branch) lands near that.
     let ids = tokenizer.encode(HELD_OUT, false).unwrap();
-    let uniform = (model.config().vocab_size as f64).log2() * ids.len() as f64 / HELD_OUT.len() as f64;
+    let uniform =
+        (model.config().vocab_size as f64).log2() * ids.len() as f64 / HELD_OUT.len() as f64;
     assert!(uniform > 4.0, "{uniform}");
-    assert!(bpb < 3.0, "held-out bits per byte {bpb:.3} (uniform would be {uniform:.2})");
+    assert!(
+        bpb < 3.0,
+        "held-out bits per byte {bpb:.3} (uniform would be {uniform:.2})"
+    );
 }
 
 #[test]
@@ -66,11 +82,19 @@ fn greedy_text_is_laid_out_like_a_play() {
     let tokenizer = Tokenizer::from_model_dir(model_dir()).unwrap();
     let cfg = GenerationConfig::greedy(80).for_tokenizer(&tokenizer);
     let (text, out) = model
-        .generate_text(&tokenizer, "HAMLET.\n", &cfg, |_| std::ops::ControlFlow::Continue(()))
+        .generate_text(&tokenizer, "HAMLET.\n", &cfg, |_| {
+            std::ops::ControlFlow::Continue(())
+        })
         .unwrap();
     assert!(!out.tokens.is_empty());
     // Several lines, and mostly letters and spaces: verse, not noise.
     assert!(text.lines().count() >= 3, "{text:?}");
-    let letters = text.chars().filter(|c| c.is_alphabetic() || c.is_whitespace()).count();
-    assert!(letters as f64 >= 0.85 * text.chars().count() as f64, "{text:?}");
+    let letters = text
+        .chars()
+        .filter(|c| c.is_alphabetic() || c.is_whitespace())
+        .count();
+    assert!(
+        letters as f64 >= 0.85 * text.chars().count() as f64,
+        "{text:?}"
+    );
 }
