@@ -194,7 +194,7 @@ pub fn right_aligned_mask(
     Ok(Tensor::from_vec(data, (visible.len(), 1, 1, 1, l), device)?)
 }
 
-/// Sum over the last dimension, kept for the shape checks of tests.
+/// Textbook attention with K/V repeated per query head, the reference the fast paths are tested against.
 #[cfg(test)]
 pub(crate) fn naive_attention(
     q: &Tensor,

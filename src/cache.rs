@@ -77,8 +77,8 @@ impl KvBuffer {
     fn reallocate(&mut self, capacity: usize, keep: usize) -> Result<()> {
         let (b, h, _, d) = self.k.dims4()?;
         let keep = keep.min(self.len);
-        let mut k = Tensor::zeros((b, h, capacity, d), self.k.dtype(), self.k.device())?;
-        let mut v = Tensor::zeros((b, h, capacity, d), self.v.dtype(), self.v.device())?;
+        let k = Tensor::zeros((b, h, capacity, d), self.k.dtype(), self.k.device())?;
+        let v = Tensor::zeros((b, h, capacity, d), self.v.dtype(), self.v.device())?;
         if keep > 0 {
             k.slice_set(
                 &self.k.narrow(2, self.len - keep, keep)?.contiguous()?,
@@ -90,10 +90,6 @@ impl KvBuffer {
                 2,
                 0,
             )?;
-        } else {
-            // Zero-sized narrow is fine, but there is nothing to copy.
-            k = k.contiguous()?;
-            v = v.contiguous()?;
         }
         self.k = k;
         self.v = v;
@@ -351,14 +347,19 @@ impl KvBuffer {
                 ));
             }
             let pad = len - part.len;
-            let mut k = Tensor::zeros((1, h, len + slack, d), part.k.dtype(), part.k.device())?;
-            let mut v = Tensor::zeros((1, h, len + slack, d), part.v.dtype(), part.v.device())?;
+            let k = Tensor::zeros(
+                (1, h, (len + slack).max(1), d),
+                part.k.dtype(),
+                part.k.device(),
+            )?;
+            let v = Tensor::zeros(
+                (1, h, (len + slack).max(1), d),
+                part.v.dtype(),
+                part.v.device(),
+            )?;
             if part.len > 0 {
                 k.slice_set(&part.k.narrow(2, 0, part.len)?.contiguous()?, 2, pad)?;
                 v.slice_set(&part.v.narrow(2, 0, part.len)?.contiguous()?, 2, pad)?;
-            } else {
-                k = k.contiguous()?;
-                v = v.contiguous()?;
             }
             ks.push(k);
             vs.push(v);

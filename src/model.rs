@@ -421,8 +421,13 @@ impl Model {
                 (x, rope, mask)
             }
             Logits::Last => {
-                let last: Vec<usize> = starts.iter().map(|s| s + c - 1).collect();
-                let rope = self.attn_rope.tables(&last, 1, self.dtype, &self.device)?;
+                // A decode step's query sits where its K did: reuse that table.
+                let rope = if c == 1 {
+                    rope
+                } else {
+                    let last: Vec<usize> = starts.iter().map(|s| s + c - 1).collect();
+                    self.attn_rope.tables(&last, 1, self.dtype, &self.device)?
+                };
                 let mask = self.ragged_mask(
                     cache.global.filled(),
                     cache.global.len(),
