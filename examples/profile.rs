@@ -29,6 +29,36 @@ fn bench_config(window: Option<usize>) -> Config {
     cfg
 }
 
+/// What bounds each phase of yoco, per token, for the "% of bound" columns:
+/// * prefill FLOPs: `2 x (self-decoder + global-K/V parameters)`: with early exit a prompt
+///   token runs through nothing else (the cross-decoder sees only the last one);
+/// * decode bytes read: every weight except the embedding table (one row of it is read), the
+///   global K/V once per cross-decoder layer, and the self-decoder state (read and written).
+fn yoco_bounds(cfg: &Config, ctx: usize) -> (f64, f64) {
+    let tensors = yoco::loading::expected_tensors(cfg);
+    let count = |keep: &dyn Fn(&str) -> bool| -> usize {
+        tensors
+            .iter()
+            .filter(|(name, _)| keep(name))
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum()
+    };
+    let prefill_params = count(&|n| {
+        n.starts_with("self_decoder.")
+            || n.starts_with("cross_decoder.k_proj")
+            || n.starts_with("cross_decoder.v_proj")
+            || n.starts_with("cross_decoder.kv_layer_norm")
+    });
+    let weights = count(&|n| n != "embed_tokens.weight");
+    // Every cross-decoder layer reads all of the global K/V, whatever the self-decoder is.
+    let kv = ctx * cfg.cache_bytes_per_token(4) * cfg.n_half_layers();
+    let state = 2 * cfg.self_state_bytes(4);
+    (
+        2.0 * prefill_params as f64,
+        (weights * 4 + kv + state) as f64,
+    )
+}
+
 fn llama_config(ctx: usize) -> candle_transformers::models::llama::Config {
     candle_transformers::models::llama::Config {
         hidden_size: 768,
@@ -87,11 +117,13 @@ fn single(
     let dev = Device::Cpu;
     let ids = prompt(ctx + steps);
     let base_rss = peak_rss_bytes();
+    let mut bounds = None;
     let (prefill_s, decode, weights, cache_bytes) = match model {
         "yoco" | "yoco-swa" => {
             let cfg = bench_config((model == "yoco-swa").then_some(1024));
             let m = Model::random(&cfg, DType::F32, &dev).map_err(candle_core::Error::wrap)?;
             let weights = cfg.n_params() * 4;
+            bounds = Some(yoco_bounds(&cfg, ctx));
             let mut cache = m.new_cache(1).map_err(candle_core::Error::wrap)?;
             cache
                 .reserve(ctx + steps)
@@ -146,6 +178,8 @@ fn single(
         "decode_ms": decode_s * 1e3, "decode_tokens_per_s": 1.0 / decode_s,
         "peak_rss_bytes": peak_rss_bytes(), "base_rss_bytes": base_rss,
         "weight_bytes": weights, "cache_bytes": cache_bytes,
+        "prefill_flops_per_token": bounds.map(|b| b.0),
+        "decode_bytes_per_token": bounds.map(|b| b.1),
     }))
 }
 
@@ -175,13 +209,14 @@ fn limits() -> candle_core::Result<(f64, f64)> {
                 .chunks(data.len().div_ceil(threads))
                 .map(|c| {
                     s.spawn(move || {
-                        c.iter()
-                            .fold([0f32; 8], |mut acc, chunk| {
-                                acc[0] += chunk;
-                                acc
-                            })
-                            .iter()
-                            .sum::<f32>()
+                        // 32 independent lanes: bound by memory, not by one chain of adds.
+                        let mut acc = [0f32; 32];
+                        for part in c.chunks_exact(32) {
+                            for (a, x) in acc.iter_mut().zip(part) {
+                                *a += x;
+                            }
+                        }
+                        acc.iter().sum::<f32>()
                     })
                 })
                 .collect();
@@ -247,15 +282,19 @@ fn main() -> ExitCode {
         }
     };
     let mut md = String::new();
+    let mut bounds = None;
     if argv.iter().any(|a| a == "--limits") {
         match limits() {
-            Ok((gflops, gbs)) => md.push_str(&format!(
-                "Machine bounds: f32 matmul {gflops:.1} GFLOP/s, memory read {gbs:.1} GB/s.\n\n"
-            )),
+            Ok((gflops, gbs)) => {
+                md.push_str(&format!(
+                    "Machine bounds: f32 matmul {gflops:.1} GFLOP/s, memory read {gbs:.1} GB/s.\n\n"
+                ));
+                bounds = Some((gflops, gbs));
+            }
             Err(e) => eprintln!("limits failed: {e}"),
         }
     }
-    md.push_str("| model | context | prefill (s) | prefill tok/s | decode tok/s | peak RSS (MB) | cache (MB) |\n|---|---|---|---|---|---|---|\n");
+    md.push_str("| model | context | prefill (s) | prefill tok/s | prefill % of matmul bound | decode tok/s | decode % of bandwidth bound | peak RSS (MB) | cache (MB) |\n|---|---|---|---|---|---|---|---|---|\n");
     let mut results: Vec<serde_json::Value> = Vec::new();
     for model in &models {
         for &ctx in &contexts {
@@ -291,8 +330,25 @@ fn main() -> ExitCode {
             match row {
                 Some(v) => {
                     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+                    // Fractions of this machine's bounds (yoco only: see `yoco_bounds`).
+                    let pct = |x: f64| {
+                        if x.is_finite() {
+                            format!("{:.0}%", 100.0 * x)
+                        } else {
+                            String::new()
+                        }
+                    };
+                    let (prefill_pct, decode_pct) = match bounds {
+                        Some((gflops, gbs)) => (
+                            pct(f("prefill_flops_per_token") * f("prefill_tokens_per_s")
+                                / (gflops * 1e9)),
+                            pct(f("decode_bytes_per_token") * f("decode_tokens_per_s")
+                                / (gbs * 1e9)),
+                        ),
+                        None => (String::new(), String::new()),
+                    };
                     md.push_str(&format!(
-                        "| {model} | {ctx} | {:.3} | {:.0} | {:.1} | {:.0} | {:.1} |\n",
+                        "| {model} | {ctx} | {:.3} | {:.0} | {prefill_pct} | {:.1} | {decode_pct} | {:.0} | {:.1} |\n",
                         f("prefill_s"),
                         f("prefill_tokens_per_s"),
                         f("decode_tokens_per_s"),
@@ -304,7 +360,7 @@ fn main() -> ExitCode {
                 }
                 None => {
                     md.push_str(&format!(
-                        "| {model} | {ctx} | failed (out of memory?) | | | | |\n"
+                        "| {model} | {ctx} | failed (out of memory?) | | | | | | |\n"
                     ));
                     // Longer contexts only get worse for a model that failed.
                     break;

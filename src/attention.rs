@@ -4,7 +4,9 @@
 //! key/value head are stacked into one matrix, so each K/V head is read once.
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
+use crate::linear::dot;
 use crate::Result;
 
 /// `softmax(q k^T * scale + mask) v`.
@@ -90,69 +92,42 @@ fn decode_grouped_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<
     let qd = &qd[ql.start_offset()..];
     let (k0, v0) = (kl.start_offset(), vl.start_offset());
     let mut out = vec![0f32; h * d];
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(h_kv);
-    let per_thread = h_kv.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (t, out_t) in out.chunks_mut(per_thread * g * d).enumerate() {
-            scope.spawn(move || {
-                for (i, out_kv) in out_t.chunks_mut(g * d).enumerate() {
-                    let kv = t * per_thread + i;
-                    let qh = &qd[kv * g * d..(kv + 1) * g * d];
-                    let mut max = vec![f32::NEG_INFINITY; g];
-                    let mut sum = vec![0f32; g];
-                    out_kv.iter_mut().for_each(|x| *x = 0.0);
-                    for j in 0..l {
-                        let kr = &kd[k0 + kv * kst[1] + j * kst[2]..][..d];
-                        let vr = &vd[v0 + kv * vst[1] + j * vst[2]..][..d];
-                        for gi in 0..g {
-                            let qg = &qh[gi * d..(gi + 1) * d];
-                            let score = dot(qg, kr) * scale;
-                            let acc = &mut out_kv[gi * d..(gi + 1) * d];
-                            // Online softmax: rescale what was accumulated when the max grows.
-                            let (p, rescale) = if score > max[gi] {
-                                let r = (max[gi] - score).exp();
-                                max[gi] = score;
-                                (1.0, r)
-                            } else {
-                                ((score - max[gi]).exp(), 1.0)
-                            };
-                            sum[gi] = sum[gi] * rescale + p;
-                            for (a, x) in acc.iter_mut().zip(vr) {
-                                *a = *a * rescale + p * x;
-                            }
-                        }
-                    }
-                    for gi in 0..g {
-                        let inv = 1.0 / sum[gi];
-                        out_kv[gi * d..(gi + 1) * d]
-                            .iter_mut()
-                            .for_each(|x| *x *= inv);
+    // One task per K/V head (rayon's pool, shared with candle's matmul).
+    out.par_chunks_mut(g * d)
+        .enumerate()
+        .for_each(|(kv, out_kv)| {
+            let qh = &qd[kv * g * d..(kv + 1) * g * d];
+            let mut max = vec![f32::NEG_INFINITY; g];
+            let mut sum = vec![0f32; g];
+            for j in 0..l {
+                let kr = &kd[k0 + kv * kst[1] + j * kst[2]..][..d];
+                let vr = &vd[v0 + kv * vst[1] + j * vst[2]..][..d];
+                for gi in 0..g {
+                    let qg = &qh[gi * d..(gi + 1) * d];
+                    let score = dot(qg, kr) * scale;
+                    let acc = &mut out_kv[gi * d..(gi + 1) * d];
+                    // Online softmax: rescale what was accumulated when the max grows.
+                    let (p, rescale) = if score > max[gi] {
+                        let r = (max[gi] - score).exp();
+                        max[gi] = score;
+                        (1.0, r)
+                    } else {
+                        ((score - max[gi]).exp(), 1.0)
+                    };
+                    sum[gi] = sum[gi] * rescale + p;
+                    for (a, x) in acc.iter_mut().zip(vr) {
+                        *a = *a * rescale + p * x;
                     }
                 }
-            });
-        }
-    });
+            }
+            for gi in 0..g {
+                let inv = 1.0 / sum[gi];
+                out_kv[gi * d..(gi + 1) * d]
+                    .iter_mut()
+                    .for_each(|x| *x *= inv);
+            }
+        });
     Ok(Some(Tensor::from_vec(out, (1, h, 1, d), q.device())?))
-}
-
-/// Dot product in 8 independent lanes, so that it vectorises (a plain `sum` is sequential).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// Additive mask `(C, L)` with 0 where query `i` may see key `j` and -inf elsewhere, for queries

@@ -8,11 +8,11 @@
 //! * `q = RoPE(RMSNorm(x) q_proj)`, softmax attention with scale `1/sqrt(hd)`, grouped-query:
 //!   query head `h` reads K/V head `h / (n_attn_heads / n_attn_kv_heads)`.
 
-use candle_core::{Module, Tensor};
-use candle_nn::Linear;
+use candle_core::Tensor;
 
 use crate::attention::attention;
 use crate::cache::KvBuffer;
+use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::rope::RopeTables;
 use crate::Result;
@@ -21,8 +21,8 @@ use crate::Result;
 #[derive(Clone, Debug)]
 pub struct KvBuilder {
     pub(crate) kv_layer_norm: RmsNorm,
-    pub(crate) k_proj: Linear,
-    pub(crate) v_proj: Linear,
+    /// `k_proj` and `v_proj` fused, in that order.
+    pub(crate) kv_proj: Linear,
     pub(crate) n_kv_heads: usize,
     pub(crate) head_dim: usize,
 }
@@ -42,8 +42,8 @@ impl KvBuilder {
                 .contiguous()?)
         };
         let xn = self.kv_layer_norm.forward(x)?;
-        let k = rope.apply(&heads(self.k_proj.forward(&xn)?)?)?;
-        let v = heads(self.v_proj.forward(&xn)?)?;
+        let [k, v] = self.kv_proj.forward_parts(&xn)?;
+        let (k, v) = (rope.apply(&heads(k)?)?, heads(v)?);
         global.append(&k, &v)
     }
 }
@@ -75,6 +75,6 @@ impl CrossAttention {
         let q = rope.apply(&q.transpose(1, 2)?.contiguous()?)?;
         let o = attention(&q, k, v, mask, 1.0 / (self.head_dim as f64).sqrt())?;
         let o = o.transpose(1, 2)?.reshape((b, c, dim))?;
-        Ok(self.out_proj.forward(&o)?)
+        self.out_proj.forward(&o)
     }
 }

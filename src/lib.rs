@@ -77,6 +77,7 @@ pub mod device;
 pub mod error;
 pub mod ffn;
 pub mod generation;
+pub mod linear;
 pub mod loading;
 pub mod model;
 pub mod norm;

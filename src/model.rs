@@ -17,13 +17,14 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::attention::{causal_mask, right_aligned_mask};
 use crate::cache::{Cache, SelfState};
 use crate::config::{Config, SelfMixer};
 use crate::cross::{CrossAttention, KvBuilder};
 use crate::ffn::SwiGlu;
+use crate::linear::Linear;
 use crate::loading::WeightFiles;
 use crate::norm::RmsNorm;
 use crate::retention::GatedRetention;
@@ -92,10 +93,16 @@ pub struct Model {
 }
 
 fn linear(vb: &VarBuilder, out_dim: usize, in_dim: usize, name: &str) -> Result<Linear> {
-    Ok(Linear::new(
-        vb.get((out_dim, in_dim), &format!("{name}.weight"))?,
-        None,
-    ))
+    Linear::new(vb.get((out_dim, in_dim), &format!("{name}.weight"))?)
+}
+
+/// The layers `(name, out_dim)` over one input of width `in_dim`, fused in the order given.
+fn fused(vb: &VarBuilder, in_dim: usize, layers: &[(&str, usize)]) -> Result<Linear> {
+    let weights = layers
+        .iter()
+        .map(|(name, out_dim)| vb.get((*out_dim, in_dim), &format!("{name}.weight")))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Linear::fused(&weights)
 }
 
 fn norm(vb: &VarBuilder, dim: usize, name: &str, eps: f64) -> Result<RmsNorm> {
@@ -110,8 +117,7 @@ fn block<M>(vb: &VarBuilder, cfg: &Config, mixer: M) -> Result<Block<M>> {
         mixer,
         final_layer_norm: norm(vb, d, "final_layer_norm", cfg.norm_eps)?,
         ffn: SwiGlu {
-            fc1: linear(&ffn, f, d, "fc1")?,
-            gate: linear(&ffn, f, d, "gate")?,
+            fc1_gate: fused(&ffn, d, &[("fc1", f), ("gate", f)])?,
             fc2: linear(&ffn, d, f, "fc2")?,
         },
     })
@@ -161,11 +167,17 @@ impl Model {
                 let m = vb.pp("mixer");
                 let mixer = match cfg.self_mixer() {
                     SelfMixer::GatedRetention => SelfMixerLayer::Retention(GatedRetention {
-                        q_proj: linear(&m, d, d, "q_proj")?,
-                        k_proj: linear(&m, d, d, "k_proj")?,
-                        v_proj: linear(&m, d, d, "v_proj")?,
-                        g_proj: linear(&m, d, d, "g_proj")?,
-                        gt_proj: linear(&m, hs, d, "gt_proj")?,
+                        qkvg_gt: fused(
+                            &m,
+                            d,
+                            &[
+                                ("q_proj", d),
+                                ("k_proj", d),
+                                ("v_proj", d),
+                                ("g_proj", d),
+                                ("gt_proj", hs),
+                            ],
+                        )?,
                         out_proj: linear(&m, d, d, "out_proj")?,
                         n_heads: hs,
                         head_dim: ds,
@@ -173,9 +185,7 @@ impl Model {
                     }),
                     SelfMixer::SlidingWindow { window } => {
                         SelfMixerLayer::Window(SlidingWindowAttention {
-                            q_proj: linear(&m, d, d, "q_proj")?,
-                            k_proj: linear(&m, d, d, "k_proj")?,
-                            v_proj: linear(&m, d, d, "v_proj")?,
+                            qkv: fused(&m, d, &[("q_proj", d), ("k_proj", d), ("v_proj", d)])?,
                             out_proj: linear(&m, d, d, "out_proj")?,
                             n_heads: hs,
                             head_dim: ds,
@@ -190,8 +200,11 @@ impl Model {
         let cd = vb.pp("cross_decoder");
         let kv_builder = KvBuilder {
             kv_layer_norm: norm(&cd, d, "kv_layer_norm", cfg.norm_eps)?,
-            k_proj: linear(&cd, cfg.kv_dim(), d, "k_proj")?,
-            v_proj: linear(&cd, cfg.kv_dim(), d, "v_proj")?,
+            kv_proj: fused(
+                &cd,
+                d,
+                &[("k_proj", cfg.kv_dim()), ("v_proj", cfg.kv_dim())],
+            )?,
             n_kv_heads: cfg.n_attn_kv_heads,
             head_dim: cfg.attn_head_dim(),
         };

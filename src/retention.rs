@@ -20,8 +20,9 @@
 //!
 //! The state `S` and all decay arithmetic are f32 whatever the weights' dtype.
 
-use candle_core::{DType, Module, Tensor, D};
-use candle_nn::Linear;
+use candle_core::{DType, Tensor, D};
+
+use crate::linear::Linear;
 
 use crate::norm::RmsNorm;
 use crate::rope::RopeTables;
@@ -37,11 +38,8 @@ pub const RETENTION_CHUNK: usize = 256;
 /// Weights of one gated-retention layer.
 #[derive(Clone, Debug)]
 pub struct GatedRetention {
-    pub(crate) q_proj: Linear,
-    pub(crate) k_proj: Linear,
-    pub(crate) v_proj: Linear,
-    pub(crate) g_proj: Linear,
-    pub(crate) gt_proj: Linear,
+    /// `q_proj`, `k_proj`, `v_proj`, `g_proj` and `gt_proj` fused, in that order.
+    pub(crate) qkvg_gt: Linear,
     pub(crate) out_proj: Linear,
     pub(crate) n_heads: usize,
     pub(crate) head_dim: usize,
@@ -57,17 +55,12 @@ impl GatedRetention {
         let heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, c, h, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope.apply(&heads(self.q_proj.forward(x)?)?)?;
-        let k = (rope.apply(&heads(self.k_proj.forward(x)?)?)? * (d as f64).powf(-0.5))?;
-        let v = heads(self.v_proj.forward(x)?)?;
-        let g = self.g_proj.forward(x)?;
+        let [q, k, v, g, gt] = self.qkvg_gt.forward_parts(x)?;
+        let q = rope.apply(&heads(q)?)?;
+        let k = (rope.apply(&heads(k)?)? * (d as f64).powf(-0.5))?;
+        let v = heads(v)?;
         // (B, C, H) -> (B, H, C), f32.
-        let gt = self
-            .gt_proj
-            .forward(x)?
-            .to_dtype(DType::F32)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let gt = gt.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
         let lg = (log_sigmoid(&gt)? / GATE_LOGIT_NORMALIZER)?;
 
         let (q, k, v) = (

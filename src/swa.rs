@@ -7,20 +7,19 @@
 //! compacted once per `W` tokens rather than shifted every token). A chunk of `C` new tokens
 //! attends over those `W - 1` retained keys plus its own `C`.
 
-use candle_core::{Module, Tensor};
-use candle_nn::Linear;
+use candle_core::Tensor;
 
 use crate::attention::attention;
 use crate::cache::KvBuffer;
+use crate::linear::Linear;
 use crate::rope::RopeTables;
 use crate::Result;
 
 /// Weights of one sliding-window attention layer.
 #[derive(Clone, Debug)]
 pub struct SlidingWindowAttention {
-    pub(crate) q_proj: Linear,
-    pub(crate) k_proj: Linear,
-    pub(crate) v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj` fused, in that order.
+    pub(crate) qkv: Linear,
     pub(crate) out_proj: Linear,
     pub(crate) n_heads: usize,
     pub(crate) head_dim: usize,
@@ -45,14 +44,13 @@ impl SlidingWindowAttention {
         let heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, c, h, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope.apply(&heads(self.q_proj.forward(x)?)?)?;
-        let k = rope.apply(&heads(self.k_proj.forward(x)?)?)?;
-        let v = heads(self.v_proj.forward(x)?)?;
+        let [q, k, v] = self.qkv.forward_parts(x)?;
+        let (q, k, v) = (rope.apply(&heads(q)?)?, rope.apply(&heads(k)?)?, heads(v)?);
         cache.make_room(c, Some(self.window))?;
         cache.append(&k, &v)?;
         let (keys, values) = cache.last(l)?;
         let o = attention(&q, &keys, &values, mask, 1.0 / (d as f64).sqrt())?;
         let o = o.transpose(1, 2)?.reshape((b, c, dim))?;
-        Ok(self.out_proj.forward(&o)?)
+        self.out_proj.forward(&o)
     }
 }

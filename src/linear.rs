@@ -1,0 +1,287 @@
+//! Linear layers without bias (`y = x W^T`, `W: (out, in)`), as every projection of the
+//! reference is, and their fused form.
+//!
+//! Two reasons for our own type rather than `candle_nn::Linear`:
+//! * **Fusion.** Projections that read the same input (retention's q, k, v, g and gt; the FFN's
+//!   fc1 and gate; the global k and v) are one weight matrix, so the input is read once and the
+//!   product is one larger matmul. The pieces are views of the one output.
+//! * **Decode on CPU.** A decode step multiplies one row (or a few) by every weight matrix: that
+//!   is bound by reading the weights, and candle's general matmul reaches well under the memory
+//!   bandwidth for a single row. [`gemv_cpu`] streams each weight row once, over raw f32 slices,
+//!   split across threads by output features.
+
+use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// At most this many input rows take the row-streaming CPU kernel; more use candle's matmul,
+/// which blocks for cache reuse and wins once a weight row is used many times.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// A bias-free linear layer, `y = x W^T`, possibly several fused into one.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `(out, in)`, contiguous.
+    weight: Tensor,
+    /// Output widths of the fused pieces, in order (one entry when not fused).
+    parts: Vec<usize>,
+}
+
+impl Linear {
+    /// One layer from a weight `(out, in)`.
+    pub fn new(weight: Tensor) -> Result<Self> {
+        let (out, _) = weight.dims2()?;
+        Ok(Linear {
+            weight: weight.contiguous()?,
+            parts: vec![out],
+        })
+    }
+
+    /// Several layers over the same input, fused: their weights stacked along the output axis.
+    /// [`Linear::forward_parts`] returns the pieces in the same order.
+    pub fn fused(weights: &[Tensor]) -> Result<Self> {
+        let parts = weights
+            .iter()
+            .map(|w| w.dims2().map(|(out, _)| out))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if parts.is_empty() {
+            return Err(Error::Config("a fused linear layer needs a weight".into()));
+        }
+        Ok(Linear {
+            weight: Tensor::cat(weights, 0)?.contiguous()?,
+            parts,
+        })
+    }
+
+    /// The (possibly fused) weight `(out, in)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `x: (..., in) -> (..., out)` where `out` is the sum of the fused widths.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = gemv_cpu(x, &self.weight)? {
+            return Ok(y);
+        }
+        let dims = x.dims();
+        let (&k, lead) = dims
+            .split_last()
+            .ok_or_else(|| Error::Input("a linear layer needs at least one dimension".into()))?;
+        let rows: usize = lead.iter().product();
+        let y = x.reshape((rows, k))?.matmul(&self.weight.t()?)?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.weight.dim(0)?);
+        Ok(y.reshape(out_dims)?)
+    }
+
+    /// The output of each of the `N` fused pieces: views `(..., out_i)` of one product.
+    pub fn forward_parts<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
+        if self.parts.len() != N {
+            return Err(Error::Config(format!(
+                "a linear layer of {} fused pieces was asked for {N}",
+                self.parts.len()
+            )));
+        }
+        let y = self.forward(x)?;
+        let last = y.rank().saturating_sub(1);
+        let mut start = 0;
+        let mut out = Vec::with_capacity(N);
+        for &width in &self.parts {
+            out.push(y.narrow(last, start, width)?);
+            start += width;
+        }
+        out.try_into()
+            .map_err(|_| Error::Config("fused piece count changed".into()))
+    }
+}
+
+/// `x W^T` on CPU for f32 `x: (..., k)` with at most [`GEMV_MAX_ROWS`] rows and a contiguous f32
+/// `w: (n, k)`: each thread takes a band of output features and streams their weight rows once,
+/// using each row for every input row while it is in cache. `None` when the case is not this one.
+pub fn gemv_cpu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !matches!(x.device(), Device::Cpu)
+        || !matches!(w.device(), Device::Cpu)
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || !w.is_contiguous()
+    {
+        return Ok(None);
+    }
+    let (n, k) = w.dims2()?;
+    let dims = x.dims();
+    let Some((&xk, lead)) = dims.split_last() else {
+        return Ok(None);
+    };
+    let rows: usize = lead.iter().product();
+    if xk != k || rows == 0 || rows > GEMV_MAX_ROWS || n == 0 {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
+        return Ok(None);
+    };
+    let xd = slice(xs.as_slice::<f32>()?, xl.start_offset(), rows * k)?;
+    let wd = slice(ws.as_slice::<f32>()?, wl.start_offset(), n * k)?;
+
+    // Bands of output features, a few per thread so that uneven progress evens out; never so
+    // small that scheduling costs more than the band's weights take to read.
+    let threads = rayon::current_num_threads().max(1);
+    let band = n.div_ceil(threads * 4).max(16384 / k.max(1)).max(1);
+    // Computed feature-major `(n, rows)` so that a band is one contiguous piece of the output.
+    let mut by_feature = vec![0f32; n * rows];
+    by_feature
+        .par_chunks_mut(band * rows)
+        .enumerate()
+        .for_each(|(b, out)| {
+            let first = b * band;
+            for (i, out_row) in out.chunks_mut(rows).enumerate() {
+                let w_row = &wd[(first + i) * k..(first + i + 1) * k];
+                for (r, y) in out_row.iter_mut().enumerate() {
+                    *y = dot(&xd[r * k..(r + 1) * k], w_row);
+                }
+            }
+        });
+    let out = if rows == 1 {
+        by_feature
+    } else {
+        let mut out = vec![0f32; n * rows];
+        for (j, ys) in by_feature.chunks(rows).enumerate() {
+            for (r, &y) in ys.iter().enumerate() {
+                out[r * n + j] = y;
+            }
+        }
+        out
+    };
+    let mut out_dims = lead.to_vec();
+    out_dims.push(n);
+    Ok(Some(Tensor::from_vec(out, out_dims, x.device())?))
+}
+
+/// `data[start..start + len]`, or an error if the storage is shorter than its layout claims.
+fn slice(data: &[f32], start: usize, len: usize) -> Result<&[f32]> {
+    data.get(start..start + len)
+        .ok_or_else(|| Error::Input("tensor storage shorter than its layout".into()))
+}
+
+/// Dot product over 32 independent lanes: the compiler vectorises it, and four vector
+/// accumulators hide the latency of the adds (a plain `sum` is one sequential chain).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 32;
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
+        let mut rng = crate::sampling::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+
+    /// `x W^T` summed in f64, one output at a time: the naive definition.
+    fn naive(x: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
+        let (n, k) = w.dims2()?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let ws: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let rows = xs.len() / k;
+        let mut out = Vec::with_capacity(rows * n);
+        for r in 0..rows {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|i| xs[r * k + i] as f64 * ws[j * k + i] as f64)
+                    .sum();
+                out.push(s as f32);
+            }
+        }
+        Ok(out)
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn gemv_kernel_and_matmul_path_equal_the_naive_product() -> Result<()> {
+        // Widths that are and are not multiples of the 32 lanes and of the bands.
+        for (rows, n, k) in [
+            (1, 1, 1),
+            (1, 37, 70),
+            (3, 300, 96),
+            (8, 129, 33),
+            (9, 64, 40),
+        ] {
+            let x = seeded(&[1, rows, k], (rows * 1000 + n + k) as u64)?;
+            let w = seeded(&[n, k], (n * 7 + k) as u64)?;
+            let lin = Linear::new(w.clone())?;
+            let y = lin.forward(&x)?;
+            assert_eq!(y.dims(), &[1, rows, n]);
+            let got: Vec<f32> = y.flatten_all()?.to_vec1()?;
+            let want = naive(&x, &w)?;
+            let tol = 1e-5 * (k as f32).sqrt();
+            assert!(max_diff(&got, &want) <= tol, "{rows}x{n}x{k}");
+            // The kernel is taken exactly when the rows are few.
+            assert_eq!(gemv_cpu(&x, &w)?.is_some(), rows <= GEMV_MAX_ROWS);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_pieces_equal_separate_layers() -> Result<()> {
+        let (a, b, c) = (
+            seeded(&[16, 24], 1)?,
+            seeded(&[5, 24], 2)?,
+            seeded(&[16, 24], 3)?,
+        );
+        let fused = Linear::fused(&[a.clone(), b.clone(), c.clone()])?;
+        for rows in [1, 20] {
+            let x = seeded(&[2, rows, 24], 4 + rows as u64)?;
+            let parts: [Tensor; 3] = fused.forward_parts(&x)?;
+            assert!(fused.forward_parts::<2>(&x).is_err());
+            for (part, w) in parts.iter().zip([a.clone(), b.clone(), c.clone()]) {
+                let want: Vec<f32> = Linear::new(w)?.forward(&x)?.flatten_all()?.to_vec1()?;
+                let got: Vec<f32> = part.flatten_all()?.to_vec1()?;
+                assert!(max_diff(&got, &want) <= 1e-5);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn strided_input_and_lower_precision_take_the_general_path() -> Result<()> {
+        let w = seeded(&[12, 10], 5)?;
+        let x = seeded(&[10, 2], 6)?.t()?; // (2, 10), not contiguous
+        let got: Vec<f32> = Linear::new(w.clone())?
+            .forward(&x)?
+            .flatten_all()?
+            .to_vec1()?;
+        assert!(max_diff(&got, &naive(&x.contiguous()?, &w)?) <= 1e-5);
+        let (x16, w16) = (x.to_dtype(DType::F16)?, w.to_dtype(DType::F16)?);
+        assert!(gemv_cpu(&x16, &w16)?.is_none());
+        let y16 = Linear::new(w16)?.forward(&x16)?.to_dtype(DType::F32)?;
+        let got: Vec<f32> = y16.flatten_all()?.to_vec1()?;
+        assert!(max_diff(&got, &naive(&x.contiguous()?, &w)?) <= 2e-2);
+        Ok(())
+    }
+}
