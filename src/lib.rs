@@ -81,6 +81,7 @@ pub mod linear;
 pub mod loading;
 pub mod model;
 pub mod norm;
+pub mod pth;
 pub mod retention;
 pub mod rope;
 pub mod sampling;

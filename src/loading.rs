@@ -122,9 +122,7 @@ impl WeightFiles {
                 Ok(all)
             }
             WeightFiles::Pth(path) => {
-                let pth = candle_core::pickle::PthTensors::new(path, None).map_err(|e| {
-                    Error::Checkpoint(format!("cannot read {}: {e}", path.display()))
-                })?;
+                let pth = crate::pth::pth_tensors(path)?;
                 Ok(pth
                     .tensor_infos()
                     .iter()

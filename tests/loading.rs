@@ -1003,3 +1003,72 @@ fn mean_nll_matches_reference_logits() {
     // Random weights on random tokens: about ln(256) ~ 5.5 or worse, and finite.
     assert!(nll_ref.is_finite() && nll_ref > 1.0, "{nll_ref}");
 }
+
+/// The fixture's `checkpoint.pth` with its `data.pkl` replaced by `pickle` (every other entry
+/// kept), written uncompressed as torch does.
+fn pth_with_pickle(pickle: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let bytes = std::fs::read(fixture("gret_pth").join("checkpoint.pth")).unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).unwrap();
+        let name = entry.name().unwrap().into_owned();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        out.start_file(name.as_str(), stored).unwrap();
+        if name.ends_with("data.pkl") {
+            out.write_all(pickle).unwrap();
+        } else {
+            out.write_all(&data).unwrap();
+        }
+    }
+    out.finish().unwrap().into_inner()
+}
+
+#[test]
+fn hostile_pickles_in_checkpoint_pth_are_errors_not_allocations_or_panics() {
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            // A string that claims 4 GiB: candle alone would allocate it before reading.
+            "string length past the end",
+            b"\x80\x02}X\xf0\xff\xff\xffembed_tokens.weight.".to_vec(),
+            "wants 4294967280 bytes",
+        ),
+        (
+            // A tensor record with no arguments: candle alone indexes past the tuple and panics.
+            "tensor record without arguments",
+            [
+                &b"\x80\x02}X\x13\x00\x00\x00embed_tokens.weight"[..],
+                b"ctorch._utils\n_rebuild_tensor_v2\n)Rs.",
+            ]
+            .concat(),
+            "malformed pickle",
+        ),
+        ("no STOP", b"\x80\x02}(".to_vec(), "STOP"),
+        ("integer too long", b"\x80\x02\x8a\x10".to_vec(), "64 bits"),
+    ];
+    for (what, pickle, expect) in cases {
+        let dir = copy_fixture("gret_pth", "hostile-pickle");
+        std::fs::write(dir.join("checkpoint.pth"), pth_with_pickle(&pickle)).unwrap();
+        match load_err(dir.path()) {
+            Error::Checkpoint(m) => assert!(m.contains(expect), "{what}: {m}"),
+            other => panic!("{what}: expected Error::Checkpoint, got {other:?}"),
+        }
+    }
+    // The unmodified pickle still loads through the same path.
+    let bytes = std::fs::read(fixture("gret_pth").join("checkpoint.pth")).unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut original = Vec::new();
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).unwrap();
+        if entry.name().unwrap().ends_with("data.pkl") {
+            std::io::Read::read_to_end(&mut entry, &mut original).unwrap();
+        }
+    }
+    let dir = copy_fixture("gret_pth", "rewritten-pickle");
+    std::fs::write(dir.join("checkpoint.pth"), pth_with_pickle(&original)).unwrap();
+    Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+}
