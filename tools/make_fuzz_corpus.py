@@ -8,12 +8,15 @@ Writes small valid inputs, so the fuzzer starts from files that load and mutates
   fuzz/corpus/safetensors/   [u16 LE json length][params.json][model.safetensors], tiny models
                              (gated retention and sliding window)
   fuzz/corpus/pth/           a tiny checkpoint.pth (the config the `pth` target fixes)
+  fuzz/corpus/pth_pickle/    its data.pkl alone (the `pth_pickle` target zips it with the
+                             seed's tensor data, so it reads corpus/pth/tiny too)
 Needs numpy and safetensors (tools/requirements.txt); deterministic.
 """
 import json
 import os
 import struct
 import sys
+import zipfile
 
 import numpy as np
 from safetensors.numpy import save
@@ -60,6 +63,9 @@ def main():
     path = os.path.join(CORPUS, "pth", "tiny")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     mf.write_pth_by_hand(path, w)
+    with zipfile.ZipFile(path) as z:
+        pickle = next(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
+    write("pth_pickle", "tiny", pickle)
     print(f"corpus written under {os.path.relpath(CORPUS, ROOT)}")
 
 
