@@ -29,9 +29,19 @@ pub fn model_dir(files: &[(&str, &[u8])]) -> PathBuf {
     dir
 }
 
+/// libFuzzer's panic hook aborts at once, even for a panic that yoco catches on purpose (candle's
+/// pickle reader panics on malformed tensor records; `yoco::pth` turns that into an error). The
+/// default hook lets those be caught; a panic that escapes yoco still reaches libfuzzer-sys's
+/// `catch_unwind` around the target, which aborts and reports it.
+pub fn default_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| drop(std::panic::take_hook()));
+}
+
 /// Loads the directory; when it loads, runs one short forward pass. Errors are the expected
 /// outcome for most inputs; panics, aborts, overflows and huge allocations are the findings.
 pub fn load_and_run(dir: &std::path::Path) {
+    default_panic_hook();
     let device = Device::Cpu;
     let Ok(model) = yoco::Model::load(dir, &device, DType::F32) else {
         return;
