@@ -79,7 +79,7 @@ impl GatedRetention {
         };
         let o = self.head_norm.forward(&o)?.to_dtype(x.dtype())?;
         let o = o.transpose(1, 2)?.reshape((b, c, dim))?;
-        Ok(self.out_proj.forward(&(g.silu()? * o)?)?)
+        self.out_proj.forward(&(g.silu()? * o)?)
     }
 }
 
