@@ -29,8 +29,12 @@ fn seed_entries() -> &'static (Vec<(String, Vec<u8>)>, String) {
             return (entries, pickle_name);
         };
         for i in 0..archive.len() {
-            let Ok(mut entry) = archive.by_index(i) else { continue };
-            let Ok(name) = entry.name().map(|n| n.into_owned()) else { continue };
+            let Ok(mut entry) = archive.by_index(i) else {
+                continue;
+            };
+            let Ok(name) = entry.name().map(|n| n.into_owned()) else {
+                continue;
+            };
             let mut data = Vec::new();
             if entry.read_to_end(&mut data).is_err() {
                 continue;
