@@ -3,8 +3,9 @@
 //!
 //! Two reasons for our own type rather than `candle_nn::Linear`:
 //! * **Fusion.** Projections that read the same input (retention's q, k, v, g and gt; the FFN's
-//!   fc1 and gate; the global k and v) are one weight matrix, so the input is read once and the
-//!   product is one larger matmul. The pieces are views of the one output.
+//!   fc1 and gate; the global k and v) are stored as one weight matrix, so a decode step streams
+//!   them in one pass (one parallel dispatch instead of five). Prefill multiplies by each piece's
+//!   band of rows separately, which keeps every output contiguous.
 //! * **Decode on CPU.** A decode step multiplies one row (or a few) by every weight matrix: that
 //!   is bound by reading the weights, and candle's general matmul reaches well under the memory
 //!   bandwidth for a single row. [`gemv_cpu`] streams each weight row once, over raw f32 slices,
@@ -64,18 +65,15 @@ impl Linear {
         if let Some(y) = gemv_cpu(x, &self.weight)? {
             return Ok(y);
         }
-        let dims = x.dims();
-        let (&k, lead) = dims
-            .split_last()
-            .ok_or_else(|| Error::Input("a linear layer needs at least one dimension".into()))?;
-        let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, k))?.matmul(&self.weight.t()?)?;
-        let mut out_dims = lead.to_vec();
-        out_dims.push(self.weight.dim(0)?);
-        Ok(y.reshape(out_dims)?)
+        matmul(x, &self.weight)
     }
 
-    /// The output of each of the `N` fused pieces: views `(..., out_i)` of one product.
+    /// The output of each of the `N` fused pieces, `(..., out_i)`.
+    ///
+    /// A few rows (decode) take one pass over the fused weight and return views of its output.
+    /// Many rows (prefill) multiply by each piece's weight (a contiguous band of rows of the fused
+    /// one) separately, so every output is contiguous for the element-wise work that follows
+    /// (views of one wide product would send it down candle's slower strided paths).
     pub fn forward_parts<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
         if self.parts.len() != N {
             return Err(Error::Config(format!(
@@ -83,17 +81,32 @@ impl Linear {
                 self.parts.len()
             )));
         }
-        let y = self.forward(x)?;
-        let last = y.rank().saturating_sub(1);
+        let fused = gemv_cpu(x, &self.weight)?;
         let mut start = 0;
         let mut out = Vec::with_capacity(N);
         for &width in &self.parts {
-            out.push(y.narrow(last, start, width)?);
+            out.push(match &fused {
+                Some(y) => y.narrow(y.rank().saturating_sub(1), start, width)?,
+                None => matmul(x, &self.weight.narrow(0, start, width)?)?,
+            });
             start += width;
         }
         out.try_into()
             .map_err(|_| Error::Config("fused piece count changed".into()))
     }
+}
+
+/// `x W^T` through candle's matmul, for any leading dimensions of `x`.
+fn matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let (&k, lead) = dims
+        .split_last()
+        .ok_or_else(|| Error::Input("a linear layer needs at least one dimension".into()))?;
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, k))?.matmul(&weight.t()?)?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(weight.dim(0)?);
+    Ok(y.reshape(out_dims)?)
 }
 
 /// `x W^T` on CPU for f32 `x: (..., k)` with at most [`GEMV_MAX_ROWS`] rows and a contiguous f32
