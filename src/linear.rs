@@ -55,11 +55,6 @@ impl Linear {
         })
     }
 
-    /// The (possibly fused) weight `(out, in)`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
     /// `x: (..., in) -> (..., out)` where `out` is the sum of the fused widths.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = gemv_cpu(x, &self.weight)? {

@@ -161,8 +161,12 @@ impl WeightFiles {
                     },
                 )?
             }
-            WeightFiles::Pth(path) => VarBuilder::from_pth(path, dtype, device)
-                .map_err(|e| Error::Checkpoint(format!("cannot read {}: {e}", path.display())))?,
+            // Through the same guard as `tensors` (candle's `from_pth` would parse unguarded).
+            WeightFiles::Pth(path) => VarBuilder::from_backend(
+                Box::new(crate::pth::pth_tensors(path)?),
+                dtype,
+                device.clone(),
+            ),
         };
         let mut vb = vb;
         for part in prefix.split('.').filter(|p| !p.is_empty()) {
