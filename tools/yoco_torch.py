@@ -226,7 +226,7 @@ class CrossDecoder(nn.Module):
 
 
 class Yoco(nn.Module):
-    def __init__(self, cfg, dropout=0.0):
+    def __init__(self, cfg, dropout=0.0, tie_embeddings=False):
         super().__init__()
         assert cfg.n_layers % 2 == 0 and cfg.dim % cfg.n_self_heads == 0
         assert cfg.dim % cfg.n_attn_heads == 0 and cfg.n_attn_heads % cfg.n_attn_kv_heads == 0
@@ -235,6 +235,11 @@ class Yoco(nn.Module):
         self.self_decoder = SelfDecoder(cfg, dropout)
         self.cross_decoder = CrossDecoder(cfg, dropout)
         self.output_projection = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if tie_embeddings:
+            # One matrix for input and output (both names are still saved): a token's output row is then
+            # its input embedding, so attention that copies an earlier token raises that token's logit,
+            # even for a token rarely seen in training (new names in held-out plays).
+            self.output_projection.weight = self.embed_tokens.weight
         self.drop = nn.Dropout(dropout)
 
     def forward(self, ids):
@@ -283,6 +288,10 @@ def init_weights(model, cfg, std=0.02):
     for name, p in model.named_parameters():
         if name.endswith("layer_norm.weight"):
             nn.init.ones_(p)
+        elif name == "embed_tokens.weight" and model.output_projection.weight is p:
+            # Tied: the final norm makes a row's logit for its own token dim * std, so keep std small
+            # (0.02: about 3.8 at dim 192) lest the untrained model predict its input token again.
+            nn.init.normal_(p, std=std)
         elif name == "embed_tokens.weight":
             nn.init.normal_(p, std=cfg.dim ** -0.5)  # sqrt(dim) * embed has unit scale
         elif name.endswith("out_proj.weight") or name.endswith("fc2.weight"):
@@ -325,27 +334,31 @@ def load_model_dir(model_dir):
 # --------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def eval_bpb(model, tok, val_texts, seq_len, stride=None, batch=16):
+def eval_bpb(model, tok, val_texts, seq_len, stride=None, batch=16, per_token=None):
     """Validation bits per byte: each text is scored as <s> + its tokens, in sliding windows of
     seq_len inputs (each window starts with <s>, like training), every token counted exactly once with
     at least seq_len - stride tokens of context (except at the start). Returns
-    (bpb, total NLL in bits, UTF-8 bytes, tokens)."""
+    (bpb, total NLL in bits, UTF-8 bytes, tokens). With a list as per_token, appends for each text
+    (token ids, character offsets, NLL in nats of each token)."""
     model.eval()
     device = next(model.parameters()).device
     stride = stride or seq_len // 2
     W = seq_len - 1  # text tokens per window after the leading <s>
     windows = []  # (input ids, target ids, index of the first target to count)
     n_bytes, n_tok = 0, 0
+    docs = []  # (ids, offsets, per-token NLL)
     for text in val_texts.values() if isinstance(val_texts, dict) else val_texts:
-        ids = tok.encode(text).ids
+        enc = tok.encode(text)
+        ids = enc.ids
         assert tok.decode(ids, skip_special_tokens=False) == text
+        docs.append((ids, enc.offsets, [0.0] * len(ids)))
         n_bytes += len(text.encode("utf-8"))
         n_tok += len(ids)
         done, start = 0, 0  # targets ids[:done] already counted
         while done < len(ids):
             start = min(start, max(0, len(ids) - (W + 1)))
             tgt = ids[start : start + W + 1]
-            windows.append(([BOS] + tgt[:-1], tgt, done - start))
+            windows.append(([BOS] + tgt[:-1], tgt, done - start, len(docs) - 1, start))
             done = start + len(tgt)
             start += stride
     total_nats, counted = 0.0, 0
@@ -362,7 +375,10 @@ def eval_bpb(model, tok, val_texts, seq_len, stride=None, batch=16):
             for r, w in enumerate(ws):
                 total_nats += nll[r, w[2]:].sum().item()
                 counted += len(w[1]) - w[2]
+                docs[w[3]][2][w[4] + w[2] : w[4] + len(w[1])] = nll[r, w[2]:].tolist()
     assert counted == n_tok, (counted, n_tok)
+    if per_token is not None:
+        per_token.extend(docs)
     bits = total_nats / math.log(2)
     return bits / n_bytes, bits, n_bytes, n_tok
 
