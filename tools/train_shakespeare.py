@@ -126,10 +126,10 @@ def rename_characters(text, names, pool, rng):
     return pattern.sub(swap, text)
 
 
-def training_stream(train_texts, tok, names, rename_p, rng):
+def training_stream(train_texts, tok, names, pool, rename_p, rng):
     """Token ids of every training text as <s> + text + </s>; each text has its characters renamed
-    (rename_characters) with probability rename_p."""
-    pool = sorted({n for ns in names.values() for n in ns})
+    (rename_characters, names from character_names, pool their sorted union) with probability
+    rename_p."""
     texts = [rename_characters(t, names[k], pool, rng) if rng.random() < rename_p else t
              for k, t in train_texts.items()]
     ids = []
@@ -367,12 +367,13 @@ NOTES = """
 * Where the held-out bits go (`python tools/eval_bpb.py models/shakespeare --breakdown`; the same
   split by kind of line). The model shipped before this one (2.0264, no renaming): speech 1.898 bits
   per byte (83% of the bits), speaker lines 3.76 (12% of the bits on 6.4% of the bytes), stage
-  directions 2.45. A speaker's name cost as much the tenth time in a scene as the first: in
-  `OLIVIA.`, after `OL`, `I`, `V`, the token `IA` cost 15 to 17 bits every time although the name
-  stood six times earlier in the window. Tokens almost absent from training have output rows that
-  training only pushed down, and the model had not learnt to copy. This model trained with
+  directions 2.45. A speaker's name cost as much on its later appearances in a play as on its
+  first (3.76 against 3.57 bits per byte): the model did not copy names. This model trained with
   the renaming above (`--rename-p 0.5`, otherwise the same command and seed): 2.0038, the rest of a
-  repeated name 4.17 -> 4.00 bits per byte, speech 1.898 -> 1.892. A second run with every text
+  repeated name 4.17 -> 4.00 bits per byte, speech 1.898 -> 1.892. It still barely copies: in
+  `OLIVIA.`, after `OL`, `I`, `V`, the token `IA` costs 15 to 17 bits every time although the name
+  stands up to six times earlier in the window; tokens almost absent from training have output rows
+  that training only pushed down. A second run with every text
   renamed every epoch and the output projection tied to the embedding (`--rename-p 1.0
   --tie-embeddings --steps 2000`; tying lets copying a token's embedding raise that token's logit)
   reached 2.0047 (name rest 3.86, speech 1.902), and its samples give nearly every line to the
@@ -431,17 +432,16 @@ def prepare(args):
           f"val {list(val_texts)} {sum(len(t) for t in val_texts.values())} bytes", flush=True)
     t0 = time.time()
     tok = train_tokenizer(list(train_texts.values()), args.vocab)
-    train_ids = []
-    for t in train_texts.values():
-        train_ids += [yt.BOS] + tok.encode(t).ids + [yt.EOS]
+    names = character_names(train_texts)
+    pool = sorted({n for ns in names.values() for n in ns})
+    n_train_tokens = training_stream(train_texts, tok, names, pool, 0.0, random.Random(0)).numel()
     val_docs = [tok.encode(t).ids for t in val_texts.values()]
     n_train_bytes = sum(len(t.encode()) for t in train_texts.values())
-    print(f"tokenizer: vocab {tok.get_vocab_size()}; train tokens {len(train_ids)} "
-          f"({n_train_bytes / len(train_ids):.2f} bytes/token); val tokens {sum(map(len, val_docs))}; "
+    print(f"tokenizer: vocab {tok.get_vocab_size()}; train tokens {n_train_tokens} "
+          f"({n_train_bytes / n_train_tokens:.2f} bytes/token); val tokens {sum(map(len, val_docs))}; "
           f"{time.time() - t0:.1f}s", flush=True)
-    return dict(train_texts=train_texts, val_texts=val_texts, tok=tok,
-                stream=torch.tensor(train_ids, dtype=torch.long), val_docs=val_docs,
-                n_train_bytes=n_train_bytes, n_train_tokens=len(train_ids))
+    return dict(train_texts=train_texts, val_texts=val_texts, tok=tok, names=names, pool=pool,
+                val_docs=val_docs, n_train_bytes=n_train_bytes, n_train_tokens=n_train_tokens)
 
 
 def make_config(args, tok):
@@ -482,7 +482,6 @@ def train(args, cfg, data, val_docs, log_every=10):
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
     tokens_per_step = args.batch * args.seq_len
-    names = character_names(data["train_texts"])
     rename_rng = random.Random(args.seed)
     epoch_steps = max(1, data["n_train_tokens"] // tokens_per_step)
     t_train = time.time()
@@ -491,7 +490,8 @@ def train(args, cfg, data, val_docs, log_every=10):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         if step % epoch_steps == 0:
-            stream = training_stream(data["train_texts"], data["tok"], names, args.rename_p, rename_rng)
+            stream = training_stream(data["train_texts"], data["tok"], data["names"], data["pool"],
+                                     args.rename_p, rename_rng)
         x, y = make_batch(stream, args.batch, args.seq_len, gen)
         x, y = x.to(args.device), y.to(args.device)
         loss = fwd(x, y)
@@ -528,7 +528,7 @@ def main():
         return
     model.cpu()
     n_params = sum(p.numel() for p in model.parameters())
-    n_train_bytes, train_ids = data["n_train_bytes"], range(data["n_train_tokens"])
+    n_train_bytes, n_train_tokens = data["n_train_bytes"], data["n_train_tokens"]
 
     # ---- write the model (f16), then evaluate what was written ----
     out = rel(args.out)
@@ -574,13 +574,13 @@ def main():
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     readme = render_readme(
         args=args, cmd=cmd.strip(), cfg=cfg, n_params=n_params, tok_vocab=tok.get_vocab_size(),
-        bytes_per_token=n_train_bytes / len(train_ids), train_tokens=len(train_ids),
+        bytes_per_token=n_train_bytes / n_train_tokens, train_tokens=n_train_tokens,
         val_names=list(val_texts), train_names=list(train_texts), train_time=train_time, total_time=total_time,
         tps=tps, cpu=cpu_model_name() if args.device == "cpu" else torch.cuda.get_device_name(), torch_version=torch.__version__, bpb=bpb, n_bytes=n_bytes, n_tok=n_tok,
         final_train=sum(r["train_loss"] for r in rows[-50:]) / len(rows[-50:]),
         final_val=rows[-1]["val_loss"], size=size, files=files, greedy=greedy, sampled=sampled,
         frac_greedy=(fg, ng), frac_sampled=(fs, ns), prompt=prompt, per_play=per_play,
-        n_names=len({n for ns in character_names(train_texts).values() for n in ns}),
+        n_names=len(data["pool"]),
     )
     (docs / "README.md").write_text(readme)
     print(f"wrote {out} ({size} bytes) and {docs}; total {total_time:.0f}s", flush=True)
