@@ -373,8 +373,8 @@ NOTES = """
 ## Notes: how the shape was chosen, and what limits the number
 
 * Compute is the limit here, not data or file size. PyTorch float32 on the 2-core CPU trains this
-  shape at about 2,500 tokens/s when nothing else runs (2,235 over the shipped run, which shared
-  the CPU with low-priority Rust builds for part of the hour); `torch.compile` is about 1.2x faster
+  shape at about 2,500 tokens/s when nothing else runs (2,249 over the shipped
+  run); `torch.compile` is about 1.2x faster
   than eager here and is on by default (its first compilation takes a minute or two). bf16 matrix
   products ran at 0.6 GFLOP/s against 16 for float32 (AVX2 only, no native bf16), so bf16 autocast
   is off. The previously shipped model (1.4M parameters, 2.25 bits per byte) got only 714
