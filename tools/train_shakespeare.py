@@ -89,11 +89,16 @@ SPEAKER_LINE = re.compile(r"(?:^|\n\n)([A-Z][A-Za-z'-]*\.?(?: [A-Za-z][A-Za-z'-]
 NOT_NAMES = {"Mrs", "Don"}  # titles that pass the test below
 
 
-def character_names(train_texts):
+def letter_words(train_texts):
+    """How often each run of letters occurs in the training text, case kept."""
+    return collections.Counter(w for t in train_texts.values() for w in re.findall(r"[A-Za-z]+", t))
+
+
+def character_names(train_texts, words):
     """{file: [names]}: the words of each text's speaker lines that are characters' names: seen in at
     least 3 of its speaker lines, and (almost) never written in lower case anywhere in the training
-    text (so "KING", "LORD", "CLOWN" are not names, "OTHELLO", "Ham" are). Names in Title case."""
-    words = collections.Counter(w for t in train_texts.values() for w in re.findall(r"[A-Za-z]+", t))
+    text (`words`, letter_words) (so "KING", "LORD", "CLOWN" are not names, "OTHELLO", "Ham" are).
+    Names in Title case."""
     out = {}
     for name, text in train_texts.items():
         c = collections.Counter(w for m in SPEAKER_LINE.findall(text) for w in re.findall(r"[A-Za-z]+", m))
@@ -128,7 +133,7 @@ class NameInventor:
             w = s[2:].rstrip("$")
             if s.endswith("$") and 3 <= len(w) <= 10 and w not in self.forbidden and w not in taken:
                 return w.title()
-        return rng.choice(sorted(self.forbidden - taken)).title()  # practically unreachable
+        raise RuntimeError(f"no new name in 100 draws ({len(taken)} names taken)")
 
 
 def rename_characters(text, names, pool, rng, inventor=None, novel_p=0.0):
@@ -481,9 +486,10 @@ def prepare(args):
           f"val {list(val_texts)} {sum(len(t) for t in val_texts.values())} bytes", flush=True)
     t0 = time.time()
     tok = train_tokenizer(list(train_texts.values()), args.vocab)
-    names = character_names(train_texts)
+    words = letter_words(train_texts)
+    names = character_names(train_texts, words)
     pool = sorted({n for ns in names.values() for n in ns})
-    inventor = NameInventor(pool, {w.lower() for t in train_texts.values() for w in re.findall(r"[A-Za-z]+", t)})
+    inventor = NameInventor(pool, {w.lower() for w in words})
     n_train_tokens = training_stream(train_texts, tok, names, pool, 0.0, random.Random(0)).numel()
     val_docs = [tok.encode(t).ids for t in val_texts.values()]
     n_train_bytes = sum(len(t.encode()) for t in train_texts.values())
@@ -503,7 +509,7 @@ def make_config(args, tok):
     )
 
 
-def train(args, cfg, data, val_docs, log_every=10):
+def train(args, cfg, data, log_every=10):
     """Seeded training run. Returns (model, rows of loss.csv, training seconds, tokens/s).
     The training stream is rebuilt every epoch, each text's characters renamed with probability
     --rename-p (a fresh draw each epoch)."""
@@ -554,7 +560,7 @@ def train(args, cfg, data, val_docs, log_every=10):
         row = {"step": step + 1, "elapsed_s": round(el, 2), "train_loss": round(loss.item(), 5), "val_loss": ""}
         last = step + 1 == args.steps
         if not args.pilot and ((step + 1) % args.eval_every == 0 or last):
-            row["val_loss"] = round(quick_val_loss(model, val_docs, args.seq_len, args.eval_windows), 5)
+            row["val_loss"] = round(quick_val_loss(model, data["val_docs"], args.seq_len, args.eval_windows), 5)
         rows.append(row)
         if step < 5 or (step + 1) % log_every == 0 or row["val_loss"] != "" or last:
             tps = tokens_per_step * (step + 1) / el
@@ -573,7 +579,7 @@ def main():
     data = prepare(args)
     tok, train_texts, val_texts = data["tok"], data["train_texts"], data["val_texts"]
     cfg = make_config(args, tok)
-    model, rows, train_time, tps = train(args, cfg, data, data["val_docs"])
+    model, rows, train_time, tps = train(args, cfg, data)
     if args.pilot:
         return
     model.cpu()
