@@ -58,13 +58,14 @@ pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     out.push(("cross_decoder.k_proj.weight".into(), vec![cfg.kv_dim(), d]));
     out.push(("cross_decoder.v_proj.weight".into(), vec![cfg.kv_dim(), d]));
     out.push(("cross_decoder.kv_layer_norm.weight".into(), vec![d]));
-    out.push(("cross_decoder.layer_norm.weight".into(), vec![d]));
     for l in 0..cfg.n_half_layers() {
         let p = format!("cross_decoder.layers.{l}");
         block(&mut out, &p);
         out.push((format!("{p}.mixer.q_proj.weight"), vec![d, d]));
         out.push((format!("{p}.mixer.out_proj.weight"), vec![d, d]));
     }
+    // The final norm is the model's own (`YOCO.layer_norm` in the reference), at the top level.
+    out.push(("layer_norm.weight".into(), vec![d]));
     out
 }
 

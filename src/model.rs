@@ -221,7 +221,7 @@ impl Model {
                 block(&vb, &cfg, mixer)
             })
             .collect::<Result<Vec<_>>>()?;
-        let layer_norm = norm(&cd, d, "layer_norm", cfg.norm_eps)?;
+        let layer_norm = norm(&vb, d, "layer_norm", cfg.norm_eps)?;
         Ok(Model {
             self_rope: Rope::new(cfg.self_head_dim(), cfg.rope_theta),
             attn_rope: Rope::new(cfg.attn_head_dim(), cfg.rope_theta),

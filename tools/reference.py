@@ -339,7 +339,7 @@ def forward(p, w, tokens, variant="correct", sliding_window="params", retention=
         x = x + cross_mixer(h, K, V, w, pre + "mixer.", p, variant)
         x = x + ffn(rms_norm(x, w[pre + "final_layer_norm.weight"], eps), w, pre + "ffn.")
 
-    x = rms_norm(x, w["cross_decoder.layer_norm.weight"], eps)
+    x = rms_norm(x, w["layer_norm.weight"], eps)
     return linear(x, w["output_projection.weight"])
 
 
@@ -370,7 +370,7 @@ def param_shapes(p):
     s["cross_decoder.k_proj.weight"] = (Hkv * hd, D)
     s["cross_decoder.v_proj.weight"] = (Hkv * hd, D)
     s["cross_decoder.kv_layer_norm.weight"] = (D,)
-    s["cross_decoder.layer_norm.weight"] = (D,)
+    s["layer_norm.weight"] = (D,)  # YOCO.layer_norm: top level, not in the cross-decoder
     return s
 
 
@@ -464,10 +464,31 @@ def check_fixture(folder):
     logits = forward(p, w, exp["tokens"])
     err = np.max(np.abs(logits - exp["logits"].astype(np.float64)))
     print(f"{folder}: max |logits - expected| = {err:.3e}")
+    if "greedy" in exp:  # fixtures made by the official code also hold its greedy tokens
+        seq = list(exp["tokens"][: int(exp["prompt_len"][0])])
+        for _ in range(len(exp["greedy"])):
+            last = forward(p, w, seq)[-1]
+            last[[0, 1]] = -np.inf  # the official greedy loop never emits <s> or <pad>
+            seq.append(int(np.argmax(last)))
+        new = seq[int(exp["prompt_len"][0]):]
+        same = new == [int(t) for t in exp["greedy"]]
+        print(f"{folder}: greedy continuation of {len(new)} tokens {'identical' if same else 'DIFFERS'}")
+        assert same, (new, exp["greedy"])
     return err
+
+
+def fixture_folders(paths):
+    """The given folders; a folder without params.json stands for its subfolders that have one."""
+    for path in paths:
+        if os.path.exists(os.path.join(path, "params.json")):
+            yield path
+        else:
+            for sub in sorted(os.listdir(path)):
+                if os.path.exists(os.path.join(path, sub, "params.json")):
+                    yield os.path.join(path, sub)
 
 
 if __name__ == "__main__":
     self_check()
-    for folder in sys.argv[1:]:
+    for folder in fixture_folders(sys.argv[1:]):
         check_fixture(folder)

@@ -2,8 +2,8 @@
 spec (yoco-spec.md), for training the demonstration model and for checking it.
 
 Parameter names are exactly the reference's flat names (`embed_tokens.weight`,
-`self_decoder.layers.{l}.mixer.q_proj.weight`, ..., `cross_decoder.layer_norm.weight`,
-`output_projection.weight`); nothing else is stored.
+`self_decoder.layers.{l}.mixer.q_proj.weight`, ..., `layer_norm.weight` (the final norm, at the top
+level as `YOCO.layer_norm` is in the official code), `output_projection.weight`); nothing else is stored.
 
 Used by tools/train_shakespeare.py and tools/eval_bpb.py.
 """
@@ -215,7 +215,6 @@ class CrossDecoder(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, self.Hkv * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.dim, self.Hkv * self.hd, bias=False)
         self.layers = nn.ModuleList(CrossLayer(cfg, dropout) for _ in range(cfg.n_layers // 2))
-        self.layer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def global_kv(self, x, cos, sin):
         B, T, _ = x.shape
@@ -234,6 +233,9 @@ class Yoco(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.self_decoder = SelfDecoder(cfg, dropout)
         self.cross_decoder = CrossDecoder(cfg, dropout)
+        # The final norm belongs to the model, not the cross-decoder (official `YOCO.layer_norm`):
+        # its parameter is `layer_norm.weight` at the top level of the state dict.
+        self.layer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output_projection = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if tie_embeddings:
             # One matrix for input and output (both names are still saved): a token's output row is then
@@ -255,7 +257,7 @@ class Yoco(nn.Module):
         k, v = self.cross_decoder.global_kv(x, cos_a, sin_a)
         for layer in self.cross_decoder.layers:
             x = layer(x, k, v, cos_a, sin_a)
-        return self.output_projection(self.cross_decoder.layer_norm(x))
+        return self.output_projection(self.layer_norm(x))
 
     # ---- incremental decoding (recurrent retention + one global KV cache) ----
     def new_cache(self, batch=1):
@@ -280,7 +282,7 @@ class Yoco(nn.Module):
         for layer in self.cross_decoder.layers:
             x = layer(x, cache["k"], cache["v"], cos_a, sin_a, causal=False)
         cache["pos"] += 1
-        return self.output_projection(self.cross_decoder.layer_norm(x))[:, -1]
+        return self.output_projection(self.layer_norm(x))[:, -1]
 
 
 def init_weights(model, cfg, std=0.02):

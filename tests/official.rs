@@ -1,0 +1,125 @@
+//! Exactness against the official YOCO implementation itself (microsoft/unilm, `YOCO/`): the
+//! fixtures in `tests/fixtures/official/` were computed by the official code (float32, CPU) from
+//! checkpoints saved with its own `state_dict()` names. These are the crate's primary exactness
+//! tests; `tests/parity.rs` (an independent NumPy reference) is the second, independent check.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use common::{ids, max_abs_diff};
+use yoco::{GenerationConfig, Model};
+
+/// The official code's own float32 forms differ by ~1e-6; a port is exact within 1e-4.
+const TOL: f32 = 1e-4;
+
+const CASES: [&str; 2] = ["gret_gqa", "swa_w24"];
+
+struct Case {
+    model: Model,
+    tokens: Vec<u32>,
+    /// `(T, vocab)`: the official full forward over all tokens.
+    logits: Tensor,
+    prompt_len: usize,
+    /// The official greedy loop's new tokens after `tokens[..prompt_len]`.
+    greedy: Vec<u32>,
+}
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/official")
+        .join(name)
+}
+
+fn u32s(t: &Tensor) -> Vec<u32> {
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| u32::try_from(x).unwrap())
+        .collect()
+}
+
+fn case(name: &str) -> Case {
+    // `Model::load` on the directory exactly as the official code saved it: no renaming.
+    let model = Model::load(dir(name), &Device::Cpu, DType::F32)
+        .unwrap_or_else(|e| panic!("{name}: the official checkpoint must load: {e}"));
+    let exp = candle_core::safetensors::load(dir(name).join("expected.safetensors"), &Device::Cpu)
+        .unwrap();
+    let prompt_len = u32s(&exp["prompt_len"])[0] as usize;
+    Case {
+        model,
+        tokens: u32s(&exp["tokens"]),
+        logits: exp["logits"].clone(),
+        prompt_len,
+        greedy: u32s(&exp["greedy"]),
+    }
+}
+
+#[test]
+fn official_checkpoints_give_the_official_logits() {
+    for name in CASES {
+        let c = case(name);
+        let mut cache = c.model.new_cache(1).unwrap();
+        let logits = c
+            .model
+            .forward(&ids(&c.tokens), &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let diff = max_abs_diff(&logits, &c.logits);
+        eprintln!("{name}: full forward max |diff| against the official code = {diff:.2e}");
+        assert!(diff <= TOL, "{name}: max |logits - official| = {diff}");
+    }
+}
+
+/// Prefill the first `split` tokens in chunks of `chunk`, then step one token at a time: every
+/// position's logits equal the official full forward's.
+#[test]
+fn chunked_prefill_then_steps_give_the_official_logits() {
+    for name in CASES {
+        let c = case(name);
+        let t = c.tokens.len();
+        for chunk in [1, 7, 64, 256] {
+            // A split that is not a multiple of the chunk, and long enough to cross the
+            // reference's 256-token retention chunk where the fixture allows.
+            let split = (t - 12).min(chunk * 3 + 5);
+            let mut cache = c.model.new_cache(1).unwrap();
+            let last = c
+                .model
+                .prefill_chunked(&ids(&c.tokens[..split]), &mut cache, chunk)
+                .unwrap();
+            let diff = max_abs_diff(&last, &c.logits.narrow(0, split - 1, 1).unwrap());
+            assert!(diff <= TOL, "{name} chunk {chunk}: prefill {split}: {diff}");
+            for pos in split..t {
+                let step = c
+                    .model
+                    .step(
+                        &Tensor::new(&[c.tokens[pos]], &Device::Cpu).unwrap(),
+                        &mut cache,
+                    )
+                    .unwrap();
+                let diff = max_abs_diff(&step, &c.logits.narrow(0, pos, 1).unwrap());
+                assert!(diff <= TOL, "{name} chunk {chunk}: step at {pos}: {diff}");
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_generation_gives_the_official_tokens() {
+    for name in CASES {
+        let c = case(name);
+        // The official greedy loop: ids 0 and 1 masked, no stop token, a fixed number of steps.
+        let cfg = GenerationConfig {
+            stop_tokens: vec![],
+            suppress_tokens: vec![0, 1],
+            ..GenerationConfig::greedy(c.greedy.len())
+        };
+        let out = c
+            .model
+            .generate(&c.tokens[..c.prompt_len], &cfg)
+            .unwrap();
+        assert_eq!(out.tokens, c.greedy, "{name}");
+    }
+}
