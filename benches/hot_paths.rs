@@ -1,6 +1,7 @@
-//! Micro-benchmarks of the hot pieces, at the bench-160m shape (f32, CPU):
-//! a retention decode step, a chunkwise retention prefill chunk, cross-attention of one query
-//! over a global K/V of 1K/16K/64K rows, a full decode step and a full prefill chunk.
+//! Micro-benchmarks of the hot paths through the public API, at the bench-160m shape (f32, CPU):
+//! a decode step at 1K and 16K context (at 16K the cross-decoder's attention over the global
+//! K/V dominates), and one prefill chunk of 512 tokens for gated retention and for the sliding
+//! window (W = 1024).
 //!
 //! `cargo bench --bench hot_paths`
 
@@ -9,78 +10,59 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use yoco::{Config, Model};
 
-fn bench_config() -> Config {
-    Config::new(768, 12, 2048, 3, 12, 4, 32000)
+fn bench_config(window: Option<usize>) -> Config {
+    let mut cfg = Config::new(768, 12, 2048, 3, 12, 4, 32000);
+    cfg.sliding_window = window;
+    cfg
 }
 
-fn random_model(cfg: &Config) -> Model {
-    Model::random(cfg, DType::F32, &Device::Cpu).unwrap()
+fn ids(n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| i * 31 % 32000).collect()
 }
 
-fn retention(c: &mut Criterion) {
-    let dev = Device::Cpu;
-    let (h, d) = (3, 256);
-    let state = Tensor::randn(0f32, 1.0, (1, h, d, d), &dev).unwrap();
-    let q = Tensor::randn(0f32, 1.0, (1, h, 1, d), &dev).unwrap();
-    let lg = (Tensor::ones((1, h, 1), DType::F32, &dev).unwrap() * -0.01).unwrap();
-    c.bench_function("retention decode step (3 heads x 256)", |b| {
-        b.iter(|| yoco::retention::recurrent_step(&q, &q, &q, &lg, &state).unwrap())
-    });
-    let t = 256;
-    let qc = Tensor::randn(0f32, 1.0, (1, h, t, d), &dev).unwrap();
-    let lgc = (Tensor::ones((1, h, t), DType::F32, &dev).unwrap() * -0.01).unwrap();
-    c.bench_function("retention chunk of 256 (3 heads x 256)", |b| {
-        b.iter(|| yoco::retention::chunkwise(&qc, &qc, &qc, &lgc, &state, 256).unwrap())
-    });
+fn row(ids: &[u32]) -> Tensor {
+    Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
 }
 
-fn cross_attention(c: &mut Criterion) {
-    let dev = Device::Cpu;
-    let mut group = c.benchmark_group("cross-attention, 1 query, 12 heads over 4 KV heads");
-    for rows in [1024, 16384, 65536] {
-        let q = Tensor::randn(0f32, 1.0, (1, 12, 1, 64), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (1, 4, rows, 64), &dev).unwrap();
-        group.bench_with_input(BenchmarkId::from_parameter(rows), &rows, |b, _| {
-            b.iter(|| yoco::attention::attention(&q, &k, &k, None, 0.125).unwrap())
+fn decode(c: &mut Criterion) {
+    let model = Model::random(&bench_config(None), DType::F32, &Device::Cpu).unwrap();
+    let tok = Tensor::new(&[7u32], &Device::Cpu).unwrap();
+    let mut group = c.benchmark_group("decode step (bench-160m, gated retention)");
+    for ctx in [1024, 16384] {
+        let mut cache = model.new_cache(1).unwrap();
+        model.prefill(&row(&ids(ctx)), &mut cache).unwrap();
+        group.bench_with_input(BenchmarkId::from_parameter(ctx), &ctx, |b, _| {
+            b.iter_batched(
+                || cache.clone(),
+                |mut cache| model.step(&tok, &mut cache).unwrap(),
+                criterion::BatchSize::LargeInput,
+            )
         });
     }
     group.finish();
 }
 
-fn model(c: &mut Criterion) {
-    let cfg = bench_config();
-    let model = random_model(&cfg);
-    let dev = Device::Cpu;
-    let ids: Vec<u32> = (0..1024u32).map(|i| i * 31 % 32000).collect();
-    let mut cache = model.new_cache(1).unwrap();
-    model
-        .prefill(
-            &Tensor::new(&ids[..], &dev).unwrap().unsqueeze(0).unwrap(),
-            &mut cache,
-        )
-        .unwrap();
-    let tok = Tensor::new(&[7u32], &dev).unwrap();
-    c.bench_function("full decode step at 1K context (bench-160m)", |b| {
-        b.iter_batched(
-            || cache.clone(),
-            |mut cache| model.step(&tok, &mut cache).unwrap(),
-            criterion::BatchSize::LargeInput,
-        )
-    });
-    let chunk = Tensor::new(&ids[..512], &dev)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mut group = c.benchmark_group("prefill");
+fn prefill(c: &mut Criterion) {
+    let chunk = row(&ids(512));
+    let mut group = c.benchmark_group("prefill chunk of 512 (bench-160m)");
     group.sample_size(10);
-    group.bench_function("full prefill chunk of 512 (bench-160m)", |b| {
-        b.iter(|| {
-            let mut cache = model.new_cache(1).unwrap();
-            model.prefill_chunked(&chunk, &mut cache, 512).unwrap()
-        })
-    });
+    for (name, window) in [
+        ("gated retention", None),
+        ("sliding window 1024", Some(1024)),
+    ] {
+        let model = Model::random(&bench_config(window), DType::F32, &Device::Cpu).unwrap();
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut cache = model.new_cache(1).unwrap();
+                model.prefill_chunked(&chunk, &mut cache, 512).unwrap()
+            })
+        });
+    }
     group.finish();
 }
 
-criterion_group!(benches, retention, cross_attention, model);
+criterion_group!(benches, decode, prefill);
 criterion_main!(benches);

@@ -35,21 +35,9 @@ fn bench_config(window: Option<usize>) -> Config {
 /// * decode bytes read: every weight except the embedding table (one row of it is read), the
 ///   global K/V once per cross-decoder layer, and the self-decoder state (read and written).
 fn yoco_bounds(cfg: &Config, ctx: usize) -> (f64, f64) {
-    let tensors = yoco::loading::expected_tensors(cfg);
-    let count = |keep: &dyn Fn(&str) -> bool| -> usize {
-        tensors
-            .iter()
-            .filter(|(name, _)| keep(name))
-            .map(|(_, shape)| shape.iter().product::<usize>())
-            .sum()
-    };
-    let prefill_params = count(&|n| {
-        n.starts_with("self_decoder.")
-            || n.starts_with("cross_decoder.k_proj")
-            || n.starts_with("cross_decoder.v_proj")
-            || n.starts_with("cross_decoder.kv_layer_norm")
-    });
-    let weights = count(&|n| n != "embed_tokens.weight");
+    let counts = cfg.param_counts();
+    let prefill_params = counts.self_decoder + counts.global_kv;
+    let weights = counts.total() - counts.embedding;
     // Every cross-decoder layer reads all of the global K/V, whatever the self-decoder is.
     let kv = ctx * cfg.cache_bytes_per_token(4) * cfg.n_half_layers();
     let state = 2 * cfg.self_state_bytes(4);
@@ -242,7 +230,7 @@ fn main() -> ExitCode {
         .unwrap_or(16);
     let chunk: usize = get("--chunk")
         .and_then(|s| s.parse().ok())
-        .unwrap_or(yoco::model::DEFAULT_PREFILL_CHUNK);
+        .unwrap_or(yoco::DEFAULT_PREFILL_CHUNK);
     if let Some(i) = argv.iter().position(|a| a == "--single") {
         let (Some(model), Some(ctx)) = (
             argv.get(i + 1),

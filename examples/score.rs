@@ -23,8 +23,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
-use yoco::tokenizer::Tokenizer;
 use yoco::Model;
+use yoco::Tokenizer;
 
 const USAGE: &str = "\
 Scores token ids (or text) with a YOCO model: mean next-token NLL and perplexity.
@@ -227,7 +227,7 @@ fn score(model: &Model, ids: &[u32], keep_logits: bool) -> yoco::Result<(Score, 
     cache.reserve(ids.len())?;
     let mut total_nll = 0.0f64;
     let mut kept = Vec::new();
-    let chunk = yoco::model::DEFAULT_PREFILL_CHUNK;
+    let chunk = yoco::DEFAULT_PREFILL_CHUNK;
     for (c, part) in ids.chunks(chunk).enumerate() {
         let logits = model
             .forward(&Tensor::new(part, device)?.unsqueeze(0)?, &mut cache)?

@@ -60,39 +60,40 @@
 //!
 //! ## Layout
 //!
-//! * [`config`]: `params.json`; [`loading`]: checkpoints (safetensors, shards, `checkpoint.pth`);
-//! * [`norm`], [`ffn`], [`rope`]: RMSNorm, SwiGLU, the reference's RoPE;
-//! * [`retention`] (gated retention, three forms) and [`swa`] (sliding window): the self-decoder;
-//! * [`cross`]: the global K/V and the cross-decoder; [`attention`]: softmax attention (GQA);
-//! * [`cache`]: per-sequence state; [`model`]: forward, prefill with early exit, step;
-//! * [`sampling`], [`generation`], [`tokenizer`]: from logits to text.
+//! The modules follow the architecture; each formula of the model lives in one place:
+//!
+//! * `checkpoint`: `params.json` ([`Config`]), the weight catalogue (every official parameter
+//!   name and shape, [`Config::parameters`]), safetensors and `checkpoint.pth` reading;
+//! * `layers`: RMSNorm, SwiGLU, the reference's RoPE, projections, softmax attention (GQA), the
+//!   K/V buffers, constants built once, and the pre-norm residual block;
+//! * `self_decoder`: gated retention (three forms) and sliding-window attention, each with its
+//!   own state;
+//! * `cross_decoder`: the global K/V (built once at the midpoint, the one cache that grows) and
+//!   the cross-decoder layers that read it;
+//! * [`Cache`]: the per-sequence state, a composition of the parts' own states;
+//! * [`Model`]: loading, forward, prefill with early exit, step;
+//! * `generation`: the decode loop, sampling ([`Sampling`], [`Sampler`]) and text ([`Tokenizer`]).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
-pub mod attention;
-pub mod cache;
-pub mod config;
-pub mod cross;
-pub mod device;
-pub mod error;
-pub mod ffn;
-pub mod generation;
-pub mod linear;
-pub mod loading;
-pub mod model;
-pub mod norm;
-pub mod pth;
-pub mod retention;
-pub mod rope;
-pub mod sampling;
-pub mod swa;
-pub mod tokenizer;
+mod cache;
+mod checkpoint;
+mod cross_decoder;
+mod device;
+mod error;
+mod generation;
+mod layers;
+mod model;
+mod self_decoder;
 
 pub use cache::Cache;
-pub use config::{Config, SelfMixer};
+pub use checkpoint::catalogue::{ParamCounts, Parameter, Part};
+pub use checkpoint::config::{Config, SelfMixer, DEFAULT_MAX_POSITIONS};
 pub use device::{device_by_name, dtype_by_name};
 pub use error::{Error, Result};
-pub use generation::{Generation, GenerationConfig, StopReason};
-pub use model::Model;
-pub use sampling::Sampling;
-pub use tokenizer::Tokenizer;
+pub use generation::sampling::{Rng, Sampler, Sampling};
+pub use generation::tokenizer::{TextStream, Tokenizer};
+pub use generation::{
+    Generation, GenerationConfig, StopReason, REFERENCE_BOS, REFERENCE_EOS, REFERENCE_PAD,
+};
+pub use model::{Model, DEFAULT_PREFILL_CHUNK};

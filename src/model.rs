@@ -1,12 +1,13 @@
-//! The YOCO model: weights, and the three ways to run them (full forward, chunked prefill with
-//! early exit, one-token steps).
+//! The YOCO model: immutable weights, and the three ways to run them (full forward, chunked
+//! prefill with early exit, one-token steps), all through one chunk step that reads as the
+//! architecture:
 //!
 //! ```text
 //! x0     = sqrt(dim) * embed_tokens[ids]
 //! x      = self_decoder(x0)            n_layers/2 layers, constant-size state per layer
 //! K, V   = global_kv(x)                once, at the midpoint: THE one KV cache of the model
 //! x      = cross_decoder(x, K, V)      n_layers/2 layers, all reading the same K, V
-//! logits = output_projection(RMSNorm(x))
+//! logits = output_projection(layer_norm(x))
 //! ```
 //!
 //! Every layer is pre-norm with residuals: `h = x + mixer(norm(x))`, `out = h + ffn(norm(h))`.
@@ -19,51 +20,21 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
-use crate::attention::{causal_mask, right_aligned_mask};
-use crate::cache::{Cache, SelfState};
-use crate::config::{Config, SelfMixer};
-use crate::cross::{CrossAttention, KvBuilder};
-use crate::ffn::SwiGlu;
-use crate::linear::Linear;
-use crate::loading::WeightFiles;
-use crate::norm::RmsNorm;
-use crate::retention::GatedRetention;
-use crate::rope::Rope;
-use crate::swa::SlidingWindowAttention;
+use crate::cache::Cache;
+use crate::checkpoint::catalogue::Catalogue;
+use crate::checkpoint::config::Config;
+use crate::cross_decoder::{CrossAttention, KvBuilder};
+use crate::layers::constants::Constants;
+use crate::layers::linear::Linear;
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::Rope;
+use crate::layers::Block;
+use crate::self_decoder::SelfDecoder;
 use crate::{Error, Result};
 
 /// Default number of prompt tokens processed at once by [`Model::prefill`] and
 /// [`Model::forward`]: working memory is bounded by the chunk, not the prompt.
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
-
-/// A pre-norm residual block: `h = x + mixer(mixer_layer_norm(x))`,
-/// `out = h + ffn(final_layer_norm(h))`. Shared by both halves of the model.
-#[derive(Clone, Debug)]
-struct Block<M> {
-    mixer_layer_norm: RmsNorm,
-    mixer: M,
-    final_layer_norm: RmsNorm,
-    ffn: SwiGlu,
-}
-
-impl<M> Block<M> {
-    fn forward(
-        &self,
-        x: &Tensor,
-        mix: impl FnOnce(&M, &Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let h = (x + mix(&self.mixer, &self.mixer_layer_norm.forward(x)?)?)?;
-        let out = (&h + self.ffn.forward(&self.final_layer_norm.forward(&h)?)?)?;
-        Ok(out)
-    }
-}
-
-/// The self-decoder's efficient attention, one of two kinds.
-#[derive(Clone, Debug)]
-enum SelfMixerLayer {
-    Retention(GatedRetention),
-    Window(SlidingWindowAttention),
-}
 
 /// Which positions of a chunk need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,60 +52,44 @@ enum Logits {
 pub struct Model {
     cfg: Config,
     embed_tokens: Embedding,
-    self_layers: Vec<Block<SelfMixerLayer>>,
+    self_decoder: SelfDecoder,
     kv_builder: KvBuilder,
     cross_layers: Vec<Block<CrossAttention>>,
     layer_norm: RmsNorm,
     output_projection: Linear,
     self_rope: Rope,
     attn_rope: Rope,
+    /// Masks that depend only on a chunk's shape, built once.
+    consts: Constants,
     dtype: DType,
     device: Device,
 }
 
-fn linear(vb: &VarBuilder, out_dim: usize, in_dim: usize, name: &str) -> Result<Linear> {
-    Linear::new(vb.get((out_dim, in_dim), &format!("{name}.weight"))?)
-}
-
-/// The layers `(name, out_dim)` over one input of width `in_dim`, fused in the order given.
-fn fused(vb: &VarBuilder, in_dim: usize, layers: &[(&str, usize)]) -> Result<Linear> {
-    let weights = layers
-        .iter()
-        .map(|(name, out_dim)| vb.get((*out_dim, in_dim), &format!("{name}.weight")))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Linear::fused(&weights)
-}
-
-fn norm(vb: &VarBuilder, dim: usize, name: &str, eps: f64) -> Result<RmsNorm> {
-    Ok(RmsNorm::new(vb.get(dim, &format!("{name}.weight"))?, eps))
-}
-
-fn block<M>(vb: &VarBuilder, cfg: &Config, mixer: M) -> Result<Block<M>> {
-    let (d, f) = (cfg.dim, cfg.hidden_dim);
-    let ffn = vb.pp("ffn");
-    Ok(Block {
-        mixer_layer_norm: norm(vb, d, "mixer_layer_norm", cfg.norm_eps)?,
-        mixer,
-        final_layer_norm: norm(vb, d, "final_layer_norm", cfg.norm_eps)?,
-        ffn: SwiGlu {
-            fc1_gate: fused(&ffn, d, &[("fc1", f), ("gate", f)])?,
-            fc2: linear(&ffn, d, f, "fc2")?,
-        },
-    })
-}
-
 impl Model {
     /// Loads a model directory: `params.json` plus `model.safetensors`, a sharded
-    /// `model.safetensors.index.json`, or `checkpoint.pth`. Weights are converted to `dtype`
-    /// (use `F32` on CPU, `BF16`/`F16` on CUDA).
+    /// `model.safetensors.index.json`, or `checkpoint.pth`, with the official code's parameter
+    /// names. Weights are converted to `dtype` (use `F32` on CPU, `BF16`/`F16` on CUDA).
     ///
     /// Strict: every tensor's name and shape is checked against the config before loading.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use yoco::Model;
+    ///
+    /// # fn main() -> yoco::Result<()> {
+    /// let model = Model::load(
+    ///     concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare"),
+    ///     &Device::Cpu,
+    ///     DType::F32,
+    /// )?;
+    /// assert_eq!(model.config().n_layers, 6);
+    /// // A directory without weights is an error that says so, never a panic.
+    /// assert!(Model::load(env!("CARGO_MANIFEST_DIR"), &Device::Cpu, DType::F32).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn load(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
         let dir = dir.as_ref();
-        let cfg = Config::from_file(dir.join("params.json"))?;
-        let files = WeightFiles::find(dir)?;
-        let prefix = crate::loading::check_tensors(&cfg, &files.tensors()?)?;
-        let vb = files.var_builder(prefix, dtype, device)?;
+        let (cfg, vb) = crate::checkpoint::open(dir, dtype, device)?;
         // The headers were checked; an error now comes from the tensor data itself.
         Model::new(cfg, vb).map_err(|e| match e {
             Error::Candle(e) => {
@@ -144,11 +99,11 @@ impl Model {
         })
     }
 
-    /// Builds a model from a config and a `VarBuilder` that yields the reference's parameter
-    /// names (for weights you bring yourself). The `VarBuilder`'s dtype and device are the model's.
+    /// Builds a model from a config and a `VarBuilder` that yields the official parameter names
+    /// ([`Config::parameters`]), for weights you bring yourself. The `VarBuilder`'s dtype and
+    /// device are the model's.
     pub fn new(cfg: Config, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let (d, v) = (cfg.dim, cfg.vocab_size);
         let dtype = vb.dtype();
         let device = vb.device().clone();
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
@@ -156,85 +111,54 @@ impl Model {
                 "weights dtype must be f32, f16 or bf16, got {dtype:?}"
             )));
         }
-        let embed_tokens = Embedding::new(vb.get((v, d), "embed_tokens.weight")?, d);
-        let output_projection = linear(&vb, v, d, "output_projection")?;
-
-        let sd = vb.pp("self_decoder").pp("layers");
-        let (hs, ds) = (cfg.n_self_heads, cfg.self_head_dim());
-        let self_layers = (0..cfg.n_half_layers())
-            .map(|l| -> Result<Block<SelfMixerLayer>> {
-                let vb = sd.pp(l);
-                let m = vb.pp("mixer");
-                let mixer = match cfg.self_mixer() {
-                    SelfMixer::GatedRetention => SelfMixerLayer::Retention(GatedRetention {
-                        qkvg_gt: fused(
-                            &m,
-                            d,
-                            &[
-                                ("q_proj", d),
-                                ("k_proj", d),
-                                ("v_proj", d),
-                                ("g_proj", d),
-                                ("gt_proj", hs),
-                            ],
-                        )?,
-                        out_proj: linear(&m, d, d, "out_proj")?,
-                        n_heads: hs,
-                        head_dim: ds,
-                        head_norm: RmsNorm::without_weight(ds, cfg.norm_eps, DType::F32, &device)?,
-                    }),
-                    SelfMixer::SlidingWindow { window } => {
-                        SelfMixerLayer::Window(SlidingWindowAttention {
-                            qkv: fused(&m, d, &[("q_proj", d), ("k_proj", d), ("v_proj", d)])?,
-                            out_proj: linear(&m, d, d, "out_proj")?,
-                            n_heads: hs,
-                            head_dim: ds,
-                            window,
-                        })
-                    }
-                };
-                block(&vb, &cfg, mixer)
+        let cat = Catalogue::new(&cfg);
+        let e = &cat.embed_tokens;
+        let embed_tokens = Embedding::new(vb.get(e.shape.as_slice(), &e.name)?, cfg.dim);
+        let self_decoder = SelfDecoder::load(&vb, &cat, &cfg)?;
+        let kv_builder = KvBuilder::load(&vb, &cat, &cfg)?;
+        let heads = (cfg.n_attn_heads, cfg.attn_head_dim());
+        let cross_layers = cat
+            .cross_layers
+            .iter()
+            .map(|spec| {
+                Block::load(&vb, spec, cfg.norm_eps, |m| {
+                    CrossAttention::load(&vb, m, heads)
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-
-        let cd = vb.pp("cross_decoder");
-        let kv_builder = KvBuilder {
-            kv_layer_norm: norm(&cd, d, "kv_layer_norm", cfg.norm_eps)?,
-            kv_proj: fused(
-                &cd,
-                d,
-                &[("k_proj", cfg.kv_dim()), ("v_proj", cfg.kv_dim())],
-            )?,
-            n_kv_heads: cfg.n_attn_kv_heads,
-            head_dim: cfg.attn_head_dim(),
-        };
-        let cross_layers = (0..cfg.n_half_layers())
-            .map(|l| -> Result<Block<CrossAttention>> {
-                let vb = cd.pp("layers").pp(l);
-                let m = vb.pp("mixer");
-                let mixer = CrossAttention {
-                    q_proj: linear(&m, d, d, "q_proj")?,
-                    out_proj: linear(&m, d, d, "out_proj")?,
-                    n_heads: cfg.n_attn_heads,
-                    head_dim: cfg.attn_head_dim(),
-                };
-                block(&vb, &cfg, mixer)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let layer_norm = norm(&vb, d, "layer_norm", cfg.norm_eps)?;
         Ok(Model {
-            self_rope: Rope::new(cfg.self_head_dim(), cfg.rope_theta),
-            attn_rope: Rope::new(cfg.attn_head_dim(), cfg.rope_theta),
+            layer_norm: RmsNorm::load(&vb, &cat.layer_norm, cfg.norm_eps)?,
+            output_projection: Linear::load(&vb, &cat.output_projection)?,
+            self_rope: Rope::new(cfg.self_head_dim(), cfg.rope_theta, &device)?,
+            attn_rope: Rope::new(cfg.attn_head_dim(), cfg.rope_theta, &device)?,
+            consts: Constants::default(),
             cfg,
             embed_tokens,
-            self_layers,
+            self_decoder,
             kv_builder,
             cross_layers,
-            layer_norm,
-            output_projection,
             dtype,
             device,
         })
+    }
+
+    /// A model with random weights (std 0.02, norm weights 1) of shape `cfg`, for benchmarks and
+    /// experiments with shapes that have no checkpoint. Not seeded: candle's RNG cannot be.
+    pub fn random(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        let mut tensors = std::collections::HashMap::new();
+        for p in cfg.parameters() {
+            let t = if p.shape.len() == 1 {
+                Tensor::ones(p.shape.as_slice(), dtype, device)?
+            } else {
+                // Draw in f32 (CUDA draws no half types), then convert.
+                Tensor::randn(0f32, 0.02, p.shape.as_slice(), device)?.to_dtype(dtype)?
+            };
+            tensors.insert(p.name, t);
+        }
+        Model::new(
+            cfg.clone(),
+            VarBuilder::from_tensors(tensors, dtype, device),
+        )
     }
 
     /// The model's hyper-parameters.
@@ -321,28 +245,31 @@ impl Model {
                 "step takes one token per sequence, got {t}"
             )));
         }
-        self.forward_chunk(&ids, cache, Logits::Last)?
+        self.last_logits(&ids, cache)
+    }
+
+    /// [`Model::step`] for ids held on the host: checked there, uploaded once, never read back.
+    pub(crate) fn step_ids(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor> {
+        self.check_host_ids(ids, (ids.len(), 1), cache)?;
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(1)?;
+        self.last_logits(&ids, cache)
+    }
+
+    fn last_logits(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        self.forward_chunk(ids, cache, Logits::Last)?
             .ok_or_else(|| Error::Input("no logits".into()))
     }
 
-    /// Validates `ids: (B, T)` against the vocabulary, the cache's batch and the position limit;
-    /// returns `T`.
+    /// Validates `ids: (B, T)` (u32 or i64) against the vocabulary, the cache's batch and the
+    /// position limit; returns `T`. Ids on a device are read back for the check: the generation
+    /// loops check ids on the host before they upload them instead.
     fn check_ids(&self, ids: &Tensor, cache: &Cache) -> Result<usize> {
-        let (b, t) = ids.dims2().map_err(|_| {
+        let dims = ids.dims2().map_err(|_| {
             Error::Input(format!(
                 "token ids must have shape (batch, len), got {:?}",
                 ids.dims()
             ))
         })?;
-        if t == 0 {
-            return Err(Error::Input("empty token sequence".into()));
-        }
-        if b != cache.batch_size() {
-            return Err(Error::Input(format!(
-                "ids have batch size {b} but the cache holds {} sequences",
-                cache.batch_size()
-            )));
-        }
         let values: Vec<u32> = match ids.dtype() {
             DType::U32 => ids.flatten_all()?.to_vec1()?,
             DType::I64 => ids
@@ -357,6 +284,21 @@ impl Model {
                 )))
             }
         };
+        self.check_host_ids(&values, dims, cache)?;
+        Ok(dims.1)
+    }
+
+    /// The checks of [`Model::check_ids`] on ids of shape `(b, t)` held on the host.
+    fn check_host_ids(&self, values: &[u32], (b, t): (usize, usize), cache: &Cache) -> Result<()> {
+        if t == 0 {
+            return Err(Error::Input("empty token sequence".into()));
+        }
+        if b != cache.batch_size() {
+            return Err(Error::Input(format!(
+                "ids have batch size {b} but the cache holds {} sequences",
+                cache.batch_size()
+            )));
+        }
         if let Some(&bad) = values.iter().find(|&&x| x as usize >= self.cfg.vocab_size) {
             return Err(Error::Input(format!(
                 "token id {bad} is out of range for a vocabulary of {}",
@@ -378,7 +320,7 @@ impl Model {
                     .into(),
             ));
         }
-        Ok(t)
+        Ok(())
     }
 
     /// One chunk `ids: (B, C)` through the model (ids already checked).
@@ -389,138 +331,43 @@ impl Model {
         wanted: Logits,
     ) -> Result<Option<Tensor>> {
         let (_, c) = ids.dims2()?;
-        let ids = ids.to_dtype(DType::U32)?;
         let starts = cache.positions().to_vec();
 
-        // Self-decoder.
-        let x = self.embed_tokens.forward(&ids)?;
-        let mut x = (x * (self.cfg.dim as f64).sqrt())?;
-        let rope = self
-            .self_rope
-            .tables(&starts, c, self.dtype, &self.device)?;
-        let window = self.window_mask(cache, &starts, c)?;
-        for (layer, state) in self.self_layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, |mixer, xn| match (mixer, state) {
-                (SelfMixerLayer::Retention(m), SelfState::Retention(s)) => m.forward(xn, &rope, s),
-                (SelfMixerLayer::Window(m), SelfState::Window(buf)) => {
-                    let (mask, l) = &window;
-                    m.forward(xn, &rope, buf, mask.as_ref(), *l)
-                }
-                _ => Err(Error::Input("cache was made for a different model".into())),
-            })?;
-        }
+        // 1. Embed: a plain scale, no position embedding.
+        let x = self.embed_tokens.forward(&ids.to_dtype(DType::U32)?)?;
+        let x = (x * (self.cfg.dim as f64).sqrt())?;
 
-        // The midpoint: this chunk's rows of the one global K/V.
-        let rope = self
-            .attn_rope
-            .tables(&starts, c, self.dtype, &self.device)?;
-        self.kv_builder.append(&x, &rope, &mut cache.global)?;
-        cache.advance(c);
+        // 2. The self-decoder, each layer with its own constant-size state.
+        let rope = self.self_rope.tables(&starts, c, self.dtype)?;
+        let x = self
+            .self_decoder
+            .forward(&x, &rope, &mut cache.self_state, &self.consts)?;
 
-        // Early exit: the cross-decoder runs only where logits are wanted.
-        let (mut x, rope, mask) = match wanted {
+        // 3. The midpoint: this chunk's rows of the one global K/V.
+        let rope = self.attn_rope.tables(&starts, c, self.dtype)?;
+        cache.global.append(self.kv_builder.forward(&x, &rope)?)?;
+
+        // 4. Early exit: the cross-decoder runs only for the rows that need logits.
+        let (mut x, rope, queries) = match wanted {
             Logits::None => return Ok(None),
-            Logits::All => {
-                let mask = if c > 1 {
-                    let l = cache.global.len();
-                    Some(causal_mask(c, l, starts[0], 0, None, &self.device)?)
-                } else {
-                    self.ragged_mask(
-                        cache.global.filled(),
-                        cache.global.len(),
-                        cache.global.is_uniform(),
-                    )?
-                };
-                (x, rope, mask)
-            }
-            Logits::Last => {
-                // A decode step's query sits where its K did: reuse that table.
-                let rope = if c == 1 {
-                    rope
-                } else {
-                    let last: Vec<usize> = starts.iter().map(|s| s + c - 1).collect();
-                    self.attn_rope.tables(&last, 1, self.dtype, &self.device)?
-                };
-                let mask = self.ragged_mask(
-                    cache.global.filled(),
-                    cache.global.len(),
-                    cache.global.is_uniform(),
-                )?;
-                (x.narrow(1, c - 1, 1)?, rope, mask)
-            }
+            Logits::Last => (x.narrow(1, c - 1, 1)?, rope.last()?, 1),
+            Logits::All => (x, rope, c),
         };
-        let (k, v) = cache.global.last(cache.global.len())?;
+        let global = cache.global.view(queries, c)?;
+
+        // 5. The cross-decoder: every layer reads the same global K/V.
         for layer in &self.cross_layers {
-            x = layer.forward(&x, |mixer, xn| {
-                mixer.forward(xn, &rope, &k, &v, mask.as_ref())
-            })?;
+            x = layer.forward(&x, |m, xn| m.forward(xn, &rope, &global))?;
         }
+
+        // 6. The head.
         let logits = self
             .output_projection
-            .forward(&self.layer_norm.forward(&x)?)?;
-        let logits = logits.to_dtype(DType::F32)?;
+            .forward(&self.layer_norm.forward(&x)?)?
+            .to_dtype(DType::F32)?;
         Ok(Some(match wanted {
             Logits::Last => logits.squeeze(1)?,
             _ => logits,
         }))
-    }
-
-    /// For a single-query step over right-aligned rows: a per-row mask when rows own different
-    /// numbers of slots, none when every row sees every slot.
-    fn ragged_mask(&self, filled: &[usize], len: usize, uniform: bool) -> Result<Option<Tensor>> {
-        if uniform {
-            return Ok(None);
-        }
-        Ok(Some(right_aligned_mask(filled, len, &self.device)?))
-    }
-
-    /// The sliding-window mask shared by all self-decoder layers for this chunk, and how many
-    /// trailing cache slots the chunk attends to. Built once per chunk, not once per layer.
-    fn window_mask(
-        &self,
-        cache: &Cache,
-        starts: &[usize],
-        c: usize,
-    ) -> Result<(Option<Tensor>, usize)> {
-        let (Some(w), Some(SelfState::Window(buf))) = (cache.window(), cache.layers.first()) else {
-            return Ok((None, 0));
-        };
-        if c == 1 {
-            // One query per row: it sees its own key plus up to W-1 earlier ones.
-            let visible: Vec<usize> = buf.filled().iter().map(|f| (f + 1).min(w)).collect();
-            let l = visible.iter().copied().max().unwrap_or(1);
-            let mask = if visible.iter().all(|&n| n == l) {
-                None
-            } else {
-                Some(right_aligned_mask(&visible, l, &self.device)?)
-            };
-            return Ok((mask, l));
-        }
-        let retained = buf.filled().first().copied().unwrap_or(0).min(w - 1);
-        let l = retained + c;
-        let p0 = starts.first().copied().unwrap_or(0);
-        let mask = causal_mask(c, l, p0, p0 - retained, Some(w), &self.device)?;
-        Ok((Some(mask), l))
-    }
-}
-
-impl Model {
-    /// A model with random weights (std 0.02, norm weights 1) of shape `cfg`, for benchmarks and
-    /// experiments with shapes that have no checkpoint. Not seeded: candle's RNG cannot be.
-    pub fn random(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
-        let mut tensors = std::collections::HashMap::new();
-        for (name, shape) in crate::loading::expected_tensors(cfg) {
-            let t = if shape.len() == 1 {
-                Tensor::ones(shape.as_slice(), dtype, device)?
-            } else {
-                // Draw in f32 (CUDA draws no half types), then convert.
-                Tensor::randn(0f32, 0.02, shape.as_slice(), device)?.to_dtype(dtype)?
-            };
-            tensors.insert(name, t);
-        }
-        Model::new(
-            cfg.clone(),
-            VarBuilder::from_tensors(tensors, dtype, device),
-        )
     }
 }

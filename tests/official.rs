@@ -116,10 +116,7 @@ fn greedy_generation_gives_the_official_tokens() {
             suppress_tokens: vec![0, 1],
             ..GenerationConfig::greedy(c.greedy.len())
         };
-        let out = c
-            .model
-            .generate(&c.tokens[..c.prompt_len], &cfg)
-            .unwrap();
+        let out = c.model.generate(&c.tokens[..c.prompt_len], &cfg).unwrap();
         assert_eq!(out.tokens, c.greedy, "{name}");
     }
 }

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use tiktoken_rs::CoreBPE;
-use yoco::tokenizer::Tokenizer;
+use yoco::Tokenizer;
 
 struct Fixture {
     ours: Tokenizer,

@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::fixture;
-use yoco::sampling::Rng;
+use yoco::Rng;
 use yoco::{Config, Model};
 
 fn tmp_dir(name: &str) -> std::path::PathBuf {

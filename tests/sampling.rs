@@ -1,7 +1,7 @@
 //! Behaviour of `yoco::sampling` through its public API.
 
-use yoco::sampling::{Rng, Sampler, Sampling};
 use yoco::Error;
+use yoco::{Rng, Sampler, Sampling};
 
 fn settings(temperature: f32) -> Sampling {
     Sampling {

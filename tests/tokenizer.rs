@@ -8,8 +8,8 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, TruncationParams};
-use yoco::tokenizer::{TextStream, Tokenizer};
 use yoco::Error;
+use yoco::{TextStream, Tokenizer};
 
 /// Seed lines of the training corpus (varied prose, code, numbers, accents and a little CJK).
 const SEED: &[&str] = &[

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use yoco::loading::expected_tensors;
 use yoco::{Config, Model};
 
 const W: usize = 8;
@@ -59,9 +58,9 @@ fn config(window: usize) -> Config {
 /// Random weights under the reference names, with the cross-decoder's attention output zeroed.
 fn weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = Rng(seed);
-    expected_tensors(cfg)
+    cfg.parameters()
         .into_iter()
-        .map(|(name, shape)| {
+        .map(|yoco::Parameter { name, shape, .. }| {
             let n: usize = shape.iter().product();
             let values: Vec<f32> = if shape.len() == 1 {
                 (0..n).map(|_| 1.0 + 0.1 * rng.normal()).collect()

@@ -30,7 +30,7 @@ pub fn model_dir(files: &[(&str, &[u8])]) -> PathBuf {
 }
 
 /// libFuzzer's panic hook aborts at once, even for a panic that yoco catches on purpose (candle's
-/// pickle reader panics on malformed tensor records; `yoco::pth` turns that into an error). The
+/// pickle reader panics on malformed tensor records; yoco's loader turns that into an error). The
 /// default hook lets those be caught; a panic that escapes yoco still reaches libfuzzer-sys's
 /// `catch_unwind` around the target, which aborts and reports it.
 pub fn default_panic_hook() {

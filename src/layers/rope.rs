@@ -1,36 +1,39 @@
 //! Rotary position embedding, as the reference does it.
 //!
-//! Two departures from the usual (Llama) RoPE, both of which change logits by 1e-2..1e-1:
+//! Two departures from the usual (Llama) RoPE; getting either wrong moves the logits of the test
+//! fixtures by 2 to 10 (tests/fixtures/README.md), far beyond rounding:
 //! * frequencies `inv_freq[i] = theta^(-i / (d/2 - 1))` for `i in 0..d/2`, i.e.
 //!   `theta ** -linspace(0, 1, d/2)`, not `theta^(-2i/d)`;
 //! * **interleaved** pairs `(x[2i], x[2i+1])` (GPT-J style), not the half-split `(x[i], x[i+d/2])`.
 //!
 //! Angles are `pos as f32 * inv_freq[i]` in f32 for absolute positions, so there is no table
-//! limit: tables are made for exactly the positions of each chunk.
+//! limit: each chunk's tables are computed on the model's device for exactly its positions (the
+//! positions are the only upload), once per chunk for all layers.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::Result;
 
-/// Frequencies for one head size.
+/// Frequencies for one head size, on the model's device.
 #[derive(Clone, Debug)]
-pub struct Rope {
-    inv_freq: Vec<f32>,
+pub(crate) struct Rope {
+    /// `(d/2,)` f32: `theta ** -linspace(0, 1, d/2)`.
+    inv_freq: Tensor,
 }
 
 /// `cos`/`sin` tables for the positions of one chunk, shape `(T, d/2)` (all rows of the batch at
 /// the same positions) or `(B, T, d/2)` (rows at different positions).
 #[derive(Clone, Debug)]
-pub struct RopeTables {
+pub(crate) struct RopeTables {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rope {
     /// Frequencies for heads of size `head_dim` (even) and base `theta`.
-    pub fn new(head_dim: usize, theta: f64) -> Self {
+    pub(crate) fn new(head_dim: usize, theta: f64, device: &Device) -> Result<Self> {
         let half = head_dim / 2;
-        let inv_freq = (0..half)
+        let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
                 // linspace(0, 1, n) has a single point 0 when n == 1.
                 let frac = if half > 1 {
@@ -41,57 +44,53 @@ impl Rope {
                 theta.powf(-frac) as f32
             })
             .collect();
-        Rope { inv_freq }
+        Ok(Rope {
+            inv_freq: Tensor::from_vec(inv_freq, half, device)?,
+        })
     }
 
-    /// The frequencies, `theta ** -linspace(0, 1, d/2)`.
-    pub fn inv_freq(&self) -> &[f32] {
-        &self.inv_freq
-    }
-
-    /// Tables for `len` consecutive positions starting at `start[b]` for each row `b`.
-    pub fn tables(
-        &self,
-        start: &[usize],
-        len: usize,
-        dtype: candle_core::DType,
-        device: &Device,
-    ) -> Result<RopeTables> {
-        let half = self.inv_freq.len();
+    /// Tables for `len` consecutive positions starting at `start[b]` for each row `b`, in `dtype`.
+    pub(crate) fn tables(&self, start: &[usize], len: usize, dtype: DType) -> Result<RopeTables> {
+        let device = self.inv_freq.device();
         let uniform = start.windows(2).all(|w| w[0] == w[1]);
-        let rows: &[usize] = if uniform {
-            &start[..start.len().min(1)]
-        } else {
-            start
-        };
-        let mut cos = Vec::with_capacity(rows.len() * len * half);
-        let mut sin = Vec::with_capacity(rows.len() * len * half);
-        for &s in rows {
-            for p in s..s + len {
-                let p = p as f32;
-                for &f in &self.inv_freq {
-                    let angle = p * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
+        // Positions as u32 (exact: positions stay below 2^24), then f32 on the device.
+        let positions = match start {
+            [s, ..] if uniform => Tensor::arange(*s as u32, (*s + len) as u32, device)?,
+            _ => {
+                let pos: Vec<u32> = start
+                    .iter()
+                    .flat_map(|&s| (s..s + len).map(|p| p as u32))
+                    .collect();
+                Tensor::from_vec(pos, (start.len(), len), device)?
             }
-        }
-        let shape: Vec<usize> = if uniform {
-            vec![len, half]
-        } else {
-            vec![rows.len(), len, half]
         };
-        let cos = Tensor::from_vec(cos, shape.as_slice(), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, shape.as_slice(), device)?.to_dtype(dtype)?;
-        Ok(RopeTables { cos, sin })
+        // angle = f32(pos) * inv_freq, the product the reference takes, then cos and sin in f32.
+        let angles = positions
+            .to_dtype(DType::F32)?
+            .unsqueeze(positions.rank())?
+            .broadcast_mul(&self.inv_freq)?;
+        Ok(RopeTables {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+        })
     }
 }
 
 impl RopeTables {
     /// Rotates `x` of shape `(B, H, T, d)` (made contiguous if needed).
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         Ok(candle_nn::rotary_emb::rope_i(&x, &self.cos, &self.sin)?)
+    }
+
+    /// The tables of the last position only.
+    pub(crate) fn last(&self) -> Result<RopeTables> {
+        let axis = self.cos.rank() - 2;
+        let n = self.cos.dim(axis)?;
+        Ok(RopeTables {
+            cos: self.cos.narrow(axis, n - 1, 1)?,
+            sin: self.sin.narrow(axis, n - 1, 1)?,
+        })
     }
 }
 
@@ -103,13 +102,13 @@ mod tests {
     #[test]
     fn rotates_interleaved_pairs_by_linspace_frequencies() -> Result<()> {
         let (h, t, d) = (2, 5, 8);
-        let rope = Rope::new(d, 10000.0);
+        let rope = Rope::new(d, 10000.0, &Device::Cpu)?;
         let data: Vec<f32> = (0..h * t * d)
             .map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0)
             .collect();
         let x = Tensor::from_vec(data.clone(), (1, h, t, d), &Device::Cpu)?;
         let start = 123;
-        let tables = rope.tables(&[start], t, candle_core::DType::F32, &Device::Cpu)?;
+        let tables = rope.tables(&[start], t, DType::F32)?;
         let y: Vec<f32> = tables.apply(&x)?.flatten_all()?.to_vec1()?;
         for hh in 0..h {
             for tt in 0..t {
@@ -129,14 +128,12 @@ mod tests {
 
     #[test]
     fn per_row_tables_match_uniform_tables_row_by_row() -> Result<()> {
-        let rope = Rope::new(4, 100.0);
+        let rope = Rope::new(4, 100.0, &Device::Cpu)?;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 2, 4), &Device::Cpu)?;
-        let both = rope
-            .tables(&[7, 40], 2, candle_core::DType::F32, &Device::Cpu)?
-            .apply(&x)?;
+        let both = rope.tables(&[7, 40], 2, DType::F32)?.apply(&x)?;
         for (b, s) in [(0usize, 7usize), (1, 40)] {
             let one = rope
-                .tables(&[s], 2, candle_core::DType::F32, &Device::Cpu)?
+                .tables(&[s], 2, DType::F32)?
                 .apply(&x.narrow(0, b, 1)?)?;
             let diff = (one - both.narrow(0, b, 1)?)?
                 .abs()?

@@ -20,36 +20,132 @@
 //!
 //! The state `S` and all decay arithmetic are f32 whatever the weights' dtype.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
 
-use crate::linear::Linear;
-
-use crate::norm::RmsNorm;
-use crate::rope::RopeTables;
-use crate::Result;
+use crate::checkpoint::catalogue::LinearSpec;
+use crate::layers::constants::{ConstKey, Constants};
+use crate::layers::linear::Linear;
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::RopeTables;
+use crate::{Error, Result};
 
 /// The reference's `gate_logit_normalizer`.
 const GATE_LOGIT_NORMALIZER: f64 = 16.0;
 
 /// Chunk length of the chunkwise form during prefill (the reference uses 256): the inner
 /// parallel part costs `O(C^2 d)` per head, the state update `O(C d^2)`.
-pub const RETENTION_CHUNK: usize = 256;
+pub(crate) const RETENTION_CHUNK: usize = 256;
 
 /// Weights of one gated-retention layer.
 #[derive(Clone, Debug)]
-pub struct GatedRetention {
+pub(crate) struct GatedRetention {
     /// `q_proj`, `k_proj`, `v_proj`, `g_proj` and `gt_proj` fused, in that order.
-    pub(crate) qkvg_gt: Linear,
-    pub(crate) out_proj: Linear,
-    pub(crate) n_heads: usize,
-    pub(crate) head_dim: usize,
+    qkvg_gt: Linear,
+    out_proj: Linear,
+    n_heads: usize,
+    head_dim: usize,
     /// Per-head output norm without weight.
-    pub(crate) head_norm: RmsNorm,
+    head_norm: RmsNorm,
+}
+
+/// The state of one gated-retention layer: `S: (B, H, d, d)`, always f32, constant in the
+/// sequence length.
+#[derive(Clone, Debug)]
+pub(crate) struct RetentionState {
+    pub(crate) s: Tensor,
+}
+
+impl RetentionState {
+    /// The zero state of `batch` sequences.
+    pub(crate) fn new(
+        batch: usize,
+        n_heads: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(RetentionState {
+            s: Tensor::zeros((batch, n_heads, head_dim, head_dim), DType::F32, device)?,
+        })
+    }
+
+    /// Bytes of state.
+    pub(crate) fn bytes(&self) -> usize {
+        self.s.elem_count() * self.s.dtype().size_in_bytes()
+    }
+
+    /// Back to the zero state.
+    pub(crate) fn reset(&mut self) -> Result<()> {
+        self.s = self.s.zeros_like()?;
+        Ok(())
+    }
+
+    /// One batch of the rows of `parts`, in order.
+    pub(crate) fn stack(parts: &[&RetentionState]) -> Result<Self> {
+        let states: Vec<&Tensor> = parts.iter().map(|p| &p.s).collect();
+        Ok(RetentionState {
+            s: Tensor::cat(&states, 0)?,
+        })
+    }
+
+    /// The rows `rows`, in that order.
+    pub(crate) fn select(&self, rows: &[usize]) -> Result<Self> {
+        let index = Tensor::new(
+            rows.iter()
+                .map(|&r| r as u32)
+                .collect::<Vec<_>>()
+                .as_slice(),
+            self.s.device(),
+        )?;
+        Ok(RetentionState {
+            s: self.s.index_select(&index, 0)?,
+        })
+    }
+
+    /// A state read back from a file, checked against `(batch, H, d, d)`.
+    pub(crate) fn restore(
+        s: &Tensor,
+        (batch, n_heads, head_dim): (usize, usize, usize),
+        device: &Device,
+    ) -> Result<Self> {
+        if s.dims() != [batch, n_heads, head_dim, head_dim] {
+            return Err(Error::Input(format!(
+                "retention state of shape {:?}, expected ({batch}, {n_heads}, {head_dim}, {head_dim})",
+                s.dims()
+            )));
+        }
+        Ok(RetentionState {
+            s: s.to_dtype(DType::F32)?.to_device(device)?,
+        })
+    }
 }
 
 impl GatedRetention {
-    /// Mixes a chunk `x: (B, C, dim)` (already normalised) and advances `state: (B, H, d, d)`.
-    pub fn forward(&self, x: &Tensor, rope: &RopeTables, state: &mut Tensor) -> Result<Tensor> {
+    /// The layer of `qkvg_gt` (fused `q, k, v, g, gt`) and `out`, with `n_heads` heads of
+    /// size `head_dim`.
+    pub(crate) fn load(
+        vb: &VarBuilder,
+        (qkvg_gt, out): (&LinearSpec, &LinearSpec),
+        (n_heads, head_dim): (usize, usize),
+        eps: f64,
+    ) -> Result<Self> {
+        Ok(GatedRetention {
+            qkvg_gt: Linear::load(vb, qkvg_gt)?,
+            out_proj: Linear::load(vb, out)?,
+            n_heads,
+            head_dim,
+            head_norm: RmsNorm::without_weight(head_dim, eps, DType::F32, vb.device())?,
+        })
+    }
+
+    /// Mixes a chunk `x: (B, C, dim)` (already normalised) and advances `state`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        state: &mut RetentionState,
+        consts: &Constants,
+    ) -> Result<Tensor> {
         let (b, c, dim) = x.dims3()?;
         let (h, d) = (self.n_heads, self.head_dim);
         let heads = |t: Tensor| -> Result<Tensor> {
@@ -68,15 +164,12 @@ impl GatedRetention {
             k.to_dtype(DType::F32)?,
             v.to_dtype(DType::F32)?,
         );
-        let o = if c == 1 {
-            let (o, s) = recurrent_step(&q, &k, &v, &lg, state)?;
-            *state = s;
-            o
+        let (o, s) = if c == 1 {
+            recurrent_step(&q, &k, &v, &lg, &state.s)?
         } else {
-            let (o, s) = chunkwise(&q, &k, &v, &lg, state, RETENTION_CHUNK)?;
-            *state = s;
-            o
+            chunkwise(&q, &k, &v, &lg, &state.s, RETENTION_CHUNK, consts)?
         };
+        state.s = s;
         let o = self.head_norm.forward(&o)?.to_dtype(x.dtype())?;
         let o = o.transpose(1, 2)?.reshape((b, c, dim))?;
         self.out_proj.forward(&(g.silu()? * o)?)
@@ -84,28 +177,37 @@ impl GatedRetention {
 }
 
 /// `log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|))`, stable for large `|x|`.
-pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     let neg_abs = x.abs()?.neg()?;
     let softplus = (neg_abs.exp()? + 1.0)?.log()?;
     Ok((x.minimum(0f32)? - softplus)?)
 }
 
-/// Parallel form over a whole sequence from a zero state.
+/// Parallel form over a whole sequence from a zero state (a reference for the other forms).
 /// `q, k, v: (B, H, T, d)` f32 (k already scaled), `lg: (B, H, T)` f32; returns `(B, H, T, d)`.
-pub fn parallel(q: &Tensor, k: &Tensor, v: &Tensor, lg: &Tensor) -> Result<Tensor> {
-    intra_chunk(q, k, v, &segment_sums(lg)?)
+#[cfg(test)]
+pub(crate) fn parallel(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lg: &Tensor,
+    consts: &Constants,
+) -> Result<Tensor> {
+    intra_chunk(q, k, v, &segment_sums(lg, consts)?, consts)
 }
 
 /// `S[n, m] = sum_{j=m+1..=n} lg_j = G_n - G_m` for `n >= m`, from `lg: (B, H, C)`:
 /// `(B, H, C, C)`. Summed directly rather than as a difference of cumulative sums: over a long
 /// chunk `G` reaches -100 and beyond, where `G_n - G_m` in f32 would lose the digits that matter.
-fn segment_sums(lg: &Tensor) -> Result<Tensor> {
+fn segment_sums(lg: &Tensor, consts: &Constants) -> Result<Tensor> {
     let (b, h, c) = lg.dims3()?;
     // X[n, m] = lg_n where n > m, else 0; a cumulative sum down the columns gives S.
-    let strictly_lower: Vec<f32> = (0..c * c)
-        .map(|i| if i / c > i % c { 1.0 } else { 0.0 })
-        .collect();
-    let mask = Tensor::from_vec(strictly_lower, (c, c), lg.device())?;
+    let mask = consts.get(ConstKey::StrictlyLower(c), || {
+        let strictly_lower: Vec<f32> = (0..c * c)
+            .map(|i| if i / c > i % c { 1.0 } else { 0.0 })
+            .collect();
+        Ok(Tensor::from_vec(strictly_lower, (c, c), lg.device())?)
+    })?;
     let x = lg
         .unsqueeze(3)?
         .broadcast_as((b, h, c, c))?
@@ -114,38 +216,43 @@ fn segment_sums(lg: &Tensor) -> Result<Tensor> {
 }
 
 /// `sum_{m<=n} exp(S[n, m]) (q_n . k_m) v_m` for the segment sums `seg` of the log-decays.
-fn intra_chunk(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor) -> Result<Tensor> {
+fn intra_chunk(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seg: &Tensor,
+    consts: &Constants,
+) -> Result<Tensor> {
     let c = q.dim(2)?;
     // -inf above the diagonal *before* the exp (there the sum is 0 or meaningless), so those
     // entries are exactly 0.
-    let upper = upper_neg_inf(c, q.device())?;
+    let upper = consts.get(ConstKey::UpperNegInf(c), || {
+        let data: Vec<f32> = (0..c * c)
+            .map(|i| {
+                if i % c > i / c {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok(Tensor::from_vec(data, (c, c), q.device())?)
+    })?;
     let decay = seg.broadcast_add(&upper)?.exp()?;
     let scores = (q.matmul(&k.t()?)? * decay)?;
     Ok(scores.matmul(v)?)
 }
 
-fn upper_neg_inf(c: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let data: Vec<f32> = (0..c * c)
-        .map(|i| {
-            if i % c > i / c {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Ok(Tensor::from_vec(data, (c, c), device)?)
-}
-
 /// Chunkwise form: processes `T` tokens in chunks of `chunk`, starting from `state: (B, H, d, d)`.
 /// Returns the outputs `(B, H, T, d)` and the state after the last token.
-pub fn chunkwise(
+pub(crate) fn chunkwise(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     lg: &Tensor,
     state: &Tensor,
     chunk: usize,
+    consts: &Constants,
 ) -> Result<(Tensor, Tensor)> {
     let t = q.dim(2)?;
     let chunk = chunk.max(1);
@@ -160,9 +267,9 @@ pub fn chunkwise(
         let lgc = lg.narrow(2, start, c)?.contiguous()?;
         let g = lgc.cumsum(D::Minus1)?; // (B, H, C): G_i
         let g_last = g.narrow(2, c - 1, 1)?; // (B, H, 1)
-        let seg = segment_sums(&lgc)?; // (B, H, C, C): G_n - G_m
+        let seg = segment_sums(&lgc, consts)?; // (B, H, C, C): G_n - G_m
 
-        let inner = intra_chunk(&qc, &kc, &vc, &seg)?;
+        let inner = intra_chunk(&qc, &kc, &vc, &seg, consts)?;
         // Contribution of everything before the chunk: (q_i * exp(G_i)) S_prev.
         let q_decayed = qc.broadcast_mul(&g.exp()?.unsqueeze(3)?)?;
         let outer = q_decayed.matmul(&state)?;
@@ -184,7 +291,7 @@ pub fn chunkwise(
 }
 
 /// One token of the recurrent form: `q, k, v: (B, H, 1, d)`, `lg: (B, H, 1)`.
-pub fn recurrent_step(
+pub(crate) fn recurrent_step(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -199,7 +306,8 @@ pub fn recurrent_step(
 }
 
 /// Recurrent form over a whole sequence, token by token (the reference for the other two).
-pub fn recurrent(
+#[cfg(test)]
+pub(crate) fn recurrent(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -238,7 +346,11 @@ mod tests {
 
     /// Normal samples from a seeded generator (candle's CPU RNG cannot be seeded): the same
     /// inputs on every run.
-    fn normal(rng: &mut crate::sampling::Rng, shape: &[usize], std: f32) -> Result<Tensor> {
+    fn normal(
+        rng: &mut crate::generation::sampling::Rng,
+        shape: &[usize],
+        std: f32,
+    ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n)
             .map(|_| {
@@ -250,7 +362,7 @@ mod tests {
     }
 
     fn inputs(b: usize, h: usize, t: usize, d: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-        let rng = &mut crate::sampling::Rng::new((b * 1000 + h * 100 + t + d) as u64);
+        let rng = &mut crate::generation::sampling::Rng::new((b * 1000 + h * 100 + t + d) as u64);
         let q = normal(rng, &[b, h, t, d], 1.0)?;
         let k = (normal(rng, &[b, h, t, d], 1.0)? * (d as f64).powf(-0.5))?;
         let v = normal(rng, &[b, h, t, d], 1.0)?;
@@ -279,7 +391,8 @@ mod tests {
         let (b, h, t, d) = (2, 3, 300, 8);
         let (q, k, v, lg) = inputs(b, h, t, d)?;
         let zero = Tensor::zeros((b, h, d, d), DType::F32, &Device::Cpu)?;
-        let par = parallel(&q, &k, &v, &lg)?;
+        let consts = Constants::default();
+        let par = parallel(&q, &k, &v, &lg, &consts)?;
         let (rec, rec_state) = recurrent(&q, &k, &v, &lg, &zero)?;
         assert!(
             max_diff(&par, &rec) <= 1e-5,
@@ -287,7 +400,7 @@ mod tests {
             max_diff(&par, &rec)
         );
         for chunk in [1, 7, 64, 256] {
-            let (out, state) = chunkwise(&q, &k, &v, &lg, &zero, chunk)?;
+            let (out, state) = chunkwise(&q, &k, &v, &lg, &zero, chunk, &consts)?;
             assert!(
                 max_diff(&out, &rec) <= 1e-5,
                 "chunk {chunk}: {}",
@@ -301,6 +414,7 @@ mod tests {
     #[test]
     fn chunkwise_continues_from_a_nonzero_state() -> Result<()> {
         let (q, k, v, lg) = inputs(1, 2, 50, 4)?;
+        let consts = Constants::default();
         let zero = Tensor::zeros((1, 2, 4, 4), DType::F32, &Device::Cpu)?;
         let (_, mid) = chunkwise(
             &q.narrow(2, 0, 20)?,
@@ -309,6 +423,7 @@ mod tests {
             &lg.narrow(2, 0, 20)?,
             &zero,
             256,
+            &consts,
         )?;
         let (tail, _) = chunkwise(
             &q.narrow(2, 20, 30)?,
@@ -317,6 +432,7 @@ mod tests {
             &lg.narrow(2, 20, 30)?,
             &mid,
             9,
+            &consts,
         )?;
         let (all, _) = recurrent(&q, &k, &v, &lg, &zero)?;
         assert!(max_diff(&tail, &all.narrow(2, 20, 30)?) <= 1e-5);

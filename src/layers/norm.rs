@@ -1,19 +1,26 @@
 //! RMSNorm: `y = x * rsqrt(mean(x^2) + eps) * weight`, accumulated in f32 whatever the dtype.
 
 use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
 
+use crate::checkpoint::catalogue::Parameter;
 use crate::Result;
 
 /// RMS normalisation over the last dimension.
 #[derive(Clone, Debug)]
-pub struct RmsNorm {
+pub(crate) struct RmsNorm {
     weight: Tensor,
     eps: f32,
 }
 
 impl RmsNorm {
+    /// The norm whose `(dim,)` weight is `p`, read from `vb`.
+    pub(crate) fn load(vb: &VarBuilder, p: &Parameter, eps: f64) -> Result<Self> {
+        Ok(RmsNorm::new(vb.get(p.shape.as_slice(), &p.name)?, eps))
+    }
+
     /// From a `(dim,)` weight.
-    pub fn new(weight: Tensor, eps: f64) -> Self {
+    pub(crate) fn new(weight: Tensor, eps: f64) -> Self {
         RmsNorm {
             weight,
             eps: eps as f32,
@@ -22,7 +29,7 @@ impl RmsNorm {
 
     /// A norm without learned scale (the reference's per-head norm of retention outputs,
     /// `elementwise_affine=False`).
-    pub fn without_weight(
+    pub(crate) fn without_weight(
         dim: usize,
         eps: f64,
         dtype: DType,
@@ -32,7 +39,7 @@ impl RmsNorm {
     }
 
     /// Normalises `x` over its last dimension.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's fused kernel needs contiguous input; this is a no-op when it already is.
         let x = x.contiguous()?;
         let w = if self.weight.dtype() == x.dtype() {

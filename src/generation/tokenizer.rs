@@ -6,7 +6,7 @@
 //!
 //! ```no_run
 //! # fn main() -> yoco::Result<()> {
-//! let tok = yoco::tokenizer::Tokenizer::from_model_dir("models/yoco-3b")?;
+//! let tok = yoco::Tokenizer::from_model_dir("models/yoco-3b")?;
 //! let ids = tok.encode("Hello, world", true)?;
 //! let mut stream = tok.stream(true);
 //! for &id in &ids {

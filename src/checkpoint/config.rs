@@ -289,14 +289,6 @@ impl Config {
         self.n_attn_kv_heads * self.attn_head_dim()
     }
 
-    /// Number of parameters the config implies.
-    pub fn n_params(&self) -> usize {
-        crate::loading::expected_tensors(self)
-            .iter()
-            .map(|(_, shape)| shape.iter().product::<usize>())
-            .sum()
-    }
-
     /// Bytes of cache one token adds, for `bytes_per_value` (4 for f32, 2 for bf16/f16):
     /// YOCO stores one global K/V; the self-decoder state does not grow.
     pub fn cache_bytes_per_token(&self, bytes_per_value: usize) -> usize {

@@ -1,9 +1,15 @@
-//! Text generation: prefill with early exit, then one step per token.
+//! From a prompt to new tokens: prefill with early exit, then one step per token, with sampling
+//! ([`sampling`]) and text ([`tokenizer`]).
 //!
-//! [`Model::generate`] is the one-call API; [`Model::generate_stream`] calls back on every
-//! token and lets the caller stop; [`Model::generate_from`] continues from a cache you keep
-//! (a system prompt prefilled once and cloned for each request); [`Model::generate_batch`] runs
-//! several prompts of different lengths in one batch, each with the result it would have alone.
+//! One decode loop serves every entry point: [`Model::generate`] (one call),
+//! [`Model::generate_stream`] (a callback per token that can stop), [`Model::generate_from`]
+//! (continue a cache you keep: a system prompt prefilled once and cloned per request), and their
+//! batched forms [`Model::generate_batch`], [`Model::generate_batch_stream`] and
+//! [`Model::generate_batch_from`]: prompts of different lengths decode together, each with the
+//! result it would have alone, and a row that stops leaves the batch at once.
+
+pub(crate) mod sampling;
+pub(crate) mod tokenizer;
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -12,9 +18,9 @@ use candle_core::{Device, Tensor};
 
 use crate::cache::Cache;
 use crate::model::{Model, DEFAULT_PREFILL_CHUNK};
-use crate::sampling::{Sampler, Sampling};
-use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
+use sampling::{Sampler, Sampling};
+use tokenizer::Tokenizer;
 
 /// `<s>`, `<pad>` and `</s>` in the reference vocabulary (tiktoken ids shifted by 4).
 pub const REFERENCE_BOS: u32 = 0;
@@ -131,18 +137,19 @@ fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
     Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
 }
 
-fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
-    Ok(logits.flatten_all()?.to_vec1::<f32>()?)
-}
-
 impl Model {
     /// Generates up to `cfg.max_new_tokens` tokens after `prompt`.
     ///
-    /// ```no_run
+    /// ```
     /// # fn main() -> yoco::Result<()> {
-    /// use yoco::{GenerationConfig, Model};
-    /// let model = Model::load("models/shakespeare", &candle_core::Device::Cpu, candle_core::DType::F32)?;
+    /// use yoco::{GenerationConfig, Model, StopReason};
+    /// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare");
+    /// let model = Model::load(dir, &candle_core::Device::Cpu, candle_core::DType::F32)?;
     /// let out = model.generate(&[0, 1234, 567], &GenerationConfig::greedy(20))?;
+    /// assert!(out.tokens.len() <= 20);
+    /// if out.stop_reason == StopReason::MaxTokens {
+    ///     assert_eq!(out.tokens.len(), 20);
+    /// }
     /// println!("{:?} ({:.1} tokens/s)", out.tokens, out.decode_tokens_per_s());
     /// # Ok(()) }
     /// ```
@@ -172,58 +179,19 @@ impl Model {
         cfg: &GenerationConfig,
         mut on_token: impl FnMut(u32) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        cfg.validate()?;
-        if prompt.is_empty() {
-            return Err(Error::Input("empty prompt: give at least one token".into()));
-        }
         if cache.batch_size() != 1 {
             return Err(Error::Input(
                 "generate_from takes a cache of one sequence".into(),
             ));
         }
-        let start = cache.positions()[0];
-        self.check_room(start + prompt.len(), cfg.max_new_tokens)?;
-        let mut sampler =
-            Sampler::new(cfg.sampling.clone(), cfg.seed, cfg.suppress_tokens.clone())?;
-        cache.reserve(start + prompt.len() + cfg.max_new_tokens)?;
-
-        let t0 = Instant::now();
-        let mut logits = self.prefill_chunked(
-            &ids_tensor(prompt, &self.device().clone())?,
-            cache,
-            cfg.prefill_chunk,
+        let mut out = self.generate_batch_from(
+            std::slice::from_mut(cache),
+            &[prompt.to_vec()],
+            cfg,
+            |_, tok| on_token(tok),
         )?;
-        let prefill_time = t0.elapsed();
-
-        let t1 = Instant::now();
-        let mut history = prompt.to_vec();
-        let mut tokens = Vec::new();
-        let mut stop_reason = StopReason::MaxTokens;
-        while tokens.len() < cfg.max_new_tokens {
-            let mut row = last_row(&logits)?;
-            let tok = sampler.sample(&mut row, &history)?;
-            if cfg.stop_tokens.contains(&tok) {
-                stop_reason = StopReason::StopToken(tok);
-                break;
-            }
-            tokens.push(tok);
-            history.push(tok);
-            if on_token(tok).is_break() {
-                stop_reason = StopReason::Callback;
-                break;
-            }
-            if tokens.len() == cfg.max_new_tokens {
-                break;
-            }
-            logits = self.step(&Tensor::new(&[tok], self.device())?, cache)?;
-        }
-        Ok(Generation {
-            tokens,
-            stop_reason,
-            prompt_tokens: prompt.len(),
-            prefill_time,
-            decode_time: t1.elapsed(),
-        })
+        out.pop()
+            .ok_or_else(|| Error::Generation("no result for the one prompt".into()))
     }
 
     /// Generates for several prompts of different lengths at once. Each prompt is prefilled on
@@ -235,31 +203,77 @@ impl Model {
         prompts: &[Vec<u32>],
         cfg: &GenerationConfig,
     ) -> Result<Vec<Generation>> {
+        self.generate_batch_stream(prompts, cfg, |_, _| ControlFlow::Continue(()))
+    }
+
+    /// Like [`Model::generate_batch`], calling `on_token(row, token)` with each new token of
+    /// each row as soon as it is chosen; `ControlFlow::Break(())` stops that row (the others go
+    /// on).
+    pub fn generate_batch_stream(
+        &self,
+        prompts: &[Vec<u32>],
+        cfg: &GenerationConfig,
+        on_token: impl FnMut(usize, u32) -> ControlFlow<()>,
+    ) -> Result<Vec<Generation>> {
+        let mut caches = prompts
+            .iter()
+            .map(|_| self.new_cache(1))
+            .collect::<Result<Vec<_>>>()?;
+        self.generate_batch_from(&mut caches, prompts, cfg, on_token)
+    }
+
+    /// The one decode loop: continues sequence `i` (the one-sequence cache `caches[i]`) with
+    /// `prompts[i]` and generates for all of them together, calling `on_token(i, token)` as each
+    /// token is chosen (`Break` stops row `i`). A row that stops leaves the batch at once and its
+    /// cache, like every other, ends holding its prompt and every generated token but the last
+    /// one chosen. Each row's result equals [`Model::generate_from`] on its cache alone.
+    pub fn generate_batch_from(
+        &self,
+        caches: &mut [Cache],
+        prompts: &[Vec<u32>],
+        cfg: &GenerationConfig,
+        mut on_token: impl FnMut(usize, u32) -> ControlFlow<()>,
+    ) -> Result<Vec<Generation>> {
         cfg.validate()?;
-        if prompts.is_empty() {
+        if prompts.is_empty() && caches.is_empty() {
             return Ok(Vec::new());
         }
-        let n = prompts.len();
-        let mut caches = Vec::with_capacity(n);
-        let mut rows = Vec::with_capacity(n);
-        let mut logits = Vec::with_capacity(n);
-        for prompt in prompts {
+        if caches.len() != prompts.len() {
+            return Err(Error::Input(format!(
+                "{} caches for {} prompts",
+                caches.len(),
+                prompts.len()
+            )));
+        }
+        for (cache, prompt) in caches.iter().zip(prompts) {
             if prompt.is_empty() {
-                return Err(Error::Input("empty prompt in batch".into()));
+                return Err(Error::Input("empty prompt: give at least one token".into()));
             }
-            self.check_room(prompt.len(), cfg.max_new_tokens)?;
-            let mut cache = self.new_cache(1)?;
-            cache.reserve(prompt.len() + cfg.max_new_tokens)?;
+            if cache.batch_size() != 1 {
+                return Err(Error::Input(
+                    "each cache of a batched generation holds one sequence".into(),
+                ));
+            }
+            self.check_room(cache.positions()[0] + prompt.len(), cfg.max_new_tokens)?;
+        }
+
+        // Prefill each row on its own: prefill is compute-bound, and rows may start anywhere.
+        let mut rows = Vec::with_capacity(prompts.len());
+        for (cache, prompt) in caches.iter_mut().zip(prompts) {
+            let sampler =
+                Sampler::new(cfg.sampling.clone(), cfg.seed, cfg.suppress_tokens.clone())?;
+            let start = cache.positions()[0];
+            cache.reserve(start + prompt.len() + cfg.max_new_tokens)?;
             let t0 = Instant::now();
-            logits.push(last_row(&self.prefill_chunked(
+            let logits = self.prefill_chunked(
                 &ids_tensor(prompt, self.device())?,
-                &mut cache,
+                cache,
                 cfg.prefill_chunk,
-            )?)?);
-            caches.push(cache);
+            )?;
             rows.push(Row {
-                sampler: Sampler::new(cfg.sampling.clone(), cfg.seed, cfg.suppress_tokens.clone())?,
+                sampler,
                 history: prompt.clone(),
+                logits: logits.flatten_all()?.to_vec1::<f32>()?,
                 out: Generation {
                     tokens: Vec::new(),
                     stop_reason: StopReason::MaxTokens,
@@ -267,37 +281,46 @@ impl Model {
                     prefill_time: t0.elapsed(),
                     decode_time: Duration::ZERO,
                 },
-                done: cfg.max_new_tokens == 0,
             });
         }
-        let mut cache = Cache::stack(&caches)?;
-        drop(caches);
+
+        // Decode every unfinished row in one batch; `active[j]` is the row in batch slot j.
+        let mut active: Vec<usize> = (0..rows.len()).collect();
+        let mut batch = match &*caches {
+            [one] => one.clone(),
+            many => Cache::stack(many)?,
+        };
         let t1 = Instant::now();
-        loop {
-            let mut next = Vec::with_capacity(n);
-            for (row, row_logits) in rows.iter_mut().zip(logits.iter_mut()) {
-                if !row.done {
-                    let tok = row.sampler.sample(row_logits, &row.history)?;
-                    if cfg.stop_tokens.contains(&tok) {
-                        row.out.stop_reason = StopReason::StopToken(tok);
-                        row.done = true;
-                    } else {
-                        row.out.tokens.push(tok);
-                        row.history.push(tok);
-                        row.done = row.out.tokens.len() == cfg.max_new_tokens;
+        while !active.is_empty() {
+            let mut next = Vec::with_capacity(active.len());
+            let mut stay = Vec::with_capacity(active.len());
+            for (slot, &r) in active.iter().enumerate() {
+                let row = &mut rows[r];
+                match row.choose(cfg, |tok| on_token(r, tok))? {
+                    Some(tok) => {
+                        next.push(tok);
+                        stay.push(slot);
                     }
-                    if row.done {
-                        row.out.decode_time = t1.elapsed();
+                    None => row.out.decode_time = t1.elapsed(),
+                }
+            }
+            if stay.len() < active.len() {
+                // Finished rows leave the batch: their state goes back to their caches.
+                for (slot, &r) in active.iter().enumerate() {
+                    if !stay.contains(&slot) {
+                        caches[r] = batch.select(&[slot])?;
                     }
                 }
-                // Finished rows keep stepping on their last token; their outputs are ignored.
-                next.push(row.history.last().copied().unwrap_or(0));
+                if stay.is_empty() {
+                    break;
+                }
+                batch = batch.select(&stay)?;
+                active = stay.iter().map(|&slot| active[slot]).collect();
             }
-            if rows.iter().all(|r| r.done) {
-                break;
+            let logits = self.step_ids(&next, &mut batch)?.to_vec2::<f32>()?;
+            for (&r, row_logits) in active.iter().zip(logits) {
+                rows[r].logits = row_logits;
             }
-            let step = self.step(&Tensor::new(next.as_slice(), self.device())?, &mut cache)?;
-            logits = step.to_vec2::<f32>()?;
         }
         Ok(rows.into_iter().map(|r| r.out).collect())
     }
@@ -349,9 +372,39 @@ impl Model {
     }
 }
 
+/// One sequence of a generation.
 struct Row {
     sampler: Sampler,
+    /// Prompt and generated tokens, for the repetition penalty.
     history: Vec<u32>,
+    /// The logits the next token is chosen from.
+    logits: Vec<f32>,
     out: Generation,
-    done: bool,
+}
+
+impl Row {
+    /// Chooses the next token; `Some` when the row goes on and must be fed that token, `None`
+    /// when it has finished (its stop reason recorded).
+    fn choose(
+        &mut self,
+        cfg: &GenerationConfig,
+        on_token: impl FnOnce(u32) -> ControlFlow<()>,
+    ) -> Result<Option<u32>> {
+        if self.out.tokens.len() >= cfg.max_new_tokens {
+            return Ok(None);
+        }
+        let tok = self.sampler.sample(&mut self.logits, &self.history)?;
+        if cfg.stop_tokens.contains(&tok) {
+            self.out.stop_reason = StopReason::StopToken(tok);
+            return Ok(None);
+        }
+        self.out.tokens.push(tok);
+        self.history.push(tok);
+        if on_token(tok).is_break() {
+            self.out.stop_reason = StopReason::Callback;
+            return Ok(None);
+        }
+        // The last token is returned, not fed back.
+        Ok((self.out.tokens.len() < cfg.max_new_tokens).then_some(tok))
+    }
 }

@@ -6,7 +6,7 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::linear::dot;
+use crate::layers::linear::dot;
 use crate::Result;
 
 /// `softmax(q k^T * scale + mask) v`.
@@ -15,8 +15,10 @@ use crate::Result;
 /// * `mask`: additive (0 or -inf), broadcastable to `(B, H_kv, G, C, L)`: either `(C, L)` for a
 ///   mask shared by all rows, or `(B, 1, 1, C, L)` for one per row; `None` = every key visible.
 ///
-/// Scores and softmax are computed in f32; the result has `v`'s dtype, shape `(B, H, C, d)`.
-pub fn attention(
+/// `q k^T` is multiplied in the inputs' dtype, then scaled, masked and softmaxed in f32; the
+/// result has `v`'s dtype, shape `(B, H, C, d)`. One decode query per head on CPU in f32 takes
+/// a kernel that reads each K/V head once for all its query heads.
+pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -30,21 +32,6 @@ pub fn attention(
         if let Some(out) = decode_grouped_cpu(q, k, v, scale as f32)? {
             return Ok(out);
         }
-    }
-    if mask.is_none() && b == 1 && cpu_f32 {
-        // candle's fused CPU attention reads K/V through their strides (no copy of the cache,
-        // no packing of K^T) and keeps scores in registers: the decode hot path.
-        let q = q.transpose(1, 2)?; // (1, C, H, d)
-        let (k, v) = (k.transpose(1, 2)?, v.transpose(1, 2)?); // (1, L, H_kv, d) views
-        return Ok(candle_nn::attention::flash_attn::<f32>(
-            &q,
-            &k,
-            &v,
-            scale as f32,
-            candle_nn::attention::AttnMask::None,
-            None,
-            None,
-        )?);
     }
     let g = h / h_kv;
     // (B, H, C, d) -> (B, H_kv, G*C, d): head h = kv * G + g reads kv head h / G.
@@ -133,7 +120,7 @@ fn decode_grouped_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<
 /// Additive mask `(C, L)` with 0 where query `i` may see key `j` and -inf elsewhere, for queries
 /// and keys numbered by absolute position: query `i` sits at `q_start + i`, key `j` at
 /// `k_start + j`, and a query sees keys in `(pos - window, pos]` (`window = None`: all earlier keys).
-pub fn causal_mask(
+pub(crate) fn causal_mask(
     c: usize,
     l: usize,
     q_start: usize,
@@ -155,7 +142,7 @@ pub fn causal_mask(
 
 /// Per-row additive mask `(B, 1, 1, 1, L)` for one decode step over a right-aligned cache of `L`
 /// slots in which row `b`'s real entries are the last `visible[b]`.
-pub fn right_aligned_mask(
+pub(crate) fn right_aligned_mask(
     visible: &[usize],
     l: usize,
     device: &candle_core::Device,
@@ -228,7 +215,7 @@ mod tests {
         let slow = naive_attention(&q, &k, &v, None, 0.3)?;
         let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
-        // Several queries per head go through candle's fused kernel instead.
+        // Several queries per head take the general path.
         let q2 = Tensor::randn(0f32, 1.0, (1, 6, 3, 8), &dev)?;
         let fast = attention(&q2, &k, &v, None, 0.3)?;
         let slow = naive_attention(&q2, &k, &v, None, 0.3)?;

@@ -5,12 +5,12 @@
 
 use candle_core::Tensor;
 
-use crate::linear::Linear;
+use crate::layers::linear::Linear;
 use crate::Result;
 
 /// SwiGLU feed-forward network.
 #[derive(Clone, Debug)]
-pub struct SwiGlu {
+pub(crate) struct SwiGlu {
     /// `fc1` (activated) and `gate` (linear) fused, in that order.
     pub(crate) fc1_gate: Linear,
     pub(crate) fc2: Linear,
@@ -18,7 +18,7 @@ pub struct SwiGlu {
 
 impl SwiGlu {
     /// `(B, T, dim) -> (B, T, dim)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [fc1, gate] = self.fc1_gate.forward_parts(x)?;
         self.fc2.forward(&(fc1.silu()? * gate)?)
     }

@@ -23,7 +23,7 @@ const MAX_PICKLE_BYTES: u64 = 64 << 20;
 
 /// Opens a `.pth` for its tensor list, after [`check_pickles`]; a panic inside candle's reader
 /// becomes an error.
-pub fn pth_tensors(path: &Path) -> Result<PthTensors> {
+pub(crate) fn pth_tensors(path: &Path) -> Result<PthTensors> {
     let bad = |m: String| Error::Checkpoint(format!("cannot read {}: {m}", path.display()));
     check_pickles(path)?;
     let opened = std::panic::catch_unwind(|| PthTensors::new(path, None));
@@ -37,7 +37,7 @@ pub fn pth_tensors(path: &Path) -> Result<PthTensors> {
 }
 
 /// Checks every `data.pkl` of the archive with [`check_pickle`].
-pub fn check_pickles(path: &Path) -> Result<()> {
+pub(crate) fn check_pickles(path: &Path) -> Result<()> {
     let bad = |m: String| Error::Checkpoint(format!("cannot read {}: {m}", path.display()));
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
@@ -76,7 +76,7 @@ pub fn check_pickles(path: &Path) -> Result<()> {
 
 /// Walks a pickle's opcodes up to `STOP`, checking that every argument lies inside the data.
 /// Stops quietly at an opcode candle does not know (candle then rejects it with its own error).
-pub fn check_pickle(data: &[u8]) -> std::result::Result<(), String> {
+pub(crate) fn check_pickle(data: &[u8]) -> std::result::Result<(), String> {
     let mut pos = 0usize;
     // Bytes `pos..pos + n`, advancing, or an error naming the opcode that wanted them.
     let take = |pos: &mut usize, n: usize, op: u8| -> std::result::Result<&[u8], String> {

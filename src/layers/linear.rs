@@ -12,17 +12,19 @@
 //!   split across threads by output features.
 
 use candle_core::{DType, Device, Storage, Tensor};
+use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::checkpoint::catalogue::LinearSpec;
 use crate::{Error, Result};
 
 /// At most this many input rows take the row-streaming CPU kernel; more use candle's matmul,
 /// which blocks for cache reuse and wins once a weight row is used many times.
-pub const GEMV_MAX_ROWS: usize = 8;
+pub(crate) const GEMV_MAX_ROWS: usize = 8;
 
 /// A bias-free linear layer, `y = x W^T`, possibly several fused into one.
 #[derive(Clone, Debug)]
-pub struct Linear {
+pub(crate) struct Linear {
     /// `(out, in)`, contiguous.
     weight: Tensor,
     /// Output widths of the fused pieces, in order (one entry when not fused).
@@ -30,8 +32,20 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The projections of `spec`, read from `vb` by name and shape and fused in that order.
+    pub(crate) fn load(vb: &VarBuilder, spec: &LinearSpec) -> Result<Self> {
+        let weights = spec
+            .iter()
+            .map(|p| vb.get(p.shape.as_slice(), &p.name))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        match weights.as_slice() {
+            [one] => Linear::new(one.clone()),
+            _ => Linear::fused(&weights),
+        }
+    }
+
     /// One layer from a weight `(out, in)`.
-    pub fn new(weight: Tensor) -> Result<Self> {
+    pub(crate) fn new(weight: Tensor) -> Result<Self> {
         let (out, _) = weight.dims2()?;
         Ok(Linear {
             weight: weight.contiguous()?,
@@ -41,7 +55,7 @@ impl Linear {
 
     /// Several layers over the same input, fused: their weights stacked along the output axis.
     /// [`Linear::forward_parts`] returns the pieces in the same order.
-    pub fn fused(weights: &[Tensor]) -> Result<Self> {
+    pub(crate) fn fused(weights: &[Tensor]) -> Result<Self> {
         let parts = weights
             .iter()
             .map(|w| w.dims2().map(|(out, _)| out))
@@ -56,7 +70,7 @@ impl Linear {
     }
 
     /// `x: (..., in) -> (..., out)` where `out` is the sum of the fused widths.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = gemv_cpu(x, &self.weight)? {
             return Ok(y);
         }
@@ -69,7 +83,7 @@ impl Linear {
     /// Many rows (prefill) multiply by each piece's weight (a contiguous band of rows of the fused
     /// one) separately, so every output is contiguous for the element-wise work that follows
     /// (views of one wide product would send it down candle's slower strided paths).
-    pub fn forward_parts<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
+    pub(crate) fn forward_parts<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
         if self.parts.len() != N {
             return Err(Error::Config(format!(
                 "a linear layer of {} fused pieces was asked for {N}",
@@ -107,7 +121,7 @@ fn matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// `x W^T` on CPU for f32 `x: (..., k)` with at most [`GEMV_MAX_ROWS`] rows and a contiguous f32
 /// `w: (n, k)`: each thread takes a band of output features and streams their weight rows once,
 /// using each row for every input row while it is in cache. `None` when the case is not this one.
-pub fn gemv_cpu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+pub(crate) fn gemv_cpu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if !matches!(x.device(), Device::Cpu)
         || !matches!(w.device(), Device::Cpu)
         || x.dtype() != DType::F32
@@ -199,7 +213,7 @@ mod tests {
     use super::*;
 
     fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
-        let mut rng = crate::sampling::Rng::new(seed);
+        let mut rng = crate::Rng::new(seed);
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)

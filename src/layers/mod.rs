@@ -1,0 +1,60 @@
+//! Building blocks shared by both halves of the model: projections, RMSNorm, SwiGLU, the
+//! reference's RoPE, softmax attention, the K/V buffers, constants built once, and the pre-norm
+//! residual block that wraps every mixer.
+
+pub(crate) mod attention;
+pub(crate) mod constants;
+pub(crate) mod ffn;
+pub(crate) mod kv_buffer;
+pub(crate) mod linear;
+pub(crate) mod norm;
+pub(crate) mod rope;
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::catalogue::BlockSpec;
+use crate::Result;
+use ffn::SwiGlu;
+use linear::Linear;
+use norm::RmsNorm;
+
+/// A pre-norm residual block, the shape of every layer of both halves:
+/// `h = x + mixer(mixer_layer_norm(x))`, `out = h + ffn(final_layer_norm(h))`.
+#[derive(Clone, Debug)]
+pub(crate) struct Block<M> {
+    mixer_layer_norm: RmsNorm,
+    pub(crate) mixer: M,
+    final_layer_norm: RmsNorm,
+    ffn: SwiGlu,
+}
+
+impl<M> Block<M> {
+    /// The block of `spec`, around the mixer that `mixer` builds from its part of the spec.
+    pub(crate) fn load<S>(
+        vb: &VarBuilder,
+        spec: &BlockSpec<S>,
+        eps: f64,
+        mixer: impl FnOnce(&S) -> Result<M>,
+    ) -> Result<Self> {
+        Ok(Block {
+            mixer_layer_norm: RmsNorm::load(vb, &spec.mixer_layer_norm, eps)?,
+            mixer: mixer(&spec.mixer)?,
+            final_layer_norm: RmsNorm::load(vb, &spec.final_layer_norm, eps)?,
+            ffn: SwiGlu {
+                fc1_gate: Linear::load(vb, &spec.fc1_gate)?,
+                fc2: Linear::load(vb, &spec.fc2)?,
+            },
+        })
+    }
+
+    /// Runs the block on `x: (B, C, dim)`; `mix` applies the mixer to the normalised input.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        mix: impl FnOnce(&M, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let h = (x + mix(&self.mixer, &self.mixer_layer_norm.forward(x)?)?)?;
+        Ok((&h + self.ffn.forward(&self.final_layer_norm.forward(&h)?)?)?)
+    }
+}

@@ -1,0 +1,283 @@
+//! Sliding-window attention, the alternative self-decoder mixer (`sliding_window` in params.json),
+//! and its state: the one place that decides which keys a self-decoder query sees.
+//!
+//! `H = n_self_heads` heads of size `d = dim / H`, no GQA, RoPE on q and k, softmax with scale
+//! `1/sqrt(d)`. Query `i` sees exactly the `W` keys `i-W+1 ..= i` (itself included).
+//!
+//! [`WindowState`] keeps, for every sliding-window layer, the last `W - 1` keys and values in
+//! chronological order, with slack so that it is compacted once per window of tokens rather than
+//! shifted every token. All layers share one fill record (they are written by the same chunks),
+//! so what a chunk sees, and its mask, is decided once per chunk for all of them: a chunk of `C`
+//! new tokens attends over the `W - 1` retained keys plus its own `C`.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::catalogue::LinearSpec;
+use crate::layers::attention::{attention, causal_mask, right_aligned_mask};
+use crate::layers::constants::{ConstKey, Constants};
+use crate::layers::kv_buffer::{get_entries, put_entries, KvBuffer, Pending};
+use crate::layers::linear::Linear;
+use crate::layers::rope::RopeTables;
+use crate::{Error, Result};
+
+/// Weights of one sliding-window attention layer.
+#[derive(Clone, Debug)]
+pub(crate) struct SlidingWindowAttention {
+    /// `q_proj`, `k_proj` and `v_proj` fused, in that order.
+    qkv: Linear,
+    out_proj: Linear,
+    n_heads: usize,
+    head_dim: usize,
+}
+
+/// The keys and values of every sliding-window layer of one batch of sequences.
+#[derive(Clone, Debug)]
+pub(crate) struct WindowState {
+    /// One `(B, H, capacity, d)` pair per layer, one fill record.
+    buf: KvBuffer,
+    /// `W`: keys a query sees, itself included.
+    window: usize,
+}
+
+/// One chunk being written: where its keys go and what its queries see (the same for every
+/// layer).
+pub(crate) struct WindowChunk {
+    pending: Pending,
+    /// Trailing slots the chunk's queries attend over.
+    l: usize,
+    /// Additive mask over those slots: `(C, L)`, or `(B, 1, 1, 1, L)` for single queries of rows
+    /// with different histories, or `None` when every query sees every slot.
+    mask: Option<Tensor>,
+}
+
+/// One layer's part of a [`WindowState`] during a chunk.
+pub(crate) struct WindowSlot<'a> {
+    buf: &'a KvBuffer,
+    chunk: &'a WindowChunk,
+    layer: usize,
+}
+
+impl SlidingWindowAttention {
+    /// The layer of `qkv` (fused `q, k, v`) and `out`, with `n_heads` heads of size `head_dim`.
+    pub(crate) fn load(
+        vb: &VarBuilder,
+        (qkv, out): (&LinearSpec, &LinearSpec),
+        (n_heads, head_dim): (usize, usize),
+    ) -> Result<Self> {
+        Ok(SlidingWindowAttention {
+            qkv: Linear::load(vb, qkv)?,
+            out_proj: Linear::load(vb, out)?,
+            n_heads,
+            head_dim,
+        })
+    }
+
+    /// Mixes a chunk `x: (B, C, dim)` (already normalised): its keys and values go into `slot`,
+    /// and its queries attend over what the slot's chunk sees.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        slot: &WindowSlot,
+    ) -> Result<Tensor> {
+        let (b, c, dim) = x.dims3()?;
+        let (h, d) = (self.n_heads, self.head_dim);
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, c, h, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let [q, k, v] = self.qkv.forward_parts(x)?;
+        let (q, k, v) = (rope.apply(&heads(q)?)?, rope.apply(&heads(k)?)?, heads(v)?);
+        let (keys, values) = slot.write_and_view(&k, &v)?;
+        let o = attention(
+            &q,
+            &keys,
+            &values,
+            slot.chunk.mask.as_ref(),
+            1.0 / (d as f64).sqrt(),
+        )?;
+        let o = o.transpose(1, 2)?.reshape((b, c, dim))?;
+        self.out_proj.forward(&o)
+    }
+}
+
+impl WindowSlot<'_> {
+    /// Writes this layer's keys and values of the chunk, `(B, H, C, d)`, and returns views of
+    /// the slots its queries attend over.
+    fn write_and_view(&self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.buf.write(&self.chunk.pending, self.layer, k, v)?;
+        self.buf.tail(&self.chunk.pending, self.layer, self.chunk.l)
+    }
+}
+
+/// Name of layer `i`'s entries in a saved cache.
+fn saved_name(i: usize) -> String {
+    format!("layers.{i}")
+}
+
+impl WindowState {
+    /// An empty state for `batch` sequences and `n_layers` layers of `n_heads` heads of size
+    /// `head_dim`, keys and values in `dtype`.
+    pub(crate) fn new(
+        n_layers: usize,
+        (batch, n_heads, head_dim): (usize, usize, usize),
+        window: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(WindowState {
+            buf: KvBuffer::new(n_layers, (batch, n_heads, head_dim), 0, dtype, device)?,
+            window,
+        })
+    }
+
+    /// Number of layers.
+    pub(crate) fn n_layers(&self) -> usize {
+        self.buf.n_layers()
+    }
+
+    /// Entries that still matter: the last `W - 1` (the next query sees them and itself).
+    fn kept(&self) -> usize {
+        self.window - 1
+    }
+
+    /// Opens a chunk of `c` new tokens: makes room (compacting to the last `W - 1` entries when
+    /// full) and decides what the chunk's queries see. A chunk of several tokens needs every row
+    /// at the same place in its sequence (the model checks this); single tokens may come from
+    /// rows with different histories.
+    pub(crate) fn begin(&mut self, c: usize, consts: &Constants) -> Result<WindowChunk> {
+        let w = self.window;
+        let device = self.buf.device()?;
+        let (l, mask) = if c == 1 {
+            // One query per row: its own key plus up to W - 1 earlier ones.
+            let visible: Vec<usize> = self.buf.filled().iter().map(|f| (f + 1).min(w)).collect();
+            let l = visible.iter().copied().max().unwrap_or(1);
+            let mask = if visible.iter().all(|&n| n == l) {
+                None
+            } else {
+                Some(right_aligned_mask(&visible, l, &device)?)
+            };
+            (l, mask)
+        } else {
+            // Query i of the chunk sits after `retained` earlier keys and sees the W keys
+            // ending at itself: a band that depends only on (C, retained, W), built once.
+            let retained = self
+                .buf
+                .filled()
+                .first()
+                .copied()
+                .unwrap_or(0)
+                .min(self.kept());
+            let l = retained + c;
+            let key = ConstKey::Window {
+                c,
+                retained,
+                window: w,
+            };
+            let mask = consts.get(key, || causal_mask(c, l, retained, 0, Some(w), &device))?;
+            (l, Some(mask))
+        };
+        let pending = self.buf.begin(c, Some(self.kept()))?;
+        Ok(WindowChunk { pending, l, mask })
+    }
+
+    /// Each layer's slot of the chunk, in layer order.
+    pub(crate) fn slots<'a>(
+        &'a self,
+        chunk: &'a WindowChunk,
+    ) -> impl Iterator<Item = WindowSlot<'a>> {
+        (0..self.buf.n_layers()).map(move |layer| WindowSlot {
+            buf: &self.buf,
+            chunk,
+            layer,
+        })
+    }
+
+    /// Records the chunk as written by every layer.
+    pub(crate) fn commit(&mut self, chunk: WindowChunk) {
+        self.buf.commit(chunk.pending);
+    }
+
+    /// Bytes of state: the last `W - 1` entries of every layer (slack is allocation, not state).
+    pub(crate) fn bytes(&self) -> usize {
+        self.buf.bytes_of(self.buf.len().min(self.kept()))
+    }
+
+    /// Bytes allocated, slack included.
+    pub(crate) fn bytes_allocated(&self) -> usize {
+        self.buf.bytes_allocated()
+    }
+
+    /// Forgets every entry (the allocation is kept).
+    pub(crate) fn reset(&mut self) {
+        self.buf.clear();
+    }
+
+    /// One batch of the rows of `parts`, right-aligned.
+    pub(crate) fn stack(parts: &[&WindowState]) -> Result<Self> {
+        let window = parts.first().map_or(1, |p| p.window);
+        if parts.iter().any(|p| p.window != window) {
+            return Err(Error::Input("caches of different windows".into()));
+        }
+        let bufs: Vec<&KvBuffer> = parts.iter().map(|p| &p.buf).collect();
+        Ok(WindowState {
+            buf: KvBuffer::stack(&bufs, 0)?,
+            window,
+        })
+    }
+
+    /// The rows `rows`, in that order.
+    pub(crate) fn select(&self, rows: &[usize]) -> Result<Self> {
+        Ok(WindowState {
+            buf: self.buf.select(rows)?,
+            window: self.window,
+        })
+    }
+
+    /// Writes each layer's last `W - 1` entries as `layers.{i}.{k,v,filled}`.
+    pub(crate) fn save(&self, out: &mut HashMap<String, Tensor>) -> Result<()> {
+        for i in 0..self.buf.n_layers() {
+            let (k, v, filled) = self.buf.snapshot(i, self.kept())?;
+            put_entries(out, &saved_name(i), k, v, &filled)?;
+        }
+        Ok(())
+    }
+
+    /// Reads what [`WindowState::save`] wrote, for `n_layers` layers of `(batch, H, d)`.
+    pub(crate) fn load(
+        file: &HashMap<String, Tensor>,
+        n_layers: usize,
+        shape: (usize, usize, usize),
+        window: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut entries = Vec::with_capacity(n_layers);
+        let mut fills: Option<Vec<usize>> = None;
+        for i in 0..n_layers {
+            let (k, v, filled) = get_entries(file, &saved_name(i), shape)?;
+            if k.dim(2)? > window.saturating_sub(1) {
+                return Err(Error::Input(format!(
+                    "`{}` holds more than the W - 1 = {} entries a window keeps",
+                    saved_name(i),
+                    window.saturating_sub(1)
+                )));
+            }
+            // One fill record for all layers: they were written by the same chunks.
+            if fills.as_ref().is_some_and(|f| *f != filled) {
+                return Err(Error::Input(format!(
+                    "`{}` has inconsistent fill counts",
+                    saved_name(i)
+                )));
+            }
+            fills = Some(filled);
+            entries.push((k, v));
+        }
+        Ok(WindowState {
+            buf: KvBuffer::from_entries(entries, fills.unwrap_or_default(), dtype, device)?,
+            window,
+        })
+    }
+}
