@@ -1,7 +1,9 @@
 //! Writes a `tokenizer.json` equivalent to the released YOCO models' tokenizer: tiktoken
 //! cl100k_base with YOCO's 18 added specials, every tiktoken id shifted by 4 (ids 0..3 are
 //! `<s>`, `<pad>`, `</s>`, `<unk>`), vocabulary padded to 100288. See `tests/support/cl100k.rs`
-//! for the id table and how it was established from the reference implementation.
+//! for the id table and how it was established from the reference implementation. The file
+//! encodes the same under both regex engines of `tokenizers` (fancy-regex and Oniguruma, the
+//! latter also the Python package's).
 //!
 //! ```text
 //! cargo run --release --example make_reference_tokenizer -- [OUTPUT]   # default: tokenizer.json

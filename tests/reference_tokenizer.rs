@@ -2,30 +2,32 @@
 //! as the reference: tiktoken cl100k_base with YOCO's specials (the `cl100k_im` encoding of
 //! `YOCO/yoco/tasks/data/tiktoken_tokenizer.py`), every id shifted by 4.
 //!
+//! The expected ids come from tiktoken-rs's own `cl100k_base` (its ranks and its split pattern)
+//! with YOCO's specials cut out first (`support/tiktoken_reference.rs`), never from the
+//! document's pattern, so a pattern that splits differently from tiktoken fails here. These
+//! tests run the document under fancy-regex (yoco's `tokenizers` build);
+//! `tools/onig-check/` runs the same cases under Oniguruma (the default engine of `tokenizers`
+//! and of its Python package), which reads possessive quantifiers and `$` differently.
+//!
 //! `cargo test --test reference_tokenizer -- --ignored` with `YOCO_TOKENIZER_CORPUS` set to a
 //! directory also compares the two on every text file under it.
 
 #[path = "support/cl100k.rs"]
 mod cl100k;
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
+#[path = "support/tiktoken_reference.rs"]
+mod tiktoken_reference;
+
 use std::path::Path;
 use std::sync::OnceLock;
 
-use tiktoken_rs::CoreBPE;
+use tiktoken_reference::Reference;
 use yoco::Tokenizer;
 
 struct Fixture {
     ours: Tokenizer,
-    /// The reference `cl100k_im` encoding (tiktoken ids, before the offset).
-    reference: CoreBPE,
-}
-
-fn collect<K: Hash + Eq, V, S: BuildHasher + Default>(
-    items: impl IntoIterator<Item = (K, V)>,
-) -> HashMap<K, V, S> {
-    items.into_iter().collect()
+    /// The reference encoding, from tiktoken-rs's own cl100k_base (not from our document).
+    reference: Reference,
 }
 
 fn fixture() -> &'static Fixture {
@@ -34,35 +36,14 @@ fn fixture() -> &'static Fixture {
         let json = cl100k::reference_tokenizer_json().unwrap();
         let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
         let ours = Tokenizer::from_tokenizers(inner);
-
-        let ranks = cl100k::cl100k_ranks().unwrap();
-        let specials = cl100k::CL100K_SPECIALS
-            .iter()
-            .map(|&(s, id)| (s.to_string(), id))
-            .chain(
-                cl100k::YOCO_SPECIALS
-                    .iter()
-                    .zip(cl100k::YOCO_FIRST_ID..)
-                    .map(|(s, id)| (s.to_string(), id)),
-            );
-        let reference = CoreBPE::new(
-            collect(ranks.into_iter().zip(0u32..)),
-            collect(specials),
-            cl100k::CL100K_PATTERN,
-        )
-        .unwrap();
+        let reference = Reference::new().unwrap();
         Fixture { ours, reference }
     })
 }
 
-/// tiktoken's encoding with every special allowed, shifted by the offset.
+/// The reference's encoding with every special allowed, ids shifted by the offset.
 fn expected(text: &str) -> Vec<u32> {
-    fixture()
-        .reference
-        .encode_with_special_tokens(text)
-        .into_iter()
-        .map(|t| t + cl100k::OFFSET)
-        .collect()
+    fixture().reference.encode(text)
 }
 
 fn assert_same(text: &str) {
@@ -171,7 +152,7 @@ fn layout_matches_the_reference_table() {
     assert_eq!(ours.encode("!", false).unwrap(), vec![4]);
     assert_eq!(
         ours.encode("hello", false).unwrap(),
-        vec![fixture().reference.encode_ordinary("hello")[0] + 4]
+        vec![fixture().reference.bpe().encode_ordinary("hello")[0] + 4]
     );
 }
 
@@ -186,6 +167,47 @@ fn encodes_like_tiktoken() {
         assert_same(&format!("{a}{b}"));
     }
     assert_same(&SAMPLES.concat());
+}
+
+/// Digit runs, numbers after punctuation, whitespace runs, contractions, code, mixed scripts:
+/// where a split pattern that is not tiktoken's (or an engine that reads it differently) shows.
+#[test]
+fn splits_like_tiktoken() {
+    let cases = tiktoken_reference::split_cases();
+    let mut failures = Vec::new();
+    for text in &cases {
+        if fixture().ours.encode(text, false).unwrap() != expected(text) {
+            failures.push(text.clone());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ: {failures:?}",
+        failures.len(),
+        cases.len()
+    );
+    assert_same(&cases.concat());
+}
+
+/// Oniguruma (the `tokenizers` crate's default engine, and the Python package's) reads `X{1,3}+`
+/// as "one or more runs of 1-3 X" and `$` as the end of a line, where fancy-regex and tiktoken
+/// read a possessive `{1,3}` and the end of the text; the document must use neither.
+#[test]
+fn pattern_reads_the_same_in_every_engine() {
+    let value = cl100k::reference_tokenizer_value().unwrap();
+    let pattern = value["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+        .as_str()
+        .unwrap();
+    assert_eq!(pattern, cl100k::CL100K_PATTERN);
+    // `\p{L}+` is a class and a greedy `+`, not a possessive `}+`.
+    let quantified = pattern.replace(r"\p{L}", "L").replace(r"\p{N}", "N");
+    for quantifier in ["?+", "++", "*+", "}+"] {
+        assert!(
+            !quantified.contains(quantifier),
+            "{quantifier} in {pattern}"
+        );
+    }
+    assert!(!pattern.contains('$'), "{pattern}");
 }
 
 #[test]

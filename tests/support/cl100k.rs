@@ -46,8 +46,12 @@
 //!
 //! The BPE model sets `ignore_merges` (a pre-token that is itself a token is taken whole, as
 //! tiktoken does) and has one merge per multi-byte token (see [`derive_merges`]).
-//! `tests/reference_tokenizer.rs` checks the result against tiktoken-rs; its ignored test
-//! `encodes_corpus_like_tiktoken` also agreed on 124 MB of Rust, Python and locale files.
+//! The split pattern is tiktoken's, written without possessive quantifiers so that Oniguruma
+//! reads it as fancy-regex does (see [`CL100K_PATTERN`]).
+//!
+//! `tests/reference_tokenizer.rs` checks the result against tiktoken-rs's own cl100k_base
+//! (fancy-regex, yoco's `tokenizers` build), `tools/onig-check/` under Oniguruma; the ignored
+//! test `encodes_corpus_like_tiktoken` also agreed on 124 MB of Rust, Python and locale files.
 
 #![allow(dead_code)]
 
@@ -103,9 +107,29 @@ pub const YOCO_SPECIALS: [&str; 18] = [
 /// Tiktoken id of `YOCO_SPECIALS[0]`.
 pub const YOCO_FIRST_ID: u32 = 100_264;
 
-/// cl100k_base's split pattern (as in tiktoken; fancy-regex supports its possessive
-/// quantifiers and lookahead).
-pub const CL100K_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+/// cl100k_base's split pattern, written so that every regex engine reads it as tiktoken does.
+///
+/// tiktoken's own text is
+/// `'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s`.
+/// fancy-regex (the engine of yoco's `tokenizers` build, and of tiktoken) reads its
+/// possessive quantifiers; Oniguruma (the `tokenizers` crate's default engine, and the Python
+/// `tokenizers` package's) reads `\p{N}{1,3}+` as "one or more runs of 1 to 3 digits", so
+/// `3.14159` would split `14159` as `14`, `159` instead of tiktoken's `141`, `59`; and it reads
+/// `$` as the end of a *line*. This form drops every possessive mark and says `\z` (end of
+/// text) for `$`. Neither changes a match here: a possessive quantifier differs from a greedy
+/// one only when what follows it fails and backtracking would help, and after `\p{L}++`,
+/// `\p{N}{1,3}+` and `[\r\n]*+` nothing follows; `?+` guards a non-letter before `\p{L}+`,
+/// so giving it back cannot let `\p{L}+` match; `++` comes before `[\r\n]*`, which cannot
+/// fail, so nothing ever backtracks into it; and `\s+` backing off from the end of a
+/// whitespace run leaves whitespace after it, never the end of the text. `tests/reference_tokenizer.rs` and
+/// `tools/onig-check/` compare both engines with tiktoken-rs.
+///
+/// The older published cl100k pattern (`...|\s*[\r\n]+|\s+(?!\S)|\s+`) splits differently:
+/// whitespace that ends the text is cut after its last line break (`"x\n  "` gives `"\n"`,
+/// `"  "` where tiktoken's `\s++$` keeps `"\n  "` whole). It gives the same *ids* only because
+/// no all-whitespace cl100k token has anything after its last line break, so BPE cuts there
+/// anyway; this form needs no such argument.
+pub const CL100K_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+\z|\s*[\r\n]|\s+(?!\S)|\s";
 
 /// The special token the reference maps to the same id as `<jupyter_code>`.
 pub const ALIASED_SPECIAL: &str = "<|endofprompt|>";
