@@ -98,3 +98,37 @@ fn greedy_text_is_laid_out_like_a_play() {
         "{text:?}"
     );
 }
+
+/// The llama2.c habit: a golden greedy continuation of the shipped model, made by an independent
+/// implementation (`tools/make_golden.py`, PyTorch), that any numeric drift in loading, the
+/// layers, the cache or the decode loop would break, byte for byte.
+#[test]
+fn greedy_text_equals_the_golden_continuation_byte_for_byte() {
+    let model = Model::load(model_dir(), &Device::Cpu, DType::F32).unwrap();
+    let tokenizer = Tokenizer::from_model_dir(model_dir()).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/shipped/greedy.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for case in golden["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let n = case["max_new_tokens"].as_u64().unwrap() as usize;
+        let cfg = GenerationConfig::greedy(n).for_tokenizer(&tokenizer);
+        let (text, out) = model
+            .generate_text(&tokenizer, prompt, &cfg, |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+        let want: Vec<u32> = case["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(out.tokens, want, "{prompt:?}");
+        assert_eq!(text, case["text"].as_str().unwrap(), "{prompt:?}");
+    }
+}

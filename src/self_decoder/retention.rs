@@ -438,4 +438,22 @@ mod tests {
         assert!(max_diff(&tail, &all.narrow(2, 20, 30)?) <= 1e-5);
         Ok(())
     }
+
+    #[test]
+    fn a_saved_retention_state_loads_back_exactly_and_only_in_its_shape() -> Result<()> {
+        let s = normal(
+            &mut crate::generation::sampling::Rng::new(9),
+            &[2, 3, 5, 5],
+            1.0,
+        )?;
+        let state = RetentionState { s: s.clone() };
+        let back = RetentionState::restore(&state.s, (2, 3, 5), &Device::Cpu)?;
+        assert_eq!(max_diff(&back.s, &s), 0.0);
+        assert!(RetentionState::restore(&state.s, (2, 3, 4), &Device::Cpu).is_err());
+        // Rows can be taken apart and put back together.
+        let rows = [state.select(&[1])?, state.select(&[0])?];
+        let swapped = RetentionState::stack(&[&rows[1], &rows[0]])?;
+        assert_eq!(max_diff(&swapped.s, &s), 0.0);
+        Ok(())
+    }
 }

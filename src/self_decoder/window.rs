@@ -281,3 +281,71 @@ impl WindowState {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(x: f32) -> Result<Tensor> {
+        Ok(Tensor::full(x, (1, 1, 1, 1), &Device::Cpu)?)
+    }
+
+    /// Seven tokens through two layers of window 3: layer `i` writes `10 t + i` at token `t`.
+    fn filled_state() -> Result<WindowState> {
+        let consts = Constants::default();
+        let mut state = WindowState::new(2, (1, 1, 1), 3, DType::F32, &Device::Cpu)?;
+        for t in 0..7 {
+            let chunk = state.begin(1, &consts)?;
+            for (i, slot) in state.slots(&chunk).enumerate() {
+                let x = value((10 * t + i) as f32)?;
+                let (keys, _) = slot.write_and_view(&x, &x)?;
+                // A query sees itself and at most W - 1 = 2 earlier keys, in order.
+                let seen: Vec<f32> = keys.flatten_all()?.to_vec1()?;
+                let want: Vec<f32> = (t.saturating_sub(2)..=t)
+                    .map(|s| (10 * s + i) as f32)
+                    .collect();
+                assert_eq!(seen, want, "token {t} layer {i}");
+            }
+            state.commit(chunk);
+        }
+        Ok(state)
+    }
+
+    #[test]
+    fn each_query_sees_itself_and_the_w_minus_1_keys_before_it() -> Result<()> {
+        filled_state().map(|_| ())
+    }
+
+    #[test]
+    fn a_saved_window_keeps_the_last_w_minus_1_entries_of_every_layer_and_loads_back() -> Result<()>
+    {
+        let state = filled_state()?;
+        let mut file = HashMap::new();
+        state.save(&mut file)?;
+        for i in 0..2 {
+            let k: Vec<f32> = file[&format!("layers.{i}.k")].flatten_all()?.to_vec1()?;
+            assert_eq!(k, vec![(50 + i) as f32, (60 + i) as f32]);
+        }
+        let mut back = WindowState::load(&file, 2, (1, 1, 1), 3, DType::F32, &Device::Cpu)?;
+        assert_eq!(back.bytes(), state.bytes());
+        // The restored state continues exactly as the original would.
+        let consts = Constants::default();
+        let chunk = back.begin(1, &consts)?;
+        let slot = back
+            .slots(&chunk)
+            .nth(1)
+            .ok_or(Error::Input("no layer 1".into()))?;
+        let (keys, _) = slot.write_and_view(&value(71.0)?, &value(71.0)?)?;
+        assert_eq!(
+            keys.flatten_all()?.to_vec1::<f32>()?,
+            vec![51.0, 61.0, 71.0]
+        );
+        // A file that claims more than W - 1 entries is refused.
+        file.insert(
+            "layers.0.k".into(),
+            Tensor::zeros((1, 1, 3, 1), DType::F32, &Device::Cpu)?,
+        );
+        assert!(WindowState::load(&file, 2, (1, 1, 1), 3, DType::F32, &Device::Cpu).is_err());
+        Ok(())
+    }
+}
