@@ -3,110 +3,130 @@
 //! ```text
 //! cargo run --release --example generate -- [--model DIR] [--prompt TEXT | --prompt-tokens 1,2,3]
 //!     [--max-new-tokens N] [--greedy] [--temperature T] [--top-k K] [--top-p P] [--min-p P]
-//!     [--repeat-penalty R] [--seed S] [--device cpu|cuda] [--dtype f32|bf16|f16]
+//!     [--repeat-penalty R] [--seed S] [--device cpu|cuda|cuda:N] [--dtype f32|bf16|f16]
 //!     [--prefill-chunk N] [--json]
 //! ```
 //!
 //! Without `--model` it runs the small Shakespeare model that ships with the crate. Text streams
 //! to stdout; the last line gives prompt and generation speed. `--json` prints one JSON object
-//! instead. A prompt of token ids (`--prompt-tokens`) needs no tokenizer.
+//! instead. A prompt of token ids (`--prompt-tokens`) needs no tokenizer. `--help` gives every
+//! flag with its default; a bad command line is an error with exit status 2.
+
+mod common;
 
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use candle_core::{DType, Device};
+use clap::Parser;
 use yoco::{GenerationConfig, Model, Sampling, Tokenizer};
-
-const USAGE: &str = "usage: generate [--model DIR] [--prompt TEXT | --prompt-tokens 1,2,3] [--max-new-tokens N]
-                [--greedy] [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--repeat-penalty R]
-                [--seed S] [--device cpu|cuda] [--dtype f32|bf16|f16] [--prefill-chunk N] [--json]";
 
 /// The model that ships with the crate, and a prompt in its format (speaker name, then a line).
 const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare");
 const DEFAULT_PROMPT: &str = "ROMEO.\n";
 
+/// Generates text with a YOCO model, streamed to stdout, then one line of prompt and generation
+/// speed. Without --model: the small Shakespeare model that ships with yoco.
+#[derive(Parser)]
+#[command(name = "generate")]
 struct Args {
-    model: PathBuf,
+    /// Model directory (params.json, weights, tokenizer.json) [default: the shipped
+    /// models/shakespeare]
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Prompt text, encoded with the model's tokenizer [default: "ROMEO.\n"]
+    #[arg(long, value_name = "TEXT")]
     prompt: Option<String>,
+    /// Prompt as token ids, comma-separated (needs no tokenizer; without one the output is ids)
+    #[arg(long, value_name = "1,2,3", conflicts_with = "prompt", value_delimiter = ',',
+          value_parser = token_id)]
     prompt_tokens: Option<Vec<u32>>,
-    cfg: GenerationConfig,
-    device: String,
-    dtype: String,
+    /// Most tokens to generate
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    max_new_tokens: usize,
+    /// Greedy decoding: always the most likely token (temperature 0, no penalty)
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p", "min_p", "repeat_penalty"])]
+    greedy: bool,
+    /// Sampling temperature (0 = greedy)
+    #[arg(long, value_name = "T", default_value_t = Sampling::default().temperature)]
+    temperature: f32,
+    /// Sample from the K most likely tokens only [default: off]
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Nucleus sampling: the fewest most likely tokens whose probability reaches P (1 = off)
+    #[arg(long, value_name = "P", default_value_t = Sampling::default().top_p.unwrap_or(1.0))]
+    top_p: f32,
+    /// Drop tokens less likely than P times the most likely one [default: off]
+    #[arg(long, value_name = "P")]
+    min_p: Option<f32>,
+    /// Repetition penalty on recent tokens (1 = none)
+    #[arg(long, value_name = "R", default_value_t = Sampling::default().repetition_penalty)]
+    repeat_penalty: f32,
+    /// Seed of the sampler (same seed, same text)
+    #[arg(long, value_name = "S", default_value_t = GenerationConfig::default().seed)]
+    seed: u64,
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`)
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = common::device)]
+    device: Device,
+    /// Weight dtype: f32, bf16 or f16
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = common::dtype)]
+    dtype: DType,
+    /// Prompt tokens per prefill step (bounds working memory)
+    #[arg(long, value_name = "N", default_value_t = GenerationConfig::default().prefill_chunk)]
+    prefill_chunk: usize,
+    /// Print one JSON object (tokens, text, speeds) instead of streaming text
+    #[arg(long)]
     json: bool,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        model: PathBuf::from(DEFAULT_MODEL),
-        prompt: None,
-        prompt_tokens: None,
-        cfg: GenerationConfig {
-            max_new_tokens: 200,
-            ..GenerationConfig::default()
-        },
-        device: "cpu".into(),
-        dtype: "f32".into(),
-        json: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String> {
-            v.parse()
-                .map_err(|_| format!("{flag}: `{v}` is not a valid number"))
-        }
-        let s = &mut args.cfg.sampling;
-        match flag.as_str() {
-            "--model" => args.model = PathBuf::from(value()?),
-            "--prompt" => args.prompt = Some(value()?),
-            "--prompt-tokens" => {
-                let v = value()?;
-                let ids = v
-                    .split(',')
-                    .map(|t| {
-                        t.trim()
-                            .parse::<u32>()
-                            .map_err(|_| format!("--prompt-tokens: `{t}` is not a token id"))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                args.prompt_tokens = Some(ids);
+/// One id of `--prompt-tokens` (spaces around it allowed).
+fn token_id(s: &str) -> Result<u32, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a token id"))
+}
+
+impl Args {
+    fn generation_config(&self) -> GenerationConfig {
+        let sampling = if self.greedy {
+            Sampling::greedy()
+        } else {
+            Sampling {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: Some(self.top_p),
+                min_p: self.min_p,
+                repetition_penalty: self.repeat_penalty,
+                ..Sampling::default()
             }
-            "--max-new-tokens" => args.cfg.max_new_tokens = num(&flag, value()?)?,
-            "--greedy" => *s = Sampling::greedy(),
-            "--temperature" => s.temperature = num(&flag, value()?)?,
-            "--top-k" => s.top_k = Some(num(&flag, value()?)?),
-            "--top-p" => s.top_p = Some(num(&flag, value()?)?),
-            "--min-p" => s.min_p = Some(num(&flag, value()?)?),
-            "--repeat-penalty" => s.repetition_penalty = num(&flag, value()?)?,
-            "--seed" => args.cfg.seed = num(&flag, value()?)?,
-            "--device" => args.device = value()?,
-            "--dtype" => args.dtype = value()?,
-            "--prefill-chunk" => args.cfg.prefill_chunk = num(&flag, value()?)?,
-            "--json" => args.json = true,
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+        };
+        GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            sampling,
+            seed: self.seed,
+            prefill_chunk: self.prefill_chunk,
+            ..GenerationConfig::default()
         }
     }
-    if args.prompt.is_some() && args.prompt_tokens.is_some() {
-        return Err("give --prompt or --prompt-tokens, not both".into());
-    }
-    Ok(args)
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let device = yoco::device_by_name(&args.device)?;
-    let dtype = yoco::dtype_by_name(&args.dtype)?;
+    let model_dir = args
+        .model
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
     let t0 = std::time::Instant::now();
-    let model = Model::load(&args.model, &device, dtype)?;
+    let model = Model::load(&model_dir, &args.device, args.dtype)?;
     let load_s = t0.elapsed().as_secs_f64();
     // A token prompt needs no tokenizer; text does (and the output is then decoded too).
-    let tokenizer = match Tokenizer::from_model_dir(&args.model) {
+    let tokenizer = match Tokenizer::from_model_dir(&model_dir) {
         Ok(t) => Some(t),
         Err(e) if args.prompt_tokens.is_none() => return Err(e.into()),
         Err(_) => None,
     };
-    let mut cfg = args.cfg.clone();
+    let mut cfg = args.generation_config();
     if let Some(tok) = &tokenizer {
         cfg = cfg.for_tokenizer(tok);
     }
@@ -179,14 +199,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(msg) => {
-            eprintln!("{msg}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(args) {
+    match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -8,33 +8,36 @@
 //! Prints, every `--every` tokens: position, self-decoder state bytes, global K/V bytes, the
 //! process's resident memory, and decode speed.
 
+mod common;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use clap::Parser;
 use yoco::{Config, Model};
 
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+/// Decodes a long sequence with a tiny random YOCO (dim 64, 4 layers) and prints, every
+/// `--every` tokens, the self-decoder state, the global K/V and the process's resident memory.
+#[derive(Parser)]
+#[command(name = "long_run")]
+struct Args {
+    /// Tokens to decode
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    tokens: usize,
+    /// Print a row every N tokens
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    every: usize,
+    /// Sliding-window self-decoder of W tokens instead of gated retention
+    #[arg(long, value_name = "W")]
+    window: Option<usize>,
 }
 
 fn main() -> yoco::Result<()> {
-    let argv: Vec<String> = std::env::args().collect();
-    let get = |flag: &str| {
-        argv.iter()
-            .position(|a| a == flag)
-            .and_then(|i| argv.get(i + 1))
-            .and_then(|v| v.parse::<usize>().ok())
-    };
-    let total = get("--tokens").unwrap_or(100_000);
-    let every = get("--every").unwrap_or(10_000).max(1);
+    let args = Args::parse();
+    let every = args.every;
     let mut cfg = Config::new(64, 4, 128, 2, 4, 2, 512);
-    cfg.sliding_window = get("--window");
+    cfg.sliding_window = args.window;
     let dev = Device::Cpu;
     let model = Model::random(&cfg, DType::F32, &dev)?;
     let mut cache = model.new_cache(1)?;
@@ -50,16 +53,15 @@ fn main() -> yoco::Result<()> {
     println!("|---|---|---|---|---|");
     let mut tok = 1u32;
     let mut t0 = Instant::now();
-    for pos in 1..=total {
-        let logits = model.step(&Tensor::new(&[tok], &dev)?, &mut cache)?;
+    for pos in 1..=args.tokens {
         // Greedy, so the run is deterministic for given weights.
-        tok = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        tok = common::next_token(&model.step(&Tensor::new(&[tok], &dev)?, &mut cache)?)?;
         if pos % every == 0 {
             println!(
                 "| {pos} | {} | {} | {:.1} | {:.0} |",
                 cache.self_state_bytes(),
                 cache.global_kv_bytes(),
-                rss_bytes() as f64 / 1e6,
+                common::rss_bytes() as f64 / 1e6,
                 every as f64 / t0.elapsed().as_secs_f64()
             );
             t0 = Instant::now();

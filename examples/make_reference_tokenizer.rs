@@ -6,18 +6,44 @@
 //! latter also the Python package's).
 //!
 //! ```text
-//! cargo run --release --example make_reference_tokenizer -- [OUTPUT]   # default: tokenizer.json
+//! cargo run --release --example make_reference_tokenizer -- [--out PATH]   # default: tokenizer.json
 //! ```
 
 #[path = "../tests/support/cl100k.rs"]
 mod cl100k;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
+use clap::builder::TypedValueParser;
+use clap::Parser;
+
+/// Writes the released YOCO models' tokenizer (tiktoken cl100k_base, YOCO's specials, ids + 4)
+/// as a Hugging Face tokenizer.json, after checking that it loads.
+#[derive(Parser)]
+#[command(name = "make_reference_tokenizer")]
+struct Args {
+    /// File to write
+    #[arg(long, value_name = "PATH", default_value = "tokenizer.json",
+          value_parser = clap::builder::OsStringValueParser::new().try_map(out_path))]
+    out: PathBuf,
+}
+
+/// A path for `--out`. A name that starts with `-` is refused: it is a mistyped flag far more
+/// often than a file name (write `./-name` for such a file).
+fn out_path(s: OsString) -> Result<PathBuf, String> {
+    match s.as_encoded_bytes().first() {
+        None => Err("the path is empty".into()),
+        Some(b'-') => Err(format!(
+            "`{}` looks like a flag, not a file name (write ./{0} to mean a file)",
+            s.to_string_lossy()
+        )),
+        Some(_) => Ok(PathBuf::from(s)),
+    }
+}
+
 fn main() -> Result<(), cl100k::BoxError> {
-    let out = std::env::args_os()
-        .nth(1)
-        .map_or_else(|| PathBuf::from("tokenizer.json"), PathBuf::from);
+    let out = Args::parse().out;
     let json = cl100k::reference_tokenizer_json()?;
     // Check that the document loads before writing it.
     let tok = tokenizers::Tokenizer::from_bytes(json.as_bytes())

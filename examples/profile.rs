@@ -14,157 +14,130 @@
 //! 3 retention heads, 12 attention heads, 4 KV heads, vocab 32000; the Llama twin: hidden 768,
 //! 12 layers, 12 heads, 4 KV heads, FFN 2048, vocab 32000.
 
+mod common;
+
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use yoco::{Config, Model};
+use clap::{Parser, ValueEnum};
+use yoco::Model;
 
-const VOCAB: usize = 32000;
+use common::BENCH_160M;
 
-fn bench_config(window: Option<usize>) -> Config {
-    let mut cfg = Config::new(768, 12, 2048, 3, 12, 4, VOCAB);
-    cfg.sliding_window = window;
-    cfg
+/// YOCO (bench-160m shape, random f32 weights) against its Transformer twin on this machine:
+/// prefill latency, decode speed and peak memory against context length. Each (model, context)
+/// point runs in a child process of its own; the table and plots go to --out.
+#[derive(Parser)]
+#[command(name = "profile")]
+struct Args {
+    /// Context lengths (prompt tokens), comma-separated; 4k = 4096
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', value_parser = common::tokens,
+          default_value = "1024,2048,4096,8192,16384,32768,65536")]
+    contexts: Vec<usize>,
+    /// Models, comma-separated
+    #[arg(
+        long,
+        value_name = "M,M,...",
+        value_delimiter = ',',
+        value_enum,
+        default_value = "yoco,yoco-swa,llama"
+    )]
+    models: Vec<Arch>,
+    /// Decode steps after the prompt (the median step is reported)
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    decode_steps: usize,
+    /// YOCO's prefill chunk (prompt tokens per step)
+    #[arg(long, value_name = "N", value_parser = common::tokens,
+          default_value_t = yoco::GenerationConfig::default().prefill_chunk)]
+    chunk: usize,
+    /// Folder for profile.md, profile.json and the SVG plots
+    #[arg(long, value_name = "DIR", default_value = "target/profile")]
+    out: std::path::PathBuf,
+    /// First measure this machine's f32 matmul rate and memory bandwidth, and give YOCO's speeds
+    /// as fractions of them
+    #[arg(long)]
+    limits: bool,
+    /// One measurement in this process, printed as one JSON line (what each child runs)
+    #[arg(long, hide = true, value_enum, requires = "context")]
+    single: Option<Arch>,
+    /// The context of --single
+    #[arg(long, hide = true, value_parser = common::tokens)]
+    context: Option<usize>,
 }
 
-/// What bounds each phase of yoco, per token, for the "% of bound" columns:
-/// * prefill FLOPs: `2 x (self-decoder + global-K/V parameters)`: with early exit a prompt
-///   token runs through nothing else (the cross-decoder sees only the last one);
-/// * decode bytes read: every weight except the embedding table (one row of it is read), the
-///   global K/V once per cross-decoder layer, and the self-decoder state (read and written).
-fn yoco_bounds(cfg: &Config, ctx: usize) -> (f64, f64) {
-    let counts = cfg.param_counts();
-    let prefill_params = counts.self_decoder + counts.global_kv;
-    let weights = counts.total() - counts.embedding;
-    // Every cross-decoder layer reads all of the global K/V, whatever the self-decoder is.
-    let kv = ctx * cfg.cache_bytes_per_token(4) * cfg.n_half_layers();
-    let state = 2 * cfg.self_state_bytes(4);
-    (
-        2.0 * prefill_params as f64,
-        (weights * 4 + kv + state) as f64,
-    )
+/// A model `profile` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Arch {
+    /// YOCO, gated-retention self-decoder
+    Yoco,
+    /// YOCO, sliding-window (1024 tokens) self-decoder
+    YocoSwa,
+    /// candle-transformers' Llama of the same shape
+    Llama,
 }
 
-fn llama_config(ctx: usize) -> candle_transformers::models::llama::Config {
-    candle_transformers::models::llama::Config {
-        hidden_size: 768,
-        intermediate_size: 2048,
-        vocab_size: VOCAB,
-        num_hidden_layers: 12,
-        num_attention_heads: 12,
-        num_key_value_heads: 4,
-        use_flash_attn: false,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        bos_token_id: None,
-        eos_token_id: None,
-        rope_scaling: None,
-        max_position_embeddings: ctx + 256,
-        tie_word_embeddings: false,
+impl Arch {
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Yoco => "yoco",
+            Arch::YocoSwa => "yoco-swa",
+            Arch::Llama => "llama",
+        }
     }
 }
 
-fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn prompt(ctx: usize) -> Vec<u32> {
-    // A fixed pseudo-random prompt (the weights are random anyway).
-    let mut x = 12345u64;
-    (0..ctx)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 33) % VOCAB as u64) as u32
-        })
-        .collect()
-}
-
-/// One measurement in this process; prints one JSON line.
-fn single(
-    model: &str,
-    ctx: usize,
-    steps: usize,
-    chunk: usize,
-) -> candle_core::Result<serde_json::Value> {
+/// One measurement in this process: prefill of `ctx` tokens, then `steps` decode steps fed
+/// from the same pseudo-random prompt; returns one JSON object.
+fn single(arch: Arch, ctx: usize, steps: usize, chunk: usize) -> yoco::Result<serde_json::Value> {
     let dev = Device::Cpu;
-    let ids = prompt(ctx + steps);
-    let base_rss = peak_rss_bytes();
+    let ids = common::random_ids(ctx + steps, BENCH_160M.vocab, 12345);
+    let prompt = Tensor::new(&ids[..ctx], &dev)?.unsqueeze(0)?;
+    let base_rss = common::peak_rss_bytes();
     let mut bounds = None;
-    let (prefill_s, decode, weights, cache_bytes) = match model {
-        "yoco" | "yoco-swa" => {
-            let cfg = bench_config((model == "yoco-swa").then_some(1024));
-            let m = Model::random(&cfg, DType::F32, &dev).map_err(candle_core::Error::wrap)?;
-            let weights = cfg.n_params() * 4;
-            bounds = Some(yoco_bounds(&cfg, ctx));
-            let mut cache = m.new_cache(1).map_err(candle_core::Error::wrap)?;
-            cache
-                .reserve(ctx + steps)
-                .map_err(candle_core::Error::wrap)?;
-            let t = Tensor::new(&ids[..ctx], &dev)?.unsqueeze(0)?;
-            let t0 = Instant::now();
-            m.prefill_chunked(&t, &mut cache, chunk)
-                .map_err(candle_core::Error::wrap)?;
-            let prefill_s = t0.elapsed().as_secs_f64();
-            let mut times = Vec::new();
-            for &tok in &ids[ctx..ctx + steps] {
-                let t0 = Instant::now();
-                m.step(&Tensor::new(&[tok], &dev)?, &mut cache)
-                    .map_err(candle_core::Error::wrap)?;
-                times.push(t0.elapsed().as_secs_f64());
+    let mut decode = Vec::new();
+    let (prefill_s, weights, cache_bytes) = match arch {
+        Arch::Yoco | Arch::YocoSwa => {
+            let cfg = BENCH_160M.yoco((arch == Arch::YocoSwa).then_some(1024));
+            let m = Model::random(&cfg, DType::F32, &dev)?;
+            bounds = Some((
+                common::yoco_prefill_flops(&cfg),
+                common::yoco_decode_bytes(&cfg, ctx, 4),
+            ));
+            let mut cache = m.new_cache(1)?;
+            cache.reserve(ctx + steps)?;
+            let (_, prefill_s) =
+                common::timed(&dev, || m.prefill_chunked(&prompt, &mut cache, chunk))?;
+            for &tok in &ids[ctx..] {
+                let x = Tensor::new(&[tok], &dev)?;
+                decode.push(common::timed(&dev, || m.step(&x, &mut cache))?.1);
             }
-            (prefill_s, times, weights, cache.size_bytes())
+            (prefill_s, cfg.n_params() * 4, cache.size_bytes())
         }
-        "llama" => {
-            use candle_transformers::models::llama::{Cache, Llama};
-            let cfg = llama_config(ctx + steps);
-            let vm = candle_nn::VarMap::new();
-            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-            let m = Llama::load(vb, &cfg)?;
-            let weights: usize = vm.all_vars().iter().map(|v| v.elem_count() * 4).sum();
+        Arch::Llama => {
+            use candle_transformers::models::llama::Cache;
+            let cfg = BENCH_160M.llama(ctx + steps + 256);
+            let m = common::random_llama(&cfg, DType::F32, &dev)?;
             let mut cache = Cache::new(true, DType::F32, &cfg, &dev)?;
-            let t = Tensor::new(&ids[..ctx], &dev)?.unsqueeze(0)?;
-            let t0 = Instant::now();
-            m.forward(&t, 0, &mut cache)?;
-            let prefill_s = t0.elapsed().as_secs_f64();
-            let mut times = Vec::new();
-            for (i, &tok) in ids[ctx..ctx + steps].iter().enumerate() {
-                let t0 = Instant::now();
-                m.forward(&Tensor::new(&[[tok]], &dev)?, ctx + i, &mut cache)?;
-                times.push(t0.elapsed().as_secs_f64());
+            let (_, prefill_s) = common::timed(&dev, || m.forward(&prompt, 0, &mut cache))?;
+            for (i, &tok) in ids[ctx..].iter().enumerate() {
+                let x = Tensor::new(&[[tok]], &dev)?;
+                decode.push(common::timed(&dev, || m.forward(&x, ctx + i, &mut cache))?.1);
             }
-            // One K and one V per layer: (1, kv_heads, T, head_dim) f32 each.
-            let kv = 2
-                * cfg.num_hidden_layers
-                * (ctx + steps)
-                * cfg.num_key_value_heads
-                * (cfg.hidden_size / cfg.num_attention_heads)
-                * 4;
-            (prefill_s, times, weights, kv)
+            let weights = common::n_params(&common::llama_tensors(&cfg)) * 4;
+            (
+                prefill_s,
+                weights,
+                common::llama_kv_bytes(&cfg, ctx + steps, 4),
+            )
         }
-        other => candle_core::bail!("unknown model {other}"),
     };
-    let decode_s = median(decode);
+    let decode_s = common::median(decode);
     Ok(serde_json::json!({
-        "model": model, "context": ctx, "prefill_s": prefill_s,
+        "model": arch.name(), "context": ctx, "prefill_s": prefill_s,
         "prefill_tokens_per_s": ctx as f64 / prefill_s,
         "decode_ms": decode_s * 1e3, "decode_tokens_per_s": 1.0 / decode_s,
-        "peak_rss_bytes": peak_rss_bytes(), "base_rss_bytes": base_rss,
+        "peak_rss_bytes": common::peak_rss_bytes(), "base_rss_bytes": base_rss,
         "weight_bytes": weights, "cache_bytes": cache_bytes,
         "prefill_flops_per_token": bounds.map(|b| b.0),
         "decode_bytes_per_token": bounds.map(|b| b.1),
@@ -183,7 +156,7 @@ fn limits() -> candle_core::Result<(f64, f64)> {
         let _c = a.matmul(&b)?;
         times.push(t0.elapsed().as_secs_f64());
     }
-    let gflops = 2.0 * (n as f64).powi(3) / median(times) / 1e9;
+    let gflops = 2.0 * (n as f64).powi(3) / common::median(times) / 1e9;
     // Bandwidth: sum 512 MB of f32 on every core, as a decode step reads weights.
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -213,33 +186,15 @@ fn limits() -> candle_core::Result<(f64, f64)> {
         std::hint::black_box(total);
         times.push(t0.elapsed().as_secs_f64());
     }
-    let gbs = (data.len() * 4) as f64 / median(times) / 1e9;
+    let gbs = (data.len() * 4) as f64 / common::median(times) / 1e9;
     Ok((gflops, gbs))
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().collect();
-    let get = |flag: &str| {
-        argv.iter()
-            .position(|a| a == flag)
-            .and_then(|i| argv.get(i + 1))
-            .cloned()
-    };
-    let steps: usize = get("--decode-steps")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(16);
-    let chunk: usize = get("--chunk")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(yoco::DEFAULT_PREFILL_CHUNK);
-    if let Some(i) = argv.iter().position(|a| a == "--single") {
-        let (Some(model), Some(ctx)) = (
-            argv.get(i + 1),
-            argv.get(i + 2).and_then(|c| c.parse().ok()),
-        ) else {
-            eprintln!("--single MODEL CONTEXT");
-            return ExitCode::from(2);
-        };
-        return match single(model, ctx, steps, chunk) {
+    let args = Args::parse();
+    let (steps, chunk) = (args.decode_steps, args.chunk);
+    if let (Some(arch), Some(ctx)) = (args.single, args.context) {
+        return match single(arch, ctx, steps, chunk) {
             Ok(v) => {
                 println!("{v}");
                 ExitCode::SUCCESS
@@ -250,17 +205,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let contexts: Vec<usize> = get("--contexts")
-        .unwrap_or_else(|| "1024,2048,4096,8192,16384,32768,65536".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    let models: Vec<String> = get("--models")
-        .unwrap_or_else(|| "yoco,yoco-swa,llama".into())
-        .split(',')
-        .map(String::from)
-        .collect();
-    let out_dir = std::path::PathBuf::from(get("--out").unwrap_or_else(|| "target/profile".into()));
+    let out_dir = args.out;
     let _ = std::fs::create_dir_all(&out_dir);
     let exe = match std::env::current_exe() {
         Ok(e) => e,
@@ -271,7 +216,7 @@ fn main() -> ExitCode {
     };
     let mut md = String::new();
     let mut bounds = None;
-    if argv.iter().any(|a| a == "--limits") {
+    if args.limits {
         match limits() {
             Ok((gflops, gbs)) => {
                 md.push_str(&format!(
@@ -284,13 +229,15 @@ fn main() -> ExitCode {
     }
     md.push_str("| model | context | prefill (s) | prefill tok/s | prefill % of matmul bound | decode tok/s | decode % of bandwidth bound | peak RSS (MB) | cache (MB) |\n|---|---|---|---|---|---|---|---|---|\n");
     let mut results: Vec<serde_json::Value> = Vec::new();
-    for model in &models {
-        for &ctx in &contexts {
+    for &arch in &args.models {
+        let model = arch.name();
+        for &ctx in &args.contexts {
             eprintln!("{model} @ {ctx} ...");
             let out = Command::new(&exe)
                 .args([
                     "--single",
                     model,
+                    "--context",
                     &ctx.to_string(),
                     "--decode-steps",
                     &steps.to_string(),
@@ -318,7 +265,8 @@ fn main() -> ExitCode {
             match row {
                 Some(v) => {
                     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-                    // Fractions of this machine's bounds (yoco only: see `yoco_bounds`).
+                    // Fractions of this machine's bounds (yoco only: see `common::yoco_prefill_flops`
+                    // and `common::yoco_decode_bytes`).
                     let pct = |x: f64| {
                         if x.is_finite() {
                             format!("{:.0}%", 100.0 * x)
@@ -362,6 +310,7 @@ fn main() -> ExitCode {
         out_dir.join("profile.json"),
         serde_json::to_string_pretty(&results).unwrap_or_default(),
     );
+    let names: Vec<String> = args.models.iter().map(|m| m.name().to_string()).collect();
     for (file, key, scale, ylabel) in [
         ("memory.svg", "peak_rss_bytes", 1e-9, "peak memory (GB)"),
         ("prefill.svg", "prefill_s", 1.0, "prefill latency (s)"),
@@ -372,7 +321,7 @@ fn main() -> ExitCode {
             "decode throughput (tokens/s)",
         ),
     ] {
-        let svg = plot(&results, &models, key, scale, ylabel);
+        let svg = plot(&results, &names, key, scale, ylabel);
         let _ = std::fs::write(out_dir.join(file), svg);
     }
     eprintln!("wrote {}", out_dir.display());

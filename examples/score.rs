@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example score -- --model DIR --tokens-file IDS.json [--json]
-//!     [--dump-logits OUT.safetensors] [--device cpu|cuda] [--dtype f32|bf16|f16]
+//!     [--dump-logits OUT.safetensors] [--device cpu|cuda|cuda:N] [--dtype f32|bf16|f16]
 //! cargo run --release --example score -- --model DIR --text-file TEXT.txt [--json] ...
 //! ```
 //!
@@ -15,7 +15,11 @@
 //! prepended when the tokenizer has one) and bits per byte are reported too: the total NLL in
 //! bits over the predicted tokens divided by the text's UTF-8 byte count.
 //!
-//! Any bad input is one line `error: ...` on stderr and exit code 1.
+//! A bad command line (unknown flag, missing or malformed value, neither or both inputs) is
+//! clap's usage error and exit code 2; any other bad input (a file, the ids, the model) is one
+//! line `error: ...` on stderr and exit code 1.
+
+mod common;
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -23,33 +27,47 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
-use yoco::Model;
-use yoco::Tokenizer;
+use clap::Parser;
+use yoco::{GenerationConfig, Model, Tokenizer};
 
-const USAGE: &str = "\
-Scores token ids (or text) with a YOCO model: mean next-token NLL and perplexity.
-
-usage: score --model DIR (--tokens-file IDS.json | --text-file TEXT) [options]
-
-  --model DIR             model directory (params.json + weights)
-  --tokens-file FILE      JSON array of token ids, e.g. [0, 17, 4, 99]
-  --text-file FILE        UTF-8 text, tokenized with DIR/tokenizer.json (BOS prepended when the
-                          tokenizer has one); also reports bits per byte
-  --dump-logits OUT       write the logits of every position to OUT (safetensors, tensor
-                          `logits`, shape (T, vocab), f32)
-  --json                  print one JSON object:
-                          {\"tokens\": N, \"mean_nll\": x, \"perplexity\": y, \"seconds\": s}
-                          (with --text-file also \"bytes\" and \"bits_per_byte\")
-  --device cpu|cuda       default cpu; cuda needs a build with `--features cuda`
-  --dtype f32|bf16|f16    weight dtype, default f32
-  -h, --help              this text
-
-The mean NLL (natural log) is over positions 1..T: token t predicted from tokens < t.";
+/// Scores token ids (or text) with a YOCO model: mean next-token NLL and perplexity.
+///
+/// The mean NLL (natural log) is over positions 1..T: token t predicted from tokens < t.
+#[derive(Debug, Parser)]
+#[command(name = "score")]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["tokens_file", "text_file"]))]
+struct Args {
+    /// Model directory (params.json + weights)
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// JSON array of token ids, e.g. [0, 17, 4, 99]
+    #[arg(long, value_name = "FILE")]
+    tokens_file: Option<PathBuf>,
+    /// UTF-8 text, tokenized with DIR/tokenizer.json (BOS prepended when the tokenizer has
+    /// one); also reports bits per byte
+    #[arg(long, value_name = "FILE")]
+    text_file: Option<PathBuf>,
+    /// Write the logits of every position to OUT (safetensors, tensor `logits`, shape (T,
+    /// vocab), f32)
+    #[arg(long, value_name = "OUT")]
+    dump_logits: Option<PathBuf>,
+    /// Print one JSON object: {"tokens": N, "mean_nll": x, "perplexity": y, "seconds": s} (with
+    /// --text-file also "bytes" and "bits_per_byte")
+    #[arg(long)]
+    json: bool,
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`)
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = common::device)]
+    device: Device,
+    /// Weight dtype: f32, bf16 or f16
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = common::dtype)]
+    dtype: DType,
+}
 
 /// Where the sequence comes from.
 ///
-/// To add another input kind, add a variant here, parse its flag in `parse_args` and turn it
-/// into ids in `read_input`; scoring and reporting do not change.
+/// To add another input kind, add a variant here, a flag to [`Args`] (and to its `input` group)
+/// and its arm in [`Args::input`], and turn it into ids in `read_input`; scoring and reporting
+/// do not change.
 #[derive(Debug)]
 enum Input {
     /// A JSON array of token ids.
@@ -58,14 +76,15 @@ enum Input {
     Text(PathBuf),
 }
 
-#[derive(Debug)]
-struct Args {
-    model: PathBuf,
-    input: Input,
-    dump_logits: Option<PathBuf>,
-    json: bool,
-    device: String,
-    dtype: String,
+impl Args {
+    /// The input the flags name (clap's `input` group lets exactly one through).
+    fn input(&self) -> Res<Input> {
+        match (&self.tokens_file, &self.text_file) {
+            (Some(path), None) => Ok(Input::Tokens(path.clone())),
+            (None, Some(path)) => Ok(Input::Text(path.clone())),
+            _ => Err("give one of --tokens-file and --text-file".into()),
+        }
+    }
 }
 
 /// Ids to score, and for text the number of UTF-8 bytes they encode.
@@ -87,75 +106,6 @@ type Res<T> = std::result::Result<T, String>;
 
 fn err(context: impl Display, e: impl Display) -> String {
     format!("{context}: {e}")
-}
-
-/// `None` when help was asked for.
-fn parse_args(mut args: impl Iterator<Item = String>) -> Res<Option<Args>> {
-    let mut model = None;
-    let mut input = None;
-    let mut dump_logits = None;
-    let mut json = false;
-    let mut device = "cpu".to_string();
-    let mut dtype = "f32".to_string();
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .ok_or_else(|| format!("{name} needs a value (see --help)"))
-        };
-        match arg.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--model" => model = Some(PathBuf::from(value("--model")?)),
-            "--tokens-file" | "--text-file" => {
-                if input.is_some() {
-                    return Err("give one of --tokens-file and --text-file, once".into());
-                }
-                let path = PathBuf::from(value(&arg)?);
-                input = Some(if arg == "--tokens-file" {
-                    Input::Tokens(path)
-                } else {
-                    Input::Text(path)
-                });
-            }
-            "--dump-logits" => dump_logits = Some(PathBuf::from(value("--dump-logits")?)),
-            "--json" => json = true,
-            "--device" => device = value("--device")?,
-            "--dtype" => dtype = value("--dtype")?,
-            other => return Err(format!("unknown argument `{other}` (see --help)")),
-        }
-    }
-    Ok(Some(Args {
-        model: model.ok_or("--model DIR is required (see --help)")?,
-        input: input.ok_or("--tokens-file FILE or --text-file FILE is required (see --help)")?,
-        dump_logits,
-        json,
-        device,
-        dtype,
-    }))
-}
-
-fn device(name: &str) -> Res<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => {
-            if !candle_core::utils::cuda_is_available() {
-                return Err(
-                    "--device cuda: this build has no CUDA support; rebuild with `--features cuda`"
-                        .into(),
-                );
-            }
-            Device::new_cuda(0).map_err(|e| err("--device cuda: cannot open CUDA device 0", e))
-        }
-        other => Err(format!("unknown device `{other}` (use cpu or cuda)")),
-    }
-}
-
-fn dtype(name: &str) -> Res<DType> {
-    match name {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        other => Err(format!("unknown dtype `{other}` (use f32, bf16 or f16)")),
-    }
 }
 
 fn read_file(path: &Path) -> Res<Vec<u8>> {
@@ -227,7 +177,7 @@ fn score(model: &Model, ids: &[u32], keep_logits: bool) -> yoco::Result<(Score, 
     cache.reserve(ids.len())?;
     let mut total_nll = 0.0f64;
     let mut kept = Vec::new();
-    let chunk = yoco::DEFAULT_PREFILL_CHUNK;
+    let chunk = GenerationConfig::default().prefill_chunk;
     for (c, part) in ids.chunks(chunk).enumerate() {
         let logits = model
             .forward(&Tensor::new(part, device)?.unsqueeze(0)?, &mut cache)?
@@ -259,9 +209,7 @@ fn score(model: &Model, ids: &[u32], keep_logits: bool) -> yoco::Result<(Score, 
 }
 
 fn run(args: Args) -> Res<()> {
-    let device = device(&args.device)?;
-    let dtype = dtype(&args.dtype)?;
-    let seq = read_input(&args.input, &args.model)?;
+    let seq = read_input(&args.input()?, &args.model)?;
     if seq.ids.is_empty() {
         return Err("no tokens to score: the sequence is empty".into());
     }
@@ -270,7 +218,7 @@ fn run(args: Args) -> Res<()> {
     }
 
     let load_start = Instant::now();
-    let model = Model::load(&args.model, &device, dtype).map_err(|e| e.to_string())?;
+    let model = Model::load(&args.model, &args.device, args.dtype).map_err(|e| e.to_string())?;
     let load_seconds = load_start.elapsed().as_secs_f64();
     let vocab = model.config().vocab_size;
     if let Some((i, &id)) = seq
@@ -362,20 +310,7 @@ fn print(text: &str) -> Res<()> {
 }
 
 fn main() -> ExitCode {
-    // `std::env::args` would panic on an argument that is not UTF-8.
-    let args: Res<Vec<String>> = std::env::args_os()
-        .skip(1)
-        .map(|a| {
-            a.into_string()
-                .map_err(|a| format!("argument {a:?} is not valid UTF-8"))
-        })
-        .collect();
-    let result = match args.and_then(|a| parse_args(a.into_iter())) {
-        Ok(None) => print(&format!("{USAGE}\n")),
-        Ok(Some(args)) => run(args),
-        Err(e) => Err(e),
-    };
-    match result {
+    match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             use std::io::Write;
