@@ -21,6 +21,7 @@ use crate::layers::kv_buffer::{get_entries, put_entries, KvBuffer};
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeTables;
+use crate::layers::{merge_heads, split_heads};
 use crate::Result;
 
 /// Builds the global K/V from the self-decoder's output.
@@ -30,7 +31,6 @@ pub(crate) struct KvBuilder {
     /// `k_proj` and `v_proj` fused, in that order.
     kv_proj: Linear,
     n_kv_heads: usize,
-    head_dim: usize,
 }
 
 /// The one K/V cache of the model, `(B, H_kv, T, hd)` keys and values: the only state that
@@ -65,22 +65,16 @@ impl KvBuilder {
             kv_layer_norm: RmsNorm::load(vb, &catalogue.kv_layer_norm, cfg.norm_eps)?,
             kv_proj: Linear::load(vb, &catalogue.kv)?,
             n_kv_heads: cfg.n_attn_kv_heads,
-            head_dim: cfg.attn_head_dim(),
         })
     }
 
     /// This chunk's keys and values from the self-decoder output `x: (B, C, dim)`:
     /// `(B, H_kv, C, hd)` each, RoPE on the keys.
     pub(crate) fn forward(&self, x: &Tensor, rope: &RopeTables) -> Result<(Tensor, Tensor)> {
-        let (b, c, _) = x.dims3()?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, c, self.n_kv_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
         let xn = self.kv_layer_norm.forward(x)?;
         let [k, v] = self.kv_proj.forward_parts(&xn)?;
-        Ok((rope.apply(&heads(k)?)?, heads(v)?))
+        let h = self.n_kv_heads;
+        Ok((rope.apply(&split_heads(&k, h)?)?, split_heads(&v, h)?))
     }
 }
 
@@ -210,15 +204,9 @@ impl CrossAttention {
         rope: &RopeTables,
         global: &GlobalView,
     ) -> Result<Tensor> {
-        let (b, c, dim) = x.dims3()?;
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, c, self.n_heads, self.head_dim))?;
-        let q = rope.apply(&q.transpose(1, 2)?.contiguous()?)?;
+        let q = rope.apply(&split_heads(&self.q_proj.forward(x)?, self.n_heads)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let o = attention(&q, &global.k, &global.v, global.mask.as_ref(), scale)?;
-        let o = o.transpose(1, 2)?.reshape((b, c, dim))?;
-        self.out_proj.forward(&o)
+        self.out_proj.forward(&merge_heads(&o)?)
     }
 }

@@ -19,6 +19,19 @@ use ffn::SwiGlu;
 use linear::Linear;
 use norm::RmsNorm;
 
+/// `(B, C, H * d) -> (B, H, C, d)`, contiguous: one head per matrix for attention and retention.
+pub(crate) fn split_heads(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, c, width) = t.dims3()?;
+    let d = width / heads.max(1);
+    Ok(t.reshape((b, c, heads, d))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// `(B, H, C, d) -> (B, C, H * d)`, the inverse of [`split_heads`].
+pub(crate) fn merge_heads(t: &Tensor) -> Result<Tensor> {
+    let (b, h, c, d) = t.dims4()?;
+    Ok(t.transpose(1, 2)?.reshape((b, c, h * d))?)
+}
+
 /// A pre-norm residual block, the shape of every layer of both halves:
 /// `h = x + mixer(mixer_layer_norm(x))`, `out = h + ffn(final_layer_norm(h))`.
 #[derive(Clone, Debug)]

@@ -28,6 +28,7 @@ use crate::layers::constants::{ConstKey, Constants};
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeTables;
+use crate::layers::{merge_heads, split_heads};
 use crate::{Error, Result};
 
 /// The reference's `gate_logit_normalizer`.
@@ -146,15 +147,12 @@ impl GatedRetention {
         state: &mut RetentionState,
         consts: &Constants,
     ) -> Result<Tensor> {
-        let (b, c, dim) = x.dims3()?;
+        let c = x.dim(1)?;
         let (h, d) = (self.n_heads, self.head_dim);
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, c, h, d))?.transpose(1, 2)?.contiguous()?)
-        };
         let [q, k, v, g, gt] = self.qkvg_gt.forward_parts(x)?;
-        let q = rope.apply(&heads(q)?)?;
-        let k = (rope.apply(&heads(k)?)? * (d as f64).powf(-0.5))?;
-        let v = heads(v)?;
+        let q = rope.apply(&split_heads(&q, h)?)?;
+        let k = (rope.apply(&split_heads(&k, h)?)? * (d as f64).powf(-0.5))?;
+        let v = split_heads(&v, h)?;
         // (B, C, H) -> (B, H, C), f32.
         let gt = gt.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
         let lg = (log_sigmoid(&gt)? / GATE_LOGIT_NORMALIZER)?;
@@ -171,8 +169,7 @@ impl GatedRetention {
         };
         state.s = s;
         let o = self.head_norm.forward(&o)?.to_dtype(x.dtype())?;
-        let o = o.transpose(1, 2)?.reshape((b, c, dim))?;
-        self.out_proj.forward(&(g.silu()? * o)?)
+        self.out_proj.forward(&(g.silu()? * merge_heads(&o)?)?)
     }
 }
 

@@ -21,6 +21,7 @@ use crate::layers::constants::{ConstKey, Constants};
 use crate::layers::kv_buffer::{get_entries, put_entries, KvBuffer, Pending};
 use crate::layers::linear::Linear;
 use crate::layers::rope::RopeTables;
+use crate::layers::{merge_heads, split_heads};
 use crate::{Error, Result};
 
 /// Weights of one sliding-window attention layer.
@@ -83,23 +84,20 @@ impl SlidingWindowAttention {
         rope: &RopeTables,
         slot: &WindowSlot,
     ) -> Result<Tensor> {
-        let (b, c, dim) = x.dims3()?;
-        let (h, d) = (self.n_heads, self.head_dim);
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, c, h, d))?.transpose(1, 2)?.contiguous()?)
-        };
+        let h = self.n_heads;
         let [q, k, v] = self.qkv.forward_parts(x)?;
-        let (q, k, v) = (rope.apply(&heads(q)?)?, rope.apply(&heads(k)?)?, heads(v)?);
+        let q = rope.apply(&split_heads(&q, h)?)?;
+        let k = rope.apply(&split_heads(&k, h)?)?;
+        let v = split_heads(&v, h)?;
         let (keys, values) = slot.write_and_view(&k, &v)?;
         let o = attention(
             &q,
             &keys,
             &values,
             slot.chunk.mask.as_ref(),
-            1.0 / (d as f64).sqrt(),
+            1.0 / (self.head_dim as f64).sqrt(),
         )?;
-        let o = o.transpose(1, 2)?.reshape((b, c, dim))?;
-        self.out_proj.forward(&o)
+        self.out_proj.forward(&merge_heads(&o)?)
     }
 }
 
