@@ -297,3 +297,82 @@ fn prompts_beyond_the_position_limit_are_errors() {
         Err(Error::Input(_))
     ));
 }
+
+/// The one decode loop, batched: each row streams its own tokens (the callback gets the row),
+/// can be stopped alone, and continues from its own cache; a row that stops leaves the batch at
+/// once, so its cache holds exactly its prompt and its tokens but the last, as if it had run
+/// alone.
+#[test]
+fn batched_rows_stream_stop_alone_and_continue_their_own_caches() {
+    for folder in ["gret", "swa"] {
+        let model = load(folder);
+        let toks = expected(folder).tokens;
+        let system = [&toks[..30], &toks[40..47], &toks[100..101]];
+        let users = vec![
+            toks[30..35].to_vec(),
+            toks[50..90].to_vec(),
+            toks[120..123].to_vec(),
+        ];
+        let cfg = GenerationConfig {
+            stop_tokens: vec![toks[7]],
+            ..plain_greedy(20, 16)
+        };
+        // Alone: each row from a cache holding its system prompt; row 1 stopped after 4 tokens.
+        let mut alone = Vec::new();
+        for (r, (sys, user)) in system.iter().zip(&users).enumerate() {
+            let mut cache = model.new_cache(1).unwrap();
+            model.prefill(&ids(sys), &mut cache).unwrap();
+            let mut n = 0;
+            let out = model
+                .generate_from(&mut cache, user, &cfg, |_| {
+                    n += 1;
+                    if r == 1 && n == 4 {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                })
+                .unwrap();
+            alone.push((out, cache));
+        }
+        // Together, from the same kind of caches.
+        let mut caches: Vec<_> = system
+            .iter()
+            .map(|sys| {
+                let mut cache = model.new_cache(1).unwrap();
+                model.prefill(&ids(sys), &mut cache).unwrap();
+                cache
+            })
+            .collect();
+        let mut streamed = vec![Vec::new(); 3];
+        let outs = model
+            .generate_batch_from(&mut caches, &users, &cfg, |row, tok| {
+                streamed[row].push(tok);
+                if row == 1 && streamed[1].len() == 4 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .unwrap();
+        for r in 0..3 {
+            let (single, single_cache) = &mut alone[r];
+            assert_eq!(outs[r].tokens, single.tokens, "{folder} row {r}");
+            assert_eq!(outs[r].stop_reason, single.stop_reason, "{folder} row {r}");
+            assert_eq!(streamed[r], single.tokens, "{folder} row {r}");
+            assert_eq!(
+                caches[r].positions(),
+                single_cache.positions(),
+                "{folder} row {r}"
+            );
+            // The cache a row left behind continues exactly like the one that ran alone.
+            let tok = candle_core::Tensor::new(&[3u32], &Device::Cpu).unwrap();
+            let batched = model.step(&tok, &mut caches[r]).unwrap();
+            let single = model.step(&tok, single_cache).unwrap();
+            let diff = common::max_abs_diff(&batched, &single);
+            assert!(diff < 1e-5, "{folder} row {r}: {diff}");
+        }
+        assert_eq!(outs[1].stop_reason, StopReason::Callback);
+        assert_eq!(outs[1].tokens.len(), 4);
+    }
+}
