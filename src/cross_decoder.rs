@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::checkpoint::catalogue::{Catalogue, CrossSpec};
 use crate::checkpoint::config::Config;
@@ -21,7 +20,7 @@ use crate::layers::kv_buffer::{get_entries, put_entries, KvBuffer};
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeTables;
-use crate::layers::{merge_heads, split_heads};
+use crate::layers::{merge_heads, split_heads, Weights};
 use crate::Result;
 
 /// Builds the global K/V from the self-decoder's output.
@@ -48,6 +47,8 @@ pub(crate) struct CrossAttention {
     out_proj: Linear,
     n_heads: usize,
     head_dim: usize,
+    /// May the CPU decode-attention kernel run?
+    native: bool,
 }
 
 /// What the cross-decoder's queries of one chunk read: views of the global keys and values and
@@ -60,10 +61,10 @@ pub(crate) struct GlobalView {
 
 impl KvBuilder {
     /// The global K/V projection of `catalogue`.
-    pub(crate) fn load(vb: &VarBuilder, catalogue: &Catalogue, cfg: &Config) -> Result<Self> {
+    pub(crate) fn load(w: &Weights, catalogue: &Catalogue, cfg: &Config) -> Result<Self> {
         Ok(KvBuilder {
-            kv_layer_norm: RmsNorm::load(vb, &catalogue.kv_layer_norm, cfg.norm_eps)?,
-            kv_proj: Linear::load(vb, &catalogue.kv)?,
+            kv_layer_norm: RmsNorm::load(w, &catalogue.kv_layer_norm, cfg.norm_eps)?,
+            kv_proj: Linear::load(w, &catalogue.kv)?,
             n_kv_heads: cfg.n_attn_kv_heads,
         })
     }
@@ -185,15 +186,16 @@ impl GlobalKv {
 impl CrossAttention {
     /// The cross-decoder mixer of `spec`, with `n_heads` query heads of size `head_dim`.
     pub(crate) fn load(
-        vb: &VarBuilder,
+        w: &Weights,
         spec: &CrossSpec,
         (n_heads, head_dim): (usize, usize),
     ) -> Result<Self> {
         Ok(CrossAttention {
-            q_proj: Linear::load(vb, &spec.q)?,
-            out_proj: Linear::load(vb, &spec.out)?,
+            q_proj: Linear::load(w, &spec.q)?,
+            out_proj: Linear::load(w, &spec.out)?,
             n_heads,
             head_dim,
+            native: w.native_kernels,
         })
     }
 
@@ -206,7 +208,14 @@ impl CrossAttention {
     ) -> Result<Tensor> {
         let q = rope.apply(&split_heads(&self.q_proj.forward(x)?, self.n_heads)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o = attention(&q, &global.k, &global.v, global.mask.as_ref(), scale)?;
+        let o = attention(
+            &q,
+            &global.k,
+            &global.v,
+            global.mask.as_ref(),
+            scale,
+            self.native,
+        )?;
         self.out_proj.forward(&merge_heads(&o)?)
     }
 }

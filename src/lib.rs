@@ -96,4 +96,4 @@ pub use generation::tokenizer::{TextStream, Tokenizer};
 pub use generation::{
     Generation, GenerationConfig, StopReason, REFERENCE_BOS, REFERENCE_EOS, REFERENCE_PAD,
 };
-pub use model::{Model, DEFAULT_PREFILL_CHUNK};
+pub use model::{Kernels, LoadOptions, Model, DEFAULT_PREFILL_CHUNK};

@@ -28,13 +28,47 @@ use crate::layers::constants::Constants;
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
-use crate::layers::Block;
+use crate::layers::{Block, Weights};
 use crate::self_decoder::SelfDecoder;
 use crate::{Error, Result};
 
 /// Default number of prompt tokens processed at once by [`Model::prefill`] and
 /// [`Model::forward`]: working memory is bounded by the chunk, not the prompt.
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
+/// Which kernels the model may use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fastest for the device: on the CPU, raw-slice kernels for decode projections and
+    /// decode attention where they apply.
+    #[default]
+    Native,
+    /// Only tensor operations that every device runs: the path a GPU takes, for testing it on a
+    /// CPU. Same results within float32 rounding, slower decode on the CPU.
+    Portable,
+}
+
+/// How [`Model::load_with`] loads a checkpoint. Build it with struct update syntax:
+/// `LoadOptions { dtype: DType::BF16, ..LoadOptions::default() }`.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Where the weights go. Default: the CPU.
+    pub device: Device,
+    /// The weights' dtype (`F32` on CPU, `BF16`/`F16` on CUDA). Default: `F32`.
+    pub dtype: DType,
+    /// Which kernels the model may use. Default: [`Kernels::Native`].
+    pub kernels: Kernels,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            kernels: Kernels::Native,
+        }
+    }
+}
 
 /// Which positions of a chunk need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,10 +122,21 @@ impl Model {
     /// # Ok(()) }
     /// ```
     pub fn load(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
+        let options = LoadOptions {
+            device: device.clone(),
+            dtype,
+            ..LoadOptions::default()
+        };
+        Model::load_with(dir, &options)
+    }
+
+    /// [`Model::load`] with every option of [`LoadOptions`].
+    pub fn load_with(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let dir = dir.as_ref();
-        let (cfg, vb) = crate::checkpoint::open(dir, dtype, device)?;
+        let (cfg, vb) = crate::checkpoint::open(dir, options.dtype, &options.device)?;
         // The headers were checked; an error now comes from the tensor data itself.
-        Model::new(cfg, vb).map_err(|e| match e {
+        Model::build(cfg, Weights::new(vb, options.kernels == Kernels::Native)).map_err(|e| match e
+        {
             Error::Candle(e) => {
                 Error::Checkpoint(format!("reading weights from {}: {e}", dir.display()))
             }
@@ -103,32 +148,35 @@ impl Model {
     /// ([`Config::parameters`]), for weights you bring yourself. The `VarBuilder`'s dtype and
     /// device are the model's.
     pub fn new(cfg: Config, vb: VarBuilder) -> Result<Self> {
+        Model::build(cfg, Weights::new(vb, true))
+    }
+
+    fn build(cfg: Config, w: Weights) -> Result<Self> {
         cfg.validate()?;
-        let dtype = vb.dtype();
-        let device = vb.device().clone();
+        let dtype = w.dtype();
+        let device = w.device().clone();
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::Config(format!(
                 "weights dtype must be f32, f16 or bf16, got {dtype:?}"
             )));
         }
         let cat = Catalogue::new(&cfg);
-        let e = &cat.embed_tokens;
-        let embed_tokens = Embedding::new(vb.get(e.shape.as_slice(), &e.name)?, cfg.dim);
-        let self_decoder = SelfDecoder::load(&vb, &cat, &cfg)?;
-        let kv_builder = KvBuilder::load(&vb, &cat, &cfg)?;
+        let embed_tokens = Embedding::new(w.get(&cat.embed_tokens)?, cfg.dim);
+        let self_decoder = SelfDecoder::load(&w, &cat, &cfg)?;
+        let kv_builder = KvBuilder::load(&w, &cat, &cfg)?;
         let heads = (cfg.n_attn_heads, cfg.attn_head_dim());
         let cross_layers = cat
             .cross_layers
             .iter()
             .map(|spec| {
-                Block::load(&vb, spec, cfg.norm_eps, |m| {
-                    CrossAttention::load(&vb, m, heads)
+                Block::load(&w, spec, cfg.norm_eps, |m| {
+                    CrossAttention::load(&w, m, heads)
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Model {
-            layer_norm: RmsNorm::load(&vb, &cat.layer_norm, cfg.norm_eps)?,
-            output_projection: Linear::load(&vb, &cat.output_projection)?,
+            layer_norm: RmsNorm::load(&w, &cat.layer_norm, cfg.norm_eps)?,
+            output_projection: Linear::load(&w, &cat.output_projection)?,
             self_rope: Rope::new(cfg.self_head_dim(), cfg.rope_theta, &device)?,
             attn_rope: Rope::new(cfg.attn_head_dim(), cfg.rope_theta, &device)?,
             consts: Constants::default(),

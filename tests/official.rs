@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use common::{ids, max_abs_diff};
-use yoco::{GenerationConfig, Model};
+use yoco::{GenerationConfig, Kernels, LoadOptions, Model};
 
 /// The official code's own float32 forms differ by ~1e-6; a port is exact within 1e-4.
 const TOL: f32 = 1e-4;
@@ -40,10 +40,30 @@ fn u32s(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
-fn case(name: &str) -> Case {
+/// Every case, loaded with the CPU's native kernels and with the portable ones (the tensor ops a
+/// GPU runs): both must be exact.
+fn cases() -> Vec<(String, Case)> {
+    let mut out = Vec::new();
+    for name in CASES {
+        for kernels in [Kernels::Native, Kernels::Portable] {
+            out.push((format!("{name} ({kernels:?})"), case(name, kernels)));
+        }
+    }
+    out
+}
+
+fn case(name: &str, kernels: Kernels) -> Case {
     // `Model::load` on the directory exactly as the official code saved it: no renaming.
-    let model = Model::load(dir(name), &Device::Cpu, DType::F32)
-        .unwrap_or_else(|e| panic!("{name}: the official checkpoint must load: {e}"));
+    let model = if kernels == Kernels::Native {
+        Model::load(dir(name), &Device::Cpu, DType::F32)
+    } else {
+        let options = LoadOptions {
+            kernels,
+            ..LoadOptions::default()
+        };
+        Model::load_with(dir(name), &options)
+    }
+    .unwrap_or_else(|e| panic!("{name}: the official checkpoint must load: {e}"));
     let exp = candle_core::safetensors::load(dir(name).join("expected.safetensors"), &Device::Cpu)
         .unwrap();
     let prompt_len = u32s(&exp["prompt_len"])[0] as usize;
@@ -58,8 +78,7 @@ fn case(name: &str) -> Case {
 
 #[test]
 fn official_checkpoints_give_the_official_logits() {
-    for name in CASES {
-        let c = case(name);
+    for (name, c) in cases() {
         let mut cache = c.model.new_cache(1).unwrap();
         let logits = c
             .model
@@ -77,8 +96,7 @@ fn official_checkpoints_give_the_official_logits() {
 /// position's logits equal the official full forward's.
 #[test]
 fn chunked_prefill_then_steps_give_the_official_logits() {
-    for name in CASES {
-        let c = case(name);
+    for (name, c) in cases() {
         let t = c.tokens.len();
         for chunk in [1, 7, 64, 256] {
             // A split that is not a multiple of the chunk, and long enough to cross the
@@ -108,8 +126,7 @@ fn chunked_prefill_then_steps_give_the_official_logits() {
 
 #[test]
 fn greedy_generation_gives_the_official_tokens() {
-    for name in CASES {
-        let c = case(name);
+    for (name, c) in cases() {
         // The official greedy loop: ids 0 and 1 masked, no stop token, a fixed number of steps.
         let cfg = GenerationConfig {
             stop_tokens: vec![],

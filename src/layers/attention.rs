@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::layers::linear::dot;
 use crate::Result;
 
-/// `softmax(q k^T * scale + mask) v`.
+/// `softmax(q k^T * scale + mask) v`; `native` allows the CPU decode kernel.
 ///
 /// * `q`: `(B, H, C, d)`; `k`, `v`: `(B, H_kv, L, d)` (a strided view of a cache is fine);
 /// * `mask`: additive (0 or -inf), broadcastable to `(B, H_kv, G, C, L)`: either `(C, L)` for a
@@ -24,11 +24,12 @@ pub(crate) fn attention(
     v: &Tensor,
     mask: Option<&Tensor>,
     scale: f64,
+    native: bool,
 ) -> Result<Tensor> {
     let (b, h, c, d) = q.dims4()?;
     let (_, h_kv, l, _) = k.dims4()?;
     let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32;
-    if mask.is_none() && b == 1 && c == 1 && cpu_f32 {
+    if native && mask.is_none() && b == 1 && c == 1 && cpu_f32 {
         if let Some(out) = decode_grouped_cpu(q, k, v, scale as f32)? {
             return Ok(out);
         }
@@ -196,7 +197,7 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (2, 2, 9, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, 2, 9, 8), &dev)?;
         let mask = causal_mask(5, 9, 4, 0, Some(3), &dev)?;
-        let fast = attention(&q, &k, &v, Some(&mask), 0.3)?;
+        let fast = attention(&q, &k, &v, Some(&mask), 0.3, true)?;
         let slow = naive_attention(&q, &k, &v, Some(&mask), 0.3)?;
         let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
@@ -211,13 +212,13 @@ mod tests {
         let k_all = Tensor::randn(0f32, 1.0, (1, 2, 40, 8), &dev)?;
         let v_all = Tensor::randn(0f32, 1.0, (1, 2, 40, 8), &dev)?;
         let (k, v) = (k_all.narrow(2, 3, 29)?, v_all.narrow(2, 3, 29)?);
-        let fast = attention(&q, &k, &v, None, 0.3)?;
+        let fast = attention(&q, &k, &v, None, 0.3, true)?;
         let slow = naive_attention(&q, &k, &v, None, 0.3)?;
         let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         // Several queries per head take the general path.
         let q2 = Tensor::randn(0f32, 1.0, (1, 6, 3, 8), &dev)?;
-        let fast = attention(&q2, &k, &v, None, 0.3)?;
+        let fast = attention(&q2, &k, &v, None, 0.3, true)?;
         let slow = naive_attention(&q2, &k, &v, None, 0.3)?;
         let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");

@@ -12,10 +12,10 @@
 //!   split across threads by output features.
 
 use candle_core::{DType, Device, Storage, Tensor};
-use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::checkpoint::catalogue::LinearSpec;
+use crate::layers::Weights;
 use crate::{Error, Result};
 
 /// At most this many input rows take the row-streaming CPU kernel; more use candle's matmul,
@@ -29,19 +29,22 @@ pub(crate) struct Linear {
     weight: Tensor,
     /// Output widths of the fused pieces, in order (one entry when not fused).
     parts: Vec<usize>,
+    /// May a few rows on the CPU take [`gemv_cpu`]?
+    native: bool,
 }
 
 impl Linear {
-    /// The projections of `spec`, read from `vb` by name and shape and fused in that order.
-    pub(crate) fn load(vb: &VarBuilder, spec: &LinearSpec) -> Result<Self> {
-        let weights = spec
-            .iter()
-            .map(|p| vb.get(p.shape.as_slice(), &p.name))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        match weights.as_slice() {
-            [one] => Linear::new(one.clone()),
-            _ => Linear::fused(&weights),
-        }
+    /// The projections of `spec`, fused in that order.
+    pub(crate) fn load(w: &Weights, spec: &LinearSpec) -> Result<Self> {
+        let weights = spec.iter().map(|p| w.get(p)).collect::<Result<Vec<_>>>()?;
+        let linear = match weights.as_slice() {
+            [one] => Linear::new(one.clone())?,
+            _ => Linear::fused(&weights)?,
+        };
+        Ok(Linear {
+            native: w.native_kernels,
+            ..linear
+        })
     }
 
     /// One layer from a weight `(out, in)`.
@@ -50,6 +53,7 @@ impl Linear {
         Ok(Linear {
             weight: weight.contiguous()?,
             parts: vec![out],
+            native: true,
         })
     }
 
@@ -66,15 +70,24 @@ impl Linear {
         Ok(Linear {
             weight: Tensor::cat(weights, 0)?.contiguous()?,
             parts,
+            native: true,
         })
     }
 
     /// `x: (..., in) -> (..., out)` where `out` is the sum of the fused widths.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = gemv_cpu(x, &self.weight)? {
+        if let Some(y) = self.gemv(x)? {
             return Ok(y);
         }
         matmul(x, &self.weight)
+    }
+
+    /// The CPU decode kernel, where it applies and is allowed.
+    fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !self.native {
+            return Ok(None);
+        }
+        gemv_cpu(x, &self.weight)
     }
 
     /// The output of each of the `N` fused pieces, `(..., out_i)`.
@@ -90,7 +103,7 @@ impl Linear {
                 self.parts.len()
             )));
         }
-        let fused = gemv_cpu(x, &self.weight)?;
+        let fused = self.gemv(x)?;
         let mut start = 0;
         let mut out = Vec::with_capacity(N);
         for &width in &self.parts {

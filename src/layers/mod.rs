@@ -13,11 +13,41 @@ pub(crate) mod rope;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::catalogue::BlockSpec;
+use crate::checkpoint::catalogue::{BlockSpec, Parameter};
 use crate::Result;
 use ffn::SwiGlu;
 use linear::Linear;
 use norm::RmsNorm;
+
+/// Where the layers read their weights from, and how they are built.
+pub(crate) struct Weights<'a> {
+    vb: VarBuilder<'a>,
+    /// May layers use the CPU-only kernels (decode projections and attention over raw slices)
+    /// where the device is the CPU? When false, every layer runs only the portable tensor ops that
+    /// every device has: the path CUDA takes, testable on a CPU.
+    pub(crate) native_kernels: bool,
+}
+
+impl<'a> Weights<'a> {
+    pub(crate) fn new(vb: VarBuilder<'a>, native_kernels: bool) -> Self {
+        Weights { vb, native_kernels }
+    }
+
+    /// The tensor of parameter `p`, checked against its shape, in the model's dtype and device.
+    pub(crate) fn get(&self, p: &Parameter) -> Result<Tensor> {
+        Ok(self.vb.get(p.shape.as_slice(), &p.name)?)
+    }
+
+    /// The model's device.
+    pub(crate) fn device(&self) -> &candle_core::Device {
+        self.vb.device()
+    }
+
+    /// The model's dtype.
+    pub(crate) fn dtype(&self) -> candle_core::DType {
+        self.vb.dtype()
+    }
+}
 
 /// `(B, C, H * d) -> (B, H, C, d)`, contiguous: one head per matrix for attention and retention.
 pub(crate) fn split_heads(t: &Tensor, heads: usize) -> Result<Tensor> {
@@ -45,18 +75,18 @@ pub(crate) struct Block<M> {
 impl<M> Block<M> {
     /// The block of `spec`, around the mixer that `mixer` builds from its part of the spec.
     pub(crate) fn load<S>(
-        vb: &VarBuilder,
+        w: &Weights,
         spec: &BlockSpec<S>,
         eps: f64,
         mixer: impl FnOnce(&S) -> Result<M>,
     ) -> Result<Self> {
         Ok(Block {
-            mixer_layer_norm: RmsNorm::load(vb, &spec.mixer_layer_norm, eps)?,
+            mixer_layer_norm: RmsNorm::load(w, &spec.mixer_layer_norm, eps)?,
             mixer: mixer(&spec.mixer)?,
-            final_layer_norm: RmsNorm::load(vb, &spec.final_layer_norm, eps)?,
+            final_layer_norm: RmsNorm::load(w, &spec.final_layer_norm, eps)?,
             ffn: SwiGlu {
-                fc1_gate: Linear::load(vb, &spec.fc1_gate)?,
-                fc2: Linear::load(vb, &spec.fc2)?,
+                fc1_gate: Linear::load(w, &spec.fc1_gate)?,
+                fc2: Linear::load(w, &spec.fc2)?,
             },
         })
     }

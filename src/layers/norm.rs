@@ -1,9 +1,9 @@
 //! RMSNorm: `y = x * rsqrt(mean(x^2) + eps) * weight`, accumulated in f32 whatever the dtype.
 
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::checkpoint::catalogue::Parameter;
+use crate::layers::Weights;
 use crate::Result;
 
 /// RMS normalisation over the last dimension.
@@ -14,9 +14,9 @@ pub(crate) struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// The norm whose `(dim,)` weight is `p`, read from `vb`.
-    pub(crate) fn load(vb: &VarBuilder, p: &Parameter, eps: f64) -> Result<Self> {
-        Ok(RmsNorm::new(vb.get(p.shape.as_slice(), &p.name)?, eps))
+    /// The norm whose `(dim,)` weight is `p`.
+    pub(crate) fn load(w: &Weights, p: &Parameter, eps: f64) -> Result<Self> {
+        Ok(RmsNorm::new(w.get(p)?, eps))
     }
 
     /// From a `(dim,)` weight.

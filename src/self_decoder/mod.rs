@@ -8,13 +8,12 @@ pub(crate) mod window;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::checkpoint::catalogue::{Catalogue, SelfMixerSpec};
 use crate::checkpoint::config::{Config, SelfMixer};
 use crate::layers::constants::Constants;
 use crate::layers::rope::RopeTables;
-use crate::layers::Block;
+use crate::layers::{Block, Weights};
 use crate::{Error, Result};
 use retention::{GatedRetention, RetentionState};
 use window::{SlidingWindowAttention, WindowState};
@@ -36,8 +35,8 @@ pub(crate) enum SelfDecoderState {
 }
 
 impl SelfDecoder {
-    /// The layers of `catalogue`, read from `vb`.
-    pub(crate) fn load(vb: &VarBuilder, catalogue: &Catalogue, cfg: &Config) -> Result<Self> {
+    /// The layers of `catalogue`.
+    pub(crate) fn load(w: &Weights, catalogue: &Catalogue, cfg: &Config) -> Result<Self> {
         let heads = (cfg.n_self_heads, cfg.self_head_dim());
         let eps = cfg.norm_eps;
         let specs = &catalogue.self_layers;
@@ -48,9 +47,9 @@ impl SelfDecoder {
                 specs
                     .iter()
                     .map(|spec| {
-                        Block::load(vb, spec, eps, |m| match m {
+                        Block::load(w, spec, eps, |m| match m {
                             SelfMixerSpec::Retention { qkvg_gt, out } => {
-                                GatedRetention::load(vb, (qkvg_gt, out), heads, eps)
+                                GatedRetention::load(w, (qkvg_gt, out), heads, eps)
                             }
                             SelfMixerSpec::Window { .. } => Err(wrong()),
                         })
@@ -61,9 +60,9 @@ impl SelfDecoder {
                 specs
                     .iter()
                     .map(|spec| {
-                        Block::load(vb, spec, eps, |m| match m {
+                        Block::load(w, spec, eps, |m| match m {
                             SelfMixerSpec::Window { qkv, out } => {
-                                SlidingWindowAttention::load(vb, (qkv, out), heads)
+                                SlidingWindowAttention::load(w, (qkv, out), heads)
                             }
                             SelfMixerSpec::Retention { .. } => Err(wrong()),
                         })

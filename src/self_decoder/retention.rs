@@ -21,14 +21,13 @@
 //! The state `S` and all decay arithmetic are f32 whatever the weights' dtype.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::VarBuilder;
 
 use crate::checkpoint::catalogue::LinearSpec;
 use crate::layers::constants::{ConstKey, Constants};
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeTables;
-use crate::layers::{merge_heads, split_heads};
+use crate::layers::{merge_heads, split_heads, Weights};
 use crate::{Error, Result};
 
 /// The reference's `gate_logit_normalizer`.
@@ -125,17 +124,17 @@ impl GatedRetention {
     /// The layer of `qkvg_gt` (fused `q, k, v, g, gt`) and `out`, with `n_heads` heads of
     /// size `head_dim`.
     pub(crate) fn load(
-        vb: &VarBuilder,
+        w: &Weights,
         (qkvg_gt, out): (&LinearSpec, &LinearSpec),
         (n_heads, head_dim): (usize, usize),
         eps: f64,
     ) -> Result<Self> {
         Ok(GatedRetention {
-            qkvg_gt: Linear::load(vb, qkvg_gt)?,
-            out_proj: Linear::load(vb, out)?,
+            qkvg_gt: Linear::load(w, qkvg_gt)?,
+            out_proj: Linear::load(w, out)?,
             n_heads,
             head_dim,
-            head_norm: RmsNorm::without_weight(head_dim, eps, DType::F32, vb.device())?,
+            head_norm: RmsNorm::without_weight(head_dim, eps, DType::F32, w.device())?,
         })
     }
 

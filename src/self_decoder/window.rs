@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::checkpoint::catalogue::LinearSpec;
 use crate::layers::attention::{attention, causal_mask, right_aligned_mask};
@@ -21,7 +20,7 @@ use crate::layers::constants::{ConstKey, Constants};
 use crate::layers::kv_buffer::{get_entries, put_entries, KvBuffer, Pending};
 use crate::layers::linear::Linear;
 use crate::layers::rope::RopeTables;
-use crate::layers::{merge_heads, split_heads};
+use crate::layers::{merge_heads, split_heads, Weights};
 use crate::{Error, Result};
 
 /// Weights of one sliding-window attention layer.
@@ -32,6 +31,8 @@ pub(crate) struct SlidingWindowAttention {
     out_proj: Linear,
     n_heads: usize,
     head_dim: usize,
+    /// May the CPU decode-attention kernel run?
+    native: bool,
 }
 
 /// The keys and values of every sliding-window layer of one batch of sequences.
@@ -64,15 +65,16 @@ pub(crate) struct WindowSlot<'a> {
 impl SlidingWindowAttention {
     /// The layer of `qkv` (fused `q, k, v`) and `out`, with `n_heads` heads of size `head_dim`.
     pub(crate) fn load(
-        vb: &VarBuilder,
+        w: &Weights,
         (qkv, out): (&LinearSpec, &LinearSpec),
         (n_heads, head_dim): (usize, usize),
     ) -> Result<Self> {
         Ok(SlidingWindowAttention {
-            qkv: Linear::load(vb, qkv)?,
-            out_proj: Linear::load(vb, out)?,
+            qkv: Linear::load(w, qkv)?,
+            out_proj: Linear::load(w, out)?,
             n_heads,
             head_dim,
+            native: w.native_kernels,
         })
     }
 
@@ -96,6 +98,7 @@ impl SlidingWindowAttention {
             &values,
             slot.chunk.mask.as_ref(),
             1.0 / (self.head_dim as f64).sqrt(),
+            self.native,
         )?;
         self.out_proj.forward(&merge_heads(&o)?)
     }
