@@ -20,7 +20,7 @@ use crate::layers::kv_buffer::{get_entries, put_entries, KvBuffer};
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeTables;
-use crate::layers::{merge_heads, split_heads, Weights};
+use crate::layers::{merge_heads, Weights};
 use crate::Result;
 
 /// Builds the global K/V from the self-decoder's output.
@@ -73,9 +73,9 @@ impl KvBuilder {
     /// `(B, H_kv, C, hd)` each, RoPE on the keys.
     pub(crate) fn forward(&self, x: &Tensor, rope: &RopeTables) -> Result<(Tensor, Tensor)> {
         let xn = self.kv_layer_norm.forward(x)?;
-        let [k, v] = self.kv_proj.forward_parts(&xn)?;
+        let p = self.kv_proj.project(&xn)?;
         let h = self.n_kv_heads;
-        Ok((rope.apply(&split_heads(&k, h)?)?, split_heads(&v, h)?))
+        Ok((p.heads(0, h, Some(rope), None)?, p.heads(1, h, None, None)?))
     }
 }
 
@@ -206,7 +206,10 @@ impl CrossAttention {
         rope: &RopeTables,
         global: &GlobalView,
     ) -> Result<Tensor> {
-        let q = rope.apply(&split_heads(&self.q_proj.forward(x)?, self.n_heads)?)?;
+        let q = self
+            .q_proj
+            .project(x)?
+            .heads(0, self.n_heads, Some(rope), None)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let o = attention(
             &q,

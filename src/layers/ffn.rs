@@ -5,6 +5,7 @@
 
 use candle_core::Tensor;
 
+use crate::layers::fused;
 use crate::layers::linear::Linear;
 use crate::Result;
 
@@ -19,7 +20,13 @@ pub(crate) struct SwiGlu {
 impl SwiGlu {
     /// `(B, T, dim) -> (B, T, dim)`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let [fc1, gate] = self.fc1_gate.forward_parts(x)?;
-        self.fc2.forward(&(fc1.silu()? * gate)?)
+        let p = self.fc1_gate.project(x)?;
+        // `fc1 | gate` as one product: one pass for the activation and the product.
+        if let Some((y, 0)) = p.fused_band(0)? {
+            if let Some(h) = fused::swiglu(y)? {
+                return self.fc2.forward(&h);
+            }
+        }
+        self.fc2.forward(&(p.rows(0)?.silu()? * p.rows(1)?)?)
     }
 }

@@ -15,7 +15,8 @@ use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::checkpoint::catalogue::LinearSpec;
-use crate::layers::Weights;
+use crate::layers::rope::RopeTables;
+use crate::layers::{fused, split_heads, Weights};
 use crate::{Error, Result};
 
 /// At most this many input rows take the row-streaming CPU kernel; more use candle's matmul,
@@ -90,6 +91,29 @@ impl Linear {
         gemv_cpu(x, &self.weight)
     }
 
+    /// The fused pieces' outputs for `x: (B, C, in)`, taken the fastest way this layer may: on
+    /// the CPU (native kernels) one product over the fused weight, whose pieces are then column
+    /// bands that the fused kernels read in place; elsewhere one contiguous product per piece.
+    pub(crate) fn project(&self, x: &Tensor) -> Result<Projected> {
+        if self.native && x.device().is_cpu() && x.dtype() == DType::F32 {
+            let y = self.forward(x)?.contiguous()?;
+            let mut offsets = Vec::with_capacity(self.parts.len());
+            let mut start = 0;
+            for &width in &self.parts {
+                offsets.push((start, width));
+                start += width;
+            }
+            return Ok(Projected::Fused { y, offsets });
+        }
+        let mut parts = Vec::with_capacity(self.parts.len());
+        let mut start = 0;
+        for &width in &self.parts {
+            parts.push(matmul(x, &self.weight.narrow(0, start, width)?)?);
+            start += width;
+        }
+        Ok(Projected::Parts(parts))
+    }
+
     /// The output of each of the `N` fused pieces, `(..., out_i)`.
     ///
     /// A few rows (decode) take one pass over the fused weight and return views of its output.
@@ -115,6 +139,75 @@ impl Linear {
         }
         out.try_into()
             .map_err(|_| Error::Config("fused piece count changed".into()))
+    }
+}
+
+/// The outputs of a fused projection's pieces (see [`Linear::project`]).
+pub(crate) enum Projected {
+    /// One contiguous `(B, C, sum of widths)` product; piece `i` is the column band
+    /// `offsets[i] = (start, width)`.
+    Fused {
+        y: Tensor,
+        offsets: Vec<(usize, usize)>,
+    },
+    /// One contiguous `(B, C, width)` tensor per piece.
+    Parts(Vec<Tensor>),
+}
+
+impl Projected {
+    fn band(&self, piece: usize) -> Result<(usize, usize)> {
+        match self {
+            Projected::Fused { offsets, .. } => offsets.get(piece).copied(),
+            Projected::Parts(parts) => parts
+                .get(piece)
+                .and_then(|p| p.dims().last().map(|&w| (0, w))),
+        }
+        .ok_or_else(|| Error::Input(format!("no projection piece {piece}")))
+    }
+
+    /// Piece `piece` as `(B, C, width)` (a strided view of the fused product, or the part).
+    pub(crate) fn rows(&self, piece: usize) -> Result<Tensor> {
+        let (start, width) = self.band(piece)?;
+        match self {
+            Projected::Fused { y, .. } => Ok(y.narrow(2, start, width)?),
+            Projected::Parts(parts) => Ok(parts[piece].clone()),
+        }
+    }
+
+    /// Piece `piece` as `(B, H, C, d)` heads of size `width / n_heads`, rotated by `rope` and
+    /// then multiplied by `scale`: in one pass over the fused product, or as candle ops.
+    pub(crate) fn heads(
+        &self,
+        piece: usize,
+        n_heads: usize,
+        rope: Option<&RopeTables>,
+        scale: Option<f64>,
+    ) -> Result<Tensor> {
+        let (start, width) = self.band(piece)?;
+        if let Projected::Fused { y, .. } = self {
+            let tables = rope.map(|r| (&r.cos, &r.sin));
+            let d = width / n_heads.max(1);
+            if let Some(h) = fused::heads(y, start, (n_heads, d), tables, scale.map(|s| s as f32))? {
+                return Ok(h);
+            }
+        }
+        let mut h = split_heads(&self.rows(piece)?.contiguous()?, n_heads)?;
+        if let Some(rope) = rope {
+            h = rope.apply(&h)?;
+        }
+        if let Some(scale) = scale {
+            h = (h * scale)?;
+        }
+        Ok(h)
+    }
+
+    /// The fused product and piece `piece`'s first column, when the pieces share one product.
+    pub(crate) fn fused_band(&self, piece: usize) -> Result<Option<(&Tensor, usize)>> {
+        let (start, _) = self.band(piece)?;
+        Ok(match self {
+            Projected::Fused { y, .. } => Some((y, start)),
+            Projected::Parts(_) => None,
+        })
     }
 }
 

@@ -5,6 +5,7 @@
 pub(crate) mod attention;
 pub(crate) mod constants;
 pub(crate) mod ffn;
+pub(crate) mod fused;
 pub(crate) mod kv_buffer;
 pub(crate) mod linear;
 pub(crate) mod norm;

@@ -38,6 +38,11 @@ impl RmsNorm {
         Ok(RmsNorm::new(Tensor::ones(dim, dtype, device)?, eps))
     }
 
+    /// The epsilon under the square root.
+    pub(crate) fn eps(&self) -> f32 {
+        self.eps
+    }
+
     /// Normalises `x` over its last dimension.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's fused kernel needs contiguous input; this is a no-op when it already is.

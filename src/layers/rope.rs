@@ -25,8 +25,8 @@ pub(crate) struct Rope {
 /// the same positions) or `(B, T, d/2)` (rows at different positions).
 #[derive(Clone, Debug)]
 pub(crate) struct RopeTables {
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
 }
 
 impl Rope {

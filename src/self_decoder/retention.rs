@@ -27,7 +27,7 @@ use crate::layers::constants::{ConstKey, Constants};
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeTables;
-use crate::layers::{merge_heads, split_heads, Weights};
+use crate::layers::{fused, merge_heads, Weights};
 use crate::{Error, Result};
 
 /// The reference's `gate_logit_normalizer`.
@@ -47,6 +47,8 @@ pub(crate) struct GatedRetention {
     head_dim: usize,
     /// Per-head output norm without weight.
     head_norm: RmsNorm,
+    /// May the fused CPU kernels run?
+    native: bool,
 }
 
 /// The state of one gated-retention layer: `S: (B, H, d, d)`, always f32, constant in the
@@ -135,6 +137,7 @@ impl GatedRetention {
             n_heads,
             head_dim,
             head_norm: RmsNorm::without_weight(head_dim, eps, DType::F32, w.device())?,
+            native: w.native_kernels,
         })
     }
 
@@ -148,12 +151,13 @@ impl GatedRetention {
     ) -> Result<Tensor> {
         let c = x.dim(1)?;
         let (h, d) = (self.n_heads, self.head_dim);
-        let [q, k, v, g, gt] = self.qkvg_gt.forward_parts(x)?;
-        let q = rope.apply(&split_heads(&q, h)?)?;
-        let k = (rope.apply(&split_heads(&k, h)?)? * (d as f64).powf(-0.5))?;
-        let v = split_heads(&v, h)?;
+        // Pieces of the fused projection: q, k, v, g, gt.
+        let p = self.qkvg_gt.project(x)?;
+        let q = p.heads(0, h, Some(rope), None)?;
+        let k = p.heads(1, h, Some(rope), Some((d as f64).powf(-0.5)))?;
+        let v = p.heads(2, h, None, None)?;
         // (B, C, H) -> (B, H, C), f32.
-        let gt = gt.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
+        let gt = p.rows(4)?.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
         let lg = (log_sigmoid(&gt)? / GATE_LOGIT_NORMALIZER)?;
 
         let (q, k, v) = (
@@ -164,11 +168,18 @@ impl GatedRetention {
         let (o, s) = if c == 1 {
             recurrent_step(&q, &k, &v, &lg, &state.s)?
         } else {
-            chunkwise(&q, &k, &v, &lg, &state.s, RETENTION_CHUNK, consts)?
+            chunkwise(&q, &k, &v, &lg, &state.s, RETENTION_CHUNK, consts, self.native)?
         };
         state.s = s;
+        // Per-head norm, heads merged, gated by silu(g): one pass over the fused product's g
+        // band where there is one.
+        if let Some((gx, col)) = p.fused_band(3)? {
+            if let Some(y) = fused::gated_head_norm(&o, gx, col, self.head_norm.eps())? {
+                return self.out_proj.forward(&y);
+            }
+        }
         let o = self.head_norm.forward(&o)?.to_dtype(x.dtype())?;
-        self.out_proj.forward(&(g.silu()? * merge_heads(&o)?)?)
+        self.out_proj.forward(&(p.rows(3)?.silu()? * merge_heads(&o)?)?)
     }
 }
 
@@ -192,11 +203,12 @@ pub(crate) fn parallel(
     intra_chunk(q, k, v, &segment_sums(lg, consts)?, consts)
 }
 
-/// `S[n, m] = sum_{j=m+1..=n} lg_j = G_n - G_m` for `n >= m`, from `lg: (B, H, C)`:
-/// `(B, H, C, C)`. Summed directly rather than as a difference of cumulative sums: over a long
+/// `S[.., n, m] = sum_{j=m+1..=n} lg_j = G_n - G_m` for `n >= m`, from `lg: (.., C)`:
+/// `(.., C, C)`. Summed directly rather than as a difference of cumulative sums: over a long
 /// chunk `G` reaches -100 and beyond, where `G_n - G_m` in f32 would lose the digits that matter.
 fn segment_sums(lg: &Tensor, consts: &Constants) -> Result<Tensor> {
-    let (b, h, c) = lg.dims3()?;
+    let c = lg.dim(D::Minus1)?;
+    let rank = lg.rank();
     // X[n, m] = lg_n where n > m, else 0; a cumulative sum down the columns gives S.
     let mask = consts.get(ConstKey::StrictlyLower(c), || {
         let strictly_lower: Vec<f32> = (0..c * c)
@@ -204,22 +216,16 @@ fn segment_sums(lg: &Tensor, consts: &Constants) -> Result<Tensor> {
             .collect();
         Ok(Tensor::from_vec(strictly_lower, (c, c), lg.device())?)
     })?;
-    let x = lg
-        .unsqueeze(3)?
-        .broadcast_as((b, h, c, c))?
-        .broadcast_mul(&mask)?;
-    Ok(x.cumsum(2)?)
+    let mut shape = lg.dims().to_vec();
+    shape.push(c);
+    let x = lg.unsqueeze(rank)?.broadcast_as(shape)?.broadcast_mul(&mask)?;
+    Ok(x.cumsum(rank - 1)?)
 }
 
-/// `sum_{m<=n} exp(S[n, m]) (q_n . k_m) v_m` for the segment sums `seg` of the log-decays.
-fn intra_chunk(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    seg: &Tensor,
-    consts: &Constants,
-) -> Result<Tensor> {
-    let c = q.dim(2)?;
+/// `exp` of the segment sums with 0 above the diagonal: the decay between every pair of tokens
+/// of a chunk, `(.., C, C)` from `lg: (.., C)`.
+fn decay_matrix(seg: &Tensor, consts: &Constants) -> Result<Tensor> {
+    let c = seg.dim(D::Minus1)?;
     // -inf above the diagonal *before* the exp (there the sum is 0 or meaningless), so those
     // entries are exactly 0.
     let upper = consts.get(ConstKey::UpperNegInf(c), || {
@@ -232,15 +238,42 @@ fn intra_chunk(
                 }
             })
             .collect();
-        Ok(Tensor::from_vec(data, (c, c), q.device())?)
+        Ok(Tensor::from_vec(data, (c, c), seg.device())?)
     })?;
-    let decay = seg.broadcast_add(&upper)?.exp()?;
-    let scores = (q.matmul(&k.t()?)? * decay)?;
+    Ok(seg.broadcast_add(&upper)?.exp()?)
+}
+
+/// The decays of `N` chunks `lg: (N, C)` (see [`fused::Decays`]): one CPU pass, or candle ops.
+fn decays(lg: &Tensor, consts: &Constants, native: bool) -> Result<fused::Decays> {
+    if native {
+        if let Some(d) = fused::decays(lg)? {
+            return Ok(d);
+        }
+    }
+    let c = lg.dim(1)?;
+    let seg = segment_sums(lg, consts)?; // (N, C, C)
+    let g = lg.cumsum(1)?; // (N, C): G_i
+    Ok(fused::Decays {
+        decay: decay_matrix(&seg, consts)?,
+        from_start: g.exp()?,
+        to_end: seg.narrow(1, c - 1, 1)?.squeeze(1)?.exp()?,
+        total: g.narrow(1, c - 1, 1)?.squeeze(1)?.exp()?,
+    })
+}
+
+/// `sum_{m<=n} exp(S[n, m]) (q_n . k_m) v_m` for the segment sums `seg` of the log-decays.
+#[cfg(test)]
+fn intra_chunk(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, consts: &Constants) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * decay_matrix(seg, consts)?)?;
     Ok(scores.matmul(v)?)
 }
 
 /// Chunkwise form: processes `T` tokens in chunks of `chunk`, starting from `state: (B, H, d, d)`.
 /// Returns the outputs `(B, H, T, d)` and the state after the last token.
+///
+/// The chunks of equal length are batched: their intra-chunk parts and their contributions to
+/// the state are each one batched product, and only the `d x d` state recurrence runs chunk after
+/// chunk. `native` allows the fused CPU kernels for the decays and the recurrence.
 pub(crate) fn chunkwise(
     q: &Tensor,
     k: &Tensor,
@@ -249,41 +282,93 @@ pub(crate) fn chunkwise(
     state: &Tensor,
     chunk: usize,
     consts: &Constants,
+    native: bool,
 ) -> Result<(Tensor, Tensor)> {
     let t = q.dim(2)?;
     let chunk = chunk.max(1);
+    let (full, tail) = (t / chunk, t % chunk);
     let mut state = state.clone();
-    let mut outs = Vec::with_capacity(t.div_ceil(chunk));
-    let mut start = 0;
-    while start < t {
-        let c = chunk.min(t - start);
-        let qc = q.narrow(2, start, c)?.contiguous()?;
-        let kc = k.narrow(2, start, c)?.contiguous()?;
-        let vc = v.narrow(2, start, c)?.contiguous()?;
-        let lgc = lg.narrow(2, start, c)?.contiguous()?;
-        let g = lgc.cumsum(D::Minus1)?; // (B, H, C): G_i
-        let g_last = g.narrow(2, c - 1, 1)?; // (B, H, 1)
-        let seg = segment_sums(&lgc, consts)?; // (B, H, C, C): G_n - G_m
-
-        let inner = intra_chunk(&qc, &kc, &vc, &seg, consts)?;
-        // Contribution of everything before the chunk: (q_i * exp(G_i)) S_prev.
-        let q_decayed = qc.broadcast_mul(&g.exp()?.unsqueeze(3)?)?;
-        let outer = q_decayed.matmul(&state)?;
-        outs.push((inner + outer)?);
-
-        // S = exp(G_last) S_prev + sum_j exp(G_last - G_j) k_j^T v_j.
-        let to_last = seg.narrow(2, c - 1, 1)?.squeeze(2)?; // (B, H, C): G_last - G_j
-        let k_decayed = kc.broadcast_mul(&to_last.exp()?.unsqueeze(3)?)?;
-        let update = k_decayed.t()?.matmul(&vc)?;
-        state = (state.broadcast_mul(&g_last.exp()?.unsqueeze(3)?)? + update)?;
-        start += c;
+    let mut outs = Vec::with_capacity(2);
+    // Whole chunks first, then the shorter tail as a group of one.
+    for (start, n, c) in [(0, full, chunk), (full * chunk, 1, tail)] {
+        if n == 0 || c == 0 {
+            continue;
+        }
+        let part = |x: &Tensor| x.narrow(2, start, n * c);
+        let (o, s) = chunk_group(
+            (&part(q)?, &part(k)?, &part(v)?, &part(lg)?),
+            &state,
+            (n, c),
+            consts,
+            native,
+        )?;
+        outs.push(o);
+        state = s;
     }
-    let out = if outs.len() == 1 {
-        outs.swap_remove(0)
-    } else {
-        Tensor::cat(&outs, 2)?
+    let out = match outs.as_slice() {
+        [one] => one.clone(),
+        _ => Tensor::cat(&outs, 2)?,
     };
     Ok((out, state))
+}
+
+/// `n` consecutive chunks of `c` tokens (`q, k, v: (B, H, n c, d)`, `lg: (B, H, n c)`) from
+/// `state`.
+fn chunk_group(
+    (q, k, v, lg): (&Tensor, &Tensor, &Tensor, &Tensor),
+    state: &Tensor,
+    (n, c): (usize, usize),
+    consts: &Constants,
+    native: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, _, d) = q.dims4()?;
+    let rows = b * h;
+    // (B, H, n c, d) -> (B H n, c, d): one matrix per chunk.
+    let chunks = |x: &Tensor| -> Result<Tensor> { Ok(x.contiguous()?.reshape((rows * n, c, d))?) };
+    let (qc, kc, vc) = (chunks(q)?, chunks(k)?, chunks(v)?);
+    let dec = decays(&lg.contiguous()?.reshape((rows * n, c))?, consts, native)?;
+
+    // Inside each chunk: the parallel form, one batched product for all chunks.
+    let inner = (qc.matmul(&kc.t()?)? * &dec.decay)?.matmul(&vc)?;
+    // Each chunk's contribution to the state: sum_j exp(G_last - G_j) k_j^T v_j.
+    let update = kc
+        .broadcast_mul(&dec.to_end.unsqueeze(2)?)?
+        .t()?
+        .matmul(&vc)?
+        .reshape((rows, n, d * d))?;
+    // The d x d recurrence, chunk after chunk: S = exp(G_last) S_prev + update.
+    let total = dec.total.reshape((rows, n))?;
+    let state = state.reshape((rows, d * d))?;
+    let (before, last) = scan_states(&state, &update, &total, native)?;
+    // What each chunk reads from the state before it: (q_i * exp(G_i)) S_prev.
+    let outer = qc
+        .broadcast_mul(&dec.from_start.unsqueeze(2)?)?
+        .matmul(&before.reshape((rows * n, d, d))?)?;
+    let out = (inner + outer)?.reshape((b, h, n * c, d))?;
+    Ok((out, last.reshape((b, h, d, d))?))
+}
+
+/// The state before each of `n` chunks and after the last: one CPU pass, or candle ops.
+fn scan_states(
+    state: &Tensor,
+    update: &Tensor,
+    total: &Tensor,
+    native: bool,
+) -> Result<(Tensor, Tensor)> {
+    if native {
+        if let Some(r) = fused::scan_states(state, update, total)? {
+            return Ok(r);
+        }
+    }
+    let n = update.dim(1)?;
+    let mut s = state.clone();
+    let mut before = Vec::with_capacity(n);
+    for i in 0..n {
+        before.push(s.clone());
+        let g = total.narrow(1, i, 1)?;
+        s = (s.broadcast_mul(&g)? + update.narrow(1, i, 1)?.squeeze(1)?)?;
+    }
+    Ok((Tensor::stack(&before, 1)?, s))
 }
 
 /// One token of the recurrent form: `q, k, v: (B, H, 1, d)`, `lg: (B, H, 1)`.
@@ -395,14 +480,20 @@ mod tests {
             "parallel vs recurrent {}",
             max_diff(&par, &rec)
         );
-        for chunk in [1, 7, 64, 256] {
-            let (out, state) = chunkwise(&q, &k, &v, &lg, &zero, chunk, &consts)?;
-            assert!(
-                max_diff(&out, &rec) <= 1e-5,
-                "chunk {chunk}: {}",
-                max_diff(&out, &rec)
-            );
-            assert!(max_diff(&state, &rec_state) <= 1e-5, "chunk {chunk} state");
+        // Both the fused CPU kernels and the portable ops, every chunk size.
+        for native in [true, false] {
+            for chunk in [1, 7, 64, 256] {
+                let (out, state) = chunkwise(&q, &k, &v, &lg, &zero, chunk, &consts, native)?;
+                assert!(
+                    max_diff(&out, &rec) <= 1e-5,
+                    "chunk {chunk} native {native}: {}",
+                    max_diff(&out, &rec)
+                );
+                assert!(
+                    max_diff(&state, &rec_state) <= 1e-5,
+                    "chunk {chunk} native {native} state"
+                );
+            }
         }
         Ok(())
     }
@@ -420,6 +511,7 @@ mod tests {
             &zero,
             256,
             &consts,
+            true,
         )?;
         let (tail, _) = chunkwise(
             &q.narrow(2, 20, 30)?,
@@ -429,6 +521,7 @@ mod tests {
             &mid,
             9,
             &consts,
+            false,
         )?;
         let (all, _) = recurrent(&q, &k, &v, &lg, &zero)?;
         assert!(max_diff(&tail, &all.narrow(2, 20, 30)?) <= 1e-5);

@@ -20,7 +20,7 @@ use crate::layers::constants::{ConstKey, Constants};
 use crate::layers::kv_buffer::{get_entries, put_entries, KvBuffer, Pending};
 use crate::layers::linear::Linear;
 use crate::layers::rope::RopeTables;
-use crate::layers::{merge_heads, split_heads, Weights};
+use crate::layers::{merge_heads, Weights};
 use crate::{Error, Result};
 
 /// Weights of one sliding-window attention layer.
@@ -87,10 +87,10 @@ impl SlidingWindowAttention {
         slot: &WindowSlot,
     ) -> Result<Tensor> {
         let h = self.n_heads;
-        let [q, k, v] = self.qkv.forward_parts(x)?;
-        let q = rope.apply(&split_heads(&q, h)?)?;
-        let k = rope.apply(&split_heads(&k, h)?)?;
-        let v = split_heads(&v, h)?;
+        let p = self.qkv.project(x)?;
+        let q = p.heads(0, h, Some(rope), None)?;
+        let k = p.heads(1, h, Some(rope), None)?;
+        let v = p.heads(2, h, None, None)?;
         let (keys, values) = slot.write_and_view(&k, &v)?;
         let o = attention(
             &q,

@@ -1,0 +1,433 @@
+//! Fused CPU kernels for the prefill path (f32, raw slices, rayon).
+//!
+//! Each replaces a chain of candle ops that would cost one pass over memory (and one
+//! allocation, and on two cores one wake-up of candle's worker pool) per op: splitting a fused
+//! projection into heads with RoPE and a scale, SwiGLU, retention's per-head norm with its
+//! output gate, the decay matrices of chunkwise retention and its state scan, and a scaled,
+//! masked softmax. Every kernel returns `None` when its inputs are not contiguous f32 tensors on
+//! the CPU; the caller then takes the portable path of candle ops, which is also what other
+//! devices run. Tests check each kernel against that portable path.
+
+use candle_core::{DType, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// Rows handled by one task: enough work to amortise scheduling, small enough to balance.
+const ROWS_PER_TASK: usize = 16;
+
+/// Runs `f` on the data of `ts` when every one is an f32 tensor on the CPU that is contiguous
+/// (from its start offset on); `None` otherwise.
+fn with_f32<const N: usize, R>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> Result<R>,
+) -> Result<Option<R>> {
+    if ts
+        .iter()
+        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous())
+    {
+        return Ok(None);
+    }
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for ((slice, (storage, layout)), t) in slices.iter_mut().zip(&guards).zip(ts) {
+        let Storage::Cpu(cpu) = &**storage else {
+            return Ok(None);
+        };
+        let start = layout.start_offset();
+        *slice = cpu
+            .as_slice::<f32>()?
+            .get(start..start + t.elem_count())
+            .ok_or_else(|| Error::Input("tensor storage shorter than its layout".into()))?;
+    }
+    f(slices).map(Some)
+}
+
+/// `x: (B, C, W)` contiguous: columns `col..col + H * d` of every row, as `(B, H, C, d)` heads,
+/// rotated by `rope` (`(cos, sin)`, interleaved pairs) and then multiplied by `scale`.
+pub(crate) fn heads(
+    x: &Tensor,
+    col: usize,
+    (n_heads, d): (usize, usize),
+    rope: Option<(&Tensor, &Tensor)>,
+    scale: Option<f32>,
+) -> Result<Option<Tensor>> {
+    let (b, c, width) = x.dims3()?;
+    if col + n_heads * d > width || d % 2 == 1 {
+        return Err(Error::Input(format!(
+            "{n_heads} heads of {d} from column {col} do not fit a width of {width}"
+        )));
+    }
+    let kernel = |src: &[f32], tables: Option<(&[f32], &[f32])>, per_row: bool| {
+        let mut out = vec![0f32; b * n_heads * c * d];
+        // Tasks: blocks of rows of one (batch row, head); a block never crosses a head.
+        out.par_chunks_mut(c * d)
+            .enumerate()
+            .flat_map(|(bh, head)| {
+                head.par_chunks_mut(ROWS_PER_TASK * d)
+                    .enumerate()
+                    .map(move |(block, dst)| (bh, block, dst))
+            })
+            .for_each(|(bh, block, dst)| {
+                let (bi, h) = (bh / n_heads, bh % n_heads);
+                for (r, dst) in dst.chunks_mut(d).enumerate() {
+                    let t = block * ROWS_PER_TASK + r;
+                    let s = &src[(bi * c + t) * width + col + h * d..][..d];
+                    match tables {
+                        Some((cos, sin)) => {
+                            let row = if per_row { bi * c + t } else { t };
+                            let (cos, sin) = (&cos[row * d / 2..], &sin[row * d / 2..]);
+                            for i in 0..d / 2 {
+                                let (x0, x1) = (s[2 * i], s[2 * i + 1]);
+                                dst[2 * i] = x0 * cos[i] - x1 * sin[i];
+                                dst[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+                            }
+                        }
+                        None => dst.copy_from_slice(s),
+                    }
+                    if let Some(scale) = scale {
+                        dst.iter_mut().for_each(|v| *v *= scale);
+                    }
+                }
+            });
+        Ok(Tensor::from_vec(out, (b, n_heads, c, d), x.device())?)
+    };
+    match rope {
+        None => with_f32([x], |[src]| kernel(src, None, false)),
+        Some((cos, sin)) => {
+            let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+            let per_row = cos.rank() == 3;
+            with_f32([x, &cos, &sin], |[src, cos, sin]| {
+                kernel(src, Some((cos, sin)), per_row)
+            })
+        }
+    }
+}
+
+/// SwiGLU of a fused `(B, C, 2F)` projection: `silu(x[.., :F]) * x[.., F:]`, `(B, C, F)`.
+pub(crate) fn swiglu(x: &Tensor) -> Result<Option<Tensor>> {
+    let (b, c, two_f) = x.dims3()?;
+    let f = two_f / 2;
+    with_f32([x], |[src]| {
+        let mut out = vec![0f32; b * c * f];
+        out.par_chunks_mut(f)
+            .zip(src.par_chunks(two_f))
+            .for_each(|(dst, row)| {
+                let (act, lin) = row.split_at(f);
+                for ((d, &a), &l) in dst.iter_mut().zip(act).zip(lin) {
+                    *d = a / (1.0 + (-a).exp()) * l;
+                }
+            });
+        Ok(Tensor::from_vec(out, (b, c, f), x.device())?)
+    })
+}
+
+/// Retention's output: per head the RMS norm (without weight) of `o: (B, H, C, d)`, heads merged
+/// to `(B, C, H * d)` and multiplied by `silu(g)`, where `g` is columns `col..col + H * d` of the
+/// contiguous `(B, C, W)` tensor `gx`.
+pub(crate) fn gated_head_norm(
+    o: &Tensor,
+    gx: &Tensor,
+    col: usize,
+    eps: f32,
+) -> Result<Option<Tensor>> {
+    let (b, h, c, d) = o.dims4()?;
+    let (_, _, width) = gx.dims3()?;
+    let dim = h * d;
+    with_f32([o, gx], |[o_data, g_data]| {
+            let mut out = vec![0f32; b * c * dim];
+            out.par_chunks_mut(dim).enumerate().for_each(|(row, dst)| {
+                let (bi, t) = (row / c, row % c);
+                let g = &g_data[row * width + col..][..dim];
+                for hh in 0..h {
+                    let src = &o_data[((bi * h + hh) * c + t) * d..][..d];
+                    let sum2: f32 = src.iter().map(|&v| v * v).sum();
+                    let m = (sum2 / d as f32 + eps).sqrt();
+                    let (dst, g) = (&mut dst[hh * d..][..d], &g[hh * d..][..d]);
+                    for ((y, &x), &gv) in dst.iter_mut().zip(src).zip(g) {
+                        *y = gv / (1.0 + (-gv).exp()) * (x / m);
+                    }
+                }
+            });
+            Ok(Tensor::from_vec(out, (b, c, dim), o.device())?)
+    })
+}
+
+/// What chunkwise retention needs from the log-decays `lg: (N, C)` of `N` chunks of `C` tokens:
+/// * `decay: (N, C, C)`, `exp(lg_{m+1} + ... + lg_n)` for `n >= m` and 0 above the diagonal;
+/// * `from_start: (N, C)`, `exp(lg_0 + ... + lg_n)` (decay of the state into token `n`);
+/// * `to_end: (N, C)`, `exp(lg_{n+1} + ... + lg_{C-1})` (decay of token `n` to the chunk's end);
+/// * `total: (N,)`, `exp(lg_0 + ... + lg_{C-1})`.
+///
+/// Each sum is taken directly over its own range rather than as a difference of cumulative
+/// sums, which in f32 would lose the digits that matter over a long chunk.
+pub(crate) struct Decays {
+    pub decay: Tensor,
+    pub from_start: Tensor,
+    pub to_end: Tensor,
+    pub total: Tensor,
+}
+
+/// [`Decays`] of `lg: (N, C)` f32 on the CPU.
+pub(crate) fn decays(lg: &Tensor) -> Result<Option<Decays>> {
+    let (n, c) = lg.dims2()?;
+    let device = lg.device().clone();
+    with_f32([lg], |[lg]| {
+        let mut decay = vec![0f32; n * c * c];
+        decay
+            .par_chunks_mut(c)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (chunk, t) = (row / c, row % c);
+                let lg = &lg[chunk * c..][..c];
+                // Backwards from the diagonal: the segment (m, t] grows by one term per step.
+                let mut s = 0f32;
+                dst[t] = 1.0;
+                for m in (0..t).rev() {
+                    s += lg[m + 1];
+                    dst[m] = s.exp();
+                }
+            });
+        let mut from_start = vec![0f32; n * c];
+        let mut to_end = vec![0f32; n * c];
+        let mut total = vec![0f32; n];
+        for chunk in 0..n {
+            let lg = &lg[chunk * c..][..c];
+            let mut s = 0f32;
+            for t in 0..c {
+                s += lg[t];
+                from_start[chunk * c + t] = s.exp();
+            }
+            total[chunk] = s.exp();
+            let mut s = 0f32;
+            for t in (0..c).rev() {
+                to_end[chunk * c + t] = s.exp();
+                s += lg[t];
+            }
+        }
+        let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &device);
+        Ok(Decays {
+            decay: t(decay, &[n, c, c])?,
+            from_start: t(from_start, &[n, c])?,
+            to_end: t(to_end, &[n, c])?,
+            total: t(total, &[n])?,
+        })
+    })
+}
+
+/// The state recurrence of chunkwise retention over `n` chunks for `rows` independent states:
+/// `S_i = total_i * S_{i-1} + update_i`, from `state: (rows, d*d)`, with `update: (rows, n, d*d)`
+/// and `total: (rows, n)`. Returns the state before each chunk, `(rows, n, d*d)`, and the final
+/// state `(rows, d*d)`.
+pub(crate) fn scan_states(
+    state: &Tensor,
+    update: &Tensor,
+    total: &Tensor,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let (rows, n, dd) = update.dims3()?;
+    let device = state.device().clone();
+    with_f32([state, update, total], |[s0, up, tot]| {
+                let mut before = vec![0f32; rows * n * dd];
+                let mut last = s0.to_vec();
+                before
+                    .par_chunks_mut(n * dd)
+                    .zip(last.par_chunks_mut(dd))
+                    .enumerate()
+                    .for_each(|(r, (before, s))| {
+                        for i in 0..n {
+                            before[i * dd..][..dd].copy_from_slice(s);
+                            let g = tot[r * n + i];
+                            let u = &up[(r * n + i) * dd..][..dd];
+                            for (sv, &uv) in s.iter_mut().zip(u) {
+                                *sv = *sv * g + uv;
+                            }
+                        }
+                    });
+                Ok((
+                    Tensor::from_vec(before, (rows, n, dd), &device)?,
+                    Tensor::from_vec(last, (rows, dd), &device)?,
+                ))
+    })
+}
+
+/// `softmax(scores * scale + mask)` over the last axis of `scores: (N, R, L)`, where `mask` is
+/// `(R, L)` (shared by all `N`) or one `(1, L)` row per group of `N / B` consecutive matrices
+/// (`per_batch = B`).
+pub(crate) fn scaled_masked_softmax(
+    scores: &Tensor,
+    scale: f32,
+    mask: Option<&Tensor>,
+    per_batch: usize,
+) -> Result<Option<Tensor>> {
+    let (n, r, l) = scores.dims3()?;
+    let device = scores.device().clone();
+    let softmax = |s: &[f32], m: Option<&[f32]>| -> Result<Tensor> {
+        let mut out = vec![0f32; n * r * l];
+        out.par_chunks_mut(l).enumerate().for_each(|(row, dst)| {
+            let src = &s[row * l..][..l];
+            let mrow = m.map(|m| {
+                if m.len() == r * l {
+                    &m[(row % r) * l..][..l]
+                } else {
+                    // One mask row per batch row: matrices are grouped by batch row.
+                    let batch = row / r / (n / per_batch.max(1)).max(1);
+                    &m[batch * l..][..l]
+                }
+            });
+            let mut max = f32::NEG_INFINITY;
+            for (j, (d, &x)) in dst.iter_mut().zip(src).enumerate() {
+                let v = x * scale + mrow.map_or(0.0, |m| m[j]);
+                *d = v;
+                max = max.max(v);
+            }
+            let mut sum = 0f32;
+            for d in dst.iter_mut() {
+                *d = (*d - max).exp();
+                sum += *d;
+            }
+            dst.iter_mut().for_each(|d| *d /= sum);
+        });
+        Ok(Tensor::from_vec(out, (n, r, l), &device)?)
+    };
+    match mask {
+        None => with_f32([scores], |[s]| softmax(s, None)),
+        Some(mask) => {
+            let mask = mask.contiguous()?;
+            if mask.elem_count() != r * l && mask.elem_count() != per_batch * l {
+                return Ok(None);
+            }
+            with_f32([scores, &mask], |[s, m]| softmax(s, Some(m)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::rope::Rope;
+    use candle_core::Device;
+
+    fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
+        let mut rng = crate::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.next_f32() * 4.0 - 2.0).collect();
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    }
+
+    fn some<T>(x: Option<T>) -> Result<T> {
+        x.ok_or_else(|| Error::Input("kernel declined a CPU f32 input".into()))
+    }
+
+    #[test]
+    fn heads_equal_narrow_reshape_rope_and_scale() -> Result<()> {
+        let (b, c, h, d) = (2, 37, 3, 8);
+        let x = seeded(&[b, c, 5 * h * d], 1)?;
+        let rope = Rope::new(d, 10000.0, &Device::Cpu)?;
+        for starts in [vec![5, 5], vec![3, 90]] {
+            let tables = rope.tables(&starts, c, DType::F32)?;
+            let got = some(heads(
+                &x,
+                h * d,
+                (h, d),
+                Some((&tables.cos, &tables.sin)),
+                Some(0.25),
+            )?)?;
+            let piece = x.narrow(2, h * d, h * d)?.contiguous()?;
+            let want = (tables.apply(&crate::layers::split_heads(&piece, h)?)? * 0.25)?;
+            assert_eq!(max_diff(&got, &want)?, 0.0, "{starts:?}");
+        }
+        let plain = some(heads(&x, 0, (h, d), None, None)?)?;
+        let want = crate::layers::split_heads(&x.narrow(2, 0, h * d)?.contiguous()?, h)?;
+        assert_eq!(max_diff(&plain, &want)?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn swiglu_equals_silu_times_gate() -> Result<()> {
+        let x = seeded(&[1, 20, 2 * 24], 2)?;
+        let got = some(swiglu(&x)?)?;
+        let want = (x.narrow(2, 0, 24)?.silu()? * x.narrow(2, 24, 24)?)?;
+        assert!(max_diff(&got, &want)? <= 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn gated_head_norm_equals_norm_merge_and_gate() -> Result<()> {
+        let (b, h, c, d) = (2, 3, 11, 8);
+        let o = seeded(&[b, h, c, d], 3)?;
+        let gx = seeded(&[b, c, 2 * h * d + 5], 4)?;
+        let got = some(gated_head_norm(&o, &gx, h * d + 5, 1e-5)?)?;
+        let norm = crate::layers::norm::RmsNorm::without_weight(d, 1e-5, DType::F32, &Device::Cpu)?;
+        let g = gx.narrow(2, h * d + 5, h * d)?;
+        let want = (g.silu()? * crate::layers::merge_heads(&norm.forward(&o)?)?)?;
+        assert!(max_diff(&got, &want)? <= 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn decays_equal_the_sums_written_out() -> Result<()> {
+        let (n, c) = (3, 9);
+        let lg = (seeded(&[n, c], 5)?.abs()? * -0.1)?;
+        let got = some(decays(&lg)?)?;
+        let lgv: Vec<Vec<f32>> = lg.to_vec2()?;
+        let decay: Vec<Vec<Vec<f32>>> = got.decay.to_vec3()?;
+        let from_start: Vec<Vec<f32>> = got.from_start.to_vec2()?;
+        let to_end: Vec<Vec<f32>> = got.to_end.to_vec2()?;
+        let total: Vec<f32> = got.total.to_vec1()?;
+        for k in 0..n {
+            let sum = |a: usize, b: usize| -> f64 { (a..b).map(|j| lgv[k][j] as f64).sum() };
+            for t in 0..c {
+                for m in 0..c {
+                    let want = if m <= t { sum(m + 1, t + 1).exp() } else { 0.0 };
+                    assert!((decay[k][t][m] as f64 - want).abs() < 1e-6);
+                }
+                assert!((from_start[k][t] as f64 - sum(0, t + 1).exp()).abs() < 1e-6);
+                assert!((to_end[k][t] as f64 - sum(t + 1, c).exp()).abs() < 1e-6);
+            }
+            assert!((total[k] as f64 - sum(0, c).exp()).abs() < 1e-6);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn scan_equals_the_recurrence_step_by_step() -> Result<()> {
+        let (rows, n, dd) = (2, 4, 6);
+        let s0 = seeded(&[rows, dd], 6)?;
+        let up = seeded(&[rows, n, dd], 7)?;
+        let tot = (seeded(&[rows, n], 8)?.abs()? * 0.4)?;
+        let (before, last) = some(scan_states(&s0, &up, &tot)?)?;
+        let mut s = s0.clone();
+        for i in 0..n {
+            assert!(max_diff(&before.narrow(1, i, 1)?.squeeze(1)?, &s)? <= 1e-6);
+            let g = tot.narrow(1, i, 1)?;
+            s = (s.broadcast_mul(&g)? + up.narrow(1, i, 1)?.squeeze(1)?)?;
+        }
+        assert!(max_diff(&last, &s)? <= 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn scaled_masked_softmax_equals_the_op_chain() -> Result<()> {
+        let (n, r, l) = (4, 5, 7);
+        let s = seeded(&[n, r, l], 9)?;
+        let mask = crate::layers::attention::causal_mask(r, l, 2, 0, Some(3), &Device::Cpu)?;
+        let got = some(scaled_masked_softmax(&s, 0.3, Some(&mask), 1)?)?;
+        let want = candle_nn::ops::softmax_last_dim(&(s.clone() * 0.3)?.broadcast_add(&mask)?)?;
+        assert!(max_diff(&got, &want)? <= 1e-6);
+        // One mask row per batch row (two batch rows of two matrices each).
+        let rows = crate::layers::attention::right_aligned_mask(&[3, 7], l, &Device::Cpu)?;
+        let s1 = seeded(&[n, 1, l], 10)?;
+        let got = some(scaled_masked_softmax(&s1, 1.0, Some(&rows), 2)?)?;
+        let want = candle_nn::ops::softmax_last_dim(
+            &s1.reshape((2, 2, 1, l))?
+                .broadcast_add(&rows.reshape((2, 1, 1, l))?)?
+                .reshape((n, 1, l))?,
+        )?;
+        assert!(max_diff(&got, &want)? <= 1e-6);
+        Ok(())
+    }
+}
