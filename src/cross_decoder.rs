@@ -15,7 +15,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::catalogue::{Catalogue, CrossSpec};
 use crate::checkpoint::config::Config;
-use crate::layers::attention::{attention, causal_mask, right_aligned_mask};
+use crate::layers::attention::{attention_over_blocks, causal_mask, right_aligned_mask, KeyBlock};
+use crate::layers::constants::{ConstKey, Constants};
 use crate::layers::kv_buffer::{get_entries, put_entries, KvBuffer};
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
@@ -51,12 +52,12 @@ pub(crate) struct CrossAttention {
     native: bool,
 }
 
-/// What the cross-decoder's queries of one chunk read: views of the global keys and values and
-/// the mask over them.
+/// What the cross-decoder's queries of one chunk read: views of the global keys and values, in
+/// blocks of keys with their masks.
 pub(crate) struct GlobalView {
     k: Tensor,
     v: Tensor,
-    mask: Option<Tensor>,
+    blocks: Vec<KeyBlock>,
 }
 
 impl KvBuilder {
@@ -104,21 +105,36 @@ impl GlobalKv {
     /// What the cross-decoder's `queries` of the last appended chunk of `c` tokens see: each
     /// query sees its own position and every earlier one. `queries` is `c` (every position) or 1
     /// (the last position of each row, whose rows may have different histories).
-    pub(crate) fn view(&self, queries: usize, c: usize) -> Result<GlobalView> {
+    pub(crate) fn view(&self, queries: usize, c: usize, consts: &Constants) -> Result<GlobalView> {
         let len = self.buf.len();
         let (k, v) = self.buf.last(0, len)?;
         let device = self.buf.device()?;
-        let mask = if queries > 1 {
+        let blocks = if queries > 1 {
             // Several queries per row need every row at the same position (checked by the
-            // model); query i sits at position len - c + i.
-            Some(causal_mask(queries, len, len - c, 0, None, &device)?)
-        } else if self.buf.is_uniform() {
-            None
+            // model). The chunk's own keys, causally (so every query sees one key of the first
+            // block), then everything before it in unmasked blocks of the chunk's size: no mask
+            // or score matrix is ever larger than a chunk's.
+            let own = KeyBlock {
+                keys: len - c..len,
+                mask: Some(consts.get(ConstKey::causal(c), || {
+                    causal_mask(c, c, 0, 0, None, &device)
+                })?),
+            };
+            let earlier = (0..len - c).step_by(c.max(1)).map(|start| KeyBlock {
+                keys: start..(start + c).min(len - c),
+                mask: None,
+            });
+            std::iter::once(own).chain(earlier).collect()
         } else {
-            // Rows own different numbers of the trailing slots.
-            Some(right_aligned_mask(self.buf.filled(), len, &device)?)
+            let mask = if self.buf.is_uniform() {
+                None
+            } else {
+                // Rows own different numbers of the trailing slots.
+                Some(right_aligned_mask(self.buf.filled(), len, &device)?)
+            };
+            vec![KeyBlock { keys: 0..len, mask }]
         };
-        Ok(GlobalView { k, v, mask })
+        Ok(GlobalView { k, v, blocks })
     }
 
     /// Makes room for `total` entries per row at once, so that a known-length generation never
@@ -211,14 +227,8 @@ impl CrossAttention {
             .project(x)?
             .heads(0, self.n_heads, Some(rope), None)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o = attention(
-            &q,
-            &global.k,
-            &global.v,
-            global.mask.as_ref(),
-            scale,
-            self.native,
-        )?;
+        let o =
+            attention_over_blocks(&q, &global.k, &global.v, &global.blocks, scale, self.native)?;
         self.out_proj.forward(&merge_heads(&o)?)
     }
 }

@@ -232,18 +232,24 @@ impl Model {
     /// Logits for every position of `ids: (B, T)` (u32), continuing from `cache`: `(B, T, vocab)`,
     /// f32. This is the full causal forward (for scoring); it runs in chunks of
     /// [`DEFAULT_PREFILL_CHUNK`] so that attention memory is bounded by the chunk.
+    ///
+    /// Memory beyond the output itself is one chunk's: each chunk's logits are written into the
+    /// output as they come, and the cross-decoder attends over the global K/V in blocks of a
+    /// chunk's keys.
     pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let t = self.check_ids(ids, cache)?;
-        let mut outs = Vec::with_capacity(t.div_ceil(DEFAULT_PREFILL_CHUNK));
+        let b = ids.dim(0)?;
+        let out = Tensor::zeros((b, t, self.cfg.vocab_size), DType::F32, &self.device)?;
         let mut start = 0;
         while start < t {
             let c = DEFAULT_PREFILL_CHUNK.min(t - start);
-            if let Some(l) = self.forward_chunk(&ids.narrow(1, start, c)?, cache, Logits::All)? {
-                outs.push(l);
-            }
+            let logits = self
+                .forward_chunk(&ids.narrow(1, start, c)?, cache, Logits::All)?
+                .ok_or_else(|| Error::Input("no logits".into()))?;
+            out.slice_set(&logits, 1, start)?;
             start += c;
         }
-        Ok(Tensor::cat(&outs, 1)?)
+        Ok(out)
     }
 
     /// Processes a prompt `ids: (B, T)` with YOCO's early exit and returns the logits of its last
@@ -401,7 +407,7 @@ impl Model {
             Logits::Last => (x.narrow(1, c - 1, 1)?, rope.last()?, 1),
             Logits::All => (x, rope, c),
         };
-        let global = cache.global.view(queries, c)?;
+        let global = cache.global.view(queries, c, &self.consts)?;
 
         // 5. The cross-decoder: every layer reads the same global K/V.
         for layer in &self.cross_layers {

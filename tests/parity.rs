@@ -156,3 +156,31 @@ fn batch_of_two_equal_length_rows_matches_each_row_alone() {
     );
     assert!(diff <= TOL, "{diff}");
 }
+
+/// A scoring forward over more than two chunks (the cross-decoder then reads the global K/V in
+/// several blocks, merged by an online softmax) equals stepping token by token (one block), for
+/// both self-decoders.
+#[test]
+fn forward_over_several_chunks_equals_stepping_every_token() {
+    for folder in ["gret", "swa"] {
+        let model = Model::load(fixture(folder), &Device::Cpu, DType::F32).unwrap();
+        let base = expected(folder).tokens;
+        let tokens: Vec<u32> = (0..1100).map(|i| base[(i * 7) % base.len()]).collect();
+        let mut cache = model.new_cache(1).unwrap();
+        let all = model
+            .forward(&ids(&tokens), &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let mut stepped = model.new_cache(1).unwrap();
+        for (pos, &tok) in tokens.iter().enumerate() {
+            let logits = model
+                .step(&Tensor::new(&[tok], &Device::Cpu).unwrap(), &mut stepped)
+                .unwrap();
+            if pos % 37 == 0 || pos >= 1020 {
+                let diff = max_abs_diff(&logits, &all.narrow(0, pos, 1).unwrap());
+                assert!(diff <= TOL, "{folder} position {pos}: {diff}");
+            }
+        }
+    }
+}

@@ -3,11 +3,21 @@
 //! Grouped-query attention without repeating K/V: the `G = H / H_kv` query heads that share a
 //! key/value head are stacked into one matrix, so each K/V head is read once.
 
-use candle_core::{DType, Tensor};
+use std::ops::Range;
+
+use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 
+use crate::layers::fused;
 use crate::layers::linear::dot;
 use crate::Result;
+
+/// Keys `keys` of a K/V view and the additive mask over them (`None`: all visible).
+#[derive(Clone, Debug)]
+pub(crate) struct KeyBlock {
+    pub keys: Range<usize>,
+    pub mask: Option<Tensor>,
+}
 
 /// `softmax(q k^T * scale + mask) v`; `native` allows the CPU decode kernel.
 ///
@@ -38,6 +48,14 @@ pub(crate) fn attention(
     // (B, H, C, d) -> (B, H_kv, G*C, d): head h = kv * G + g reads kv head h / G.
     let q = q.contiguous()?.reshape((b, h_kv, g * c, d))?;
     let scores = q.matmul(&k.t()?)?;
+    if native {
+        // Scale, mask and softmax in one pass.
+        let flat = scores.reshape((b * h_kv * g, c, l))?;
+        if let Some(p) = fused::scaled_masked_softmax(&flat, scale as f32, mask, b)? {
+            let probs = p.reshape((b, h_kv, g * c, l))?.to_dtype(v.dtype())?;
+            return Ok(probs.matmul(v)?.reshape((b, h, c, d))?);
+        }
+    }
     let scores = (scores.to_dtype(DType::F32)? * scale)?;
     let scores = match mask {
         Some(mask) => scores
@@ -49,6 +67,70 @@ pub(crate) fn attention(
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
     let out = probs.matmul(v)?;
     Ok(out.reshape((b, h, c, d))?)
+}
+
+/// [`attention`] over the keys of `blocks` in turn, merged by an online softmax, so that scores
+/// and masks never exceed one block: for many queries over a long K/V (scoring a long text).
+/// Every query must see at least one key of the first block.
+pub(crate) fn attention_over_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    blocks: &[KeyBlock],
+    scale: f64,
+    native: bool,
+) -> Result<Tensor> {
+    if let [one] = blocks {
+        let (k, v) = (
+            k.narrow(2, one.keys.start, one.keys.len())?,
+            v.narrow(2, one.keys.start, one.keys.len())?,
+        );
+        return attention(q, &k, &v, one.mask.as_ref(), scale, native);
+    }
+    let (b, h, c, d) = q.dims4()?;
+    let h_kv = k.dim(1)?;
+    let g = h / h_kv;
+    let q = q.contiguous()?.reshape((b, h_kv, g * c, d))?;
+    // Running max, sum of exponentials and weighted values of each query row.
+    let mut acc: Option<(Tensor, Tensor, Tensor)> = None;
+    for block in blocks {
+        let n = block.keys.len();
+        let (kb, vb) = (
+            k.narrow(2, block.keys.start, n)?,
+            v.narrow(2, block.keys.start, n)?,
+        );
+        let s = (q.matmul(&kb.t()?)?.to_dtype(DType::F32)? * scale)?;
+        let s = match &block.mask {
+            Some(mask) => s
+                .reshape((b, h_kv, g, c, n))?
+                .broadcast_add(mask)?
+                .reshape((b, h_kv, g * c, n))?,
+            None => s,
+        };
+        let block_max = s.max_keepdim(D::Minus1)?;
+        let max = match &acc {
+            Some((m, _, _)) => m.maximum(&block_max)?,
+            None => block_max,
+        };
+        let p = s.broadcast_sub(&max)?.exp()?;
+        let sum = p.sum_keepdim(D::Minus1)?;
+        let pv = p.to_dtype(v.dtype())?.matmul(&vb)?.to_dtype(DType::F32)?;
+        acc = Some(match acc {
+            None => (max, sum, pv),
+            Some((m, l, o)) => {
+                let rescale = (m - &max)?.exp()?;
+                let l = (l * &rescale)?.add(&sum)?;
+                let o = o.broadcast_mul(&rescale)?.add(&pv)?;
+                (max, l, o)
+            }
+        });
+    }
+    let Some((_, l, o)) = acc else {
+        return Err(crate::Error::Input("attention over no keys".into()));
+    };
+    Ok(o.broadcast_div(&l)?
+        .to_dtype(v.dtype())?
+        .reshape((b, h, c, d))?)
 }
 
 /// One decode query per head on CPU (`q: (1, H, 1, d)`, `k, v: (1, H_kv, L, d)` f32, any row

@@ -18,13 +18,24 @@ pub(crate) enum ConstKey {
     StrictlyLower(usize),
     /// `(C, C)` f32: -inf strictly above the diagonal, 0 elsewhere (retention's decay mask).
     UpperNegInf(usize),
-    /// `(C, retained + C)` f32 additive mask of a sliding window of `window` keys, for a chunk of
+    /// `(C, retained + C)` f32 additive mask of a sliding window of `window` keys, for a block of
     /// `c` queries after `retained` earlier keys.
     Window {
         c: usize,
         retained: usize,
         window: usize,
     },
+}
+
+impl ConstKey {
+    /// The causal `(C, C)` mask of a chunk over its own keys (a window that never binds).
+    pub(crate) fn causal(c: usize) -> Self {
+        ConstKey::Window {
+            c,
+            retained: 0,
+            window: usize::MAX,
+        }
+    }
 }
 
 /// Bounds the memo: shapes come from chunk sizes, so a handful are in use at a time; a caller

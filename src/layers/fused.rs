@@ -135,21 +135,21 @@ pub(crate) fn gated_head_norm(
     let (_, _, width) = gx.dims3()?;
     let dim = h * d;
     with_f32([o, gx], |[o_data, g_data]| {
-            let mut out = vec![0f32; b * c * dim];
-            out.par_chunks_mut(dim).enumerate().for_each(|(row, dst)| {
-                let (bi, t) = (row / c, row % c);
-                let g = &g_data[row * width + col..][..dim];
-                for hh in 0..h {
-                    let src = &o_data[((bi * h + hh) * c + t) * d..][..d];
-                    let sum2: f32 = src.iter().map(|&v| v * v).sum();
-                    let m = (sum2 / d as f32 + eps).sqrt();
-                    let (dst, g) = (&mut dst[hh * d..][..d], &g[hh * d..][..d]);
-                    for ((y, &x), &gv) in dst.iter_mut().zip(src).zip(g) {
-                        *y = gv / (1.0 + (-gv).exp()) * (x / m);
-                    }
+        let mut out = vec![0f32; b * c * dim];
+        out.par_chunks_mut(dim).enumerate().for_each(|(row, dst)| {
+            let (bi, t) = (row / c, row % c);
+            let g = &g_data[row * width + col..][..dim];
+            for hh in 0..h {
+                let src = &o_data[((bi * h + hh) * c + t) * d..][..d];
+                let sum2: f32 = src.iter().map(|&v| v * v).sum();
+                let m = (sum2 / d as f32 + eps).sqrt();
+                let (dst, g) = (&mut dst[hh * d..][..d], &g[hh * d..][..d]);
+                for ((y, &x), &gv) in dst.iter_mut().zip(src).zip(g) {
+                    *y = gv / (1.0 + (-gv).exp()) * (x / m);
                 }
-            });
-            Ok(Tensor::from_vec(out, (b, c, dim), o.device())?)
+            }
+        });
+        Ok(Tensor::from_vec(out, (b, c, dim), o.device())?)
     })
 }
 
@@ -174,20 +174,17 @@ pub(crate) fn decays(lg: &Tensor) -> Result<Option<Decays>> {
     let device = lg.device().clone();
     with_f32([lg], |[lg]| {
         let mut decay = vec![0f32; n * c * c];
-        decay
-            .par_chunks_mut(c)
-            .enumerate()
-            .for_each(|(row, dst)| {
-                let (chunk, t) = (row / c, row % c);
-                let lg = &lg[chunk * c..][..c];
-                // Backwards from the diagonal: the segment (m, t] grows by one term per step.
-                let mut s = 0f32;
-                dst[t] = 1.0;
-                for m in (0..t).rev() {
-                    s += lg[m + 1];
-                    dst[m] = s.exp();
-                }
-            });
+        decay.par_chunks_mut(c).enumerate().for_each(|(row, dst)| {
+            let (chunk, t) = (row / c, row % c);
+            let lg = &lg[chunk * c..][..c];
+            // Backwards from the diagonal: the segment (m, t] grows by one term per step.
+            let mut s = 0f32;
+            dst[t] = 1.0;
+            for m in (0..t).rev() {
+                s += lg[m + 1];
+                dst[m] = s.exp();
+            }
+        });
         let mut from_start = vec![0f32; n * c];
         let mut to_end = vec![0f32; n * c];
         let mut total = vec![0f32; n];
@@ -227,26 +224,26 @@ pub(crate) fn scan_states(
     let (rows, n, dd) = update.dims3()?;
     let device = state.device().clone();
     with_f32([state, update, total], |[s0, up, tot]| {
-                let mut before = vec![0f32; rows * n * dd];
-                let mut last = s0.to_vec();
-                before
-                    .par_chunks_mut(n * dd)
-                    .zip(last.par_chunks_mut(dd))
-                    .enumerate()
-                    .for_each(|(r, (before, s))| {
-                        for i in 0..n {
-                            before[i * dd..][..dd].copy_from_slice(s);
-                            let g = tot[r * n + i];
-                            let u = &up[(r * n + i) * dd..][..dd];
-                            for (sv, &uv) in s.iter_mut().zip(u) {
-                                *sv = *sv * g + uv;
-                            }
-                        }
-                    });
-                Ok((
-                    Tensor::from_vec(before, (rows, n, dd), &device)?,
-                    Tensor::from_vec(last, (rows, dd), &device)?,
-                ))
+        let mut before = vec![0f32; rows * n * dd];
+        let mut last = s0.to_vec();
+        before
+            .par_chunks_mut(n * dd)
+            .zip(last.par_chunks_mut(dd))
+            .enumerate()
+            .for_each(|(r, (before, s))| {
+                for i in 0..n {
+                    before[i * dd..][..dd].copy_from_slice(s);
+                    let g = tot[r * n + i];
+                    let u = &up[(r * n + i) * dd..][..dd];
+                    for (sv, &uv) in s.iter_mut().zip(u) {
+                        *sv = *sv * g + uv;
+                    }
+                }
+            });
+        Ok((
+            Tensor::from_vec(before, (rows, n, dd), &device)?,
+            Tensor::from_vec(last, (rows, dd), &device)?,
+        ))
     })
 }
 
@@ -369,6 +366,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn decays_equal_the_sums_written_out() -> Result<()> {
         let (n, c) = (3, 9);
         let lg = (seeded(&[n, c], 5)?.abs()? * -0.1)?;

@@ -3,9 +3,11 @@
 //!
 //! Two reasons for our own type rather than `candle_nn::Linear`:
 //! * **Fusion.** Projections that read the same input (retention's q, k, v, g and gt; the FFN's
-//!   fc1 and gate; the global k and v) are stored as one weight matrix, so a decode step streams
-//!   them in one pass (one parallel dispatch instead of five). Prefill multiplies by each piece's
-//!   band of rows separately, which keeps every output contiguous.
+//!   fc1 and gate; the global k and v) are stored as one weight matrix and multiplied as one:
+//!   a decode step streams them in one pass, and a prefill chunk makes one larger product whose
+//!   column bands the fused kernels (`layers::fused`) read in place ([`Linear::project`]). The
+//!   portable path (other devices) multiplies by each piece's band of rows, so that every piece
+//!   is contiguous for the candle ops that follow.
 //! * **Decode on CPU.** A decode step multiplies one row (or a few) by every weight matrix: that
 //!   is bound by reading the weights, and candle's general matmul reaches well under the memory
 //!   bandwidth for a single row. [`gemv_cpu`] streams each weight row once, over raw f32 slices,
@@ -59,7 +61,7 @@ impl Linear {
     }
 
     /// Several layers over the same input, fused: their weights stacked along the output axis.
-    /// [`Linear::forward_parts`] returns the pieces in the same order.
+    /// [`Linear::project`] returns the pieces in the same order.
     pub(crate) fn fused(weights: &[Tensor]) -> Result<Self> {
         let parts = weights
             .iter()
@@ -113,33 +115,6 @@ impl Linear {
         }
         Ok(Projected::Parts(parts))
     }
-
-    /// The output of each of the `N` fused pieces, `(..., out_i)`.
-    ///
-    /// A few rows (decode) take one pass over the fused weight and return views of its output.
-    /// Many rows (prefill) multiply by each piece's weight (a contiguous band of rows of the fused
-    /// one) separately, so every output is contiguous for the element-wise work that follows
-    /// (views of one wide product would send it down candle's slower strided paths).
-    pub(crate) fn forward_parts<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
-        if self.parts.len() != N {
-            return Err(Error::Config(format!(
-                "a linear layer of {} fused pieces was asked for {N}",
-                self.parts.len()
-            )));
-        }
-        let fused = self.gemv(x)?;
-        let mut start = 0;
-        let mut out = Vec::with_capacity(N);
-        for &width in &self.parts {
-            out.push(match &fused {
-                Some(y) => y.narrow(y.rank().saturating_sub(1), start, width)?,
-                None => matmul(x, &self.weight.narrow(0, start, width)?)?,
-            });
-            start += width;
-        }
-        out.try_into()
-            .map_err(|_| Error::Config("fused piece count changed".into()))
-    }
 }
 
 /// The outputs of a fused projection's pieces (see [`Linear::project`]).
@@ -187,7 +162,8 @@ impl Projected {
         if let Projected::Fused { y, .. } = self {
             let tables = rope.map(|r| (&r.cos, &r.sin));
             let d = width / n_heads.max(1);
-            if let Some(h) = fused::heads(y, start, (n_heads, d), tables, scale.map(|s| s as f32))? {
+            if let Some(h) = fused::heads(y, start, (n_heads, d), tables, scale.map(|s| s as f32))?
+            {
                 return Ok(h);
             }
         }
@@ -383,14 +359,22 @@ mod tests {
             seeded(&[16, 24], 3)?,
         );
         let fused = Linear::fused(&[a.clone(), b.clone(), c.clone()])?;
+        let portable = Linear {
+            native: false,
+            ..fused.clone()
+        };
         for rows in [1, 20] {
             let x = seeded(&[2, rows, 24], 4 + rows as u64)?;
-            let parts: [Tensor; 3] = fused.forward_parts(&x)?;
-            assert!(fused.forward_parts::<2>(&x).is_err());
-            for (part, w) in parts.iter().zip([a.clone(), b.clone(), c.clone()]) {
-                let want: Vec<f32> = Linear::new(w)?.forward(&x)?.flatten_all()?.to_vec1()?;
-                let got: Vec<f32> = part.flatten_all()?.to_vec1()?;
-                assert!(max_diff(&got, &want) <= 1e-5);
+            // One product read in bands (CPU) and one product per piece (portable).
+            for layer in [&fused, &portable] {
+                let p = layer.project(&x)?;
+                assert!(p.rows(3).is_err());
+                for (i, w) in [a.clone(), b.clone(), c.clone()].into_iter().enumerate() {
+                    let want: Vec<f32> = Linear::new(w)?.forward(&x)?.flatten_all()?.to_vec1()?;
+                    let got: Vec<f32> = p.rows(i)?.flatten_all()?.to_vec1()?;
+                    assert!(max_diff(&got, &want) <= 1e-5);
+                }
+                assert_eq!(p.fused_band(1)?.is_some(), layer.native);
             }
         }
         Ok(())

@@ -157,7 +157,11 @@ impl GatedRetention {
         let k = p.heads(1, h, Some(rope), Some((d as f64).powf(-0.5)))?;
         let v = p.heads(2, h, None, None)?;
         // (B, C, H) -> (B, H, C), f32.
-        let gt = p.rows(4)?.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
+        let gt = p
+            .rows(4)?
+            .to_dtype(DType::F32)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let lg = (log_sigmoid(&gt)? / GATE_LOGIT_NORMALIZER)?;
 
         let (q, k, v) = (
@@ -168,7 +172,8 @@ impl GatedRetention {
         let (o, s) = if c == 1 {
             recurrent_step(&q, &k, &v, &lg, &state.s)?
         } else {
-            chunkwise(&q, &k, &v, &lg, &state.s, RETENTION_CHUNK, consts, self.native)?
+            let inputs = (&q, &k, &v, &lg);
+            chunkwise(inputs, &state.s, RETENTION_CHUNK, consts, self.native)?
         };
         state.s = s;
         // Per-head norm, heads merged, gated by silu(g): one pass over the fused product's g
@@ -179,7 +184,8 @@ impl GatedRetention {
             }
         }
         let o = self.head_norm.forward(&o)?.to_dtype(x.dtype())?;
-        self.out_proj.forward(&(p.rows(3)?.silu()? * merge_heads(&o)?)?)
+        self.out_proj
+            .forward(&(p.rows(3)?.silu()? * merge_heads(&o)?)?)
     }
 }
 
@@ -218,7 +224,10 @@ fn segment_sums(lg: &Tensor, consts: &Constants) -> Result<Tensor> {
     })?;
     let mut shape = lg.dims().to_vec();
     shape.push(c);
-    let x = lg.unsqueeze(rank)?.broadcast_as(shape)?.broadcast_mul(&mask)?;
+    let x = lg
+        .unsqueeze(rank)?
+        .broadcast_as(shape)?
+        .broadcast_mul(&mask)?;
     Ok(x.cumsum(rank - 1)?)
 }
 
@@ -263,7 +272,13 @@ fn decays(lg: &Tensor, consts: &Constants, native: bool) -> Result<fused::Decays
 
 /// `sum_{m<=n} exp(S[n, m]) (q_n . k_m) v_m` for the segment sums `seg` of the log-decays.
 #[cfg(test)]
-fn intra_chunk(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, consts: &Constants) -> Result<Tensor> {
+fn intra_chunk(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seg: &Tensor,
+    consts: &Constants,
+) -> Result<Tensor> {
     let scores = (q.matmul(&k.t()?)? * decay_matrix(seg, consts)?)?;
     Ok(scores.matmul(v)?)
 }
@@ -275,10 +290,7 @@ fn intra_chunk(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Tensor, consts: &Consta
 /// the state are each one batched product, and only the `d x d` state recurrence runs chunk after
 /// chunk. `native` allows the fused CPU kernels for the decays and the recurrence.
 pub(crate) fn chunkwise(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    lg: &Tensor,
+    (q, k, v, lg): (&Tensor, &Tensor, &Tensor, &Tensor),
     state: &Tensor,
     chunk: usize,
     consts: &Constants,
@@ -483,7 +495,7 @@ mod tests {
         // Both the fused CPU kernels and the portable ops, every chunk size.
         for native in [true, false] {
             for chunk in [1, 7, 64, 256] {
-                let (out, state) = chunkwise(&q, &k, &v, &lg, &zero, chunk, &consts, native)?;
+                let (out, state) = chunkwise((&q, &k, &v, &lg), &zero, chunk, &consts, native)?;
                 assert!(
                     max_diff(&out, &rec) <= 1e-5,
                     "chunk {chunk} native {native}: {}",
@@ -504,20 +516,24 @@ mod tests {
         let consts = Constants::default();
         let zero = Tensor::zeros((1, 2, 4, 4), DType::F32, &Device::Cpu)?;
         let (_, mid) = chunkwise(
-            &q.narrow(2, 0, 20)?,
-            &k.narrow(2, 0, 20)?,
-            &v.narrow(2, 0, 20)?,
-            &lg.narrow(2, 0, 20)?,
+            (
+                &q.narrow(2, 0, 20)?,
+                &k.narrow(2, 0, 20)?,
+                &v.narrow(2, 0, 20)?,
+                &lg.narrow(2, 0, 20)?,
+            ),
             &zero,
             256,
             &consts,
             true,
         )?;
         let (tail, _) = chunkwise(
-            &q.narrow(2, 20, 30)?,
-            &k.narrow(2, 20, 30)?,
-            &v.narrow(2, 20, 30)?,
-            &lg.narrow(2, 20, 30)?,
+            (
+                &q.narrow(2, 20, 30)?,
+                &k.narrow(2, 20, 30)?,
+                &v.narrow(2, 20, 30)?,
+                &lg.narrow(2, 20, 30)?,
+            ),
             &mid,
             9,
             &consts,
