@@ -153,6 +153,28 @@ pub(crate) fn gated_head_norm(
     })
 }
 
+/// Retention's log-decays from its gate logits: columns `col..col + H` of the contiguous
+/// `(B, C, W)` tensor `x`, as `logsigmoid(gt) / normalizer` in `(B, H, C)`.
+pub(crate) fn log_decays(
+    x: &Tensor,
+    col: usize,
+    n_heads: usize,
+    normalizer: f32,
+) -> Result<Option<Tensor>> {
+    let (b, c, width) = x.dims3()?;
+    with_f32([x], |[src]| {
+        let mut out = vec![0f32; b * n_heads * c];
+        for (i, dst) in out.iter_mut().enumerate() {
+            let (bh, t) = (i / c, i % c);
+            let (bi, h) = (bh / n_heads, bh % n_heads);
+            let g = src[(bi * c + t) * width + col + h];
+            // log(sigmoid(g)) = min(g, 0) - log(1 + exp(-|g|)), stable for large |g|.
+            *dst = (g.min(0.0) - (-g.abs()).exp().ln_1p()) / normalizer;
+        }
+        Ok(Tensor::from_vec(out, (b, n_heads, c), x.device())?)
+    })
+}
+
 /// What chunkwise retention needs from the log-decays `lg: (N, C)` of `N` chunks of `C` tokens:
 /// * `decay: (N, C, C)`, `exp(lg_{m+1} + ... + lg_n)` for `n >= m` and 0 above the diagonal;
 /// * `from_start: (N, C)`, `exp(lg_0 + ... + lg_n)` (decay of the state into token `n`);
@@ -340,6 +362,16 @@ mod tests {
         let plain = some(heads(&x, 0, (h, d), None, None)?)?;
         let want = crate::layers::split_heads(&x.narrow(2, 0, h * d)?.contiguous()?, h)?;
         assert_eq!(max_diff(&plain, &want)?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn log_decays_equal_the_log_sigmoid_chain() -> Result<()> {
+        let x = (seeded(&[2, 9, 7], 11)? * 10.0)?;
+        let got = some(log_decays(&x, 4, 3, 16.0)?)?;
+        let gt = x.narrow(2, 4, 3)?.transpose(1, 2)?.contiguous()?;
+        let want = (crate::self_decoder::retention::log_sigmoid(&gt)? / 16.0)?;
+        assert!(max_diff(&got, &want)? <= 1e-6);
         Ok(())
     }
 

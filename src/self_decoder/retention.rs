@@ -156,13 +156,23 @@ impl GatedRetention {
         let q = p.heads(0, h, Some(rope), None)?;
         let k = p.heads(1, h, Some(rope), Some((d as f64).powf(-0.5)))?;
         let v = p.heads(2, h, None, None)?;
-        // (B, C, H) -> (B, H, C), f32.
-        let gt = p
-            .rows(4)?
-            .to_dtype(DType::F32)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let lg = (log_sigmoid(&gt)? / GATE_LOGIT_NORMALIZER)?;
+        // The log-decays, (B, C, H) gate logits -> (B, H, C), f32: one pass over the fused
+        // product where there is one.
+        let fused_lg = match p.fused_band(4)? {
+            Some((y, col)) => fused::log_decays(y, col, h, GATE_LOGIT_NORMALIZER as f32)?,
+            None => None,
+        };
+        let lg = match fused_lg {
+            Some(lg) => lg,
+            None => {
+                let gt = p
+                    .rows(4)?
+                    .to_dtype(DType::F32)?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                (log_sigmoid(&gt)? / GATE_LOGIT_NORMALIZER)?
+            }
+        };
 
         let (q, k, v) = (
             q.to_dtype(DType::F32)?,
