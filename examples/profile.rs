@@ -58,6 +58,12 @@ struct Args {
     /// as fractions of them
     #[arg(long)]
     limits: bool,
+    /// The official YOCO code's numbers on this machine, one JSON object per line with `ctx`,
+    /// `sw` (null for gated retention, the window otherwise), `prefill_s` and `decode_tok_s`
+    /// (what `tests/fixtures/official/harness/speed.py` prints): adds them and the ratios
+    /// yoco / official to the table
+    #[arg(long, value_name = "FILE.jsonl")]
+    official: Option<std::path::PathBuf>,
     /// One measurement in this process, printed as one JSON line (what each child runs)
     #[arg(long, hide = true, value_enum, requires = "context")]
     single: Option<Arch>,
@@ -190,8 +196,42 @@ fn limits() -> candle_core::Result<(f64, f64)> {
     Ok((gflops, gbs))
 }
 
+/// One point measured with the official code.
+struct Official {
+    ctx: usize,
+    window: Option<u64>,
+    prefill_s: f64,
+    decode_tok_s: f64,
+}
+
+/// Reads the official code's JSON lines (blank lines and lines that are not JSON objects are
+/// errors that name the line).
+fn read_official(path: &std::path::Path) -> Result<Vec<Official>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |what: &str| format!("{} line {}: {what}", path.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+        let num = |k: &str| v[k].as_f64().ok_or_else(|| bad(&format!("no number `{k}`")));
+        out.push(Official {
+            ctx: num("ctx")? as usize,
+            window: v["sw"].as_u64(),
+            prefill_s: num("prefill_s")?,
+            decode_tok_s: num("decode_tok_s")?,
+        });
+    }
+    Ok(out)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    let official = match args.official.as_deref().map(read_official).transpose() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: --official {e}");
+            return ExitCode::from(2);
+        }
+    };
     let (steps, chunk) = (args.decode_steps, args.chunk);
     if let (Some(arch), Some(ctx)) = (args.single, args.context) {
         return match single(arch, ctx, steps, chunk) {
@@ -227,7 +267,15 @@ fn main() -> ExitCode {
             Err(e) => eprintln!("limits failed: {e}"),
         }
     }
-    md.push_str("| model | context | prefill (s) | prefill tok/s | prefill % of matmul bound | decode tok/s | decode % of bandwidth bound | peak RSS (MB) | cache (MB) |\n|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| model | context | prefill (s) | prefill tok/s | prefill % of matmul bound | decode tok/s | decode % of bandwidth bound | peak RSS (MB) | cache (MB) |");
+    if official.is_some() {
+        md.push_str(" official prefill (s) | prefill speed-up | official decode tok/s | decode speed-up |");
+    }
+    md.push_str("\n|---|---|---|---|---|---|---|---|---|");
+    if official.is_some() {
+        md.push_str("---|---|---|---|");
+    }
+    md.push('\n');
     let mut results: Vec<serde_json::Value> = Vec::new();
     for &arch in &args.models {
         let model = arch.name();
@@ -284,13 +332,29 @@ fn main() -> ExitCode {
                         None => (String::new(), String::new()),
                     };
                     md.push_str(&format!(
-                        "| {model} | {ctx} | {:.3} | {:.0} | {prefill_pct} | {:.1} | {decode_pct} | {:.0} | {:.1} |\n",
+                        "| {model} | {ctx} | {:.3} | {:.0} | {prefill_pct} | {:.1} | {decode_pct} | {:.0} | {:.1} |",
                         f("prefill_s"),
                         f("prefill_tokens_per_s"),
                         f("decode_tokens_per_s"),
                         f("peak_rss_bytes") / 1e6,
                         f("cache_bytes") / 1e6
                     ));
+                    if let Some(official) = &official {
+                        // The official point of the same context and self-decoder.
+                        let window = (arch == Arch::YocoSwa).then_some(1024);
+                        let o = official.iter().find(|o| o.ctx == ctx && o.window == window);
+                        md.push_str(&match (arch, o) {
+                            (Arch::Llama, _) | (_, None) => " | | | |".to_string(),
+                            (_, Some(o)) => format!(
+                                " {:.3} | {:.2}x | {:.1} | {:.2}x |",
+                                o.prefill_s,
+                                o.prefill_s / f("prefill_s"),
+                                o.decode_tok_s,
+                                f("decode_tokens_per_s") / o.decode_tok_s
+                            ),
+                        });
+                    }
+                    md.push('\n');
                     eprintln!("  {v}");
                     results.push(v);
                 }

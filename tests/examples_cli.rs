@@ -537,3 +537,54 @@ fn gpu_bench_runs_its_code_on_a_toy_shape() {
         "{md}"
     );
 }
+
+#[test]
+fn profile_puts_the_official_numbers_beside_its_own() {
+    let dir = scratch("profile-official");
+    let official = dir.join("official.jsonl");
+    std::fs::write(
+        &official,
+        "{\"ctx\": 48, \"sw\": null, \"prefill_s\": 2.5, \"decode_tok_s\": 4.0}\n",
+    )
+    .unwrap();
+    let out = run(
+        "profile",
+        &[
+            "--contexts",
+            "48",
+            "--models",
+            "yoco",
+            "--decode-steps",
+            "2",
+            "--out",
+            dir.join("out").to_str().unwrap(),
+            "--official",
+            official.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let row: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("| yoco | 48 |"))
+        .unwrap()
+        .split('|')
+        .map(str::trim)
+        .collect();
+    // Columns: model, context, prefill (s), ..., decode tok/s at 6, then the official four.
+    let prefill: f64 = row[3].parse().unwrap();
+    let decode: f64 = row[6].parse().unwrap();
+    assert_eq!(row[10], "2.500");
+    let speedup: f64 = row[11].trim_end_matches('x').parse().unwrap();
+    assert!((speedup - 2.5 / prefill).abs() <= 0.01 * speedup + 0.01, "{row:?}");
+    let decode_speedup: f64 = row[13].trim_end_matches('x').parse().unwrap();
+    assert!(
+        (decode_speedup - decode / 4.0).abs() <= 0.01 * decode_speedup + 0.01,
+        "{row:?}"
+    );
+    // A file that is not JSON lines is an error that names the line.
+    std::fs::write(&official, "{\"ctx\": 48}\nnot json\n").unwrap();
+    let out = run("profile", &["--official", official.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("line 1"), "{}", stderr(&out));
+}
