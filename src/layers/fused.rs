@@ -104,6 +104,77 @@ pub(crate) fn heads(
     }
 }
 
+/// Element by element `a + b` or `a * b` of two tensors of one shape, on rayon's pool (candle's
+/// own parallel element-wise ops run on a second pool whose wake-ups, on two cores, cost more
+/// than the additions).
+pub(crate) fn binary(a: &Tensor, b: &Tensor, op: Op) -> Result<Option<Tensor>> {
+    if a.dims() != b.dims() {
+        return Ok(None);
+    }
+    with_f32([a, b], |[x, y]| {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+            .for_each(|(o, (x, y))| match op {
+                Op::Add => o
+                    .iter_mut()
+                    .zip(x.iter().zip(y))
+                    .for_each(|(o, (x, y))| *o = x + y),
+                Op::Mul => o
+                    .iter_mut()
+                    .zip(x.iter().zip(y))
+                    .for_each(|(o, (x, y))| *o = x * y),
+            });
+        Ok(Tensor::from_vec(out, a.dims(), a.device())?)
+    })
+}
+
+/// `a op b` through [`binary`] when `native` allows it, candle's op otherwise.
+pub(crate) fn apply(a: &Tensor, b: &Tensor, op: Op, native: bool) -> Result<Tensor> {
+    if native {
+        if let Some(t) = binary(a, b, op)? {
+            return Ok(t);
+        }
+    }
+    Ok(match op {
+        Op::Add => (a + b)?,
+        Op::Mul => (a * b)?,
+    })
+}
+
+/// `x * s[.., None]` through [`scale_rows`] when `native` allows it, candle's op otherwise.
+pub(crate) fn apply_scale_rows(x: &Tensor, s: &Tensor, native: bool) -> Result<Tensor> {
+    if native {
+        if let Some(t) = scale_rows(x, s)? {
+            return Ok(t);
+        }
+    }
+    Ok(x.broadcast_mul(&s.unsqueeze(2)?)?)
+}
+
+/// The operation of [`binary`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Op {
+    Add,
+    Mul,
+}
+
+/// `x: (N, C, d)` with row `(n, t)` multiplied by `s[n, t]` (`s: (N, C)`).
+pub(crate) fn scale_rows(x: &Tensor, s: &Tensor) -> Result<Option<Tensor>> {
+    let (n, c, d) = x.dims3()?;
+    if s.dims() != [n, c] {
+        return Ok(None);
+    }
+    with_f32([x, s], |[x, s]| {
+        let mut out = vec![0f32; n * c * d];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .zip(s.par_iter())
+            .for_each(|((o, x), &s)| o.iter_mut().zip(x).for_each(|(o, x)| *o = x * s));
+        Ok(Tensor::from_vec(out, (n, c, d), &candle_core::Device::Cpu)?)
+    })
+}
+
 /// SwiGLU of a fused `(B, C, 2F)` projection: `silu(x[.., :F]) * x[.., F:]`, `(B, C, F)`.
 pub(crate) fn swiglu(x: &Tensor) -> Result<Option<Tensor>> {
     let (b, c, two_f) = x.dims3()?;
@@ -372,6 +443,19 @@ mod tests {
         let gt = x.narrow(2, 4, 3)?.transpose(1, 2)?.contiguous()?;
         let want = (crate::self_decoder::retention::log_sigmoid(&gt)? / 16.0)?;
         assert!(max_diff(&got, &want)? <= 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn binary_ops_and_row_scaling_equal_candles() -> Result<()> {
+        let (a, b) = (seeded(&[3, 70000], 12)?, seeded(&[3, 70000], 13)?);
+        assert_eq!(max_diff(&some(binary(&a, &b, Op::Add)?)?, &(&a + &b)?)?, 0.0);
+        assert_eq!(max_diff(&some(binary(&a, &b, Op::Mul)?)?, &(&a * &b)?)?, 0.0);
+        assert!(binary(&a, &b.narrow(1, 0, 5)?, Op::Add)?.is_none());
+        let x = seeded(&[4, 6, 5], 14)?;
+        let s = seeded(&[4, 6], 15)?;
+        let want = x.broadcast_mul(&s.unsqueeze(2)?)?;
+        assert_eq!(max_diff(&some(scale_rows(&x, &s)?)?, &want)?, 0.0);
         Ok(())
     }
 

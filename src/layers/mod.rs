@@ -71,6 +71,8 @@ pub(crate) struct Block<M> {
     pub(crate) mixer: M,
     final_layer_norm: RmsNorm,
     ffn: SwiGlu,
+    /// May the residual additions take the fused CPU kernel?
+    native: bool,
 }
 
 impl<M> Block<M> {
@@ -89,6 +91,7 @@ impl<M> Block<M> {
                 fc1_gate: Linear::load(w, &spec.fc1_gate)?,
                 fc2: Linear::load(w, &spec.fc2)?,
             },
+            native: w.native_kernels,
         })
     }
 
@@ -98,7 +101,9 @@ impl<M> Block<M> {
         x: &Tensor,
         mix: impl FnOnce(&M, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let h = (x + mix(&self.mixer, &self.mixer_layer_norm.forward(x)?)?)?;
-        Ok((&h + self.ffn.forward(&self.final_layer_norm.forward(&h)?)?)?)
+        let mixed = mix(&self.mixer, &self.mixer_layer_norm.forward(x)?)?;
+        let h = fused::apply(x, &mixed, fused::Op::Add, self.native)?;
+        let ffn = self.ffn.forward(&self.final_layer_norm.forward(&h)?)?;
+        fused::apply(&h, &ffn, fused::Op::Add, self.native)
     }
 }

@@ -24,6 +24,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::checkpoint::catalogue::LinearSpec;
 use crate::layers::constants::{ConstKey, Constants};
+use crate::layers::fused::{apply, apply_scale_rows, Op};
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeTables;
@@ -351,10 +352,9 @@ fn chunk_group(
     let dec = decays(&lg.contiguous()?.reshape((rows * n, c))?, consts, native)?;
 
     // Inside each chunk: the parallel form, one batched product for all chunks.
-    let inner = (qc.matmul(&kc.t()?)? * &dec.decay)?.matmul(&vc)?;
+    let inner = apply(&qc.matmul(&kc.t()?)?, &dec.decay, Op::Mul, native)?.matmul(&vc)?;
     // Each chunk's contribution to the state: sum_j exp(G_last - G_j) k_j^T v_j.
-    let update = kc
-        .broadcast_mul(&dec.to_end.unsqueeze(2)?)?
+    let update = apply_scale_rows(&kc, &dec.to_end, native)?
         .t()?
         .matmul(&vc)?
         .reshape((rows, n, d * d))?;
@@ -363,10 +363,12 @@ fn chunk_group(
     let state = state.reshape((rows, d * d))?;
     let (before, last) = scan_states(&state, &update, &total, native)?;
     // What each chunk reads from the state before it: (q_i * exp(G_i)) S_prev.
-    let outer = qc
-        .broadcast_mul(&dec.from_start.unsqueeze(2)?)?
-        .matmul(&before.reshape((rows * n, d, d))?)?;
-    let out = (inner + outer)?.reshape((b, h, n * c, d))?;
+    let outer = apply_scale_rows(&qc, &dec.from_start, native)?.matmul(&before.reshape((
+        rows * n,
+        d,
+        d,
+    ))?)?;
+    let out = apply(&inner, &outer, Op::Add, native)?.reshape((b, h, n * c, d))?;
     Ok((out, last.reshape((b, h, d, d))?))
 }
 
