@@ -209,10 +209,17 @@ struct Official {
 fn read_official(path: &std::path::Path) -> Result<Vec<Official>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let bad = |what: &str| format!("{} line {}: {what}", path.display(), i + 1);
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
-        let num = |k: &str| v[k].as_f64().ok_or_else(|| bad(&format!("no number `{k}`")));
+        let num = |k: &str| {
+            v[k].as_f64()
+                .ok_or_else(|| bad(&format!("no number `{k}`")))
+        };
         out.push(Official {
             ctx: num("ctx")? as usize,
             window: v["sw"].as_u64(),
@@ -269,7 +276,9 @@ fn main() -> ExitCode {
     }
     md.push_str("| model | context | prefill (s) | prefill tok/s | prefill % of matmul bound | decode tok/s | decode % of bandwidth bound | peak RSS (MB) | cache (MB) |");
     if official.is_some() {
-        md.push_str(" official prefill (s) | prefill speed-up | official decode tok/s | decode speed-up |");
+        md.push_str(
+            " official prefill (s) | prefill speed-up | official decode tok/s | decode speed-up |",
+        );
     }
     md.push_str("\n|---|---|---|---|---|---|---|---|---|");
     if official.is_some() {

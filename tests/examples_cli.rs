@@ -576,7 +576,10 @@ fn profile_puts_the_official_numbers_beside_its_own() {
     let decode: f64 = row[6].parse().unwrap();
     assert_eq!(row[10], "2.500");
     let speedup: f64 = row[11].trim_end_matches('x').parse().unwrap();
-    assert!((speedup - 2.5 / prefill).abs() <= 0.01 * speedup + 0.01, "{row:?}");
+    assert!(
+        (speedup - 2.5 / prefill).abs() <= 0.01 * speedup + 0.01,
+        "{row:?}"
+    );
     let decode_speedup: f64 = row[13].trim_end_matches('x').parse().unwrap();
     assert!(
         (decode_speedup - decode / 4.0).abs() <= 0.01 * decode_speedup + 0.01,
