@@ -227,10 +227,7 @@ fn every_bad_request_gets_a_400_with_an_error_body_and_the_server_goes_on() {
         r#"{"prompt": "ROMEO.\n", "max_tokens": 5, "seed": 1}"#,
     );
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(
-        answer["usage"]["completion_tokens"].as_u64().unwrap() <= 5,
-        true
-    );
+    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() <= 5);
     // An empty text is the BOS token alone: a prompt like any other.
     let (status, _) = post(
         &server,
