@@ -283,6 +283,33 @@ fn a_kept_prefix_starts_later_prompts_and_gives_the_tokens_of_a_cache_holding_it
         assert_eq!(first.tokens, by_hand(&toks[50..60]).tokens, "{folder}");
         assert_eq!(second.tokens, by_hand(&toks[70..95]).tokens, "{folder}");
 
+        // Requests that arrive together: the first keeps the prefix, and the others look it up
+        // when their turn to prefill comes, after it.
+        let engine = Engine::new(model.clone(), None, EngineConfig::default()).unwrap();
+        let users = [&toks[100..110], &toks[120..127], &toks[130..150]];
+        let handles: Vec<_> = users
+            .iter()
+            .map(|user| {
+                let request = Request {
+                    keep_prefix: Some(system.len()),
+                    ..Request::new(turn(user), cfg.clone())
+                };
+                engine.submit(request).unwrap()
+            })
+            .collect();
+        for (i, (handle, user)) in handles.into_iter().zip(users).enumerate() {
+            let out = handle.wait().unwrap();
+            let reused = if i == 0 { 0 } else { system.len() };
+            assert_eq!(out.cached_tokens, reused, "{folder} request {i}");
+            assert_eq!(out.tokens, by_hand(user).tokens, "{folder} request {i}");
+        }
+        assert_eq!(engine.stats().prefix_hits, 2);
+        let engine = Engine::new(model.clone(), None, EngineConfig::default()).unwrap();
+        let second = engine
+            .generate(Request::new(turn(&toks[70..95]), cfg.clone()))
+            .unwrap();
+        assert_eq!(second.cached_tokens, 0);
+
         // A prompt seen whole before starts from its end: nothing to prefill, same tokens.
         let again = engine
             .generate(Request::new(turn(&toks[70..95]), cfg.clone()))

@@ -444,6 +444,17 @@ fn logprobs_are_the_log_softmax_of_the_processed_logits() {
             }
             seq.push(tok);
         }
+        // Without alternatives: the same chosen log-probabilities, no list.
+        let bare = GenerationConfig {
+            logprobs: Some(0),
+            ..cfg
+        };
+        let bare = model.generate(&prompt, &bare).unwrap();
+        assert_eq!(bare.tokens, out.tokens);
+        for (a, b) in bare.logprobs.iter().zip(&out.logprobs) {
+            assert!(a.top.is_empty());
+            assert_eq!(a.logprob, b.logprob);
+        }
     }
 }
 

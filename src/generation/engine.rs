@@ -521,11 +521,26 @@ impl Drop for Engine {
     }
 }
 
-/// A sequence whose prompt is being prefilled.
+/// A sequence waiting for its prompt to be prefilled, first come first served.
 struct Prefilling {
     id: u64,
     row: Row,
-    prefill: Prefill,
+    stage: Stage,
+}
+
+/// Where a waiting prompt stands.
+enum Stage {
+    /// Not begun: its kept prefix is looked up only when its turn comes, so that it can start
+    /// from the prefixes of the prompts prefilled before it (a system prompt that arrived with
+    /// it in another request).
+    Waiting {
+        prompt: Vec<u32>,
+        chunk: usize,
+        keep_prefix: Option<usize>,
+        /// Positions to reserve: the prompt and every token it may generate.
+        reserve: usize,
+    },
+    Running(Prefill),
 }
 
 /// Where a running sequence's events go, and its cancel flag.
@@ -618,6 +633,7 @@ impl Worker {
         let mut row = match Row::new(&config, &prompt, self.tokenizer.is_some()) {
             Ok(row) => row,
             Err(e) => {
+                self.counters.ended += 1;
                 let _ = sink.send(Event::Failed(e));
                 return;
             }
@@ -631,43 +647,61 @@ impl Worker {
             });
             return;
         }
-        let total = prompt.len();
-        let started = (|| -> Result<_> {
-            let hit = self.prefix.lookup(&prompt);
-            let (done, mut cache, logits) = match hit {
-                Some(h) => (h.len, h.cache, h.logits),
-                None => (0, self.model.new_cache(1)?, None),
-            };
-            cache.reserve(total + config.max_new_tokens)?;
-            Ok((done, cache, logits))
-        })();
-        let (done, cache, logits) = match started {
-            Ok(s) => s,
-            Err(e) => {
-                self.counters.ended += 1;
-                let _ = sink.send(Event::Failed(e));
-                return;
-            }
+        self.sinks.insert(id, Listener { sink, cancel });
+        let reserve = prompt.len() + config.max_new_tokens;
+        self.prefilling.push_back(Prefilling {
+            id,
+            row,
+            stage: Stage::Waiting {
+                prompt,
+                chunk: config.prefill_chunk,
+                keep_prefix,
+                reserve,
+            },
+        });
+    }
+
+    /// A prompt's turn has come: its state from the longest kept prefix (or empty), with room
+    /// reserved. Gives the entry back, now running, or `None` when the whole prompt was kept
+    /// (the sequence has moved to `ready`).
+    fn begin(&mut self, p: Prefilling) -> Result<Option<Prefilling>> {
+        let Prefilling { id, mut row, stage } = p;
+        let Stage::Waiting {
+            prompt,
+            chunk,
+            keep_prefix,
+            reserve,
+        } = stage
+        else {
+            return Ok(Some(Prefilling { id, row, stage }));
         };
+        let total = prompt.len();
+        let (done, mut cache, logits) = match self.prefix.lookup(&prompt) {
+            Some(h) => (h.len, h.cache, h.logits),
+            None => (0, self.model.new_cache(1)?, None),
+        };
+        cache.reserve(reserve)?;
         row.out.cached_tokens = done;
         if done > 0 {
             self.counters.prefix_hits += 1;
-            if sink.send(Event::Prefill { done, total }).is_break() {
-                cancel.store(true, Ordering::SeqCst);
+            if let Some(l) = self.sinks.get_mut(&id) {
+                if l.sink.send(Event::Prefill { done, total }).is_break() {
+                    l.cancel.store(true, Ordering::SeqCst);
+                }
             }
         }
-        self.sinks.insert(id, Listener { sink, cancel });
-        match logits {
+        Ok(match logits {
             Some(logits) => {
                 row.start(logits, Duration::ZERO);
                 self.ready.push((id, row, cache));
+                None
             }
-            None => self.prefilling.push_back(Prefilling {
+            None => Some(Prefilling {
                 id,
                 row,
-                prefill: Prefill::new(prompt, done, cache, config.prefill_chunk, keep_prefix),
+                stage: Stage::Running(Prefill::new(prompt, done, cache, chunk, keep_prefix)),
             }),
-        }
+        })
     }
 
     /// One turn: cancellations, one prefill chunk, admissions, one decode step.
@@ -752,43 +786,44 @@ impl Worker {
         self.deliver_finished();
     }
 
-    /// The next chunk of the first prompt waiting; a prompt that is in moves to `ready`.
+    /// The next chunk of the first prompt waiting (after looking up its prefix, if it has just
+    /// come to the front); a prompt that is in moves to `ready`.
     fn prefill_one_chunk(&mut self) {
-        let Some(p) = self.prefilling.front_mut() else {
+        let Some(p) = self.prefilling.pop_front() else {
             return;
         };
-        let result = p.prefill.advance(&self.model);
+        let id = p.id;
+        let mut p = match self.begin(p) {
+            Ok(Some(p)) => p,
+            Ok(None) => return,
+            Err(e) => return self.fail(id, e),
+        };
+        let Stage::Running(prefill) = &mut p.stage else {
+            return self.fail(p.id, Error::Engine("a prompt that never began".into()));
+        };
+        let result = prefill.advance(&self.model);
         self.counters.prefill_chunks += 1;
         let logits = match result {
             Ok(logits) => logits,
-            Err(e) => {
-                if let Some(p) = self.prefilling.pop_front() {
-                    self.fail(p.id, e);
-                }
-                return;
-            }
+            Err(e) => return self.fail(p.id, e),
         };
-        let (done, total) = p.prefill.progress();
-        if p.prefill.at_boundary() {
-            let prefix = p.prefill.ids().get(..done).unwrap_or_default();
+        let (done, total) = prefill.progress();
+        if prefill.at_boundary() {
+            let prefix = prefill.ids().get(..done).unwrap_or_default();
             // A prefix that cannot be kept is only a missed speed-up.
-            let _ = self.prefix.insert(prefix, &p.prefill.cache, None);
+            let _ = self.prefix.insert(prefix, &prefill.cache, None);
         }
-        let id = p.id;
-        if let Some(l) = self.sinks.get_mut(&id) {
+        if let Some(l) = self.sinks.get_mut(&p.id) {
             if l.sink.send(Event::Prefill { done, total }).is_break() {
                 l.cancel.store(true, Ordering::SeqCst);
             }
         }
         let Some(logits) = logits else {
+            self.prefilling.push_front(p);
             return;
         };
-        if let Some(Prefilling {
-            id,
-            mut row,
-            prefill,
-        }) = self.prefilling.pop_front()
-        {
+        let Prefilling { id, mut row, stage } = p;
+        if let Stage::Running(prefill) = stage {
             let _ = self
                 .prefix
                 .insert(prefill.ids(), &prefill.cache, Some(&logits));

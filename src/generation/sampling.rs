@@ -658,6 +658,13 @@ fn token_logprobs(logits: &[f32], temperature: f32, token: u32, top: usize) -> T
     let logprob = logits
         .get(token as usize)
         .map_or(f32::NEG_INFINITY, |&l| value(l));
+    if top == 0 {
+        return TokenLogprobs {
+            token,
+            logprob,
+            top: Vec::new(),
+        };
+    }
     let mut best: Vec<Candidate> = logits
         .iter()
         .enumerate()
