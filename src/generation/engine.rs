@@ -99,7 +99,8 @@ pub enum Event {
     Failed(Error),
 }
 
-/// A snapshot of an engine's load and counters.
+/// A snapshot of an engine's load and counters, as of the end of its last turn (a sequence's
+/// last event can arrive a moment before the counts that include it).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
     /// Requests waiting for a place.
