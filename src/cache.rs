@@ -127,17 +127,17 @@ impl Cache {
         self.global.bytes_allocated() + self.self_state.bytes_allocated()
     }
 
-    /// Joins caches of one sequence each (possibly at different positions) into one batch, for
-    /// decoding them together with [`crate::Model::step`]. Each row then behaves exactly as its
-    /// cache would alone. `reserve` is honoured for the largest reservation among the parts.
+    /// Joins caches (possibly at different positions, of one or more sequences each) into one
+    /// batch, for decoding them together with [`crate::Model::step`]: the rows of `caches[0]`
+    /// first, then those of `caches[1]`, and so on. Each row then behaves exactly as its cache
+    /// would alone, so a sequence can join a batch that is already decoding. `reserve` is honoured
+    /// for the largest reservation among the parts.
+    ///
+    /// The rows are right-aligned: each part's global K/V is copied once into a buffer as long as
+    /// the longest row, shorter rows padded at the front (and masked).
     pub fn stack(caches: &[Cache]) -> Result<Self> {
         if caches.is_empty() {
             return Err(Error::Input("Cache::stack needs at least one cache".into()));
-        }
-        if caches.iter().any(|c| c.batch_size() != 1) {
-            return Err(Error::Input(
-                "Cache::stack takes caches of one sequence each".into(),
-            ));
         }
         let states: Vec<&SelfDecoderState> = caches.iter().map(|c| &c.self_state).collect();
         let globals: Vec<&GlobalKv> = caches.iter().map(|c| &c.global).collect();
@@ -165,6 +165,13 @@ impl Cache {
             self_state: self.self_state.select(rows)?,
             global: self.global.select(rows)?,
         })
+    }
+
+    /// Gives back the slack of every buffer (what `reserve` or growth allocated beyond the
+    /// entries in use): the cache then owns exactly its state, copied once, shared with no clone.
+    pub(crate) fn shrink_to_fit(&mut self) -> Result<()> {
+        self.self_state.shrink_to_fit()?;
+        self.global.shrink_to_fit()
     }
 
     /// Saves the cache (every row's state, global K/V and positions) to a safetensors file.

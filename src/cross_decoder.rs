@@ -170,6 +170,11 @@ impl GlobalKv {
         })
     }
 
+    /// Gives back the slack (see [`KvBuffer::shrink_to_fit`]).
+    pub(crate) fn shrink_to_fit(&mut self) -> Result<()> {
+        self.buf.shrink_to_fit(None)
+    }
+
     /// The rows `rows`, in that order.
     pub(crate) fn select(&self, rows: &[usize]) -> Result<Self> {
         Ok(GlobalKv {

@@ -78,6 +78,14 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// An [`crate::Engine`]'s queue is full: try again later.
+    #[error("busy: {0}")]
+    Busy(String),
+
+    /// An [`crate::Engine`] has stopped, or a sequence failed inside it.
+    #[error("engine: {0}")]
+    Engine(String),
+
     /// The requested device is not available in this build or on this machine.
     #[error("device: {0}")]
     Device(String),

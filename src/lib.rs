@@ -72,7 +72,8 @@
 //!   the cross-decoder layers that read it;
 //! * [`Cache`]: the per-sequence state, a composition of the parts' own states;
 //! * [`Model`]: loading, forward, prefill with early exit, step;
-//! * `generation`: the decode loop, sampling ([`Sampling`], [`Sampler`]) and text ([`Tokenizer`]).
+//! * `generation`: the decode loop, sampling ([`Sampling`], [`Sampler`]), text ([`Tokenizer`],
+//!   stop strings) and the serving [`Engine`] (continuous batching, prefix reuse).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![deny(missing_docs)]
 
@@ -91,9 +92,12 @@ pub use checkpoint::catalogue::{ParamCounts, Parameter, Part};
 pub use checkpoint::config::{Config, SelfMixer, DEFAULT_MAX_POSITIONS};
 pub use device::{device_by_name, dtype_by_name};
 pub use error::{Error, Result};
-pub use generation::sampling::{Rng, Sampler, Sampling};
+pub use generation::engine::{
+    Canceller, Engine, EngineConfig, EngineStats, Event, Request, SequenceHandle,
+};
+pub use generation::sampling::{Rng, Sampler, Sampling, TokenLogprobs};
 pub use generation::tokenizer::{TextStream, Tokenizer};
 pub use generation::{
-    Generation, GenerationConfig, StopReason, REFERENCE_BOS, REFERENCE_EOS, REFERENCE_PAD,
+    Generation, GenerationConfig, StopReason, Token, REFERENCE_BOS, REFERENCE_EOS, REFERENCE_PAD,
 };
 pub use model::{Kernels, LoadOptions, Model, DEFAULT_PREFILL_CHUNK};

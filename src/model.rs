@@ -309,6 +309,22 @@ impl Model {
         self.last_logits(&ids, cache)
     }
 
+    /// One piece of a chunked prefill of ONE sequence, ids on the host: `ids` continue `cache`
+    /// (checked like every input), and the logits of the last position are computed only when
+    /// `last` (the others only fill the caches: early exit). A prompt prefilled piece by piece
+    /// with the pieces of [`Model::prefill_chunked`] gives exactly its result.
+    pub(crate) fn prefill_piece(
+        &self,
+        ids: &[u32],
+        cache: &mut Cache,
+        last: bool,
+    ) -> Result<Option<Tensor>> {
+        self.check_host_ids(ids, (1, ids.len()), cache)?;
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let wanted = if last { Logits::Last } else { Logits::None };
+        self.forward_chunk(&ids, cache, wanted)
+    }
+
     fn last_logits(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         self.forward_chunk(ids, cache, Logits::Last)?
             .ok_or_else(|| Error::Input("no logits".into()))

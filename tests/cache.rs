@@ -176,3 +176,61 @@ fn the_self_decoder_state_stays_constant_while_the_global_kv_grows_per_token() {
         assert!(sizes[119].1 <= cfg.self_state_bytes(4));
     }
 }
+
+/// Continuous batching: a row joins a batch that is already decoding (a stack of a multi-row
+/// cache and a one-row cache), and every row goes on exactly as it would alone.
+#[test]
+fn a_row_joins_a_running_batch_and_every_row_steps_as_alone() {
+    for folder in ["gret", "swa"] {
+        let model = load(folder);
+        let toks = expected(folder).tokens;
+        let prompts = [&toks[..7], &toks[10..60], &toks[70..110]];
+        let mut alone: Vec<Cache> = prompts
+            .iter()
+            .map(|p| {
+                let mut c = model.new_cache(1).unwrap();
+                model.prefill(&ids(p), &mut c).unwrap();
+                c
+            })
+            .collect();
+        // Rows 0 and 1 decode together for 5 steps, then row 2 joins.
+        let mut batch = Cache::stack(&alone[..2]).unwrap();
+        let feed = |i: usize, step: usize| toks[(150 + 3 * step + i) % toks.len()];
+        for step in 0..5 {
+            let next: Vec<u32> = (0..2).map(|i| feed(i, step)).collect();
+            model
+                .step(
+                    &Tensor::new(next.as_slice(), &Device::Cpu).unwrap(),
+                    &mut batch,
+                )
+                .unwrap();
+            for (i, cache) in alone.iter_mut().enumerate().take(2) {
+                model
+                    .step(&Tensor::new(&[feed(i, step)], &Device::Cpu).unwrap(), cache)
+                    .unwrap();
+            }
+        }
+        let mut batch = Cache::stack(&[batch, alone[2].clone()]).unwrap();
+        assert_eq!(batch.positions(), &[12, 55, 40]);
+        for step in 5..40 {
+            let next: Vec<u32> = (0..3).map(|i| feed(i, step)).collect();
+            let together = model
+                .step(
+                    &Tensor::new(next.as_slice(), &Device::Cpu).unwrap(),
+                    &mut batch,
+                )
+                .unwrap();
+            for (i, cache) in alone.iter_mut().enumerate() {
+                let single = model
+                    .step(&Tensor::new(&[feed(i, step)], &Device::Cpu).unwrap(), cache)
+                    .unwrap();
+                let diff = max_abs_diff(&together.narrow(0, i, 1).unwrap(), &single);
+                assert!(diff < 1e-5, "{folder} row {i} step {step}: {diff}");
+            }
+        }
+        let back = batch.split().unwrap();
+        for (b, a) in back.iter().zip(&alone) {
+            assert_eq!(b.positions(), a.positions());
+        }
+    }
+}

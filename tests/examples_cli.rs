@@ -124,6 +124,34 @@ const DOCUMENTED: &[(&str, &[&str])] = &[
         ],
     ),
     ("make_reference_tokenizer", &["--out"]),
+    (
+        "serve",
+        &[
+            "--model",
+            "--host",
+            "--port",
+            "--max-sequences",
+            "--max-queue",
+            "--max-prompt-tokens",
+            "--max-tokens",
+            "--prefill-chunk",
+            "--prefix-cache-mb",
+            "--device",
+            "--dtype",
+        ],
+    ),
+    (
+        "load",
+        &[
+            "--model",
+            "--shape",
+            "--clients",
+            "--prompt-tokens",
+            "--new-tokens",
+            "--prefill-chunk",
+            "--json",
+        ],
+    ),
 ];
 
 #[test]
@@ -590,4 +618,40 @@ fn profile_puts_the_official_numbers_beside_its_own() {
     let out = run("profile", &["--official", official.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("line 1"), "{}", stderr(&out));
+}
+
+/// The load benchmark runs its rounds over loopback, stops by itself and counts every request
+/// complete (its exit status says so), on a toy shape in a moment.
+#[test]
+fn load_runs_rounds_of_concurrent_clients_to_completion() {
+    let o = run(
+        "load",
+        &[
+            "--shape",
+            "tiny",
+            "--clients",
+            "1,3",
+            "--prompt-tokens",
+            "20-60",
+            "--new-tokens",
+            "5",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rounds: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rounds.len(), 2);
+    for (round, clients) in rounds.iter().zip([1, 3]) {
+        assert_eq!(round["clients"], clients);
+        assert_eq!(round["complete"], clients);
+        assert_eq!(round["generated"], 5 * clients);
+        let prompt = round["prompt_tokens"].as_u64().unwrap();
+        assert!((20 * clients..=60 * clients).contains(&prompt), "{round}");
+    }
+    // A bad range is a usage error.
+    let o = run("load", &["--prompt-tokens", "9-3"]);
+    assert_eq!(o.status.code(), Some(2));
 }

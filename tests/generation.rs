@@ -376,3 +376,135 @@ fn batched_rows_stream_stop_alone_and_continue_their_own_caches() {
         assert_eq!(outs[1].tokens.len(), 4);
     }
 }
+
+/// Log-softmax by hand, in f64, of `row / temperature` with the suppressed ids removed.
+fn log_softmax_by_hand(row: &[f32], temperature: f64, suppressed: &[u32]) -> Vec<f64> {
+    let x: Vec<f64> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            if suppressed.contains(&(i as u32)) {
+                f64::NEG_INFINITY
+            } else {
+                l as f64 / temperature
+            }
+        })
+        .collect();
+    let max = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + x.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+    x.iter().map(|v| v - lse).collect()
+}
+
+/// Logprobs are the log-softmax of the logits after suppression and temperature (before
+/// top-p), recomputed here from a cache-free full forward at every step.
+#[test]
+fn logprobs_are_the_log_softmax_of_the_processed_logits() {
+    let model = load("gret");
+    let prompt = expected("gret").tokens[..40].to_vec();
+    for (temperature, top_p) in [(0.0f32, None), (0.7, Some(0.9))] {
+        let cfg = GenerationConfig {
+            sampling: Sampling {
+                temperature,
+                top_p,
+                ..Sampling::default()
+            },
+            logprobs: Some(5),
+            suppress_tokens: vec![3, 9],
+            stop_tokens: vec![],
+            seed: 4,
+            ..GenerationConfig::greedy(12)
+        };
+        let out = model.generate(&prompt, &cfg).unwrap();
+        assert_eq!(out.logprobs.len(), 12);
+        let t = if temperature == 0.0 {
+            1.0
+        } else {
+            temperature as f64
+        };
+        let mut seq = prompt.clone();
+        for (lp, &tok) in out.logprobs.iter().zip(&out.tokens) {
+            let mut cache = model.new_cache(1).unwrap();
+            let logits = model.forward(&ids(&seq), &mut cache).unwrap();
+            let row = logits
+                .squeeze(0)
+                .unwrap()
+                .get(seq.len() - 1)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let want = log_softmax_by_hand(&row, t, &[3, 9]);
+            assert_eq!(lp.token, tok);
+            assert!((lp.logprob as f64 - want[tok as usize]).abs() < 1e-4);
+            let mut order: Vec<usize> = (0..want.len()).collect();
+            order.sort_by(|&a, &b| want[b].total_cmp(&want[a]).then(a.cmp(&b)));
+            assert_eq!(lp.top.len(), 5);
+            for ((id, v), &i) in lp.top.iter().zip(&order) {
+                assert!((*v as f64 - want[i]).abs() < 1e-4, "{v} vs {}", want[i]);
+                assert!((want[*id as usize] - want[i]).abs() < 1e-6);
+            }
+            seq.push(tok);
+        }
+        // Without alternatives: the same chosen log-probabilities, no list.
+        let bare = GenerationConfig {
+            logprobs: Some(0),
+            ..cfg
+        };
+        let bare = model.generate(&prompt, &bare).unwrap();
+        assert_eq!(bare.tokens, out.tokens);
+        for (a, b) in bare.logprobs.iter().zip(&out.logprobs) {
+            assert!(a.top.is_empty());
+            assert_eq!(a.logprob, b.logprob);
+        }
+    }
+}
+
+/// Stop strings on the text path: the text ends before the first stop string, the pieces
+/// streamed add up to it, and a stop string without a tokenizer is an error.
+#[test]
+fn stop_strings_end_the_text_before_them() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare");
+    let model = Model::load(dir, &Device::Cpu, DType::F32).unwrap();
+    let tokenizer = yoco::Tokenizer::from_model_dir(dir).unwrap();
+    let cfg = GenerationConfig {
+        max_new_tokens: 80,
+        seed: 3,
+        ..GenerationConfig::default()
+    }
+    .for_tokenizer(&tokenizer);
+    let (full, _) = model
+        .generate_text(
+            &tokenizer,
+            "MACBETH.\n",
+            &cfg,
+            |_| ControlFlow::Continue(()),
+        )
+        .unwrap();
+    // Every line break is a stop: the text is the first line.
+    let first_line = &full[..full.find('\n').unwrap()];
+    let stops = GenerationConfig {
+        stop_strings: vec!["\n".into()],
+        ..cfg.clone()
+    };
+    let mut pieces = String::new();
+    let (text, out) = model
+        .generate_text(&tokenizer, "MACBETH.\n", &stops, |p| {
+            pieces.push_str(p);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(text, first_line);
+    assert_eq!(pieces, first_line);
+    assert_eq!(out.stop_reason, StopReason::StopString(0));
+    assert!(matches!(
+        model.generate(&[5, 6], &stops),
+        Err(Error::Generation(_))
+    ));
+    let empty = GenerationConfig {
+        stop_strings: vec![String::new()],
+        ..cfg
+    };
+    assert!(matches!(
+        model.generate_text(&tokenizer, "A", &empty, |_| ControlFlow::Continue(())),
+        Err(Error::Generation(_))
+    ));
+}

@@ -6,20 +6,30 @@
 //! (continue a cache you keep: a system prompt prefilled once and cloned per request), and their
 //! batched forms [`Model::generate_batch`], [`Model::generate_batch_stream`] and
 //! [`Model::generate_batch_from`]: prompts of different lengths decode together, each with the
-//! result it would have alone, and a row that stops leaves the batch at once.
+//! result it would have alone, and a row that stops leaves the batch at once. The [`Engine`]
+//! runs the same rows and the same batch step, with rows joining and leaving all the time.
+//!
+//! [`Engine`]: crate::Engine
 
+pub(crate) mod batch;
+pub(crate) mod engine;
+pub(crate) mod prefix;
+pub(crate) mod row;
 pub(crate) mod sampling;
+pub(crate) mod stop;
 pub(crate) mod tokenizer;
 
 use std::ops::ControlFlow;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::cache::Cache;
 use crate::model::{Model, DEFAULT_PREFILL_CHUNK};
 use crate::{Error, Result};
-use sampling::{Sampler, Sampling};
+use batch::DecodeBatch;
+use row::{Prefill, Row};
+use sampling::{Sampling, TokenLogprobs};
 use tokenizer::Tokenizer;
 
 /// `<s>`, `<pad>` and `</s>` in the reference vocabulary (tiktoken ids shifted by 4).
@@ -43,8 +53,21 @@ pub struct GenerationConfig {
     pub suppress_tokens: Vec<u32>,
     /// Seed of the sampler: the same seed gives the same tokens on every run.
     pub seed: u64,
-    /// Prompt tokens processed at once during prefill (bounds working memory).
+    /// Prompt tokens processed at once during prefill (bounds working memory; in an
+    /// [`crate::Engine`], also how long the other sequences wait for a prompt between two
+    /// tokens).
     pub prefill_chunk: usize,
+    /// Generation ends when the decoded text contains one of these; the stop string and
+    /// anything after it are not part of the text, and streamed text is held back while it
+    /// could still be the start of one. Needs a tokenizer ([`Model::generate_text`], or an
+    /// [`crate::Engine`] with one); empty strings are refused.
+    pub stop_strings: Vec<String>,
+    /// Log-probabilities: `None` (default) for none, `Some(n)` for the chosen token's and the
+    /// `n` most likely tokens' at each step, in [`Generation::logprobs`] and each streamed
+    /// [`Token`]. They are of the distribution after the suppressed ids, the repetition
+    /// penalty and the temperature, before top-k/top-p/min-p
+    /// ([`crate::Sampler::sample_with_logprobs`]).
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerationConfig {
@@ -56,6 +79,8 @@ impl Default for GenerationConfig {
             suppress_tokens: vec![REFERENCE_BOS, REFERENCE_PAD],
             seed: 299_792_458,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            stop_strings: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -87,6 +112,22 @@ impl GenerationConfig {
         if self.prefill_chunk == 0 {
             return Err(Error::Generation("prefill_chunk must be at least 1".into()));
         }
+        if self.stop_strings.iter().any(String::is_empty) {
+            return Err(Error::Generation(
+                "stop strings must not be empty (an empty one would stop at once)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`GenerationConfig::validate`], and stop strings only where there is a tokenizer.
+    fn validate_for(&self, tokenizer: Option<&Tokenizer>) -> Result<()> {
+        self.validate()?;
+        if !self.stop_strings.is_empty() && tokenizer.is_none() {
+            return Err(Error::Generation(
+                "stop strings need a tokenizer: use generate_text, or an Engine with one".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -100,6 +141,25 @@ pub enum StopReason {
     StopToken(u32),
     /// The streaming callback asked to stop.
     Callback,
+    /// The decoded text reached `GenerationConfig::stop_strings[i]` (not part of the text).
+    StopString(usize),
+    /// The sequence was cancelled ([`crate::SequenceHandle::cancel`], a dropped handle, or an
+    /// engine shutting down).
+    Cancelled,
+}
+
+/// A token as a generation chooses it: what a streaming callback and an engine's
+/// [`crate::Event::Token`] carry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Token {
+    /// The token id.
+    pub id: u32,
+    /// The text this token releases: empty without a tokenizer, and while text is held back
+    /// (an incomplete UTF-8 character, or text that could still begin a stop string).
+    pub text: String,
+    /// Its log-probability and the most likely alternatives, when asked for
+    /// ([`GenerationConfig::logprobs`]).
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// The result of a generation.
@@ -109,12 +169,20 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     /// Why it ended.
     pub stop_reason: StopReason,
-    /// Number of prompt tokens prefilled.
+    /// Number of prompt tokens.
     pub prompt_tokens: usize,
+    /// Of those, how many came from a stored prefix state instead of being prefilled
+    /// ([`crate::Engine`]'s prefix cache).
+    pub cached_tokens: usize,
     /// Time of the prefill (prompt processing up to the first token's logits).
     pub prefill_time: Duration,
-    /// Time of all decode steps after the prefill, sampling included.
+    /// Time from the end of the prefill to the end of the generation (in an engine, the
+    /// steps of the whole batch).
     pub decode_time: Duration,
+    /// Per token of `tokens`, when [`GenerationConfig::logprobs`] asked for them.
+    pub logprobs: Vec<TokenLogprobs>,
+    /// The text of `tokens`, up to a stop string (excluded), when generated with a tokenizer.
+    pub text: Option<String>,
 }
 
 impl Generation {
@@ -131,10 +199,6 @@ impl Generation {
         }
         steps as f64 / self.decode_time.as_secs_f64().max(1e-9)
     }
-}
-
-fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
-    Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
 }
 
 impl Model {
@@ -234,7 +298,20 @@ impl Model {
         cfg: &GenerationConfig,
         mut on_token: impl FnMut(usize, u32) -> ControlFlow<()>,
     ) -> Result<Vec<Generation>> {
-        cfg.validate()?;
+        self.generate_rows(caches, prompts, cfg, None, |r, tok| on_token(r, tok.id))
+    }
+
+    /// What every generate function runs: the prompts prefilled one by one, then one
+    /// [`DecodeBatch`] until every row has ended, with text when a tokenizer is given.
+    fn generate_rows(
+        &self,
+        caches: &mut [Cache],
+        prompts: &[Vec<u32>],
+        cfg: &GenerationConfig,
+        tokenizer: Option<&Tokenizer>,
+        mut report: impl FnMut(usize, &Token) -> ControlFlow<()>,
+    ) -> Result<Vec<Generation>> {
+        cfg.validate_for(tokenizer)?;
         if prompts.is_empty() && caches.is_empty() {
             return Ok(Vec::new());
         }
@@ -258,77 +335,61 @@ impl Model {
         }
 
         // Prefill each row on its own: prefill is compute-bound, and rows may start anywhere.
-        let mut rows = Vec::with_capacity(prompts.len());
-        for (cache, prompt) in caches.iter_mut().zip(prompts) {
-            let sampler =
-                Sampler::new(cfg.sampling.clone(), cfg.seed, cfg.suppress_tokens.clone())?;
+        let mut joining = Vec::with_capacity(prompts.len());
+        for (r, (cache, prompt)) in caches.iter_mut().zip(prompts).enumerate() {
+            let mut row = Row::new(cfg, prompt, tokenizer.is_some())?;
             let start = cache.positions()[0];
             cache.reserve(start + prompt.len() + cfg.max_new_tokens)?;
-            let t0 = Instant::now();
-            let logits = self.prefill_chunked(
-                &ids_tensor(prompt, self.device())?,
-                cache,
-                cfg.prefill_chunk,
-            )?;
-            rows.push(Row {
-                sampler,
-                history: prompt.clone(),
-                logits: logits.flatten_all()?.to_vec1::<f32>()?,
-                out: Generation {
-                    tokens: Vec::new(),
-                    stop_reason: StopReason::MaxTokens,
-                    prompt_tokens: prompt.len(),
-                    prefill_time: t0.elapsed(),
-                    decode_time: Duration::ZERO,
-                },
-            });
+            // The cache moves into the batch; a placeholder holds its place until it is back.
+            let cache = std::mem::replace(cache, self.new_cache(1)?);
+            let mut prefill = Prefill::new(prompt.clone(), 0, cache, cfg.prefill_chunk, None);
+            let logits = loop {
+                if let Some(logits) = prefill.advance(self)? {
+                    break logits;
+                }
+            };
+            row.start(logits, prefill.elapsed());
+            joining.push((r as u64, row, prefill.cache));
         }
 
-        // Decode every unfinished row in one batch; `active[j]` is the row in batch slot j.
-        let mut active: Vec<usize> = (0..rows.len()).collect();
-        let mut batch = match &*caches {
-            [one] => one.clone(),
-            many => Cache::stack(many)?,
-        };
-        let t1 = Instant::now();
-        while !active.is_empty() {
-            let mut next = Vec::with_capacity(active.len());
-            let mut stay = Vec::with_capacity(active.len());
-            for (slot, &r) in active.iter().enumerate() {
-                let row = &mut rows[r];
-                match row.choose(cfg, |tok| on_token(r, tok))? {
-                    Some(tok) => {
-                        next.push(tok);
-                        stay.push(slot);
-                    }
-                    None => row.out.decode_time = t1.elapsed(),
+        // Decode every unfinished row in one batch; rows leave it as they end.
+        let mut batch = DecodeBatch::new(true);
+        batch.admit(joining)?;
+        let mut outs: Vec<Option<Generation>> = vec![None; prompts.len()];
+        loop {
+            let step = if batch.is_empty() {
+                Ok(())
+            } else {
+                batch.step(self, tokenizer, |r, tok| report(r as usize, tok))
+            };
+            for done in batch.take_finished() {
+                if let Some(e) = done.error {
+                    return Err(e);
+                }
+                let r = done.id as usize;
+                if let (Some(slot), Some(cache)) = (caches.get_mut(r), done.cache) {
+                    *slot = cache;
+                }
+                if let Some(out) = outs.get_mut(r) {
+                    *out = Some(done.row.out);
                 }
             }
-            if stay.len() < active.len() {
-                // Finished rows leave the batch: their state goes back to their caches.
-                for (slot, &r) in active.iter().enumerate() {
-                    if !stay.contains(&slot) {
-                        caches[r] = batch.select(&[slot])?;
-                    }
-                }
-                if stay.is_empty() {
-                    break;
-                }
-                batch = batch.select(&stay)?;
-                active = stay.iter().map(|&slot| active[slot]).collect();
-            }
-            let logits = self.step_ids(&next, &mut batch)?.to_vec2::<f32>()?;
-            for (&r, row_logits) in active.iter().zip(logits) {
-                rows[r].logits = row_logits;
+            step?;
+            if batch.is_empty() {
+                break;
             }
         }
-        Ok(rows.into_iter().map(|r| r.out).collect())
+        outs.into_iter()
+            .map(|o| o.ok_or_else(|| Error::Generation("a row left no result".into())))
+            .collect()
     }
 
     /// Text in, text out: encodes `prompt` (with BOS when the tokenizer has one), generates,
     /// and calls `on_text` with each piece of decoded text as soon as it is complete (multi-byte
-    /// characters and merged tokens are never split). Stop and suppressed ids come from `cfg`;
-    /// see [`GenerationConfig::for_tokenizer`].
+    /// characters and merged tokens are never split, and text that could still begin one of
+    /// `cfg.stop_strings` is held back until it cannot). Stop and suppressed ids come from
+    /// `cfg`; see [`GenerationConfig::for_tokenizer`]. The returned text is
+    /// [`Generation::text`], the concatenation of the pieces.
     pub fn generate_text(
         &self,
         tokenizer: &Tokenizer,
@@ -337,28 +398,82 @@ impl Model {
         mut on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<(String, Generation)> {
         let ids = tokenizer.encode(prompt, true)?;
-        let mut stream = tokenizer.stream(true);
-        let mut text = String::new();
-        let mut failure = None;
-        let generation = self.generate_stream(&ids, cfg, |tok| match stream.step(tok) {
-            Ok(Some(piece)) => {
-                text.push_str(&piece);
-                on_text(&piece)
-            }
-            Ok(None) => ControlFlow::Continue(()),
-            Err(e) => {
-                failure = Some(e);
-                ControlFlow::Break(())
-            }
-        })?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        if let Some(rest) = stream.finish()? {
-            text.push_str(&rest);
-            let _ = on_text(&rest);
+        let mut cache = self.new_cache(1)?;
+        let mut streamed = 0;
+        let generation = self
+            .generate_rows(
+                std::slice::from_mut(&mut cache),
+                &[ids],
+                cfg,
+                Some(tokenizer),
+                |_, tok| {
+                    if tok.text.is_empty() {
+                        return ControlFlow::Continue(());
+                    }
+                    streamed += tok.text.len();
+                    on_text(&tok.text)
+                },
+            )?
+            .pop()
+            .ok_or_else(|| Error::Generation("no result for the one prompt".into()))?;
+        let text = generation.text.clone().unwrap_or_default();
+        if let Some(rest) = text.get(streamed..).filter(|r| !r.is_empty()) {
+            let _ = on_text(rest);
         }
         Ok((text, generation))
+    }
+
+    /// Prefills `ids` into the one-sequence `cache` in chunks of `chunk` tokens (as
+    /// [`Model::prefill_chunked`], with the same result), calling `on_chunk(done, total)` after
+    /// each chunk. `ControlFlow::Break(())` stops there: the cache then holds the chunks done
+    /// and `None` is returned; otherwise the logits of the last position, `(1, vocab)` f32.
+    ///
+    /// ```
+    /// # fn main() -> yoco::Result<()> {
+    /// use std::ops::ControlFlow;
+    /// use yoco::Model;
+    /// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gret");
+    /// let model = Model::load(dir, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+    /// let mut cache = model.new_cache(1)?;
+    /// let mut seen = Vec::new();
+    /// let logits = model.prefill_with_progress(&[7; 100], &mut cache, 32, |done, total| {
+    ///     seen.push((done, total));
+    ///     if done >= 64 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    /// })?;
+    /// assert!(logits.is_none());
+    /// assert_eq!(seen, [(32, 100), (64, 100)]);
+    /// assert_eq!(cache.positions(), &[64]);
+    /// # Ok(()) }
+    /// ```
+    pub fn prefill_with_progress(
+        &self,
+        ids: &[u32],
+        cache: &mut Cache,
+        chunk: usize,
+        mut on_chunk: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Option<Tensor>> {
+        if chunk == 0 {
+            return Err(Error::Input("prefill chunk size must be at least 1".into()));
+        }
+        if ids.is_empty() {
+            return Err(Error::Input("empty prompt".into()));
+        }
+        let start = cache.positions().iter().copied().max().unwrap_or(0);
+        cache.reserve(start + ids.len())?;
+        let mut done = 0;
+        while done < ids.len() {
+            let end = (done + chunk).min(ids.len());
+            let piece = ids.get(done..end).unwrap_or_default();
+            let logits = self.prefill_piece(piece, cache, end == ids.len())?;
+            done = end;
+            if on_chunk(done, ids.len()).is_break() && done < ids.len() {
+                return Ok(None);
+            }
+            if done == ids.len() {
+                return Ok(logits);
+            }
+        }
+        Ok(None)
     }
 
     fn check_room(&self, prompt_end: usize, max_new: usize) -> Result<()> {
@@ -369,42 +484,5 @@ impl Model {
             )));
         }
         Ok(())
-    }
-}
-
-/// One sequence of a generation.
-struct Row {
-    sampler: Sampler,
-    /// Prompt and generated tokens, for the repetition penalty.
-    history: Vec<u32>,
-    /// The logits the next token is chosen from.
-    logits: Vec<f32>,
-    out: Generation,
-}
-
-impl Row {
-    /// Chooses the next token; `Some` when the row goes on and must be fed that token, `None`
-    /// when it has finished (its stop reason recorded).
-    fn choose(
-        &mut self,
-        cfg: &GenerationConfig,
-        on_token: impl FnOnce(u32) -> ControlFlow<()>,
-    ) -> Result<Option<u32>> {
-        if self.out.tokens.len() >= cfg.max_new_tokens {
-            return Ok(None);
-        }
-        let tok = self.sampler.sample(&mut self.logits, &self.history)?;
-        if cfg.stop_tokens.contains(&tok) {
-            self.out.stop_reason = StopReason::StopToken(tok);
-            return Ok(None);
-        }
-        self.out.tokens.push(tok);
-        self.history.push(tok);
-        if on_token(tok).is_break() {
-            self.out.stop_reason = StopReason::Callback;
-            return Ok(None);
-        }
-        // The last token is returned, not fed back.
-        Ok((self.out.tokens.len() < cfg.max_new_tokens).then_some(tok))
     }
 }

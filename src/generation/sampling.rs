@@ -439,6 +439,31 @@ impl Sampler {
         self.sample_stochastic(logits)
     }
 
+    /// [`Sampler::sample`], and the log-probabilities of the chosen token and of the `top` most
+    /// likely tokens at this step.
+    ///
+    /// They are of the distribution the token is drawn from before any truncation:
+    /// `log_softmax(l / T)`, where `l` are the logits after the suppressed ids (-inf) and the
+    /// repetition penalty, and `T` the temperature (1 for greedy decoding). Top-k, top-p and
+    /// min-p do not change them: they are the processed log-probabilities as OpenAI's
+    /// `logprobs` and vLLM's `processed_logprobs` report them, not the raw model's (for those,
+    /// use temperature 1 and no penalty). Impossible tokens have `-inf`.
+    pub fn sample_with_logprobs(
+        &mut self,
+        logits: &mut [f32],
+        history: &[u32],
+        top: usize,
+    ) -> Result<(u32, TokenLogprobs)> {
+        let token = self.sample(logits, history)?;
+        // `sample` left `logits` suppressed and penalised, nothing else.
+        let temperature = if self.sampling.is_greedy() {
+            1.0
+        } else {
+            self.sampling.temperature
+        };
+        Ok((token, token_logprobs(logits, temperature, token, top)))
+    }
+
     /// Divides positive logits and multiplies negative ones by the penalty, once per distinct
     /// id among the last `repetition_window` tokens (applying it once per occurrence would
     /// punish a token exponentially in how often it appeared, which CTRL does not do).
@@ -585,6 +610,82 @@ fn argmax(logits: &[f32]) -> Option<u32> {
 
 fn no_candidate() -> Error {
     Error::Input("no token can be sampled: every logit is suppressed, NaN or -inf".to_string())
+}
+
+/// The log-probability of a chosen token and the most likely tokens at one step; see
+/// [`Sampler::sample_with_logprobs`] for which distribution they are of.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token.
+    pub token: u32,
+    /// Its log-probability (natural log).
+    pub logprob: f32,
+    /// The most likely tokens with their log-probabilities, most likely first (ties by the
+    /// lowest id); as many as asked for, or fewer when the vocabulary is smaller.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// `log_softmax(logits / temperature)` at `token` and at the `top` best ids, computed in f64.
+/// NaN counts as impossible (-inf); with +inf logits present, those share all the probability.
+fn token_logprobs(logits: &[f32], temperature: f32, token: u32, top: usize) -> TokenLogprobs {
+    let t = f64::from(temperature);
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let logprob_of = |l: f32| -> f64 {
+        // With +inf logits present, `value` below gives those their share instead.
+        if l.is_nan() || !max.is_finite() {
+            f64::NEG_INFINITY
+        } else {
+            (f64::from(l) - f64::from(max)) / t
+        }
+    };
+    let (log_total, n_inf) = if max == f32::INFINITY {
+        (0.0, logits.iter().filter(|&&l| l == f32::INFINITY).count())
+    } else {
+        let sum: f64 = logits.iter().map(|&l| logprob_of(l).exp()).sum();
+        (sum.ln(), 0)
+    };
+    let value = |l: f32| -> f32 {
+        if n_inf > 0 {
+            if l == f32::INFINITY {
+                -(n_inf as f64).ln() as f32
+            } else {
+                f32::NEG_INFINITY
+            }
+        } else {
+            (logprob_of(l) - log_total) as f32
+        }
+    };
+    let logprob = logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&l| value(l));
+    if top == 0 {
+        return TokenLogprobs {
+            token,
+            logprob,
+            top: Vec::new(),
+        };
+    }
+    let mut best: Vec<Candidate> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| Candidate {
+            // NaN sorts as impossible.
+            logit: if l.is_nan() { f32::NEG_INFINITY } else { l },
+            weight: 0.0,
+            id: i as u32,
+        })
+        .collect();
+    let top = top.min(best.len());
+    if top > 0 && top < best.len() {
+        best.select_nth_unstable_by(top - 1, best_first);
+    }
+    best.truncate(top);
+    best.sort_unstable_by(best_first);
+    TokenLogprobs {
+        token,
+        logprob,
+        top: best.iter().map(|c| (c.id, value(c.logit))).collect(),
+    }
 }
 
 #[cfg(test)]

@@ -194,10 +194,7 @@ impl Tokenizer {
     pub fn stream(&self, skip_special: bool) -> TextStream<'_> {
         TextStream {
             tokenizer: self,
-            skip_special,
-            ids: Vec::new(),
-            prefix: String::new(),
-            prefix_index: 0,
+            state: DecodeState::new(skip_special),
         }
     }
 }
@@ -214,13 +211,7 @@ impl Tokenizer {
 #[derive(Debug)]
 pub struct TextStream<'a> {
     tokenizer: &'a Tokenizer,
-    skip_special: bool,
-    /// Recent ids: `ids[..prefix_index]` decode to `prefix`, the rest are not yet returned.
-    ids: Vec<u32>,
-    /// Text of `ids[..prefix_index]`, already returned; it gives the context the next ids
-    /// are decoded in.
-    prefix: String,
-    prefix_index: usize,
+    state: DecodeState,
 }
 
 impl TextStream<'_> {
@@ -231,21 +222,7 @@ impl TextStream<'_> {
     /// [`Error::Tokenizer`] if decoding fails, or if the decoder rewrites text it already
     /// returned (not the case for byte-level decoders).
     pub fn step(&mut self, id: u32) -> Result<Option<String>> {
-        if self.prefix.is_empty() && !self.ids.is_empty() {
-            // Earlier ids produced no text yet; use them as context if they decode cleanly.
-            let text = self.tokenizer.decode(&self.ids, self.skip_special)?;
-            if !text.ends_with(REPLACEMENT) {
-                self.prefix = text;
-                self.prefix_index = self.ids.len();
-            }
-        }
-        self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids, self.skip_special)?;
-        if text.len() > self.prefix.len() && !text.ends_with(REPLACEMENT) {
-            self.emit(text).map(Some)
-        } else {
-            Ok(None)
-        }
+        self.state.step(self.tokenizer, id)
     }
 
     /// Returns the text still held back (an incomplete UTF-8 sequence at the end, decoded
@@ -255,19 +232,67 @@ impl TextStream<'_> {
     ///
     /// As [`TextStream::step`].
     pub fn finish(&mut self) -> Result<Option<String>> {
+        self.state.finish(self.tokenizer)
+    }
+}
+
+/// The state of a [`TextStream`] without the borrow of its tokenizer, for a sequence that lives
+/// longer than any one borrow (the engine's); each call is given the tokenizer.
+#[derive(Clone, Debug)]
+pub(crate) struct DecodeState {
+    skip_special: bool,
+    /// Recent ids: `ids[..prefix_index]` decode to `prefix`, the rest are not yet returned.
+    ids: Vec<u32>,
+    /// Text of `ids[..prefix_index]`, already returned; it gives the context the next ids
+    /// are decoded in.
+    prefix: String,
+    prefix_index: usize,
+}
+
+impl DecodeState {
+    pub(crate) fn new(skip_special: bool) -> Self {
+        DecodeState {
+            skip_special,
+            ids: Vec::new(),
+            prefix: String::new(),
+            prefix_index: 0,
+        }
+    }
+
+    /// [`TextStream::step`].
+    pub(crate) fn step(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
+        if self.prefix.is_empty() && !self.ids.is_empty() {
+            // Earlier ids produced no text yet; use them as context if they decode cleanly.
+            let text = tokenizer.decode(&self.ids, self.skip_special)?;
+            if !text.ends_with(REPLACEMENT) {
+                self.prefix = text;
+                self.prefix_index = self.ids.len();
+            }
+        }
+        self.ids.push(id);
+        let text = tokenizer.decode(&self.ids, self.skip_special)?;
+        if text.len() > self.prefix.len() && !text.ends_with(REPLACEMENT) {
+            self.emit(tokenizer, text).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// [`TextStream::finish`].
+    pub(crate) fn finish(&mut self, tokenizer: &Tokenizer) -> Result<Option<String>> {
         if self.ids.len() == self.prefix_index {
             return Ok(None);
         }
-        let text = self.tokenizer.decode(&self.ids, self.skip_special)?;
+        let text = tokenizer.decode(&self.ids, self.skip_special)?;
         if text.len() > self.prefix.len() {
-            self.emit(text).map(Some)
+            self.emit(tokenizer, text).map(Some)
         } else {
             Ok(None)
         }
     }
 
     /// Returns the part of `text` (the decoding of `ids`) after `prefix` and moves the window.
-    fn emit(&mut self, text: String) -> Result<String> {
+    fn emit(&mut self, tokenizer: &Tokenizer, text: String) -> Result<String> {
         let new = text.strip_prefix(self.prefix.as_str()).ok_or_else(|| {
             Error::Tokenizer(format!(
                 "stream: decoding changed text already returned (expected prefix {:?}, got {:?})",
@@ -277,7 +302,7 @@ impl TextStream<'_> {
         let new = new.to_string();
         let new_prefix_index = self.ids.len() - self.prefix_index;
         self.ids.drain(..self.prefix_index);
-        self.prefix = self.tokenizer.decode(&self.ids, self.skip_special)?;
+        self.prefix = tokenizer.decode(&self.ids, self.skip_special)?;
         self.prefix_index = new_prefix_index;
         Ok(new)
     }

@@ -39,8 +39,11 @@ pub(crate) fn attention(
     let (b, h, c, d) = q.dims4()?;
     let (_, h_kv, l, _) = k.dims4()?;
     let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32;
-    if native && mask.is_none() && b == 1 && c == 1 && cpu_f32 {
-        if let Some(out) = decode_grouped_cpu(q, k, v, scale as f32)? {
+    // One query per row: the kernel, also for a batch of rows with one mask row each (rows of a
+    // right-aligned batch, `(B, 1, 1, 1, L)`).
+    let row_mask = mask.is_none_or(|m| m.dims() == [b, 1, 1, 1, l] && m.dtype() == DType::F32);
+    if native && c == 1 && cpu_f32 && row_mask {
+        if let Some(out) = decode_grouped_cpu(q, k, v, mask, scale as f32)? {
             return Ok(out);
         }
     }
@@ -133,17 +136,29 @@ pub(crate) fn attention_over_blocks(
         .reshape((b, h, c, d))?)
 }
 
-/// One decode query per head on CPU (`q: (1, H, 1, d)`, `k, v: (1, H_kv, L, d)` f32, any row
-/// stride): the `G` query heads that share a K/V head walk its rows *once*, together, with an
-/// online softmax. At long context decode is bound by reading the global K/V, and a kernel that
-/// reads it once per query head (G times per K/V head) is G times slower. Returns `None` when the
-/// layout is not one it handles (the caller falls back).
-fn decode_grouped_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<Tensor>> {
+/// One decode query per head on CPU (`q: (B, H, 1, d)`, `k, v: (B, H_kv, L, d)` f32, any row
+/// stride, and an optional additive mask of one row of `L` per batch row): the `G` query heads
+/// that share a K/V head walk its rows *once*, together, with an online softmax. At long context
+/// decode is bound by reading the global K/V, and a kernel that reads it once per query head (G
+/// times per K/V head) is G times slower. Masked (-inf) slots are skipped, so a row of a
+/// right-aligned batch computes exactly what it computes alone. Returns `None` when the layout is
+/// not one it handles (the caller falls back).
+fn decode_grouped_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f32,
+) -> Result<Option<Tensor>> {
     use candle_core::Storage;
-    let (_, h, _, d) = q.dims4()?;
+    let (b, h, _, d) = q.dims4()?;
     let (_, h_kv, l, _) = k.dims4()?;
     let g = h / h_kv;
     let q = q.contiguous()?;
+    let mask: Option<Vec<f32>> = match mask {
+        Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
@@ -161,20 +176,30 @@ fn decode_grouped_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<
     }
     let qd = &qd[ql.start_offset()..];
     let (k0, v0) = (kl.start_offset(), vl.start_offset());
-    let mut out = vec![0f32; h * d];
-    // One task per K/V head (rayon's pool, shared with candle's matmul).
+    let mut out = vec![0f32; b * h * d];
+    // One task per (row, K/V head) (rayon's pool, shared with candle's matmul).
     out.par_chunks_mut(g * d)
         .enumerate()
-        .for_each(|(kv, out_kv)| {
-            let qh = &qd[kv * g * d..(kv + 1) * g * d];
+        .for_each(|(task, out_kv)| {
+            let (row, kv) = (task / h_kv, task % h_kv);
+            let qh = &qd[task * g * d..(task + 1) * g * d];
+            let row_mask = mask.as_ref().map(|m| &m[row * l..(row + 1) * l]);
+            let (kb, vb) = (
+                k0 + row * kst[0] + kv * kst[1],
+                v0 + row * vst[0] + kv * vst[1],
+            );
             let mut max = vec![f32::NEG_INFINITY; g];
             let mut sum = vec![0f32; g];
             for j in 0..l {
-                let kr = &kd[k0 + kv * kst[1] + j * kst[2]..][..d];
-                let vr = &vd[v0 + kv * vst[1] + j * vst[2]..][..d];
+                let bias = row_mask.map_or(0.0, |m| m[j]);
+                if bias == f32::NEG_INFINITY {
+                    continue;
+                }
+                let kr = &kd[kb + j * kst[2]..][..d];
+                let vr = &vd[vb + j * vst[2]..][..d];
                 for gi in 0..g {
                     let qg = &qh[gi * d..(gi + 1) * d];
-                    let score = dot(qg, kr) * scale;
+                    let score = dot(qg, kr) * scale + bias;
                     let acc = &mut out_kv[gi * d..(gi + 1) * d];
                     // Online softmax: rescale what was accumulated when the max grows.
                     let (p, rescale) = if score > max[gi] {
@@ -197,7 +222,7 @@ fn decode_grouped_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<
                     .for_each(|x| *x *= inv);
             }
         });
-    Ok(Some(Tensor::from_vec(out, (1, h, 1, d), q.device())?))
+    Ok(Some(Tensor::from_vec(out, (b, h, 1, d), q.device())?))
 }
 
 /// Additive mask `(C, L)` with 0 where query `i` may see key `j` and -inf elsewhere, for queries
@@ -304,6 +329,44 @@ mod tests {
         let slow = naive_attention(&q2, &k, &v, None, 0.3)?;
         let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_cpu_kernel_over_ragged_rows_equals_each_row_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        // Three rows of a right-aligned batch over a cache view with slack, with 29, 12 and 1
+        // real entries.
+        let q = Tensor::randn(0f32, 1.0, (3, 6, 1, 8), &dev)?;
+        let k_all = Tensor::randn(0f32, 1.0, (3, 2, 40, 8), &dev)?;
+        let v_all = Tensor::randn(0f32, 1.0, (3, 2, 40, 8), &dev)?;
+        let (k, v) = (k_all.narrow(2, 3, 29)?, v_all.narrow(2, 3, 29)?);
+        let visible = [29, 12, 1];
+        let mask = right_aligned_mask(&visible, 29, &dev)?;
+        let fast = attention(&q, &k, &v, Some(&mask), 0.3, true)?;
+        let masked_slow = naive_attention(&q, &k, &v, Some(&mask.reshape((3, 1, 1, 29))?), 0.3)?;
+        let diff = (&fast - masked_slow)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        for (r, &n) in visible.iter().enumerate() {
+            // The row alone, over its own entries only: the same arithmetic, bit for bit.
+            let row = |t: &Tensor| t.narrow(0, r, 1);
+            let alone = attention(
+                &row(&q)?,
+                &row(&k)?.narrow(2, 29 - n, n)?,
+                &row(&v)?.narrow(2, 29 - n, n)?,
+                None,
+                0.3,
+                true,
+            )?;
+            let diff = (row(&fast)? - alone)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "row {r}");
+        }
         Ok(())
     }
 

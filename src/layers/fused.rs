@@ -449,8 +449,14 @@ mod tests {
     #[test]
     fn binary_ops_and_row_scaling_equal_candles() -> Result<()> {
         let (a, b) = (seeded(&[3, 70000], 12)?, seeded(&[3, 70000], 13)?);
-        assert_eq!(max_diff(&some(binary(&a, &b, Op::Add)?)?, &(&a + &b)?)?, 0.0);
-        assert_eq!(max_diff(&some(binary(&a, &b, Op::Mul)?)?, &(&a * &b)?)?, 0.0);
+        assert_eq!(
+            max_diff(&some(binary(&a, &b, Op::Add)?)?, &(&a + &b)?)?,
+            0.0
+        );
+        assert_eq!(
+            max_diff(&some(binary(&a, &b, Op::Mul)?)?, &(&a * &b)?)?,
+            0.0
+        );
         assert!(binary(&a, &b.narrow(1, 0, 5)?, Op::Add)?.is_none());
         let x = seeded(&[4, 6, 5], 14)?;
         let s = seeded(&[4, 6], 15)?;

@@ -226,9 +226,9 @@ impl KvBuffer {
         self.bytes_of(self.capacity)
     }
 
-    /// Stacks single-row buffers into one batch, right-aligned: the newest entry of every row
-    /// lands in the same slot, and shorter rows are padded at the front (masked by `filled`).
-    /// `slack` free slots are added after the last.
+    /// Stacks buffers (of one or more rows each) into one batch, right-aligned: the newest entry
+    /// of every row lands in the same slot, and shorter parts are padded at the front (masked by
+    /// `filled`). `slack` free slots are added after the last.
     pub(crate) fn stack(parts: &[&KvBuffer], slack: usize) -> Result<Self> {
         let first = parts
             .first()
@@ -237,20 +237,22 @@ impl KvBuffer {
         let len = parts.iter().map(|p| p.len).max().unwrap_or(0);
         let capacity = (len + slack).max(1);
         for part in parts {
-            let ((b, ph, pd), _, _) = part.shape()?;
-            if b != 1 || (ph, pd) != (h, d) || part.layers.len() != first.layers.len() {
+            let ((_, ph, pd), _, _) = part.shape()?;
+            if (ph, pd) != (h, d) || part.layers.len() != first.layers.len() {
                 return Err(Error::Input(
-                    "Cache::stack takes caches of one sequence each, from one model".into(),
+                    "Cache::stack takes caches of one model".into(),
                 ));
             }
         }
-        // Per layer, each row padded to `capacity` slots with its entries ending at `len`.
+        // Per layer, each part padded to `capacity` slots with its entries ending at `len` (a
+        // part's rows are already right-aligned among themselves).
         let padded = |part: &KvBuffer, t: &Tensor| -> Result<Tensor> {
-            let row = Tensor::zeros((1, h, capacity, d), dtype, &device)?;
+            let rows = t.dim(0)?;
+            let out = Tensor::zeros((rows, h, capacity, d), dtype, &device)?;
             if part.len > 0 {
-                row.slice_set(&t.narrow(2, 0, part.len)?.contiguous()?, 2, len - part.len)?;
+                out.slice_set(&t.narrow(2, 0, part.len)?.contiguous()?, 2, len - part.len)?;
             }
-            Ok(row)
+            Ok(out)
         };
         let layers = (0..first.layers.len())
             .map(|l| -> Result<(Tensor, Tensor)> {
@@ -269,10 +271,17 @@ impl KvBuffer {
             len,
             filled: parts
                 .iter()
-                .map(|p| p.filled.first().copied().unwrap_or(0))
+                .flat_map(|p| p.filled.iter().copied())
                 .collect(),
             owner: Arc::new(()),
         })
+    }
+
+    /// Gives back the slack: reallocates to exactly the last `keep` entries (all of them with
+    /// `None`), a copy this buffer then owns alone.
+    pub(crate) fn shrink_to_fit(&mut self, keep: Option<usize>) -> Result<()> {
+        let keep = keep.unwrap_or(self.len).min(self.len);
+        self.reallocate(keep, keep)
     }
 
     /// The rows `rows` (in that order) as a buffer of their own, right-aligned with only as many
@@ -463,6 +472,35 @@ mod tests {
         assert_eq!((back.len(), back.filled()), (1, &[1][..]));
         assert_eq!(entries(&back, 1)?, vec![vec![7.0]]);
         assert_eq!(back.slack(), 4);
+        Ok(())
+    }
+
+    #[test]
+    fn a_row_joins_a_stacked_batch_as_if_all_were_stacked_at_once() -> Result<()> {
+        let a = filled_with(1, &[1.0, 2.0, 3.0], None)?;
+        let b = filled_with(1, &[7.0], None)?;
+        let c = filled_with(1, &[4.0, 5.0, 6.0, 8.0, 9.0], None)?;
+        let once = KvBuffer::stack(&[&a, &b, &c], 0)?;
+        let ab = KvBuffer::stack(&[&a, &b], 0)?;
+        let joined = KvBuffer::stack(&[&ab, &c], 2)?;
+        assert_eq!((joined.len(), joined.filled()), (5, &[3, 1, 5][..]));
+        assert_eq!(entries(&joined, 5)?, entries(&once, 5)?);
+        assert_eq!(
+            entries(&joined, 5)?,
+            vec![
+                vec![0.0, 0.0, 1.0, 2.0, 3.0],
+                vec![0.0, 0.0, 0.0, 0.0, 7.0],
+                vec![4.0, 5.0, 6.0, 8.0, 9.0]
+            ]
+        );
+        assert_eq!(joined.slack(), 2);
+        let mut shrunk = joined.select(&[0, 1])?;
+        shrunk.shrink_to_fit(None)?;
+        assert_eq!((shrunk.len(), shrunk.slack()), (3, 0));
+        assert_eq!(
+            entries(&shrunk, 3)?,
+            vec![vec![1.0, 2.0, 3.0], vec![0.0, 0.0, 7.0]]
+        );
         Ok(())
     }
 

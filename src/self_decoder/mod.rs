@@ -194,6 +194,14 @@ impl SelfDecoderState {
         }
     }
 
+    /// Gives back any slack (the window's; a retention state has none).
+    pub(crate) fn shrink_to_fit(&mut self) -> Result<()> {
+        match self {
+            SelfDecoderState::Retention(_) => Ok(()),
+            SelfDecoderState::Window(w) => w.shrink_to_fit(),
+        }
+    }
+
     /// The rows `rows`, in that order.
     pub(crate) fn select(&self, rows: &[usize]) -> Result<Self> {
         Ok(match self {

@@ -48,7 +48,8 @@ pub(crate) struct GatedRetention {
     head_dim: usize,
     /// Per-head output norm without weight.
     head_norm: RmsNorm,
-    /// May the fused CPU kernels run?
+    /// May the fused CPU kernels run (the decays and state scan of a prefill chunk, and a
+    /// decode step's [`recurrent_step_cpu`])?
     native: bool,
 }
 
@@ -180,7 +181,13 @@ impl GatedRetention {
             k.to_dtype(DType::F32)?,
             v.to_dtype(DType::F32)?,
         );
-        let (o, s) = if c == 1 {
+        let fused = match self.native && c == 1 {
+            true => recurrent_step_cpu(&q, &k, &v, &lg, &state.s)?,
+            false => None,
+        };
+        let (o, s) = if let Some(step) = fused {
+            step
+        } else if c == 1 {
             recurrent_step(&q, &k, &v, &lg, &state.s)?
         } else {
             let inputs = (&q, &k, &v, &lg);
@@ -410,6 +417,71 @@ pub(crate) fn recurrent_step(
     Ok((o, state))
 }
 
+/// [`recurrent_step`] on the CPU in one pass over the state: each head's new `S` is written once
+/// (a new buffer: clones of a cache share the old one) and `o = q S` is accumulated as it is
+/// written. A decode step of a batch otherwise walks every row's `(H, d, d)` state about seven
+/// times (scale, outer product, add, product), which dominates the state's cost at large
+/// batches. `None` when the tensors are not f32 on the CPU (the caller falls back).
+fn recurrent_step_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lg: &Tensor,
+    state: &Tensor,
+) -> Result<Option<(Tensor, Tensor)>> {
+    use candle_core::Storage;
+    use rayon::prelude::*;
+    let (b, h, d, _) = state.dims4()?;
+    let all_f32 = [q, k, v, lg, state].iter().all(|t| t.dtype() == DType::F32);
+    if !state.device().is_cpu() || !all_f32 || q.dims4()? != (b, h, 1, d) {
+        return Ok(None);
+    }
+    let (q, k, v, lg, state) = (
+        q.contiguous()?,
+        k.contiguous()?,
+        v.contiguous()?,
+        lg.contiguous()?,
+        state.contiguous()?,
+    );
+    let slices = [&q, &k, &v, &lg, &state].map(|t| t.storage_and_layout());
+    let mut data: Vec<&[f32]> = Vec::with_capacity(5);
+    for (storage, layout) in &slices {
+        let Storage::Cpu(cpu) = &**storage else {
+            return Ok(None);
+        };
+        data.push(&cpu.as_slice::<f32>()?[layout.start_offset()..]);
+    }
+    let [qd, kd, vd, lgd, sd] = data[..] else {
+        return Ok(None);
+    };
+    let mut s_new = vec![0f32; b * h * d * d];
+    let mut out = vec![0f32; b * h * d];
+    s_new
+        .par_chunks_mut(d * d)
+        .zip(out.par_chunks_mut(d))
+        .enumerate()
+        .for_each(|(bh, (s_new, o))| {
+            let decay = lgd[bh].exp();
+            let s_old = &sd[bh * d * d..][..d * d];
+            let (qh, kh, vh) = (&qd[bh * d..][..d], &kd[bh * d..][..d], &vd[bh * d..][..d]);
+            for i in 0..d {
+                let (old, new) = (&s_old[i * d..][..d], &mut s_new[i * d..][..d]);
+                let (ki, qi) = (kh[i], qh[i]);
+                for j in 0..d {
+                    let x = old[j] * decay + ki * vh[j];
+                    new[j] = x;
+                    o[j] += qi * x;
+                }
+            }
+        });
+    drop(slices);
+    let device = state.device();
+    Ok(Some((
+        Tensor::from_vec(out, (b, h, 1, d), device)?,
+        Tensor::from_vec(s_new, (b, h, d, d), device)?,
+    )))
+}
+
 /// Recurrent form over a whole sequence, token by token (the reference for the other two).
 #[cfg(test)]
 pub(crate) fn recurrent(
@@ -518,6 +590,34 @@ mod tests {
                     "chunk {chunk} native {native} state"
                 );
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_fused_cpu_step_equals_the_tensor_step() -> Result<()> {
+        let (b, h, t, d) = (3, 2, 20, 8);
+        let (q, k, v, lg) = inputs(b, h, t, d)?;
+        let mut a = Tensor::zeros((b, h, d, d), DType::F32, &Device::Cpu)?;
+        let mut f = a.clone();
+        for i in 0..t {
+            let at = |x: &Tensor| x.narrow(2, i, 1);
+            let (oa, sa) = recurrent_step(&at(&q)?, &at(&k)?, &at(&v)?, &at(&lg)?, &a)?;
+            let fused = recurrent_step_cpu(&at(&q)?, &at(&k)?, &at(&v)?, &at(&lg)?, &f)?;
+            // f32 on the CPU always takes the kernel.
+            let (of, sf) = fused.ok_or_else(|| Error::Input("the kernel declined".into()))?;
+            assert!(
+                max_diff(&oa, &of) <= 1e-5,
+                "step {i}: {}",
+                max_diff(&oa, &of)
+            );
+            // The state is the same sums, term by term.
+            assert!(
+                max_diff(&sa, &sf) <= 1e-6,
+                "step {i}: {}",
+                max_diff(&sa, &sf)
+            );
+            (a, f) = (sa, sf);
         }
         Ok(())
     }

@@ -281,6 +281,11 @@ impl WindowState {
         })
     }
 
+    /// Gives back the slack: keeps exactly the `W - 1` entries that still matter.
+    pub(crate) fn shrink_to_fit(&mut self) -> Result<()> {
+        self.buf.shrink_to_fit(Some(self.kept()))
+    }
+
     /// The rows `rows`, in that order.
     pub(crate) fn select(&self, rows: &[usize]) -> Result<Self> {
         Ok(WindowState {

@@ -1,0 +1,724 @@
+//! The HTTP side of `examples/serve`: an OpenAI-compatible completions API over a `yoco::Engine`.
+//! Shared by the server (`main.rs`), the load benchmark (`examples/load.rs`) and the HTTP tests
+//! (`tests/serve_http.rs`), which all include this file.
+//!
+//! * `POST /v1/completions`: `prompt` (a string, or an array of token ids), `max_tokens`,
+//!   `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `seed`, `stop`,
+//!   `logprobs`, `stream` (server-sent events in OpenAI's format, ending with `data: [DONE]`),
+//!   `stream_options.include_usage`, and vLLM's `ignore_eos`. OpenAI fields yoco does not
+//!   implement are accepted only at their neutral value (`n: 1`, `echo: false`, ...).
+//! * `GET /v1/models`, `GET /health` (the engine's load).
+//!
+//! A bad request gets a 400 with OpenAI's error body `{"error": {"message", "type", "param",
+//! "code"}}`; a full queue a 429. A client that goes away cancels its sequence.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use yoco::{
+    Canceller, Engine, Event, Generation, GenerationConfig, Request, Sampling, StopReason,
+    TokenLogprobs, Tokenizer,
+};
+
+/// Most alternatives per token that `logprobs` may ask for.
+pub const MAX_LOGPROBS: usize = 20;
+/// Most stop strings per request (OpenAI's limit).
+pub const MAX_STOPS: usize = 4;
+/// What a `-inf` log-probability is written as (JSON has no infinity; vLLM's convention).
+const NEG_INF_LOGPROB: f32 = -9999.0;
+
+/// What the handlers share.
+pub struct AppState {
+    pub engine: Engine,
+    pub tokenizer: Arc<Tokenizer>,
+    /// The name `/v1/models` lists and requests may give.
+    pub model_name: String,
+    /// Longest prompt accepted, in tokens.
+    pub max_prompt_tokens: usize,
+    /// Largest `max_tokens` accepted.
+    pub max_new_tokens: usize,
+    /// Prompt tokens prefilled per engine turn (the other sequences wait that long per token).
+    pub prefill_chunk: usize,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(
+        engine: Engine,
+        tokenizer: Arc<Tokenizer>,
+        model_name: String,
+        max_prompt_tokens: usize,
+        max_new_tokens: usize,
+        prefill_chunk: usize,
+    ) -> Self {
+        AppState {
+            engine,
+            tokenizer,
+            model_name,
+            max_prompt_tokens,
+            max_new_tokens,
+            prefill_chunk,
+            next_id: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// An OpenAI-style error response.
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<String>,
+}
+
+impl ApiError {
+    fn bad(message: impl Into<String>, param: Option<&str>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: message.into(),
+            param: param.map(str::to_string),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": Value::Null,
+            }
+        });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// An engine error as the response it deserves.
+fn engine_error(e: yoco::Error) -> ApiError {
+    match e {
+        yoco::Error::Busy(m) => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "server_busy",
+            message: format!("the server is busy, try again later: {m}"),
+            param: None,
+        },
+        e @ (yoco::Error::Input(_) | yoco::Error::Generation(_) | yoco::Error::Tokenizer(_)) => {
+            ApiError::bad(e.to_string(), None)
+        }
+        e => ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "server_error",
+            message: e.to_string(),
+            param: None,
+        },
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        message: "no such endpoint: the server has POST /v1/completions, GET /v1/models and \
+                  GET /health"
+            .into(),
+        param: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The request
+
+/// A prompt: text, or token ids (also as a one-element list of either, as OpenAI allows).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+    Texts(Vec<String>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// `POST /v1/completions`'s body. Unknown fields are refused (a typo would otherwise be
+/// silently ignored); OpenAI's fields that yoco does not implement are accepted only at their
+/// neutral values.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompletionRequest {
+    model: Option<String>,
+    prompt: Prompt,
+    max_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    /// vLLM's extension; -1 or 0 turn it off.
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    logprobs: Option<u64>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    /// vLLM's extension: keep generating past the end-of-sequence token.
+    #[serde(default)]
+    ignore_eos: bool,
+    // Accepted at their neutral values only.
+    n: Option<u64>,
+    best_of: Option<u64>,
+    echo: Option<bool>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    suffix: Option<String>,
+    user: Option<String>,
+}
+
+/// How to answer a checked request.
+struct Job {
+    stream: bool,
+    include_usage: bool,
+    logprobs: bool,
+}
+
+/// serde's message for a body that is not the request (the field is named where serde says).
+fn parse_error(e: serde_json::Error) -> ApiError {
+    let message = match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            format!("the body is not valid JSON: {e}")
+        }
+        _ => format!("invalid request: {e}"),
+    };
+    ApiError::bad(message, None)
+}
+
+impl AppState {
+    /// Checks a request and turns it into an engine request.
+    fn job(&self, body: &[u8]) -> Result<(Request, Job), ApiError> {
+        let r: CompletionRequest = serde_json::from_slice(body).map_err(parse_error)?;
+        if let Some(m) = &r.model {
+            if m != &self.model_name {
+                return Err(ApiError {
+                    status: StatusCode::NOT_FOUND,
+                    kind: "invalid_request_error",
+                    message: format!(
+                        "model `{m}` does not exist; this server has `{}`",
+                        self.model_name
+                    ),
+                    param: Some("model".into()),
+                });
+            }
+        }
+        let neutral = [
+            ("n", r.n.is_none_or(|n| n == 1)),
+            ("best_of", r.best_of.is_none_or(|n| n == 1)),
+            ("echo", r.echo != Some(true)),
+            (
+                "frequency_penalty",
+                r.frequency_penalty.is_none_or(|p| p == 0.0),
+            ),
+            (
+                "presence_penalty",
+                r.presence_penalty.is_none_or(|p| p == 0.0),
+            ),
+            ("suffix", r.suffix.as_deref().is_none_or(str::is_empty)),
+        ];
+        if let Some((name, _)) = neutral.iter().find(|(_, ok)| !ok) {
+            return Err(ApiError::bad(
+                format!("`{name}` is not supported (only its default value is accepted)"),
+                Some(name),
+            ));
+        }
+        let _ = &r.user;
+
+        let prompt = match r.prompt {
+            Prompt::Text(text) => self.encode(&text)?,
+            Prompt::Ids(ids) => ids,
+            Prompt::Texts(texts) => match texts.as_slice() {
+                [one] => self.encode(one)?,
+                _ => return Err(one_prompt()),
+            },
+            Prompt::IdLists(lists) => match lists.as_slice() {
+                [one] => one.clone(),
+                _ => return Err(one_prompt()),
+            },
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::bad("the prompt is empty", Some("prompt")));
+        }
+        if prompt.len() > self.max_prompt_tokens {
+            return Err(ApiError::bad(
+                format!(
+                    "the prompt has {} tokens; this server takes at most {}",
+                    prompt.len(),
+                    self.max_prompt_tokens
+                ),
+                Some("prompt"),
+            ));
+        }
+        let vocab = self.engine.model().config().vocab_size;
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ApiError::bad(
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+                Some("prompt"),
+            ));
+        }
+
+        let max_tokens = r.max_tokens.unwrap_or(16);
+        if max_tokens == 0 || max_tokens > self.max_new_tokens as u64 {
+            return Err(ApiError::bad(
+                format!(
+                    "max_tokens must be in 1..={} (got {max_tokens})",
+                    self.max_new_tokens
+                ),
+                Some("max_tokens"),
+            ));
+        }
+        let temperature = r.temperature.unwrap_or(1.0);
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(ApiError::bad(
+                format!("temperature must be >= 0 (got {temperature})"),
+                Some("temperature"),
+            ));
+        }
+        let top_p = r.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad(
+                format!("top_p must be in (0, 1] (got {top_p})"),
+                Some("top_p"),
+            ));
+        }
+        let top_k = match r.top_k {
+            None | Some(-1) | Some(0) => None,
+            Some(k) if k > 0 => Some(k as usize),
+            Some(k) => {
+                return Err(ApiError::bad(
+                    format!("top_k must be >= 1, or -1 or 0 for off (got {k})"),
+                    Some("top_k"),
+                ))
+            }
+        };
+        let min_p = r.min_p.filter(|&p| p != 0.0);
+        if let Some(p) = min_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(ApiError::bad(
+                    format!("min_p must be in [0, 1] (got {p})"),
+                    Some("min_p"),
+                ));
+            }
+        }
+        let repetition_penalty = r.repetition_penalty.unwrap_or(1.0);
+        if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+            return Err(ApiError::bad(
+                format!("repetition_penalty must be > 0 (got {repetition_penalty})"),
+                Some("repetition_penalty"),
+            ));
+        }
+        let stops = match r.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        if stops.len() > MAX_STOPS || stops.iter().any(String::is_empty) {
+            return Err(ApiError::bad(
+                format!("stop takes at most {MAX_STOPS} non-empty strings"),
+                Some("stop"),
+            ));
+        }
+        let logprobs = match r.logprobs {
+            Some(n) if n > MAX_LOGPROBS as u64 => {
+                return Err(ApiError::bad(
+                    format!("logprobs must be in 0..={MAX_LOGPROBS} (got {n})"),
+                    Some("logprobs"),
+                ))
+            }
+            other => other.map(|n| n as usize),
+        };
+        let seed = r.seed.unwrap_or_else(|| {
+            // Unseeded requests differ from one another, as OpenAI's do.
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            nanos ^ self.next_id.fetch_add(1, Ordering::Relaxed).rotate_left(32)
+        });
+
+        let mut config = GenerationConfig {
+            max_new_tokens: max_tokens as usize,
+            sampling: Sampling {
+                temperature,
+                top_k,
+                top_p: (top_p < 1.0).then_some(top_p),
+                min_p,
+                repetition_penalty,
+                ..Sampling::default()
+            },
+            seed,
+            prefill_chunk: self.prefill_chunk,
+            stop_strings: stops,
+            logprobs,
+            ..GenerationConfig::default()
+        }
+        .for_tokenizer(&self.tokenizer);
+        if r.ignore_eos {
+            config.stop_tokens.clear();
+        }
+        let job = Job {
+            stream: r.stream,
+            include_usage: r.stream_options.is_some_and(|o| o.include_usage),
+            logprobs: logprobs.is_some(),
+        };
+        Ok((Request::new(prompt, config), job))
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>, ApiError> {
+        self.tokenizer
+            .encode(text, true)
+            .map_err(|e| ApiError::bad(format!("cannot tokenize the prompt: {e}"), Some("prompt")))
+    }
+
+    fn completion_id(&self) -> String {
+        format!("cmpl-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A token as OpenAI's logprobs show it: its own text (lossy for a partial character).
+    fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
+    /// The `logprobs` object of a choice for these tokens, `offset` bytes into the text.
+    fn logprobs_json(&self, lps: &[TokenLogprobs], mut offset: usize) -> Value {
+        let finite = |x: f32| if x.is_finite() { x } else { NEG_INF_LOGPROB };
+        let mut tokens = Vec::new();
+        let mut token_logprobs = Vec::new();
+        let mut top_logprobs = Vec::new();
+        let mut text_offset = Vec::new();
+        for lp in lps {
+            let text = self.token_text(lp.token);
+            text_offset.push(offset);
+            offset += text.len();
+            tokens.push(text);
+            token_logprobs.push(finite(lp.logprob));
+            let top: BTreeMap<String, f32> = lp
+                .top
+                .iter()
+                .map(|&(id, v)| (self.token_text(id), finite(v)))
+                .collect();
+            top_logprobs.push(top);
+        }
+        json!({
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": text_offset,
+        })
+    }
+}
+
+fn one_prompt() -> ApiError {
+    ApiError::bad(
+        "one prompt per request (n and lists of several prompts are not supported)",
+        Some("prompt"),
+    )
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn finish_reason(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::MaxTokens => "length",
+        StopReason::StopToken(_) | StopReason::StopString(_) => "stop",
+        StopReason::Callback | StopReason::Cancelled => "abort",
+    }
+}
+
+fn usage(g: &Generation) -> Value {
+    json!({
+        "prompt_tokens": g.prompt_tokens,
+        "completion_tokens": g.tokens.len(),
+        "total_tokens": g.prompt_tokens + g.tokens.len(),
+        "prompt_tokens_details": { "cached_tokens": g.cached_tokens },
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let s = state.engine.stats();
+    Json(json!({
+        "status": "ok",
+        "running": s.running(),
+        "prefilling": s.prefilling,
+        "decoding": s.decoding,
+        "queued": s.queued,
+        "steps": s.steps,
+        "prefill_chunks": s.prefill_chunks,
+        "prefix_hits": s.prefix_hits,
+        "ended": s.ended,
+    }))
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "yoco",
+        }],
+    }))
+}
+
+/// Cancels its sequence when dropped: the handler's future (a client that leaves before the
+/// answer) or the event stream (a client that leaves mid-stream) goes, and so does the work.
+struct CancelOnDrop(Canceller);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let (request, job) = match state.job(&body) {
+        Ok(checked) => checked,
+        Err(e) => return e.into_response(),
+    };
+    // The engine's thread sends into an unbounded channel: it never waits for a client.
+    let (tx, rx) = mpsc::unbounded_channel();
+    let submitted = state
+        .engine
+        .submit_with(request, move |event| match tx.send(event) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        });
+    let guard = match submitted {
+        Ok(canceller) => CancelOnDrop(canceller),
+        Err(e) => return engine_error(e).into_response(),
+    };
+    let id = state.completion_id();
+    if job.stream {
+        stream_response(state, job, id, rx, guard).into_response()
+    } else {
+        whole_response(state, job, id, rx, guard).await
+    }
+}
+
+async fn whole_response(
+    state: Arc<AppState>,
+    job: Job,
+    id: String,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    _guard: CancelOnDrop,
+) -> Response {
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Finished { generation, .. } => {
+                let text = generation.text.clone().unwrap_or_default();
+                let logprobs = match job.logprobs {
+                    true => state.logprobs_json(&generation.logprobs, 0),
+                    false => Value::Null,
+                };
+                let body = json!({
+                    "id": id,
+                    "object": "text_completion",
+                    "created": now_s(),
+                    "model": state.model_name,
+                    "choices": [{
+                        "index": 0,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": finish_reason(generation.stop_reason),
+                    }],
+                    "usage": usage(&generation),
+                });
+                return Json(body).into_response();
+            }
+            Event::Failed(e) => return engine_error(e).into_response(),
+            Event::Prefill { .. } | Event::Token(_) => {}
+        }
+    }
+    engine_error(yoco::Error::Engine("the engine stopped".into())).into_response()
+}
+
+/// What the event stream still has to do.
+struct StreamState {
+    state: Arc<AppState>,
+    job: Job,
+    id: String,
+    created: u64,
+    rx: mpsc::UnboundedReceiver<Event>,
+    /// Bytes of text sent (the logprobs' text offsets).
+    sent: usize,
+    /// Events still to send before the stream closes.
+    closing: Vec<SseEvent>,
+    done: bool,
+    _guard: CancelOnDrop,
+}
+
+impl StreamState {
+    fn chunk(&self, text: &str, logprobs: Value, finish: Option<&str>) -> SseEvent {
+        SseEvent::default().data(
+            json!({
+                "id": self.id,
+                "object": "text_completion",
+                "created": self.created,
+                "model": self.state.model_name,
+                "choices": [{
+                    "index": 0,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }],
+            })
+            .to_string(),
+        )
+    }
+
+    /// The next event to send, or `None` to close the stream.
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(e) = self.closing.pop() {
+                return Some(e);
+            }
+            if self.done {
+                return None;
+            }
+            let Some(event) = self.rx.recv().await else {
+                self.done = true;
+                let error = json!({"error": {"message": "the engine stopped", "type": "server_error", "param": null, "code": null}});
+                self.closing = vec![
+                    SseEvent::default().data("[DONE]"),
+                    SseEvent::default().data(error.to_string()),
+                ];
+                continue;
+            };
+            match event {
+                // A comment: progress for whoever reads it, and a write that tells the server
+                // early when the client has gone.
+                Event::Prefill { done, total } => {
+                    return Some(SseEvent::default().comment(format!("prefill {done}/{total}")))
+                }
+                Event::Token(t) => {
+                    if t.text.is_empty() && !self.job.logprobs {
+                        continue;
+                    }
+                    let logprobs = match &t.logprobs {
+                        Some(lp) if self.job.logprobs => self
+                            .state
+                            .logprobs_json(std::slice::from_ref(lp), self.sent),
+                        _ => Value::Null,
+                    };
+                    self.sent += t.text.len();
+                    return Some(self.chunk(&t.text, logprobs, None));
+                }
+                Event::Finished { tail, generation } => {
+                    self.done = true;
+                    let mut closing = vec![SseEvent::default().data("[DONE]")];
+                    if self.job.include_usage {
+                        let usage_chunk = json!({
+                            "id": self.id,
+                            "object": "text_completion",
+                            "created": self.created,
+                            "model": self.state.model_name,
+                            "choices": [],
+                            "usage": usage(&generation),
+                        });
+                        closing.push(SseEvent::default().data(usage_chunk.to_string()));
+                    }
+                    closing.push(self.chunk(
+                        &tail,
+                        Value::Null,
+                        Some(finish_reason(generation.stop_reason)),
+                    ));
+                    self.closing = closing;
+                }
+                Event::Failed(e) => {
+                    self.done = true;
+                    let error = json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": null}});
+                    self.closing = vec![
+                        SseEvent::default().data("[DONE]"),
+                        SseEvent::default().data(error.to_string()),
+                    ];
+                }
+            }
+        }
+    }
+}
+
+fn stream_response(
+    state: Arc<AppState>,
+    job: Job,
+    id: String,
+    rx: mpsc::UnboundedReceiver<Event>,
+    guard: CancelOnDrop,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    let s = StreamState {
+        state,
+        job,
+        id,
+        created: now_s(),
+        rx,
+        sent: 0,
+        closing: Vec::new(),
+        done: false,
+        _guard: guard,
+    };
+    Sse::new(futures_util::stream::unfold(s, |mut s| async move {
+        let event = s.next().await?;
+        Some((Ok(event), s))
+    }))
+}
