@@ -597,6 +597,12 @@ impl Worker {
                     let room = self.max_sequences.saturating_sub(self.running());
                     let n = room.min(q.waiting.len());
                     incoming.extend(q.waiting.drain(..n));
+                    if !incoming.is_empty() {
+                        // Taken out of the queue, not yet published as running: count them as
+                        // running now, under the queue's lock, so that no snapshot ever misses
+                        // a request that is in the worker's hands.
+                        lock(&shared.stats).prefilling += incoming.len();
+                    }
                     if !incoming.is_empty() || cancelled || self.running() > 0 {
                         break;
                     }
