@@ -8,13 +8,20 @@ pub(crate) mod ffn;
 pub(crate) mod kv_buffer;
 pub(crate) mod linear;
 pub(crate) mod norm;
+pub(crate) mod quantized;
 pub(crate) mod rope;
 
-use candle_core::Tensor;
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::catalogue::{BlockSpec, Parameter};
-use crate::Result;
+use crate::checkpoint::catalogue::{BlockSpec, LinearSpec, Parameter};
+use crate::checkpoint::gguf::GgufFile;
+use crate::quant::{Quant, WeightFormat, WeightInfo};
+use crate::{Error, Result};
 use ffn::SwiGlu;
 use linear::Linear;
 use norm::RmsNorm;
@@ -22,20 +29,112 @@ use norm::RmsNorm;
 /// Where the layers read their weights from, and how they are built.
 pub(crate) struct Weights<'a> {
     vb: VarBuilder<'a>,
+    /// A GGUF file's quantized tensors, read as stored (its float tensors come through `vb`).
+    gguf: Option<Arc<GgufFile>>,
+    /// Quantize float projections to this format (or its fallback) as they load.
+    quant: Option<Quant>,
     /// May layers use the CPU-only kernels (decode projections and attention over raw slices)
     /// where the device is the CPU? When false, every layer runs only the portable tensor ops that
     /// every device has: the path CUDA takes, testable on a CPU.
     pub(crate) native_kernels: bool,
+    /// Every tensor handed out so far, with the format it got.
+    loaded: RefCell<Vec<WeightInfo>>,
+}
+
+/// A projection's pieces as [`Weights::linear`] gives them.
+pub(crate) enum LinearWeights {
+    /// Float `(out_i, in)` in the model's dtype, on its device.
+    Float(Vec<Tensor>),
+    /// Quantized `(out_i, in)` on the model's device.
+    Quantized(Vec<Arc<QTensor>>),
 }
 
 impl<'a> Weights<'a> {
     pub(crate) fn new(vb: VarBuilder<'a>, native_kernels: bool) -> Self {
-        Weights { vb, native_kernels }
+        Weights {
+            vb,
+            gguf: None,
+            quant: None,
+            native_kernels,
+            loaded: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Quantize float projections to `quant` as they load (`None`: keep them float).
+    pub(crate) fn quantized(self, quant: Option<Quant>) -> Self {
+        Weights { quant, ..self }
+    }
+
+    /// Read the quantized tensors of this GGUF file as they are stored.
+    pub(crate) fn with_gguf(self, gguf: Arc<GgufFile>) -> Self {
+        Weights {
+            gguf: Some(gguf),
+            ..self
+        }
     }
 
     /// The tensor of parameter `p`, checked against its shape, in the model's dtype and device.
     pub(crate) fn get(&self, p: &Parameter) -> Result<Tensor> {
-        Ok(self.vb.get(p.shape.as_slice(), &p.name)?)
+        let t = self.vb.get(p.shape.as_slice(), &p.name)?;
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        self.record(p, WeightFormat::Float(t.dtype()), bytes);
+        Ok(t)
+    }
+
+    /// The pieces of a projection: quantized as a GGUF file stores them, quantized now (each
+    /// piece read alone in f32 on the CPU, quantized, then dropped, so that the float weights are
+    /// never all held at once), or float.
+    pub(crate) fn linear(&self, spec: &LinearSpec) -> Result<LinearWeights> {
+        if let Some(gguf) = &self.gguf {
+            let stored: Vec<_> = spec.iter().map(|p| gguf.quantized(&p.name)).collect();
+            if stored.iter().any(Option::is_some) {
+                if let Some((p, _)) = spec.iter().zip(&stored).find(|(_, s)| s.is_none()) {
+                    return Err(Error::Checkpoint(format!(
+                        "`{}` is stored in float but the projections fused with it are \
+                         quantized; a fused projection must be all float or all quantized",
+                        p.name
+                    )));
+                }
+                let pieces = spec
+                    .iter()
+                    .map(|p| {
+                        let q = gguf.read_quantized(&p.name, self.device())?;
+                        self.record(
+                            p,
+                            WeightFormat::Quantized(q.dtype()),
+                            q.storage_size_in_bytes(),
+                        );
+                        Ok(Arc::new(q))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(LinearWeights::Quantized(pieces));
+            }
+        }
+        let width = spec.first().and_then(|p| p.shape.get(1)).copied();
+        let format = self.quant.zip(width).and_then(|(q, k)| q.format_for(k));
+        let Some(format) = format else {
+            let pieces = spec.iter().map(|p| self.get(p)).collect::<Result<_>>()?;
+            return Ok(LinearWeights::Float(pieces));
+        };
+        let f32_cpu = self
+            .vb
+            .clone()
+            .set_device(Device::Cpu)
+            .set_dtype(DType::F32);
+        let pieces = spec
+            .iter()
+            .map(|p| {
+                let t = f32_cpu.get(p.shape.as_slice(), &p.name)?;
+                let q = quantize(&t, format, self.device())?;
+                self.record(
+                    p,
+                    WeightFormat::Quantized(format),
+                    q.storage_size_in_bytes(),
+                );
+                Ok(Arc::new(q))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LinearWeights::Quantized(pieces))
     }
 
     /// The model's device.
@@ -47,6 +146,32 @@ impl<'a> Weights<'a> {
     pub(crate) fn dtype(&self) -> candle_core::DType {
         self.vb.dtype()
     }
+
+    /// What every tensor handed out so far got, in the order they were loaded.
+    pub(crate) fn take_loaded(&self) -> Vec<WeightInfo> {
+        self.loaded.take()
+    }
+
+    fn record(&self, p: &Parameter, format: WeightFormat, bytes: usize) {
+        self.loaded.borrow_mut().push(WeightInfo {
+            name: p.name.clone(),
+            shape: p.shape.clone(),
+            part: p.part,
+            format,
+            bytes,
+        });
+    }
+}
+
+/// A float weight `(out, in)` quantized to `format` on `device`: the same bytes for the same
+/// floats wherever it runs (quantize-at-load and the GGUF writer both call this).
+pub(crate) fn quantize(
+    t: &Tensor,
+    format: candle_core::quantized::GgmlDType,
+    device: &Device,
+) -> Result<QTensor> {
+    let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    Ok(QTensor::quantize_onto(&t, format, device)?)
 }
 
 /// `(B, C, H * d) -> (B, H, C, d)`, contiguous: one head per matrix for attention and retention.
