@@ -54,6 +54,7 @@ pub(crate) fn index(path: &Path) -> Result<BTreeMap<String, (TensorEntry, u64)>>
         .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
     let data_len = file_len - 8 - header_len;
     let mut out = BTreeMap::new();
+    let mut ranges = Vec::new();
     for (name, entry) in json {
         if name == "__metadata__" {
             continue;
@@ -91,7 +92,26 @@ pub(crate) fn index(path: &Path) -> Result<BTreeMap<String, (TensorEntry, u64)>>
                 "tensor `{name}` ({dtype_name} {shape:?}, {bytes} bytes) claims bytes {start}..{end} of a {data_len}-byte data section"
             )));
         }
+        ranges.push((start, end, name.clone()));
         out.insert(name, (TensorEntry { dtype, shape }, 8 + header_len + start));
+    }
+    // The format's own rule (candle's parser enforces it too): the tensors tile the data
+    // section, in order of their offsets, without gaps or overlaps.
+    ranges.sort();
+    let mut at = 0;
+    for (start, end, name) in &ranges {
+        if *start != at {
+            return Err(bad(format!(
+                "tensor `{name}` starts at byte {start} of the data section, but the tensors \
+                 before it end at {at} (tensors must tile the data without gaps or overlaps)"
+            )));
+        }
+        at = *end;
+    }
+    if at != data_len {
+        return Err(bad(format!(
+            "the tensors end at byte {at} of a {data_len}-byte data section"
+        )));
     }
     Ok(out)
 }
