@@ -55,7 +55,7 @@ struct Args {
     /// (each context runs every one in turn): none, q8_0, q4_0, q4_k
     #[arg(long, value_name = "Q,Q,...", value_delimiter = ',', value_parser = common::quant,
           default_value = "none")]
-    quant: Vec<Option<yoco::Quant>>,
+    quant: Vec<common::Quant>,
     /// Folder for profile.md, profile.json and the SVG plots
     #[arg(long, value_name = "DIR", default_value = "target/profile")]
     out: std::path::PathBuf,
@@ -219,7 +219,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let (steps, chunk) = (args.decode_steps, args.chunk);
     if let (Some(arch), Some(ctx)) = (args.single, args.context) {
-        let quant = args.quant.first().copied().flatten();
+        let quant = args.quant.first().and_then(|q| q.0);
         return match single(arch, ctx, steps, chunk, quant) {
             Ok(v) => {
                 println!("{v}");
@@ -260,7 +260,7 @@ fn main() -> ExitCode {
         // the Llama twin runs once, in f32.
         let quants = match arch {
             Arch::Llama => vec![None],
-            _ => args.quant.clone(),
+            _ => args.quant.iter().map(|q| q.0).collect(),
         };
         let points: Vec<(usize, usize)> = args
             .contexts

@@ -24,13 +24,17 @@ pub fn dtype(name: &str) -> Result<DType, String> {
     yoco::dtype_by_name(name).map_err(|e| e.to_string())
 }
 
-/// `none`, `q8_0`, `q4_0` or `q4_k`: the projections' quantization at load time.
-pub fn quant(name: &str) -> Result<Option<yoco::Quant>, String> {
+/// The projections' quantization at load time, as a flag gives it (`None` for `none`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quant(pub Option<yoco::Quant>);
+
+/// `none`, `q8_0`, `q4_0` or `q4_k`.
+pub fn quant(name: &str) -> Result<Quant, String> {
     match name {
-        "none" => Ok(None),
+        "none" => Ok(Quant(None)),
         _ => name
             .parse()
-            .map(Some)
+            .map(|q| Quant(Some(q)))
             .map_err(|e: yoco::Error| e.to_string()),
     }
 }
