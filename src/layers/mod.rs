@@ -14,7 +14,8 @@ pub(crate) mod rope;
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::k_quants::GgmlType;
+use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
@@ -126,6 +127,7 @@ impl<'a> Weights<'a> {
             .map(|p| {
                 let t = f32_cpu.get(p.shape.as_slice(), &p.name)?;
                 let q = quantize(&t, format, self.device())?;
+                drop(t);
                 self.record(
                     p,
                     WeightFormat::Quantized(format),
@@ -164,14 +166,73 @@ impl<'a> Weights<'a> {
 }
 
 /// A float weight `(out, in)` quantized to `format` on `device`: the same bytes for the same
-/// floats wherever it runs (quantize-at-load and the GGUF writer both call this).
-pub(crate) fn quantize(
-    t: &Tensor,
-    format: candle_core::quantized::GgmlDType,
-    device: &Device,
-) -> Result<QTensor> {
-    let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    Ok(QTensor::quantize_onto(&t, format, device)?)
+/// floats wherever it runs (quantize-at-load and the GGUF writer both call this). Rows are
+/// quantized in parallel on the CPU (every block is quantized on its own, so the bytes are
+/// candle's `QTensor::quantize`'s), then moved to `device`.
+pub(crate) fn quantize(t: &Tensor, format: GgmlDType, device: &Device) -> Result<QTensor> {
+    use candle_core::quantized::k_quants::{
+        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+        BlockQ6K, BlockQ8_0,
+    };
+    let (n, k) = t.dims2()?;
+    let t = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Config(
+            "a weight on the CPU is not in CPU memory".into(),
+        ));
+    };
+    let data = linear::slice(cpu.as_slice::<f32>()?, layout.start_offset(), n * k)?;
+    let blocks = match format {
+        GgmlDType::Q4_0 => quantize_rows::<BlockQ4_0>(data, k),
+        GgmlDType::Q4_1 => quantize_rows::<BlockQ4_1>(data, k),
+        GgmlDType::Q5_0 => quantize_rows::<BlockQ5_0>(data, k),
+        GgmlDType::Q5_1 => quantize_rows::<BlockQ5_1>(data, k),
+        GgmlDType::Q8_0 => quantize_rows::<BlockQ8_0>(data, k),
+        GgmlDType::Q2K => quantize_rows::<BlockQ2K>(data, k),
+        GgmlDType::Q3K => quantize_rows::<BlockQ3K>(data, k),
+        GgmlDType::Q4K => quantize_rows::<BlockQ4K>(data, k),
+        GgmlDType::Q5K => quantize_rows::<BlockQ5K>(data, k),
+        GgmlDType::Q6K => quantize_rows::<BlockQ6K>(data, k),
+        _ => None,
+    };
+    drop(storage);
+    let Some(blocks) = blocks else {
+        return Err(Error::Config(format!(
+            "cannot quantize a ({n}, {k}) weight to {}",
+            crate::quant::ggml_name(format)
+        )));
+    };
+    let q = QTensor::new(QStorage::Cpu(blocks), (n, k))?;
+    if device.is_cpu() {
+        return Ok(q);
+    }
+    let storage = QStorage::from_data(q.data()?, device, format)?;
+    Ok(QTensor::new(storage, (n, k))?)
+}
+
+/// Rows of `k` floats quantized to blocks of `T`, a band of rows per task; `None` if `k` is not
+/// whole blocks.
+fn quantize_rows<T: GgmlType + Send + Sync + 'static>(
+    data: &[f32],
+    k: usize,
+) -> Option<Box<dyn QuantizedType>> {
+    use rayon::prelude::*;
+    if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) || !data.len().is_multiple_of(k) {
+        return None;
+    }
+    let kb = k / T::BLCK_SIZE;
+    let mut blocks = vec![T::zeros(); data.len() / k * kb];
+    // About 64K weights per task: enough work to be worth a task, many tasks per weight.
+    let rows = (65536 / k).max(1);
+    blocks
+        .par_chunks_mut(rows * kb)
+        .zip(data.par_chunks(rows * k))
+        .for_each(|(b, x)| T::from_float(x, b));
+    Some(Box::new(blocks))
 }
 
 /// `(B, C, H * d) -> (B, H, C, d)`, contiguous: one head per matrix for attention and retention.
