@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::{expected, fixture, ids, max_abs_diff};
@@ -1126,6 +1127,12 @@ impl Gguf {
 /// `gret` as a GGUF: its params as `yoco.*` metadata (u64 / f64), every tensor in f32 except the
 /// projections listed in `q8_0`, quantized by candle; data 32-byte aligned.
 fn gret_gguf(q8_0: &[&str]) -> Gguf {
+    let formats: Vec<(&str, GgmlDType)> = q8_0.iter().map(|&n| (n, GgmlDType::Q8_0)).collect();
+    gret_gguf_with(&formats)
+}
+
+/// [`gret_gguf`] with the listed tensors in the listed formats.
+fn gret_gguf_with(quantized: &[(&str, GgmlDType)]) -> Gguf {
     let mut metadata = vec![("general.architecture".to_string(), 8, gguf_string("yoco"))];
     for (key, value) in gret_params() {
         let entry = match value.as_u64() {
@@ -1142,13 +1149,18 @@ fn gret_gguf(q8_0: &[&str]) -> Gguf {
     let (mut entries, mut data) = (Vec::new(), Vec::new());
     for (name, t) in tensors {
         let dims: Vec<u64> = t.dims().iter().rev().map(|&d| d as u64).collect();
-        let (kind, bytes) = if q8_0.contains(&name.as_str()) {
-            let q = candle_core::quantized::QTensor::quantize(
-                &t,
-                candle_core::quantized::GgmlDType::Q8_0,
-            )
-            .unwrap();
-            (8, q.data().unwrap().to_vec())
+        let format = quantized.iter().find(|(n, _)| *n == name).map(|q| q.1);
+        let (kind, bytes) = if let Some(format) = format {
+            let q = candle_core::quantized::QTensor::quantize(&t, format).unwrap();
+            let kind = match format {
+                GgmlDType::Q4_0 => 2,
+                GgmlDType::Q4_1 => 3,
+                GgmlDType::Q5_0 => 6,
+                GgmlDType::Q5_1 => 7,
+                GgmlDType::Q8_0 => 8,
+                other => panic!("no GGUF id written for {other:?}"),
+            };
+            (kind, q.data().unwrap().to_vec())
         } else {
             let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
             (0, v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -1222,6 +1234,65 @@ fn hand_written_gguf_loads() {
     assert_eq!(formats.len(), 2);
     for name in GRET_Q8_0 {
         assert!(formats.contains(&name), "{formats:?}");
+    }
+}
+
+#[test]
+fn gguf_rows_of_an_odd_number_of_blocks_in_every_32_block_format() {
+    // gret's FFN is 160 wide: 5 blocks of 32, which candle's Q4_1 / Q5_0 / Q5_1 dot products
+    // refuse (an assertion in debug builds, found by fuzzing: `cargo test` without --release
+    // panics here without yoco's dequantizing path); yoco dequantizes those rows instead. The
+    // model must compute what float32 computes with the dequantized weights, on every path.
+    let formats = [
+        ("self_decoder.layers.0.ffn.fc2.weight", GgmlDType::Q4_1),
+        ("self_decoder.layers.1.ffn.fc2.weight", GgmlDType::Q5_0),
+        ("cross_decoder.layers.0.ffn.fc2.weight", GgmlDType::Q5_1),
+        ("cross_decoder.layers.1.ffn.fc2.weight", GgmlDType::Q4_0),
+    ];
+    let dir = dir_with_gguf("gguf-odd", &gret_gguf_with(&formats).bytes());
+    let mut tensors = gret_tensors();
+    for (name, format) in formats {
+        let q = candle_core::quantized::QTensor::quantize(&tensors[name], format).unwrap();
+        tensors.insert(name.to_string(), q.dequantize(&Device::Cpu).unwrap());
+    }
+    let reference = Model::load(
+        dir_with_tensors("gguf-odd-deq", &tensors).path(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let exp = expected("gret");
+    let want = logits(&reference, 40);
+    for kernels in [yoco::Kernels::Native, yoco::Kernels::Portable] {
+        let options = yoco::LoadOptions {
+            kernels,
+            ..yoco::LoadOptions::default()
+        };
+        let model = Model::load_with(dir.path(), &options).unwrap();
+        // Prompts: dequantized weights in f32 (native kernels); the portable path multiplies
+        // the Q4_0 weight through candle's quantized matmul, which quantizes its input.
+        let bound = match kernels {
+            yoco::Kernels::Native => 1e-4,
+            _ => 0.1,
+        };
+        let d = max_abs_diff(&logits(&model, 40), &want);
+        assert!(d <= bound, "{kernels:?}: {d}");
+        // Steps: the decode kernels (Q4_0 there quantizes its input, hence the looser bound).
+        let mut cache = model.new_cache(1).unwrap();
+        model.forward(&ids(&exp.tokens[..30]), &mut cache).unwrap();
+        for t in 30..40 {
+            let step = model
+                .step(
+                    &Tensor::new(&[exp.tokens[t]], &Device::Cpu).unwrap(),
+                    &mut cache,
+                )
+                .unwrap();
+            let d = max_abs_diff(
+                &step,
+                &want.get(0).unwrap().get(t).unwrap().unsqueeze(0).unwrap(),
+            );
+            assert!(d <= 0.1, "{kernels:?} step {t}: {d}");
+        }
     }
 }
 

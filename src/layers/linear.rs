@@ -156,7 +156,10 @@ impl Linear {
     /// reuse every weight, and the float gemm does that better than candle's quantized matmul);
     /// otherwise candle's quantized matmul op (CUDA's kernels; on the CPU, the portable path).
     fn quantized_product(&self, x: &Tensor, q: &QTensor) -> Result<Tensor> {
-        if self.native && x.device().is_cpu() {
+        let width = x.dims().last().copied().unwrap_or(0);
+        if x.device().is_cpu()
+            && (self.native || crate::layers::quantized::needs_even_blocks(q.dtype(), width))
+        {
             let w = q.dequantize(x.device())?;
             let w = if x.dtype() == w.dtype() {
                 w
