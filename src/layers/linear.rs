@@ -160,7 +160,7 @@ impl Linear {
         if x.device().is_cpu()
             && (self.native || crate::layers::quantized::needs_even_blocks(q.dtype(), width))
         {
-            let w = q.dequantize(x.device())?;
+            let w = crate::layers::quantized::dequantize_cpu(q)?;
             let w = if x.dtype() == w.dtype() {
                 w
             } else {
