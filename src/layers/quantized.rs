@@ -323,16 +323,17 @@ impl<T: GgmlType> BandKernel for Blocks<'_, T> {
     }
 }
 
-/// Asks for the cache lines of `bytes` bytes at `at` to be loaded (a hint: never faults, does
-/// nothing off x86-64).
+/// Asks for `bytes` bytes at `at` to be loaded into the cache (a hint: never faults, does
+/// nothing off x86-64). One prefetch per 128 bytes: the core's adjacent-line prefetcher brings
+/// the pair (measured: faster than one per 64-byte line for Q4_K rows).
 #[inline]
 fn prefetch(at: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
-    for line in 0..bytes.div_ceil(64) {
+    for line in 0..bytes.div_ceil(128) {
         // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                at.wrapping_add(64 * line).cast(),
+                at.wrapping_add(128 * line).cast(),
             )
         };
     }
