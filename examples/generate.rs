@@ -4,7 +4,7 @@
 //! cargo run --release --example generate -- [--model DIR] [--prompt TEXT | --prompt-tokens 1,2,3]
 //!     [--max-new-tokens N] [--greedy] [--temperature T] [--top-k K] [--top-p P] [--min-p P]
 //!     [--repeat-penalty R] [--seed S] [--device cpu|cuda|cuda:N] [--dtype f32|bf16|f16]
-//!     [--prefill-chunk N] [--json]
+//!     [--quant q8_0|q4_0|q4_k] [--prefill-chunk N] [--json]
 //! ```
 //!
 //! Without `--model` it runs the small Shakespeare model that ships with the crate. Text streams
@@ -73,6 +73,9 @@ struct Args {
     /// Weight dtype: f32, bf16 or f16
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = common::dtype)]
     dtype: DType,
+    /// Quantize the projections as the model loads: q8_0, q4_0 or q4_k (none: as stored)
+    #[arg(long, value_name = "Q", default_value = "none", value_parser = common::quant)]
+    quant: common::Quant,
     /// Prompt tokens per prefill step (bounds working memory)
     #[arg(long, value_name = "N", default_value_t = GenerationConfig::default().prefill_chunk)]
     prefill_chunk: usize,
@@ -118,7 +121,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
     let t0 = std::time::Instant::now();
-    let model = Model::load(&model_dir, &args.device, args.dtype)?;
+    let options = yoco::LoadOptions {
+        device: args.device.clone(),
+        dtype: args.dtype,
+        quant: args.quant.0,
+        ..yoco::LoadOptions::default()
+    };
+    let model = Model::load_with(&model_dir, &options)?;
     let load_s = t0.elapsed().as_secs_f64();
     // A token prompt needs no tokenizer; text does (and the output is then decoded too).
     let tokenizer = match Tokenizer::from_model_dir(&model_dir) {
@@ -177,6 +186,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "prompt_tokens_per_s": out.prefill_tokens_per_s(),
             "decode_tokens_per_s": out.decode_tokens_per_s(),
             "load_s": load_s,
+            "quant": common::quant_name(args.quant.0),
+            "weight_bytes": model.weight_bytes(),
         });
         writeln!(stdout, "{json}")?;
     } else {

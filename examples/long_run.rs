@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example long_run -- [--tokens 100000] [--every 10000] [--window W]
+//!     [--quant q8_0|q4_0|q4_k]
 //! ```
 //!
 //! Prints, every `--every` tokens: position, self-decoder state bytes, global K/V bytes, the
@@ -31,6 +32,9 @@ struct Args {
     /// Sliding-window self-decoder of W tokens instead of gated retention
     #[arg(long, value_name = "W")]
     window: Option<usize>,
+    /// Quantize the projections: q8_0, q4_0 or q4_k (q4_k takes Q5_0 at this width of 64)
+    #[arg(long, value_name = "Q", default_value = "none", value_parser = common::quant)]
+    quant: common::Quant,
 }
 
 fn main() -> yoco::Result<()> {
@@ -39,15 +43,26 @@ fn main() -> yoco::Result<()> {
     let mut cfg = Config::new(64, 4, 128, 2, 4, 2, 512);
     cfg.sliding_window = args.window;
     let dev = Device::Cpu;
-    let model = Model::random(&cfg, DType::F32, &dev)?;
+    let model = match args.quant.0 {
+        None => Model::random(&cfg, DType::F32, &dev)?,
+        quant => {
+            let options = yoco::LoadOptions {
+                quant,
+                ..yoco::LoadOptions::default()
+            };
+            Model::random_with(&cfg, &options)?
+        }
+    };
     let mut cache = model.new_cache(1)?;
     println!(
-        "config: dim 64, 4 layers, {}; global K/V {} bytes per token",
+        "config: dim 64, 4 layers, {}; global K/V {} bytes per token; weights {} ({} bytes)",
         match cfg.sliding_window {
             Some(w) => format!("sliding window {w}"),
             None => "gated retention".into(),
         },
-        cfg.cache_bytes_per_token(4)
+        cfg.cache_bytes_per_token(4),
+        common::quant_name(args.quant.0),
+        model.weight_bytes()
     );
     println!("| position | self state (bytes) | global K/V (bytes) | RSS (MB) | tokens/s |");
     println!("|---|---|---|---|---|");

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example profile -- [--contexts 1024,2048,...] [--models yoco,yoco-swa,llama]
-//!     [--decode-steps N] [--chunk N] [--out DIR] [--limits]
+//!     [--decode-steps N] [--chunk N] [--quant none,q8_0,q4_0,q4_k] [--out DIR] [--limits]
 //! ```
 //!
 //! Every (model, context) point runs in a fresh child process so that its peak RSS (`VmHWM`) is
@@ -51,6 +51,11 @@ struct Args {
     #[arg(long, value_name = "N", value_parser = common::tokens,
           default_value_t = yoco::GenerationConfig::default().prefill_chunk)]
     chunk: usize,
+    /// Quantization of YOCO's projections, comma-separated to measure several side by side
+    /// (each context runs every one in turn): none, q8_0, q4_0, q4_k
+    #[arg(long, value_name = "Q,Q,...", value_delimiter = ',', value_parser = common::quant,
+          default_value = "none")]
+    quant: Vec<common::Quant>,
     /// Folder for profile.md, profile.json and the SVG plots
     #[arg(long, value_name = "DIR", default_value = "target/profile")]
     out: std::path::PathBuf,
@@ -95,7 +100,13 @@ impl Arch {
 
 /// One measurement in this process: prefill of `ctx` tokens, then `steps` decode steps fed
 /// from the same pseudo-random prompt; returns one JSON object.
-fn single(arch: Arch, ctx: usize, steps: usize, chunk: usize) -> yoco::Result<serde_json::Value> {
+fn single(
+    arch: Arch,
+    ctx: usize,
+    steps: usize,
+    chunk: usize,
+    quant: Option<yoco::Quant>,
+) -> yoco::Result<serde_json::Value> {
     let dev = Device::Cpu;
     let ids = common::random_ids(ctx + steps, BENCH_160M.vocab, 12345);
     let prompt = Tensor::new(&ids[..ctx], &dev)?.unsqueeze(0)?;
@@ -105,10 +116,15 @@ fn single(arch: Arch, ctx: usize, steps: usize, chunk: usize) -> yoco::Result<se
     let (prefill_s, weights, cache_bytes) = match arch {
         Arch::Yoco | Arch::YocoSwa => {
             let cfg = BENCH_160M.yoco((arch == Arch::YocoSwa).then_some(1024));
-            let m = Model::random(&cfg, DType::F32, &dev)?;
+            // Drawn layer by layer, quantized as it is built when `quant` is set.
+            let options = yoco::LoadOptions {
+                quant,
+                ..yoco::LoadOptions::default()
+            };
+            let m = Model::random_with(&cfg, &options)?;
             bounds = Some((
                 common::yoco_prefill_flops(&cfg),
-                common::yoco_decode_bytes(&cfg, ctx, 4),
+                common::model_decode_bytes(&m, ctx, 4),
             ));
             let mut cache = m.new_cache(1)?;
             cache.reserve(ctx + steps)?;
@@ -118,7 +134,7 @@ fn single(arch: Arch, ctx: usize, steps: usize, chunk: usize) -> yoco::Result<se
                 let x = Tensor::new(&[tok], &dev)?;
                 decode.push(common::timed(&dev, || m.step(&x, &mut cache))?.1);
             }
-            (prefill_s, cfg.n_params() * 4, cache.size_bytes())
+            (prefill_s, m.weight_bytes(), cache.size_bytes())
         }
         Arch::Llama => {
             use candle_transformers::models::llama::Cache;
@@ -140,7 +156,8 @@ fn single(arch: Arch, ctx: usize, steps: usize, chunk: usize) -> yoco::Result<se
     };
     let decode_s = common::median(decode);
     Ok(serde_json::json!({
-        "model": arch.name(), "context": ctx, "prefill_s": prefill_s,
+        "model": label(arch, quant), "quant": common::quant_name(quant),
+        "context": ctx, "prefill_s": prefill_s,
         "prefill_tokens_per_s": ctx as f64 / prefill_s,
         "decode_ms": decode_s * 1e3, "decode_tokens_per_s": 1.0 / decode_s,
         "peak_rss_bytes": common::peak_rss_bytes(), "base_rss_bytes": base_rss,
@@ -148,6 +165,14 @@ fn single(arch: Arch, ctx: usize, steps: usize, chunk: usize) -> yoco::Result<se
         "prefill_flops_per_token": bounds.map(|b| b.0),
         "decode_bytes_per_token": bounds.map(|b| b.1),
     }))
+}
+
+/// A measured line's name: the model, and its quantization if any.
+fn label(arch: Arch, quant: Option<yoco::Quant>) -> String {
+    match quant {
+        None => arch.name().to_string(),
+        Some(q) => format!("{} {q}", arch.name()),
+    }
 }
 
 /// This machine's bounds: candle f32 matmul GFLOP/s and memory read bandwidth (GB/s).
@@ -241,7 +266,8 @@ fn main() -> ExitCode {
     };
     let (steps, chunk) = (args.decode_steps, args.chunk);
     if let (Some(arch), Some(ctx)) = (args.single, args.context) {
-        return match single(arch, ctx, steps, chunk) {
+        let quant = args.quant.first().and_then(|q| q.0);
+        return match single(arch, ctx, steps, chunk, quant) {
             Ok(v) => {
                 println!("{v}");
                 ExitCode::SUCCESS
@@ -287,19 +313,37 @@ fn main() -> ExitCode {
     md.push('\n');
     let mut results: Vec<serde_json::Value> = Vec::new();
     for &arch in &args.models {
-        let model = arch.name();
-        for &ctx in &args.contexts {
+        // Quantization applies to YOCO (each context runs every choice in turn, side by side);
+        // the Llama twin runs once, in f32.
+        let quants = match arch {
+            Arch::Llama => vec![None],
+            _ => args.quant.iter().map(|q| q.0).collect(),
+        };
+        let points: Vec<(usize, usize)> = args
+            .contexts
+            .iter()
+            .flat_map(|&ctx| (0..quants.len()).map(move |q| (ctx, q)))
+            .collect();
+        let mut failed = vec![false; quants.len()];
+        for &(ctx, qi) in &points {
+            if failed[qi] {
+                continue;
+            }
+            let quant = quants[qi];
+            let model = label(arch, quant);
             eprintln!("{model} @ {ctx} ...");
             let out = Command::new(&exe)
                 .args([
                     "--single",
-                    model,
+                    arch.name(),
                     "--context",
                     &ctx.to_string(),
                     "--decode-steps",
                     &steps.to_string(),
                     "--chunk",
                     &chunk.to_string(),
+                    "--quant",
+                    common::quant_name(quant),
                 ])
                 .output();
             let row = match out {
@@ -372,7 +416,7 @@ fn main() -> ExitCode {
                         "| {model} | {ctx} | failed (out of memory?) | | | | | | |\n"
                     ));
                     // Longer contexts only get worse for a model that failed.
-                    break;
+                    failed[qi] = true;
                 }
             }
         }
@@ -383,7 +427,15 @@ fn main() -> ExitCode {
         out_dir.join("profile.json"),
         serde_json::to_string_pretty(&results).unwrap_or_default(),
     );
-    let names: Vec<String> = args.models.iter().map(|m| m.name().to_string()).collect();
+    let mut names: Vec<String> = Vec::new();
+    for r in &results {
+        if let Some(m) = r["model"]
+            .as_str()
+            .filter(|m| !names.iter().any(|n| n == m))
+        {
+            names.push(m.to_string());
+        }
+    }
     for (file, key, scale, ylabel) in [
         ("memory.svg", "peak_rss_bytes", 1e-9, "peak memory (GB)"),
         ("prefill.svg", "prefill_s", 1.0, "prefill latency (s)"),

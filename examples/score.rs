@@ -3,8 +3,13 @@
 //! ```text
 //! cargo run --release --example score -- --model DIR --tokens-file IDS.json [--json]
 //!     [--dump-logits OUT.safetensors] [--device cpu|cuda|cuda:N] [--dtype f32|bf16|f16]
+//!     [--quant q8_0|q4_0|q4_k]
 //! cargo run --release --example score -- --model DIR --text-file TEXT.txt [--json] ...
 //! ```
+//!
+//! With `--quant`, the projections are quantized as the model loads, and the same sequence is
+//! scored by the checkpoint as stored too: its NLL (and bits per byte) are printed beside the
+//! quantized model's, with the difference.
 //!
 //! `IDS.json` is a JSON array of token ids. The model runs one causal forward over the ids
 //! (a fresh cache, in chunks that continue the same cache so memory stays bounded); the mean NLL
@@ -61,6 +66,10 @@ struct Args {
     /// Weight dtype: f32, bf16 or f16
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = common::dtype)]
     dtype: DType,
+    /// Quantize the projections as the model loads (q8_0, q4_0 or q4_k) and also score with the
+    /// checkpoint as stored, printing both
+    #[arg(long, value_name = "Q", default_value = "none", value_parser = common::quant)]
+    quant: common::Quant,
 }
 
 /// Where the sequence comes from.
@@ -94,6 +103,7 @@ struct Sequence {
 }
 
 /// What scoring found.
+#[derive(Clone, Copy)]
 struct Score {
     /// Sum of -ln p(token t | tokens < t) over t in 1..T.
     total_nll: f64,
@@ -217,8 +227,17 @@ fn run(args: Args) -> Res<()> {
         return Err("need at least 2 tokens: the first token is never predicted".into());
     }
 
+    let load = |quant| {
+        let options = yoco::LoadOptions {
+            device: args.device.clone(),
+            dtype: args.dtype,
+            quant,
+            ..yoco::LoadOptions::default()
+        };
+        Model::load_with(&args.model, &options).map_err(|e| e.to_string())
+    };
     let load_start = Instant::now();
-    let model = Model::load(&args.model, &args.device, args.dtype).map_err(|e| e.to_string())?;
+    let model = load(args.quant.0)?;
     let load_seconds = load_start.elapsed().as_secs_f64();
     let vocab = model.config().vocab_size;
     if let Some((i, &id)) = seq
@@ -239,20 +258,32 @@ fn run(args: Args) -> Res<()> {
         ));
     }
 
-    let (score, logits) =
+    let (scored, logits) =
         score(&model, &seq.ids, args.dump_logits.is_some()).map_err(|e| e.to_string())?;
     if let (Some(path), Some(logits)) = (&args.dump_logits, logits) {
         let tensors = std::collections::HashMap::from([("logits", logits)]);
         candle_core::safetensors::save(&tensors, path)
             .map_err(|e| err(format!("cannot write {}", path.display()), e))?;
     }
+    // With --quant: the same sequence through the checkpoint as stored, for comparison.
+    let float = match args.quant.0 {
+        Some(_) => {
+            drop(model);
+            let float = load(None)?;
+            Some(score(&float, &seq.ids, false).map_err(|e| e.to_string())?.0)
+        }
+        None => None,
+    };
+    let bpb = |s: &Score| {
+        seq.text_bytes
+            .filter(|&b| b > 0)
+            .map(|b| s.total_nll / std::f64::consts::LN_2 / b as f64)
+    };
 
+    let score = scored;
     let mean_nll = score.total_nll / score.predicted as f64;
     let perplexity = mean_nll.exp();
-    let bits_per_byte = seq
-        .text_bytes
-        .filter(|&b| b > 0)
-        .map(|b| score.total_nll / std::f64::consts::LN_2 / b as f64);
+    let bits_per_byte = bpb(&score);
     let mut report = String::new();
     if args.json {
         // Written by hand to keep the documented key order; non-finite numbers become null.
@@ -267,6 +298,17 @@ fn run(args: Args) -> Res<()> {
         if let Some(bytes) = seq.text_bytes {
             let bpb = bits_per_byte.map_or_else(|| "null".to_string(), num);
             report.push_str(&format!(", \"bytes\": {bytes}, \"bits_per_byte\": {bpb}"));
+        }
+        if let (Some(q), Some(f)) = (args.quant.0, &float) {
+            let f_nll = f.total_nll / f.predicted as f64;
+            report.push_str(&format!(
+                ", \"quant\": \"{q}\", \"float_mean_nll\": {}",
+                num(f_nll)
+            ));
+            if seq.text_bytes.is_some() {
+                let f_bpb = bpb(f).map_or_else(|| "null".to_string(), num);
+                report.push_str(&format!(", \"float_bits_per_byte\": {f_bpb}"));
+            }
         }
         report.push_str("}\n");
     } else {
@@ -287,6 +329,18 @@ fn run(args: Args) -> Res<()> {
         }
         if let Some(bpb) = bits_per_byte {
             line(format!("bits/byte   {bpb:.6}"));
+        }
+        if let (Some(q), Some(f)) = (args.quant.0, &float) {
+            let f_nll = f.total_nll / f.predicted as f64;
+            let mut text = format!("mean NLL {f_nll:.6}");
+            let mut change = format!("mean NLL {:+.6}", mean_nll - f_nll);
+            if let (Some(a), Some(b)) = (bits_per_byte, bpb(f)) {
+                text.push_str(&format!(", bits/byte {b:.6}"));
+                change.push_str(&format!(", bits/byte {:+.6}", a - b));
+            }
+            line(format!("quant       {q} (the lines above)"));
+            line(format!("unquantized {text}"));
+            line(format!("{q} change {change}"));
         }
         line(format!(
             "time        {:.3} s scoring ({:.0} tokens/s), {load_seconds:.3} s loading",

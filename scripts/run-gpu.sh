@@ -3,7 +3,8 @@
 # checkout root, the binaries scripts/build-gpu.sh put in .gpu/:
 #   1. nvidia-smi (GPU name, memory, driver);
 #   2. the `cuda` integration tests (CUDA vs the reference and the CPU, f32/bf16/f16);
-#   3. `generate` on CUDA (bf16) with the gret test fixture, and models/shakespeare if present;
+#   3. `generate` on CUDA (bf16) with the gret test fixture, and models/shakespeare if present
+#      (also with its projections quantized to Q8_0);
 #   4. gpu_bench: YOCO-3B-shaped model vs its Transformer twin at 4K/32K/128K tokens.
 # Every log and JSON file goes to $OUT (default ./gpu-out). Each step is time-boxed, so the whole
 # run stays under about 8 minutes even if something hangs (typically 2-4 minutes); a failing step
@@ -78,6 +79,10 @@ grep '^{' "$OUT/generate-gret-bf16.log" > "$OUT/generate-gret-bf16.json" 2>/dev/
 if [ -d models/shakespeare ]; then
   step "generate shakespeare bf16" 40 "$OUT/generate-shakespeare-bf16.log" \
     "$BIN/generate" --model models/shakespeare --device cuda --dtype bf16 \
+    --prompt "ROMEO." --max-new-tokens 200 --seed 7
+  # The same with the projections quantized to Q8_0 (candle's CUDA quantized kernels).
+  step "generate shakespeare q8_0" 40 "$OUT/generate-shakespeare-q8_0.log" \
+    "$BIN/generate" --model models/shakespeare --device cuda --dtype bf16 --quant q8_0 \
     --prompt "ROMEO." --max-new-tokens 200 --seed 7
 fi
 

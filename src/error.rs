@@ -34,7 +34,7 @@ pub enum Error {
     },
 
     /// The model directory has no weights in any supported layout.
-    #[error("no weights found in {0}: expected model.safetensors, model.safetensors.index.json with its shards, or checkpoint.pth")]
+    #[error("no weights found in {0}: expected model.safetensors, model.safetensors.index.json with its shards, checkpoint.pth or model.gguf")]
     NoWeights(PathBuf),
 
     /// A weight file is corrupt, or its tensors do not match the config.

@@ -85,11 +85,13 @@ mod error;
 mod generation;
 mod layers;
 mod model;
+mod quant;
 mod self_decoder;
 
 pub use cache::Cache;
 pub use checkpoint::catalogue::{ParamCounts, Parameter, Part};
 pub use checkpoint::config::{Config, SelfMixer, DEFAULT_MAX_POSITIONS};
+pub use checkpoint::gguf::write_gguf;
 pub use device::{device_by_name, dtype_by_name};
 pub use error::{Error, Result};
 pub use generation::engine::{
@@ -101,3 +103,4 @@ pub use generation::{
     Generation, GenerationConfig, StopReason, Token, REFERENCE_BOS, REFERENCE_EOS, REFERENCE_PAD,
 };
 pub use model::{Kernels, LoadOptions, Model, DEFAULT_PREFILL_CHUNK};
+pub use quant::{Quant, WeightFormat, WeightInfo};

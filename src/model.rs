@@ -17,7 +17,10 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::cache::Cache;
@@ -29,6 +32,7 @@ use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::layers::{Block, Weights};
+use crate::quant::{Quant, WeightInfo};
 use crate::self_decoder::SelfDecoder;
 use crate::{Error, Result};
 
@@ -58,6 +62,11 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Which kernels the model may use. Default: [`Kernels::Native`].
     pub kernels: Kernels,
+    /// Quantize the projections to this format as they load, layer by layer (see [`Quant`]; a
+    /// projection whose input width does not fit takes the format's fallback or stays float).
+    /// Tensors a GGUF file already stores quantized are kept as they are. Default: `None`, the
+    /// weights as the checkpoint stores them, converted to `dtype`.
+    pub quant: Option<Quant>,
 }
 
 impl Default for LoadOptions {
@@ -66,7 +75,38 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             kernels: Kernels::Native,
+            quant: None,
         }
+    }
+}
+
+/// Random weights drawn when a layer asks for them: std 0.02 for matrices, ones for norms (what
+/// [`Model::random`] draws, one tensor at a time).
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if s.rank() == 1 {
+            Tensor::ones(s, dtype, dev)
+        } else {
+            // Draw in f32 (CUDA draws no half types), then convert.
+            Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape (asked for `{name}` without one)")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
     }
 }
 
@@ -97,12 +137,15 @@ pub struct Model {
     consts: Constants,
     dtype: DType,
     device: Device,
+    /// Every weight tensor and the format it got.
+    weights: Arc<[WeightInfo]>,
 }
 
 impl Model {
     /// Loads a model directory: `params.json` plus `model.safetensors`, a sharded
     /// `model.safetensors.index.json`, or `checkpoint.pth`, with the official code's parameter
-    /// names. Weights are converted to `dtype` (use `F32` on CPU, `BF16`/`F16` on CUDA).
+    /// names; or a `model.gguf` (config in its metadata, quantized tensors kept as stored).
+    /// Float weights are converted to `dtype` (use `F32` on CPU, `BF16`/`F16` on CUDA).
     ///
     /// Strict: every tensor's name and shape is checked against the config before loading.
     ///
@@ -131,12 +174,35 @@ impl Model {
     }
 
     /// [`Model::load`] with every option of [`LoadOptions`].
+    ///
+    /// With [`LoadOptions::quant`], each projection is read alone in f32, quantized and dropped
+    /// before the next is read (safetensors tensors are read from the file one at a time rather
+    /// than memory-mapped), so the float weights are never all in memory at once.
+    ///
+    /// ```
+    /// use yoco::{LoadOptions, Model, Quant, WeightFormat};
+    ///
+    /// # fn main() -> yoco::Result<()> {
+    /// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare");
+    /// let options = LoadOptions { quant: Some(Quant::Q8_0), ..LoadOptions::default() };
+    /// let model = Model::load_with(dir, &options)?;
+    /// // The projections are quantized; the embedding and the norms stay float.
+    /// for w in model.weights() {
+    ///     assert_eq!(w.format.is_quantized(), w.shape.len() == 2 && !w.name.starts_with("embed"));
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn load_with(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let dir = dir.as_ref();
-        let (cfg, vb) = crate::checkpoint::open(dir, options.dtype, &options.device)?;
+        let opened =
+            crate::checkpoint::open(dir, options.dtype, &options.device, options.quant.is_some())?;
+        let mut w =
+            Weights::new(opened.vb, options.kernels == Kernels::Native).quantized(options.quant);
+        if let Some(gguf) = opened.gguf {
+            w = w.with_gguf(gguf);
+        }
         // The headers were checked; an error now comes from the tensor data itself.
-        Model::build(cfg, Weights::new(vb, options.kernels == Kernels::Native)).map_err(|e| match e
-        {
+        Model::build(opened.cfg, w).map_err(|e| match e {
             Error::Candle(e) => {
                 Error::Checkpoint(format!("reading weights from {}: {e}", dir.display()))
             }
@@ -174,9 +240,12 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let layer_norm = RmsNorm::load(&w, &cat.layer_norm, cfg.norm_eps)?;
+        let output_projection = Linear::load(&w, &cat.output_projection)?;
         Ok(Model {
-            layer_norm: RmsNorm::load(&w, &cat.layer_norm, cfg.norm_eps)?,
-            output_projection: Linear::load(&w, &cat.output_projection)?,
+            layer_norm,
+            output_projection,
+            weights: w.take_loaded().into(),
             self_rope: Rope::new(cfg.self_head_dim(), cfg.rope_theta, &device)?,
             attn_rope: Rope::new(cfg.attn_head_dim(), cfg.rope_theta, &device)?,
             consts: Constants::default(),
@@ -207,6 +276,29 @@ impl Model {
             cfg.clone(),
             VarBuilder::from_tensors(tensors, dtype, device),
         )
+    }
+
+    /// [`Model::random`] with [`LoadOptions`]: the weights are drawn as each layer is built
+    /// (never all at once in float), quantized to [`LoadOptions::quant`] if set.
+    pub fn random_with(cfg: &Config, options: &LoadOptions) -> Result<Self> {
+        let vb = VarBuilder::from_backend(
+            Box::new(RandomWeights),
+            options.dtype,
+            options.device.clone(),
+        );
+        let w = Weights::new(vb, options.kernels == Kernels::Native).quantized(options.quant);
+        Model::build(cfg.clone(), w)
+    }
+
+    /// Every weight tensor of the model (official names, in the catalogue's order) and the
+    /// format it is held in: what quantization gave each projection, with its fallbacks.
+    pub fn weights(&self) -> &[WeightInfo] {
+        &self.weights
+    }
+
+    /// Bytes of all weight tensors in memory (what [`Model::weights`] lists).
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.iter().map(|w| w.bytes).sum()
     }
 
     /// The model's hyper-parameters.

@@ -18,14 +18,18 @@
 //! * chunked prefill (several chunk sizes) then steps vs the full forward, CUDA f32: 1e-4;
 //! * greedy generation, 40 tokens, identical on CPU f32 and CUDA f32 (gret and swa);
 //! * `generate_batch` on CUDA identical to one generation per prompt;
-//! * a 3000-token prompt (buffers growing on the device) CUDA f32 vs CPU f32.
+//! * a 3000-token prompt (buffers growing on the device) CUDA f32 vs CPU f32;
+//! * quantized projections (Q8_0, Q4_0, Q4_K, through candle's CUDA kernels) in f32 and bf16:
+//!   logits within [`quant_bound`] of CPU f32 (the drift measured on the CPU, plus margin) and
+//!   close to the CPU's quantized model, prefill then steps, `model.gguf` loaded onto the device
+//!   equal to quantizing at load, and the same formats and bytes as on the CPU.
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, D};
-use yoco::{GenerationConfig, Model, Sampling};
+use yoco::{GenerationConfig, Kernels, LoadOptions, Model, Quant, Sampling};
 
 /// f32 on CUDA against the reference, the CPU, or itself (as tests/parity.rs).
 const F32_TOL: f32 = 1e-4;
@@ -469,5 +473,166 @@ fn cuda_long_prompt_matches_cpu() {
             worst <= 10.0 * F32_TOL,
             "{name}: long prompt CUDA vs CPU {worst}"
         );
+    }
+}
+
+fn load_quantized(dir: &std::path::Path, dev: &Device, dtype: DType, quant: Quant) -> Model {
+    let options = LoadOptions {
+        device: dev.clone(),
+        dtype,
+        quant: Some(quant),
+        ..LoadOptions::default()
+    };
+    Model::load_with(dir, &options)
+        .unwrap_or_else(|e| panic!("loading {} as {quant} on {dev:?}: {e}", dir.display()))
+}
+
+/// Largest |logit - CPU f32| allowed for a quantized model on these fixtures. Measured on the CPU
+/// (yoco's kernels and candle's portable quantized matmul, f32 and bf16): at most 0.43 (Q8_0),
+/// 4.0 (Q4_0), 2.3 (Q4_K, which is Q5_0 at these widths) on gret / swa / gret_long_theta, whose
+/// logits span about -13..14; the bounds leave 50% for CUDA's own rounding (it quantizes the
+/// input to Q8_1 rather than Q8_0).
+fn quant_bound(quant: Quant) -> f32 {
+    match quant {
+        Quant::Q8_0 => 0.65,
+        Quant::Q4_0 => 6.0,
+        _ => 3.5,
+    }
+}
+
+#[test]
+fn cuda_quantized_logits_close_to_f32_and_to_the_cpus_quantized_model() {
+    let dev = cuda_or_skip!();
+    for name in PARITY_FIXTURES {
+        let exp = expected(name);
+        let dir = fixture(name);
+        let cpu = full_forward(&load(name, &Device::Cpu, DType::F32), &exp.tokens);
+        for quant in [Quant::Q8_0, Quant::Q4_0, Quant::Q4K] {
+            // candle's portable quantized matmul on the CPU: the op CUDA runs, on the CPU.
+            let options = LoadOptions {
+                quant: Some(quant),
+                kernels: Kernels::Portable,
+                ..LoadOptions::default()
+            };
+            let cpu_q_model = Model::load_with(&dir, &options).unwrap();
+            let cpu_q = full_forward(&cpu_q_model, &exp.tokens);
+            for dtype in [DType::F32, DType::BF16] {
+                let model = load_quantized(&dir, &dev, dtype, quant);
+                assert_eq!(
+                    model.weights(),
+                    cpu_q_model
+                        .weights()
+                        .iter()
+                        .map(|w| {
+                            let mut w = w.clone();
+                            if let yoco::WeightFormat::Float(_) = w.format {
+                                w.format = yoco::WeightFormat::Float(dtype);
+                                w.bytes = w.bytes / 4 * dtype.size_in_bytes();
+                            }
+                            w
+                        })
+                        .collect::<Vec<_>>()
+                        .as_slice()
+                );
+                let gpu = full_forward(&model, &exp.tokens);
+                assert!(
+                    all_finite(&gpu),
+                    "{name} {quant} {dtype:?}: non-finite logits"
+                );
+                let bound = quant_bound(quant) + if dtype == DType::BF16 { BF16_TOL } else { 0.0 };
+                let vs_f32 = max_abs_diff(&gpu, &cpu);
+                let vs_cpu_q = max_abs_diff(&gpu, &cpu_q);
+                let agree = argmax_agreement(&gpu, &cpu_q);
+                println!(
+                    "{name} {quant} {dtype:?}: max |CUDA - CPU f32| {vs_f32:.4} (bound {bound}), \
+                     max |CUDA - CPU {quant}| {vs_cpu_q:.4}, argmax agreement {:.1}%",
+                    100.0 * agree
+                );
+                assert!(
+                    vs_f32 <= bound,
+                    "{name} {quant} {dtype:?}: {vs_f32} > {bound}"
+                );
+                assert!(
+                    vs_cpu_q <= bound,
+                    "{name} {quant} {dtype:?}: {vs_cpu_q} > {bound}"
+                );
+                assert!(
+                    agree >= BF16_MIN_ARGMAX,
+                    "{name} {quant} {dtype:?}: {agree}"
+                );
+
+                // Prefill in chunks then steps (the few-row kernels) against its own forward.
+                let split = 150;
+                let mut cache = model.new_cache(1).unwrap();
+                let last = model
+                    .prefill_chunked(&ids(&exp.tokens[..split], &dev), &mut cache, 64)
+                    .unwrap();
+                let mut worst = max_abs_diff(&last, &gpu.narrow(0, split - 1, 1).unwrap());
+                for pos in split..split + 10 {
+                    let step = model
+                        .step(&Tensor::new(&[exp.tokens[pos]], &dev).unwrap(), &mut cache)
+                        .unwrap();
+                    worst = worst.max(max_abs_diff(&step, &gpu.narrow(0, pos, 1).unwrap()));
+                }
+                println!("{name} {quant} {dtype:?}: prefill(64)+step vs full forward {worst:.4}");
+                assert!(
+                    worst <= bound,
+                    "{name} {quant} {dtype:?}: prefill+step {worst}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_loads_a_gguf_as_quantizing_at_load() {
+    let dev = cuda_or_skip!();
+    // swa_w24 (official): its FFN width 256 takes Q4_K itself, the rest Q5_0.
+    for (name, quant) in [
+        ("gret", Quant::Q8_0),
+        ("swa", Quant::Q4_0),
+        ("official/swa_w24", Quant::Q4K),
+    ] {
+        let dir = fixture(name);
+        let out = std::env::temp_dir().join(format!("yoco-cuda-gguf-{}", std::process::id()));
+        std::fs::create_dir_all(&out).unwrap();
+        yoco::write_gguf(&dir, out.join("model.gguf"), Some(quant)).unwrap();
+        let from_file = Model::load(&out, &dev, DType::F32).unwrap();
+        let at_load = load_quantized(&dir, &dev, DType::F32, quant);
+        assert_eq!(from_file.weights(), at_load.weights());
+        let tokens = random_ids(200, at_load.config().vocab_size, 5);
+        let d = max_abs_diff(
+            &full_forward(&from_file, &tokens),
+            &full_forward(&at_load, &tokens),
+        );
+        println!("{name} {quant}: model.gguf on CUDA vs quantized at load {d:e}");
+        assert!(d <= 1e-5, "{name} {quant}: {d}");
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+#[test]
+fn cuda_quantized_greedy_generation() {
+    let dev = cuda_or_skip!();
+    for name in ["gret", "swa"] {
+        let prompt = expected(name).tokens[..100].to_vec();
+        let cfg = plain_greedy(40, 48);
+        let cpu = load(name, &Device::Cpu, DType::F32)
+            .generate(&prompt, &cfg)
+            .unwrap();
+        for quant in [Quant::Q8_0, Quant::Q4K] {
+            let out = load_quantized(&fixture(name), &dev, DType::F32, quant)
+                .generate(&prompt, &cfg)
+                .unwrap();
+            assert_eq!(out.tokens.len(), 40);
+            // Informational: near-ties may flip a token (and everything after it).
+            let same = out
+                .tokens
+                .iter()
+                .zip(&cpu.tokens)
+                .take_while(|(a, b)| a == b)
+                .count();
+            println!("{name} {quant}: first {same}/40 greedy tokens equal CPU f32's");
+        }
     }
 }

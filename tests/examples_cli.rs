@@ -77,6 +77,7 @@ const DOCUMENTED: &[(&str, &[&str])] = &[
             "--seed",
             "--device",
             "--dtype",
+            "--quant",
             "--prefill-chunk",
             "--json",
         ],
@@ -91,6 +92,7 @@ const DOCUMENTED: &[(&str, &[&str])] = &[
             "--json",
             "--device",
             "--dtype",
+            "--quant",
         ],
     ),
     (
@@ -100,11 +102,13 @@ const DOCUMENTED: &[(&str, &[&str])] = &[
             "--models",
             "--decode-steps",
             "--chunk",
+            "--quant",
             "--out",
             "--limits",
         ],
     ),
-    ("long_run", &["--tokens", "--every", "--window"]),
+    ("long_run", &["--tokens", "--every", "--window", "--quant"]),
+    ("quantize", &["--model", "--quant", "--out"]),
     (
         "gpu_bench",
         &[
@@ -221,6 +225,12 @@ fn missing_and_malformed_values_are_errors() {
         ("gpu_bench", &["--contexts", "4k,x"], "`x`"),
         ("gpu_bench", &["--shape", "7b"], "7b"),
         ("gpu_bench", &["--bandwidth", "0"], "--bandwidth"),
+        ("generate", &["--quant", "q3_k"], "q3_k"),
+        ("score", &["--quant"], "--quant"),
+        ("profile", &["--quant", "none,q9"], "q9"),
+        ("long_run", &["--quant", "f16"], "f16"),
+        ("quantize", &["--model", "m", "--out", "o"], "--quant"),
+        ("quantize", &["--model", "m", "--quant", "q8_0"], "--out"),
     ];
     for (name, args, mention) in cases {
         let o = run(name, args);
@@ -654,4 +664,143 @@ fn load_runs_rounds_of_concurrent_clients_to_completion() {
     // A bad range is a usage error.
     let o = run("load", &["--prompt-tokens", "9-3"]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn quant_flags_load_the_quantized_model() {
+    use yoco::{LoadOptions, Quant};
+    let load = |dir: &Path, quant| {
+        let options = LoadOptions {
+            quant: Some(quant),
+            ..LoadOptions::default()
+        };
+        Model::load_with(dir, &options).unwrap()
+    };
+    let fixture = common::fixture("gret");
+
+    // generate: the library's greedy tokens from the model quantized the same way.
+    let o = run(
+        "generate",
+        &[
+            "--model",
+            fixture.to_str().unwrap(),
+            "--prompt-tokens",
+            "3,17,42,99",
+            "--max-new-tokens",
+            "12",
+            "--greedy",
+            "--quant",
+            "q4_0",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let model = load(&fixture, Quant::Q4_0);
+    let want = model
+        .generate(&[3, 17, 42, 99], &GenerationConfig::greedy(12))
+        .unwrap()
+        .tokens;
+    assert_eq!(json["tokens"], serde_json::json!(want));
+    assert_eq!(json["quant"], "q4_0");
+    assert_eq!(
+        json["weight_bytes"].as_u64(),
+        Some(model.weight_bytes() as u64)
+    );
+
+    // score: the quantized model's NLL, and the stored model's beside it.
+    let dir = scratch("score-quant");
+    let exp = common::expected("gret");
+    let ids = dir.join("ids.json");
+    std::fs::write(&ids, serde_json::to_string(&exp.tokens).unwrap()).unwrap();
+    let o = run(
+        "score",
+        &[
+            "--model",
+            fixture.to_str().unwrap(),
+            "--tokens-file",
+            ids.to_str().unwrap(),
+            "--quant",
+            "q8_0",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let nll = |model: &Model| {
+        let mut cache = model.new_cache(1).unwrap();
+        let logits = model
+            .forward(&common::ids(&exp.tokens), &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let rows: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, D::Minus1)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let n = exp.tokens.len();
+        (1..n)
+            .map(|t| -f64::from(rows[t - 1][exp.tokens[t] as usize]))
+            .sum::<f64>()
+            / (n - 1) as f64
+    };
+    let quantized = nll(&load(&fixture, Quant::Q8_0));
+    let stored = nll(&Model::load(&fixture, &Device::Cpu, DType::F32).unwrap());
+    assert_eq!(json["quant"], "q8_0");
+    assert!((json["mean_nll"].as_f64().unwrap() - quantized).abs() < 1e-6);
+    assert!((json["float_mean_nll"].as_f64().unwrap() - stored).abs() < 1e-6);
+    assert_ne!(quantized, stored);
+
+    // long_run: the same cache growth with quantized weights.
+    let o = run(
+        "long_run",
+        &["--tokens", "4", "--every", "2", "--quant", "q4_k"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(long_run_rows(&stdout(&o)).len(), 2, "{}", stdout(&o));
+}
+
+#[test]
+fn quantize_writes_a_gguf_that_loads_as_quantizing_at_load_does() {
+    let dir = scratch("quantize");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shakespeare");
+    let out = dir.join("shakespeare-q4_k");
+    let o = run(
+        "quantize",
+        &[
+            "--model",
+            shipped.to_str().unwrap(),
+            "--quant",
+            "q4_k",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("q4_k"), "{}", stdout(&o));
+    // The tokenizer travels with it, so the folder is a complete model directory.
+    assert!(out.join("tokenizer.json").is_file());
+    let from_file = Model::load(&out, &Device::Cpu, DType::F32).unwrap();
+    let options = yoco::LoadOptions {
+        quant: Some(yoco::Quant::Q4K),
+        ..yoco::LoadOptions::default()
+    };
+    let at_load = Model::load_with(&shipped, &options).unwrap();
+    assert_eq!(from_file.weights(), at_load.weights());
+    let ids = common::ids(&[1, 44, 463, 327, 369, 15]);
+    let (mut a, mut b) = (
+        from_file.new_cache(1).unwrap(),
+        at_load.new_cache(1).unwrap(),
+    );
+    let (x, y) = (
+        from_file.forward(&ids, &mut a).unwrap(),
+        at_load.forward(&ids, &mut b).unwrap(),
+    );
+    assert_eq!(common::max_abs_diff(&x, &y), 0.0);
+    // generate runs from that folder as from any model directory.
+    let o = run(
+        "generate",
+        &["--model", out.to_str().unwrap(), "--max-new-tokens", "8"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::{expected, fixture, ids, max_abs_diff};
@@ -571,6 +572,16 @@ fn lying_safetensors_headers() {
         edit(&mut e, &mut d);
         let dir = copy_fixture("gret", "lying-header");
         write_safetensors(&dir.join("model.safetensors"), &e, &d);
+        // Quantizing as it loads reads the file tensor by tensor instead of mapping it: the
+        // same checks come first.
+        let options = yoco::LoadOptions {
+            quant: Some(yoco::Quant::Q8_0),
+            ..yoco::LoadOptions::default()
+        };
+        match Model::load_with(dir.path(), &options) {
+            Err(Error::Checkpoint(m)) => assert!(m.contains("model.safetensors"), "{what}: {m}"),
+            other => panic!("{what} (quantized): expected Error::Checkpoint, got {other:?}"),
+        }
         let err = load_err(dir.path());
         let msg = err.to_string();
         match err {
@@ -1049,4 +1060,508 @@ fn hostile_pickles_in_checkpoint_pth_are_errors_not_allocations_or_panics() {
     let dir = copy_fixture("gret_pth", "rewritten-pickle");
     std::fs::write(dir.join("checkpoint.pth"), pth_with_pickle(&original)).unwrap();
     Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// model.gguf: a hand-written GGUF (independent of yoco's writer), then every way it can lie
+
+/// One metadata entry of a hand-written GGUF: key, GGUF value type, the value's bytes.
+type GgufMeta = (String, u32, Vec<u8>);
+/// One tensor entry: name, dimensions in GGUF order (innermost first), GGUF type, data offset.
+type GgufTensor = (String, Vec<u64>, u32, u64);
+
+/// A GGUF file written by hand, field by field as the format lays them out.
+#[derive(Clone)]
+struct Gguf {
+    magic: [u8; 4],
+    version: u32,
+    /// The counts written in the header (normally the lengths of the lists below).
+    counts: Option<(u64, u64)>,
+    metadata: Vec<GgufMeta>,
+    tensors: Vec<GgufTensor>,
+    /// Padding before the data: up to this multiple.
+    alignment: u64,
+    data: Vec<u8>,
+}
+
+fn gguf_string(s: &str) -> Vec<u8> {
+    [(s.len() as u64).to_le_bytes().as_slice(), s.as_bytes()].concat()
+}
+
+impl Gguf {
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = self.magic.to_vec();
+        b.extend_from_slice(&self.version.to_le_bytes());
+        let (nt, nm) = self
+            .counts
+            .unwrap_or((self.tensors.len() as u64, self.metadata.len() as u64));
+        b.extend_from_slice(&nt.to_le_bytes());
+        b.extend_from_slice(&nm.to_le_bytes());
+        for (key, kind, value) in &self.metadata {
+            b.extend_from_slice(&gguf_string(key));
+            b.extend_from_slice(&kind.to_le_bytes());
+            b.extend_from_slice(value);
+        }
+        for (name, dims, kind, offset) in &self.tensors {
+            b.extend_from_slice(&gguf_string(name));
+            b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                b.extend_from_slice(&d.to_le_bytes());
+            }
+            b.extend_from_slice(&kind.to_le_bytes());
+            b.extend_from_slice(&offset.to_le_bytes());
+        }
+        while !(b.len() as u64).is_multiple_of(self.alignment) {
+            b.push(0);
+        }
+        b.extend_from_slice(&self.data);
+        b
+    }
+
+    fn set_meta(&mut self, key: &str, kind: u32, value: Vec<u8>) {
+        self.metadata.retain(|(k, _, _)| k != key);
+        self.metadata.push((key.to_string(), kind, value));
+    }
+}
+
+/// `gret` as a GGUF: its params as `yoco.*` metadata (u64 / f64), every tensor in f32 except the
+/// projections listed in `q8_0`, quantized by candle; data 32-byte aligned.
+fn gret_gguf(q8_0: &[&str]) -> Gguf {
+    let formats: Vec<(&str, GgmlDType)> = q8_0.iter().map(|&n| (n, GgmlDType::Q8_0)).collect();
+    gret_gguf_with(&formats)
+}
+
+/// [`gret_gguf`] with the listed tensors in the listed formats.
+fn gret_gguf_with(quantized: &[(&str, GgmlDType)]) -> Gguf {
+    let mut metadata = vec![("general.architecture".to_string(), 8, gguf_string("yoco"))];
+    for (key, value) in gret_params() {
+        let entry = match value.as_u64() {
+            Some(u) => (format!("yoco.{key}"), 10, u.to_le_bytes().to_vec()),
+            None => (
+                format!("yoco.{key}"),
+                12,
+                value.as_f64().unwrap().to_le_bytes().to_vec(),
+            ),
+        };
+        metadata.push(entry);
+    }
+    let tensors: BTreeMap<String, Tensor> = gret_tensors().into_iter().collect();
+    let (mut entries, mut data) = (Vec::new(), Vec::new());
+    for (name, t) in tensors {
+        let dims: Vec<u64> = t.dims().iter().rev().map(|&d| d as u64).collect();
+        let format = quantized.iter().find(|(n, _)| *n == name).map(|q| q.1);
+        let (kind, bytes) = if let Some(format) = format {
+            let q = candle_core::quantized::QTensor::quantize(&t, format).unwrap();
+            let kind = match format {
+                GgmlDType::Q4_0 => 2,
+                GgmlDType::Q4_1 => 3,
+                GgmlDType::Q5_0 => 6,
+                GgmlDType::Q5_1 => 7,
+                GgmlDType::Q8_0 => 8,
+                other => panic!("no GGUF id written for {other:?}"),
+            };
+            (kind, q.data().unwrap().to_vec())
+        } else {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            (0, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        };
+        entries.push((name, dims, kind, data.len() as u64));
+        data.extend_from_slice(&bytes);
+        while !data.len().is_multiple_of(32) {
+            data.push(0);
+        }
+    }
+    Gguf {
+        magic: *b"GGUF",
+        version: 3,
+        counts: None,
+        metadata,
+        tensors: entries,
+        alignment: 32,
+        data,
+    }
+}
+
+/// A directory holding only `model.gguf` with these bytes.
+fn dir_with_gguf(test: &str, bytes: &[u8]) -> TempDir {
+    let dir = TempDir::new(test);
+    std::fs::write(dir.join("model.gguf"), bytes).unwrap();
+    dir
+}
+
+const GRET_Q8_0: [&str; 2] = [
+    "cross_decoder.layers.0.ffn.fc2.weight",
+    "output_projection.weight",
+];
+
+#[test]
+fn hand_written_gguf_loads() {
+    // The control for the lying GGUFs below: an f32 GGUF is the safetensors model exactly, and
+    // one with two projections in Q8_0 computes what float32 computes with them dequantized.
+    let reference = Model::load(fixture("gret"), &Device::Cpu, DType::F32).unwrap();
+    let dir = dir_with_gguf("gguf-f32", &gret_gguf(&[]).bytes());
+    let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(model.config(), reference.config());
+    assert_eq!(
+        max_abs_diff(&logits(&model, 20), &logits(&reference, 20)),
+        0.0
+    );
+
+    let dir = dir_with_gguf("gguf-q8", &gret_gguf(&GRET_Q8_0).bytes());
+    let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let mut tensors = gret_tensors();
+    for name in GRET_Q8_0 {
+        let q = candle_core::quantized::QTensor::quantize(
+            &tensors[name],
+            candle_core::quantized::GgmlDType::Q8_0,
+        )
+        .unwrap();
+        tensors.insert(name.to_string(), q.dequantize(&Device::Cpu).unwrap());
+    }
+    let dequantized = Model::load(
+        dir_with_tensors("gguf-deq", &tensors).path(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    assert!(max_abs_diff(&logits(&model, 20), &logits(&dequantized, 20)) <= 1e-5);
+    let formats: Vec<_> = model
+        .weights()
+        .iter()
+        .filter(|w| w.format.is_quantized())
+        .map(|w| w.name.as_str())
+        .collect();
+    assert_eq!(formats.len(), 2);
+    for name in GRET_Q8_0 {
+        assert!(formats.contains(&name), "{formats:?}");
+    }
+}
+
+#[test]
+fn gguf_rows_of_an_odd_number_of_blocks_in_every_32_block_format() {
+    // gret's FFN is 160 wide: 5 blocks of 32, which candle's Q4_1 / Q5_0 / Q5_1 dot products
+    // refuse (an assertion in debug builds, found by fuzzing: `cargo test` without --release
+    // panics here without yoco's dequantizing path); yoco dequantizes those rows instead. The
+    // model must compute what float32 computes with the dequantized weights, on every path.
+    let formats = [
+        ("self_decoder.layers.0.ffn.fc2.weight", GgmlDType::Q4_1),
+        ("self_decoder.layers.1.ffn.fc2.weight", GgmlDType::Q5_0),
+        ("cross_decoder.layers.0.ffn.fc2.weight", GgmlDType::Q5_1),
+        ("cross_decoder.layers.1.ffn.fc2.weight", GgmlDType::Q4_0),
+    ];
+    let dir = dir_with_gguf("gguf-odd", &gret_gguf_with(&formats).bytes());
+    let mut tensors = gret_tensors();
+    for (name, format) in formats {
+        let q = candle_core::quantized::QTensor::quantize(&tensors[name], format).unwrap();
+        tensors.insert(name.to_string(), q.dequantize(&Device::Cpu).unwrap());
+    }
+    let reference = Model::load(
+        dir_with_tensors("gguf-odd-deq", &tensors).path(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let exp = expected("gret");
+    let want = logits(&reference, 40);
+    for kernels in [yoco::Kernels::Native, yoco::Kernels::Portable] {
+        let options = yoco::LoadOptions {
+            kernels,
+            ..yoco::LoadOptions::default()
+        };
+        let model = Model::load_with(dir.path(), &options).unwrap();
+        // Prompts: dequantized weights in f32 (native kernels); the portable path multiplies
+        // the Q4_0 weight through candle's quantized matmul, which quantizes its input.
+        let bound = match kernels {
+            yoco::Kernels::Native => 1e-4,
+            _ => 0.1,
+        };
+        let d = max_abs_diff(&logits(&model, 40), &want);
+        assert!(d <= bound, "{kernels:?}: {d}");
+        // Steps: the decode kernels (Q4_0 there quantizes its input, hence the looser bound).
+        let mut cache = model.new_cache(1).unwrap();
+        model.forward(&ids(&exp.tokens[..30]), &mut cache).unwrap();
+        for t in 30..40 {
+            let step = model
+                .step(
+                    &Tensor::new(&[exp.tokens[t]], &Device::Cpu).unwrap(),
+                    &mut cache,
+                )
+                .unwrap();
+            let d = max_abs_diff(
+                &step,
+                &want.get(0).unwrap().get(t).unwrap().unsqueeze(0).unwrap(),
+            );
+            assert!(d <= 0.1, "{kernels:?} step {t}: {d}");
+        }
+    }
+}
+
+#[test]
+fn lying_gguf_files_are_errors_not_allocations_or_panics() {
+    let good = gret_gguf(&GRET_Q8_0);
+    let last = good.tensors.len() - 1;
+    let file_len = good.bytes().len() as u64;
+    fn u64s(v: u64) -> Vec<u8> {
+        v.to_le_bytes().to_vec()
+    }
+    type Edit = Box<dyn Fn(&mut Gguf)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        ("bad magic", Box::new(|g| g.magic = *b"GGML"), "not a GGUF"),
+        ("version 1", Box::new(|g| g.version = 1), "version 1"),
+        ("version 99", Box::new(|g| g.version = 99), "version 99"),
+        (
+            "a billion tensors",
+            Box::new(|g| g.counts = Some((1 << 30, g.metadata.len() as u64))),
+            "tensors",
+        ),
+        (
+            "more tensors than the file can hold",
+            Box::new(|g| g.counts = Some((60_000, g.metadata.len() as u64))),
+            "truncated",
+        ),
+        (
+            "u64::MAX metadata entries",
+            Box::new(|g| g.counts = Some((g.tensors.len() as u64, u64::MAX))),
+            "metadata",
+        ),
+        (
+            "an array of 2^40 u8",
+            Box::new(move |g| {
+                g.set_meta(
+                    "junk",
+                    9,
+                    [0u32.to_le_bytes().to_vec(), u64s(1 << 40)].concat(),
+                )
+            }),
+            "truncated",
+        ),
+        (
+            "arrays nested 6 deep",
+            Box::new(move |g| {
+                let mut v = Vec::new();
+                for _ in 0..6 {
+                    v.extend_from_slice(&9u32.to_le_bytes());
+                    v.extend_from_slice(&1u64.to_le_bytes());
+                }
+                v.extend_from_slice(&0u32.to_le_bytes());
+                v.extend_from_slice(&0u64.to_le_bytes());
+                g.set_meta("junk", 9, v)
+            }),
+            "nested",
+        ),
+        (
+            "unknown metadata type",
+            Box::new(|g| g.set_meta("junk", 77, vec![0; 8])),
+            "metadata type 77",
+        ),
+        (
+            "a bool that is 2",
+            Box::new(|g| g.set_meta("junk", 7, vec![2])),
+            "bool",
+        ),
+        (
+            "duplicate key",
+            Box::new(|g| {
+                let first = g.metadata[1].clone();
+                g.metadata.push(first)
+            }),
+            "twice",
+        ),
+        (
+            "unknown tensor type",
+            Box::new(move |g| g.tensors[last].2 = 99),
+            "tensor type 99",
+        ),
+        (
+            "a type yoco does not read (Q8_1)",
+            Box::new(move |g| g.tensors[last].2 = 9),
+            "tensor type 9",
+        ),
+        (
+            "no dimensions",
+            Box::new(move |g| g.tensors[last].1.clear()),
+            "0 dimensions",
+        ),
+        (
+            "five dimensions",
+            Box::new(move |g| g.tensors[last].1 = vec![1; 5]),
+            "5 dimensions",
+        ),
+        (
+            "dimensions whose product overflows",
+            Box::new(move |g| g.tensors[last].1 = vec![u64::MAX, u64::MAX]),
+            "impossible dimensions",
+        ),
+        (
+            "a zero dimension",
+            Box::new(move |g| g.tensors[last].1.push(0)),
+            "impossible dimensions",
+        ),
+        (
+            "data past the end of the file",
+            Box::new(move |g| g.tensors[last].3 += 1 << 20),
+            "past the end",
+        ),
+        (
+            "an offset that wraps around",
+            Box::new(move |g| g.tensors[last].3 = u64::MAX - 31),
+            "past the end",
+        ),
+        (
+            "an unaligned offset",
+            Box::new(move |g| g.tensors[last].3 += 2),
+            "alignment",
+        ),
+        (
+            "a shape far larger than the file",
+            Box::new(move |g| g.tensors[last].1 = vec![1 << 20, 1 << 20]),
+            "past the end",
+        ),
+        (
+            "Q8_0 rows that are not whole blocks",
+            Box::new(|g| {
+                let i = g
+                    .tensors
+                    .iter()
+                    .position(|t| t.0 == "output_projection.weight")
+                    .unwrap();
+                g.tensors[i].1 = vec![48, 256];
+            }),
+            "block",
+        ),
+        (
+            "alignment 0",
+            Box::new(|g| g.set_meta("general.alignment", 4, 0u32.to_le_bytes().to_vec())),
+            "alignment",
+        ),
+        (
+            "alignment 48",
+            Box::new(|g| g.set_meta("general.alignment", 4, 48u32.to_le_bytes().to_vec())),
+            "alignment",
+        ),
+        (
+            "alignment as a string",
+            Box::new(|g| g.set_meta("general.alignment", 8, gguf_string("32"))),
+            "alignment",
+        ),
+        (
+            "duplicate tensor",
+            Box::new(|g| {
+                let t = g.tensors[0].clone();
+                g.tensors.push(t)
+            }),
+            "twice",
+        ),
+        (
+            "no architecture",
+            Box::new(|g| g.metadata.retain(|m| m.0 != "general.architecture")),
+            "architecture",
+        ),
+        (
+            "another architecture",
+            Box::new(|g| g.set_meta("general.architecture", 8, gguf_string("llama"))),
+            "llama",
+        ),
+        (
+            "a config field missing",
+            Box::new(|g| g.metadata.retain(|m| m.0 != "yoco.dim")),
+            "dim",
+        ),
+        (
+            "a config field of the wrong type",
+            Box::new(|g| g.set_meta("yoco.dim", 8, gguf_string("sixty-four"))),
+            "config",
+        ),
+        (
+            "an unknown config field",
+            Box::new(|g| g.set_meta("yoco.colour", 10, u64s(3))),
+            "colour",
+        ),
+    ];
+    for (what, edit, needle) in cases {
+        let mut g = good.clone();
+        edit(&mut g);
+        let dir = dir_with_gguf("lying-gguf", &g.bytes());
+        match load_err(dir.path()) {
+            Error::Checkpoint(m) => {
+                assert!(m.contains("model.gguf"), "{what}: {m}");
+                assert!(
+                    m.contains(needle),
+                    "{what}: `{m}` does not mention `{needle}`"
+                );
+            }
+            other => panic!("{what}: expected Error::Checkpoint, got {other:?}"),
+        }
+    }
+
+    // A string that claims 2^60 bytes: the first key's length prefix rewritten in the bytes.
+    let mut bytes = good.bytes();
+    bytes[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    assert_checkpoint_err(
+        load_err(dir_with_gguf("long-key", &bytes).path()),
+        &["bytes"],
+    );
+
+    // Truncated anywhere: in the header, in the metadata, in the tensor list, in the data.
+    let bytes = good.bytes();
+    for len in [0, 3, 8, 20, 30, 200, 2000, bytes.len() / 2, bytes.len() - 1] {
+        let dir = dir_with_gguf("truncated-gguf", &bytes[..len]);
+        assert_checkpoint_err(load_err(dir.path()), &["model.gguf"]);
+    }
+    assert!(file_len > 2000);
+}
+
+#[test]
+fn gguf_tensors_are_checked_against_the_config() {
+    let good = gret_gguf(&GRET_Q8_0);
+    // A wrong shape, a missing and an extra tensor: the errors safetensors gives.
+    let mut g = good.clone();
+    let i = g
+        .tensors
+        .iter()
+        .position(|t| t.0 == "layer_norm.weight")
+        .unwrap();
+    g.tensors[i].1 = vec![32];
+    match load_err(dir_with_gguf("gguf-shape", &g.bytes()).path()) {
+        Error::ShapeMismatch { name, .. } => assert_eq!(name, "layer_norm.weight"),
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+    let mut g = good.clone();
+    g.tensors.retain(|t| t.0 != "layer_norm.weight");
+    assert!(matches!(
+        load_err(dir_with_gguf("gguf-missing", &g.bytes()).path()),
+        Error::MissingTensor { .. }
+    ));
+    let mut g = good.clone();
+    let mut extra = g.tensors[i].clone();
+    extra.0 = "stray.weight".into();
+    g.tensors.push(extra);
+    assert!(matches!(
+        load_err(dir_with_gguf("gguf-extra", &g.bytes()).path()),
+        Error::UnexpectedTensors(_)
+    ));
+    // An impossible config in the metadata is a config error, as in params.json.
+    let mut g = good.clone();
+    g.set_meta("yoco.n_layers", 10, 3u64.to_le_bytes().to_vec());
+    assert_config_err(
+        load_err(dir_with_gguf("gguf-config", &g.bytes()).path()),
+        &["n_layers"],
+    );
+    // A params.json beside the GGUF must say the same.
+    let dir = dir_with_gguf("gguf-params", &good.bytes());
+    let mut params = gret_params();
+    params.insert("dim".into(), serde_json::json!(32));
+    std::fs::write(
+        dir.join("params.json"),
+        serde_json::to_string(&params).unwrap(),
+    )
+    .unwrap();
+    assert_checkpoint_err(load_err(dir.path()), &["params.json", "differ"]);
+    // A fused projection whose pieces are partly float and partly quantized: the file is right
+    // about each tensor but yoco multiplies them as one.
+    let g = gret_gguf(&["cross_decoder.k_proj.weight"]);
+    assert_checkpoint_err(
+        load_err(dir_with_gguf("gguf-mixed", &g.bytes()).path()),
+        &["cross_decoder.v_proj.weight", "fused"],
+    );
 }

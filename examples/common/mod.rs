@@ -24,6 +24,26 @@ pub fn dtype(name: &str) -> Result<DType, String> {
     yoco::dtype_by_name(name).map_err(|e| e.to_string())
 }
 
+/// The projections' quantization at load time, as a flag gives it (`None` for `none`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quant(pub Option<yoco::Quant>);
+
+/// `none`, `q8_0`, `q4_0` or `q4_k`.
+pub fn quant(name: &str) -> Result<Quant, String> {
+    match name {
+        "none" => Ok(Quant(None)),
+        _ => name
+            .parse()
+            .map(|q| Quant(Some(q)))
+            .map_err(|e: yoco::Error| e.to_string()),
+    }
+}
+
+/// The name of a quantization choice (`none` for float).
+pub fn quant_name(q: Option<yoco::Quant>) -> &'static str {
+    q.map_or("none", |q| q.name())
+}
+
 /// A token count of at least 1: `4096`, or with a `k` suffix (x 1024) `4k`, `128K`.
 pub fn tokens(s: &str) -> Result<usize, String> {
     let t = s.trim().to_ascii_lowercase();
@@ -199,6 +219,21 @@ pub fn llama_kv_bytes(cfg: &llama::Config, positions: usize, bytes_per_value: us
 pub fn yoco_decode_bytes(cfg: &Config, ctx: usize, bytes_per_value: usize) -> f64 {
     let counts = cfg.param_counts();
     let weights = (counts.total() - counts.embedding) * bytes_per_value;
+    let kv = cfg.n_half_layers() * cfg.cache_bytes_per_token(bytes_per_value) * ctx;
+    let state = 2 * cfg.self_state_bytes(bytes_per_value);
+    (weights + kv + state) as f64
+}
+
+/// [`yoco_decode_bytes`] for a loaded model: its weights as they are held (quantized or float),
+/// not `bytes_per_value` each; the K/V and the state as there.
+pub fn model_decode_bytes(m: &yoco::Model, ctx: usize, bytes_per_value: usize) -> f64 {
+    let weights: usize = m
+        .weights()
+        .iter()
+        .filter(|w| w.part != yoco::Part::Embedding)
+        .map(|w| w.bytes)
+        .sum();
+    let cfg = m.config();
     let kv = cfg.n_half_layers() * cfg.cache_bytes_per_token(bytes_per_value) * ctx;
     let state = 2 * cfg.self_state_bytes(bytes_per_value);
     (weights + kv + state) as f64

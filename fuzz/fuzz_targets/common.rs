@@ -17,7 +17,7 @@ pub fn scratch_dir() -> PathBuf {
 /// previous input first, and returns the directory.
 pub fn model_dir(files: &[(&str, &[u8])]) -> PathBuf {
     let dir = scratch_dir();
-    for old in ["model.safetensors", "checkpoint.pth", "params.json"] {
+    for old in ["model.safetensors", "checkpoint.pth", "params.json", "model.gguf"] {
         let _ = std::fs::remove_file(dir.join(old));
     }
     for (name, bytes) in files {

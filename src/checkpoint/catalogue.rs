@@ -188,30 +188,49 @@ impl Catalogue {
 
     /// Every parameter, flat, in the order of the model.
     pub(crate) fn parameters(&self) -> Vec<Parameter> {
-        fn block<M>(out: &mut Vec<Parameter>, b: &BlockSpec<M>, mixer: &[&LinearSpec]) {
-            out.push(b.mixer_layer_norm.clone());
-            mixer
-                .iter()
-                .for_each(|spec| out.extend(spec.iter().cloned()));
-            out.push(b.final_layer_norm.clone());
-            out.extend(b.fc1_gate.iter().chain(&b.fc2).cloned());
+        let mut out = Vec::new();
+        for group in self.groups() {
+            match group {
+                Group::Plain(p) => out.push(p.clone()),
+                Group::Linear(spec) => out.extend(spec.iter().cloned()),
+            }
         }
-        let mut out = vec![self.embed_tokens.clone()];
+        out
+    }
+
+    /// Every parameter in the order of the model, the fused projections as one group each.
+    pub(crate) fn groups(&self) -> Vec<Group<'_>> {
+        fn block<'a, M>(out: &mut Vec<Group<'a>>, b: &'a BlockSpec<M>, mixer: &[&'a LinearSpec]) {
+            out.push(Group::Plain(&b.mixer_layer_norm));
+            out.extend(mixer.iter().map(|spec| Group::Linear(spec)));
+            out.push(Group::Plain(&b.final_layer_norm));
+            out.push(Group::Linear(&b.fc1_gate));
+            out.push(Group::Linear(&b.fc2));
+        }
+        let mut out = vec![Group::Plain(&self.embed_tokens)];
         for b in &self.self_layers {
             match &b.mixer {
                 SelfMixerSpec::Retention { qkvg_gt, out: o } => block(&mut out, b, &[qkvg_gt, o]),
                 SelfMixerSpec::Window { qkv, out: o } => block(&mut out, b, &[qkv, o]),
             }
         }
-        out.push(self.kv_layer_norm.clone());
-        out.extend(self.kv.iter().cloned());
+        out.push(Group::Plain(&self.kv_layer_norm));
+        out.push(Group::Linear(&self.kv));
         for b in &self.cross_layers {
             block(&mut out, b, &[&b.mixer.q, &b.mixer.out]);
         }
-        out.push(self.layer_norm.clone());
-        out.extend(self.output_projection.iter().cloned());
+        out.push(Group::Plain(&self.layer_norm));
+        out.push(Group::Linear(&self.output_projection));
         out
     }
+}
+
+/// A parameter read alone, or a projection's fused pieces (what [`Catalogue::groups`] lists).
+pub(crate) enum Group<'a> {
+    /// The embedding or a norm: always float.
+    Plain(&'a Parameter),
+    /// A projection, possibly fused: what quantization applies to.
+    Linear(&'a LinearSpec),
 }
 
 /// Projections `{prefix}{name}.weight` of output widths `outs`, all reading `in_dim`.

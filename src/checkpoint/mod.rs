@@ -4,7 +4,9 @@
 //! A model directory holds `params.json` and one of:
 //! * `model.safetensors`;
 //! * `model.safetensors.index.json` plus the shards it names (`model-00001-of-00002.safetensors`, ...);
-//! * `checkpoint.pth`, a torch zip pickle of the flat state dict.
+//! * `checkpoint.pth`, a torch zip pickle of the flat state dict;
+//! * `model.gguf` (no `params.json` needed: the config is in its metadata), floats or candle's
+//!   quantized blocks, as `examples/quantize` writes it.
 //!
 //! Tensor names are the official `state_dict()` names, optionally nested under the trainer's
 //! `decoder.model.` prefix. Before any weight is read, the file headers are checked against the
@@ -13,11 +15,13 @@
 
 pub(crate) mod catalogue;
 pub(crate) mod config;
+pub(crate) mod gguf;
 mod pth;
 mod safetensors;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -35,15 +39,24 @@ pub(crate) struct TensorEntry {
     pub shape: Vec<usize>,
 }
 
-/// A model directory's config and a `VarBuilder` over its checked weights, converting to
-/// `dtype` on `device` and rooted at the names of the catalogue.
-pub(crate) fn open(
-    dir: &Path,
-    dtype: DType,
-    device: &Device,
-) -> Result<(Config, VarBuilder<'static>)> {
+/// An opened model directory: its config, a `VarBuilder` over its checked weights (converting
+/// to the dtype and device asked for, rooted at the names of the catalogue) and, for a GGUF
+/// file, the file itself, whose quantized tensors are read as they are stored.
+pub(crate) struct Opened {
+    pub cfg: Config,
+    pub vb: VarBuilder<'static>,
+    pub gguf: Option<Arc<gguf::GgufFile>>,
+}
+
+/// Opens a model directory. `streamed`: read safetensors tensors one at a time from the files
+/// instead of mapping them (what loading with quantization wants: see [`safetensors::Streamed`]).
+pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, streamed: bool) -> Result<Opened> {
+    let weights = find_weights(dir);
+    if let Ok(Weights::Gguf(path)) = &weights {
+        return open_gguf(dir, path, dtype, device);
+    }
     let cfg = Config::from_file(dir.join("params.json"))?;
-    let vb = match find_weights(dir)? {
+    let vb = match weights? {
         Weights::Safetensors(paths) => {
             let mut found = BTreeMap::new();
             for path in &paths {
@@ -57,16 +70,24 @@ pub(crate) fn open(
                 }
             }
             let prefix = check_tensors(&cfg, &found)?;
-            // Opening re-parses the headers (candle's checks are stricter than ours, e.g. the
-            // tensors must tile the data section): a failure here is a corrupt checkpoint.
-            // SAFETY: the files are memory-mapped read-only; as with every mmap-based loader,
-            // they must not be modified while the model loads (the tensors are copied out).
-            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&paths, dtype, device) }
-                .map_err(|e| {
-                    let names: Vec<String> =
-                        paths.iter().map(|p| p.display().to_string()).collect();
-                    Error::Checkpoint(format!("cannot open {}: {e}", names.join(", ")))
-                })?;
+            let vb = if streamed {
+                let backend = safetensors::Streamed::new(&paths)?;
+                VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+            } else {
+                // Opening re-parses the headers (candle's checks are stricter than ours, e.g.
+                // the tensors must tile the data section): a failure here is a corrupt
+                // checkpoint.
+                // SAFETY: the files are memory-mapped read-only; as with every mmap-based
+                // loader, they must not be modified while the model loads (the tensors are
+                // copied out).
+                unsafe { VarBuilder::from_mmaped_safetensors(&paths, dtype, device) }.map_err(
+                    |e| {
+                        let names: Vec<String> =
+                            paths.iter().map(|p| p.display().to_string()).collect();
+                        Error::Checkpoint(format!("cannot open {}: {e}", names.join(", ")))
+                    },
+                )?
+            };
             rooted(vb, prefix)
         }
         Weights::Pth(path) => {
@@ -89,8 +110,44 @@ pub(crate) fn open(
                 prefix,
             )
         }
+        Weights::Gguf(path) => return open_gguf(dir, &path, dtype, device),
     };
-    Ok((cfg, vb))
+    Ok(Opened {
+        cfg,
+        vb,
+        gguf: None,
+    })
+}
+
+/// A directory whose weights are `model.gguf`: the config from its metadata (a `params.json`
+/// beside it must say the same), its tensors checked against the catalogue.
+fn open_gguf(dir: &Path, path: &Path, dtype: DType, device: &Device) -> Result<Opened> {
+    let mut file = gguf::GgufFile::open(path)?;
+    let cfg = file.config()?;
+    let params = dir.join("params.json");
+    if params.is_file() {
+        let beside = Config::from_file(&params)?;
+        if serde_json::to_value(&beside).ok() != serde_json::to_value(&cfg).ok() {
+            return Err(Error::Checkpoint(format!(
+                "{} and the config in {} differ; remove one",
+                params.display(),
+                path.display()
+            )));
+        }
+    }
+    let prefix = check_tensors(&cfg, &file.entries())?;
+    file.set_prefix(prefix);
+    let file = Arc::new(file);
+    let backend = gguf::GgufBackend(file.clone());
+    let vb = rooted(
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+        prefix,
+    );
+    Ok(Opened {
+        cfg,
+        vb,
+        gguf: Some(file),
+    })
 }
 
 fn rooted(mut vb: VarBuilder<'static>, prefix: &str) -> VarBuilder<'static> {
@@ -106,9 +163,11 @@ enum Weights {
     Safetensors(Vec<PathBuf>),
     /// A torch `checkpoint.pth` zip pickle.
     Pth(PathBuf),
+    /// A `model.gguf`.
+    Gguf(PathBuf),
 }
 
-/// Looks for weights in `dir`, in the order safetensors, sharded safetensors, pth.
+/// Looks for weights in `dir`, in the order safetensors, sharded safetensors, pth, GGUF.
 fn find_weights(dir: &Path) -> Result<Weights> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
@@ -121,6 +180,10 @@ fn find_weights(dir: &Path) -> Result<Weights> {
     let pth = dir.join("checkpoint.pth");
     if pth.is_file() {
         return Ok(Weights::Pth(pth));
+    }
+    let gguf = dir.join(gguf::FILE_NAME);
+    if gguf.is_file() {
+        return Ok(Weights::Gguf(gguf));
     }
     Err(Error::NoWeights(dir.to_path_buf()))
 }

@@ -2,10 +2,11 @@
 //! its dtype, its shape and the file's length before anything is allocated from it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
-use std::path::Path;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
-use candle_core::DType;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 
 use super::TensorEntry;
 use crate::{Error, Result};
@@ -26,6 +27,14 @@ fn safetensors_dtype(name: &str) -> Option<DType> {
 /// Reads and checks a safetensors header: every entry's byte range must match its dtype and
 /// shape and lie inside the file. Nothing is allocated from sizes the file claims.
 pub(crate) fn header(path: &Path) -> Result<BTreeMap<String, TensorEntry>> {
+    Ok(index(path)?
+        .into_iter()
+        .map(|(name, (entry, _))| (name, entry))
+        .collect())
+}
+
+/// [`header`] with each tensor's absolute byte offset in the file.
+pub(crate) fn index(path: &Path) -> Result<BTreeMap<String, (TensorEntry, u64)>> {
     let bad = |m: String| Error::Checkpoint(format!("{}: {m}", path.display()));
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -45,6 +54,7 @@ pub(crate) fn header(path: &Path) -> Result<BTreeMap<String, TensorEntry>> {
         .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
     let data_len = file_len - 8 - header_len;
     let mut out = BTreeMap::new();
+    let mut ranges = Vec::new();
     for (name, entry) in json {
         if name == "__metadata__" {
             continue;
@@ -82,7 +92,88 @@ pub(crate) fn header(path: &Path) -> Result<BTreeMap<String, TensorEntry>> {
                 "tensor `{name}` ({dtype_name} {shape:?}, {bytes} bytes) claims bytes {start}..{end} of a {data_len}-byte data section"
             )));
         }
-        out.insert(name, TensorEntry { dtype, shape });
+        ranges.push((start, end, name.clone()));
+        out.insert(name, (TensorEntry { dtype, shape }, 8 + header_len + start));
+    }
+    // The format's own rule (candle's parser enforces it too): the tensors tile the data
+    // section, in order of their offsets, without gaps or overlaps.
+    ranges.sort();
+    let mut at = 0;
+    for (start, end, name) in &ranges {
+        if *start != at {
+            return Err(bad(format!(
+                "tensor `{name}` starts at byte {start} of the data section, but the tensors \
+                 before it end at {at} (tensors must tile the data without gaps or overlaps)"
+            )));
+        }
+        at = *end;
+    }
+    if at != data_len {
+        return Err(bad(format!(
+            "the tensors end at byte {at} of a {data_len}-byte data section"
+        )));
     }
     Ok(out)
+}
+
+/// A `VarBuilder` backend over checked safetensors files that reads each tensor from its file
+/// when asked for (one positioned read), instead of mapping the files: a model quantized as it
+/// loads then never holds more than one float tensor beside what it keeps (mapped pages count in
+/// the resident set until the whole load is over).
+pub(crate) struct Streamed {
+    /// Tensor name -> (file, dtype and shape, absolute offset).
+    tensors: HashMap<String, (PathBuf, TensorEntry, u64)>,
+}
+
+impl Streamed {
+    /// The tensors of `paths`, every header checked by [`index`].
+    pub(crate) fn new(paths: &[PathBuf]) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for path in paths {
+            for (name, (entry, start)) in index(path)? {
+                tensors.insert(name, (path.clone(), entry, start));
+            }
+        }
+        Ok(Streamed { tensors })
+    }
+}
+
+impl SimpleBackend for Streamed {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "tensor `{name}` has shape {:?}, expected {:?}",
+                t.dims(),
+                s.dims()
+            )
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((path, entry, start)) = self.tensors.get(name) else {
+            candle_core::bail!("no tensor `{name}`")
+        };
+        // The range was checked against the file by `index`.
+        let len = entry.shape.iter().product::<usize>() * entry.dtype.size_in_bytes();
+        let mut bytes = vec![0u8; len];
+        let mut file = std::fs::File::open(path)?;
+        file.seek(SeekFrom::Start(*start))?;
+        file.read_exact(&mut bytes)?;
+        Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
 }

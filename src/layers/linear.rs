@@ -12,13 +12,25 @@
 //!   is bound by reading the weights, and candle's general matmul reaches well under the memory
 //!   bandwidth for a single row. [`gemv_cpu`] streams each weight row once, over raw f32 slices,
 //!   split across threads by output features.
+//!
+//! A projection may also hold **quantized** weights (candle's GGML blocks, one tensor per fused
+//! piece; see [`crate::Quant`]). On the CPU, a few rows take [`qgemv_cpu`], the same banded
+//! streaming over candle's block dot products (the input quantized once per call, as the block
+//! formats require); many rows (prefill) dequantize the weight and take the float matmul, which
+//! keeps a prompt at f32's speed (candle's quantized matmul is slower at 512 rows for Q8_0 and
+//! Q4_0, and faster for Q4_K only with a second, repacked copy of the weight). Other devices (and
+//! [`crate::Kernels::Portable`]) run candle's quantized matmul op, the one its CUDA kernels serve.
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::checkpoint::catalogue::LinearSpec;
+use crate::layers::quantized::qgemv_cpu;
 use crate::layers::rope::RopeTables;
-use crate::layers::{fused, split_heads, Weights};
+use crate::layers::{fused, split_heads, LinearWeights, Weights};
 use crate::{Error, Result};
 
 /// At most this many input rows take the row-streaming CPU kernel; more use candle's matmul,
@@ -28,21 +40,33 @@ pub(crate) const GEMV_MAX_ROWS: usize = 8;
 /// A bias-free linear layer, `y = x W^T`, possibly several fused into one.
 #[derive(Clone, Debug)]
 pub(crate) struct Linear {
-    /// `(out, in)`, contiguous.
-    weight: Tensor,
+    weight: Weight,
     /// Output widths of the fused pieces, in order (one entry when not fused).
     parts: Vec<usize>,
-    /// May a few rows on the CPU take [`gemv_cpu`]?
+    /// May a few rows on the CPU take [`gemv_cpu`] / [`qgemv_cpu`], and many rows the
+    /// dequantized matmul?
     native: bool,
 }
 
+/// How a [`Linear`] holds its weight.
+#[derive(Clone, Debug)]
+enum Weight {
+    /// `(out, in)`, contiguous, the pieces stacked along the output axis.
+    Float(Tensor),
+    /// One quantized `(out_i, in)` per piece (all the same input width).
+    Quantized(Vec<Arc<QTensor>>),
+}
+
 impl Linear {
-    /// The projections of `spec`, fused in that order.
+    /// The projections of `spec`, fused in that order, as [`Weights`] gives them (float, or
+    /// quantized at load or in the file).
     pub(crate) fn load(w: &Weights, spec: &LinearSpec) -> Result<Self> {
-        let weights = spec.iter().map(|p| w.get(p)).collect::<Result<Vec<_>>>()?;
-        let linear = match weights.as_slice() {
-            [one] => Linear::new(one.clone())?,
-            _ => Linear::fused(&weights)?,
+        let linear = match w.linear(spec)? {
+            LinearWeights::Float(weights) => match weights.as_slice() {
+                [one] => Linear::new(one.clone())?,
+                _ => Linear::fused(&weights)?,
+            },
+            LinearWeights::Quantized(pieces) => Linear::quantized(pieces)?,
         };
         Ok(Linear {
             native: w.native_kernels,
@@ -54,8 +78,31 @@ impl Linear {
     pub(crate) fn new(weight: Tensor) -> Result<Self> {
         let (out, _) = weight.dims2()?;
         Ok(Linear {
-            weight: weight.contiguous()?,
+            weight: Weight::Float(weight.contiguous()?),
             parts: vec![out],
+            native: true,
+        })
+    }
+
+    /// Quantized pieces `(out_i, in)` over the same input, fused in this order.
+    pub(crate) fn quantized(pieces: Vec<Arc<QTensor>>) -> Result<Self> {
+        let mut parts = Vec::with_capacity(pieces.len());
+        let mut width = None;
+        for q in &pieces {
+            let (out, k) = q.shape().dims2()?;
+            if *width.get_or_insert(k) != k {
+                return Err(Error::Config(format!(
+                    "fused quantized pieces read different input widths ({width:?} and {k})"
+                )));
+            }
+            parts.push(out);
+        }
+        if parts.is_empty() {
+            return Err(Error::Config("a fused linear layer needs a weight".into()));
+        }
+        Ok(Linear {
+            weight: Weight::Quantized(pieces),
+            parts,
             native: true,
         })
     }
@@ -71,7 +118,7 @@ impl Linear {
             return Err(Error::Config("a fused linear layer needs a weight".into()));
         }
         Ok(Linear {
-            weight: Tensor::cat(weights, 0)?.contiguous()?,
+            weight: Weight::Float(Tensor::cat(weights, 0)?.contiguous()?),
             parts,
             native: true,
         })
@@ -82,7 +129,19 @@ impl Linear {
         if let Some(y) = self.gemv(x)? {
             return Ok(y);
         }
-        matmul(x, &self.weight)
+        match &self.weight {
+            Weight::Float(w) => matmul(x, w),
+            Weight::Quantized(pieces) => {
+                let ys = pieces
+                    .iter()
+                    .map(|q| self.quantized_product(x, q))
+                    .collect::<Result<Vec<_>>>()?;
+                match ys.as_slice() {
+                    [one] => Ok(one.clone()),
+                    _ => Ok(Tensor::cat(&ys, x.rank().saturating_sub(1))?),
+                }
+            }
+        }
     }
 
     /// The CPU decode kernel, where it applies and is allowed.
@@ -90,7 +149,44 @@ impl Linear {
         if !self.native {
             return Ok(None);
         }
-        gemv_cpu(x, &self.weight)
+        match &self.weight {
+            Weight::Float(w) => gemv_cpu(x, w),
+            Weight::Quantized(pieces) => qgemv_cpu(x, pieces),
+        }
+    }
+
+    /// `x q^T` for one quantized piece, when the decode kernel did not apply: on the CPU with
+    /// native kernels, the dequantized weight through the float matmul (prefill: hundreds of rows
+    /// reuse every weight, which the float gemm does at f32's speed; see the module docs);
+    /// otherwise candle's quantized matmul op (CUDA's kernels; on the CPU, the portable path).
+    fn quantized_product(&self, x: &Tensor, q: &QTensor) -> Result<Tensor> {
+        let width = x.dims().last().copied().unwrap_or(0);
+        if x.device().is_cpu()
+            && (self.native || crate::layers::quantized::needs_even_blocks(q.dtype(), width))
+        {
+            let w = crate::layers::quantized::dequantize_cpu(q)?;
+            let w = if x.dtype() == w.dtype() {
+                w
+            } else {
+                w.to_dtype(x.dtype())?
+            };
+            return matmul(x, &w);
+        }
+        let dims = x.dims();
+        let (&k, lead) = dims
+            .split_last()
+            .ok_or_else(|| Error::Input("a linear layer needs at least one dimension".into()))?;
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, k))?.contiguous()?;
+        let y = x2.apply_op1_no_bwd(q)?;
+        let y = if y.dtype() == x.dtype() {
+            y
+        } else {
+            y.to_dtype(x.dtype())?
+        };
+        let mut out_dims = lead.to_vec();
+        out_dims.push(q.shape().dims2()?.0);
+        Ok(y.reshape(out_dims)?)
     }
 
     /// The fused pieces' outputs for `x: (B, C, in)`, taken the fastest way this layer may: on
@@ -109,8 +205,16 @@ impl Linear {
         }
         let mut parts = Vec::with_capacity(self.parts.len());
         let mut start = 0;
-        for &width in &self.parts {
-            parts.push(matmul(x, &self.weight.narrow(0, start, width)?)?);
+        for (i, &width) in self.parts.iter().enumerate() {
+            parts.push(match &self.weight {
+                Weight::Float(w) => matmul(x, &w.narrow(0, start, width)?)?,
+                Weight::Quantized(pieces) => {
+                    let q = pieces
+                        .get(i)
+                        .ok_or_else(|| Error::Config("fused piece count changed".into()))?;
+                    self.quantized_product(x, q)?
+                }
+            });
             start += width;
         }
         Ok(Projected::Parts(parts))
@@ -265,7 +369,7 @@ pub(crate) fn gemv_cpu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 }
 
 /// `data[start..start + len]`, or an error if the storage is shorter than its layout claims.
-fn slice(data: &[f32], start: usize, len: usize) -> Result<&[f32]> {
+pub(crate) fn slice(data: &[f32], start: usize, len: usize) -> Result<&[f32]> {
     data.get(start..start + len)
         .ok_or_else(|| Error::Input("tensor storage shorter than its layout".into()))
 }

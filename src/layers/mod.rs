@@ -9,13 +9,21 @@ pub(crate) mod fused;
 pub(crate) mod kv_buffer;
 pub(crate) mod linear;
 pub(crate) mod norm;
+pub(crate) mod quantized;
 pub(crate) mod rope;
 
-use candle_core::Tensor;
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use candle_core::quantized::k_quants::GgmlType;
+use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::catalogue::{BlockSpec, Parameter};
-use crate::Result;
+use crate::checkpoint::catalogue::{BlockSpec, LinearSpec, Parameter};
+use crate::checkpoint::gguf::GgufFile;
+use crate::quant::{Quant, WeightFormat, WeightInfo};
+use crate::{Error, Result};
 use ffn::SwiGlu;
 use linear::Linear;
 use norm::RmsNorm;
@@ -23,20 +31,113 @@ use norm::RmsNorm;
 /// Where the layers read their weights from, and how they are built.
 pub(crate) struct Weights<'a> {
     vb: VarBuilder<'a>,
+    /// A GGUF file's quantized tensors, read as stored (its float tensors come through `vb`).
+    gguf: Option<Arc<GgufFile>>,
+    /// Quantize float projections to this format (or its fallback) as they load.
+    quant: Option<Quant>,
     /// May layers use the CPU-only kernels (decode projections and attention over raw slices)
     /// where the device is the CPU? When false, every layer runs only the portable tensor ops that
     /// every device has: the path CUDA takes, testable on a CPU.
     pub(crate) native_kernels: bool,
+    /// Every tensor handed out so far, with the format it got.
+    loaded: RefCell<Vec<WeightInfo>>,
+}
+
+/// A projection's pieces as [`Weights::linear`] gives them.
+pub(crate) enum LinearWeights {
+    /// Float `(out_i, in)` in the model's dtype, on its device.
+    Float(Vec<Tensor>),
+    /// Quantized `(out_i, in)` on the model's device.
+    Quantized(Vec<Arc<QTensor>>),
 }
 
 impl<'a> Weights<'a> {
     pub(crate) fn new(vb: VarBuilder<'a>, native_kernels: bool) -> Self {
-        Weights { vb, native_kernels }
+        Weights {
+            vb,
+            gguf: None,
+            quant: None,
+            native_kernels,
+            loaded: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Quantize float projections to `quant` as they load (`None`: keep them float).
+    pub(crate) fn quantized(self, quant: Option<Quant>) -> Self {
+        Weights { quant, ..self }
+    }
+
+    /// Read the quantized tensors of this GGUF file as they are stored.
+    pub(crate) fn with_gguf(self, gguf: Arc<GgufFile>) -> Self {
+        Weights {
+            gguf: Some(gguf),
+            ..self
+        }
     }
 
     /// The tensor of parameter `p`, checked against its shape, in the model's dtype and device.
     pub(crate) fn get(&self, p: &Parameter) -> Result<Tensor> {
-        Ok(self.vb.get(p.shape.as_slice(), &p.name)?)
+        let t = self.vb.get(p.shape.as_slice(), &p.name)?;
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        self.record(p, WeightFormat::Float(t.dtype()), bytes);
+        Ok(t)
+    }
+
+    /// The pieces of a projection: quantized as a GGUF file stores them, quantized now (each
+    /// piece read alone in f32 on the CPU, quantized, then dropped, so that the float weights are
+    /// never all held at once), or float.
+    pub(crate) fn linear(&self, spec: &LinearSpec) -> Result<LinearWeights> {
+        if let Some(gguf) = &self.gguf {
+            let stored: Vec<_> = spec.iter().map(|p| gguf.quantized(&p.name)).collect();
+            if stored.iter().any(Option::is_some) {
+                if let Some((p, _)) = spec.iter().zip(&stored).find(|(_, s)| s.is_none()) {
+                    return Err(Error::Checkpoint(format!(
+                        "`{}` is stored in float but the projections fused with it are \
+                         quantized; a fused projection must be all float or all quantized",
+                        p.name
+                    )));
+                }
+                let pieces = spec
+                    .iter()
+                    .map(|p| {
+                        let q = gguf.read_quantized(&p.name, self.device())?;
+                        self.record(
+                            p,
+                            WeightFormat::Quantized(q.dtype()),
+                            q.storage_size_in_bytes(),
+                        );
+                        Ok(Arc::new(q))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(LinearWeights::Quantized(pieces));
+            }
+        }
+        let width = spec.first().and_then(|p| p.shape.get(1)).copied();
+        let format = self.quant.zip(width).and_then(|(q, k)| q.format_for(k));
+        let Some(format) = format else {
+            let pieces = spec.iter().map(|p| self.get(p)).collect::<Result<_>>()?;
+            return Ok(LinearWeights::Float(pieces));
+        };
+        let f32_cpu = self
+            .vb
+            .clone()
+            .set_device(Device::Cpu)
+            .set_dtype(DType::F32);
+        let pieces = spec
+            .iter()
+            .map(|p| {
+                let t = f32_cpu.get(p.shape.as_slice(), &p.name)?;
+                let q = quantize(&t, format, self.device())?;
+                drop(t);
+                self.record(
+                    p,
+                    WeightFormat::Quantized(format),
+                    q.storage_size_in_bytes(),
+                );
+                Ok(Arc::new(q))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LinearWeights::Quantized(pieces))
     }
 
     /// The model's device.
@@ -48,6 +149,91 @@ impl<'a> Weights<'a> {
     pub(crate) fn dtype(&self) -> candle_core::DType {
         self.vb.dtype()
     }
+
+    /// What every tensor handed out so far got, in the order they were loaded.
+    pub(crate) fn take_loaded(&self) -> Vec<WeightInfo> {
+        self.loaded.take()
+    }
+
+    fn record(&self, p: &Parameter, format: WeightFormat, bytes: usize) {
+        self.loaded.borrow_mut().push(WeightInfo {
+            name: p.name.clone(),
+            shape: p.shape.clone(),
+            part: p.part,
+            format,
+            bytes,
+        });
+    }
+}
+
+/// A float weight `(out, in)` quantized to `format` on `device`: the same bytes for the same
+/// floats wherever it runs (quantize-at-load and the GGUF writer both call this). Rows are
+/// quantized in parallel on the CPU (every block is quantized on its own, so the bytes are
+/// candle's `QTensor::quantize`'s), then moved to `device`.
+pub(crate) fn quantize(t: &Tensor, format: GgmlDType, device: &Device) -> Result<QTensor> {
+    use candle_core::quantized::k_quants::{
+        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+        BlockQ6K, BlockQ8_0,
+    };
+    let (n, k) = t.dims2()?;
+    let t = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Config(
+            "a weight on the CPU is not in CPU memory".into(),
+        ));
+    };
+    let data = linear::slice(cpu.as_slice::<f32>()?, layout.start_offset(), n * k)?;
+    let blocks = match format {
+        GgmlDType::Q4_0 => quantize_rows::<BlockQ4_0>(data, k),
+        GgmlDType::Q4_1 => quantize_rows::<BlockQ4_1>(data, k),
+        GgmlDType::Q5_0 => quantize_rows::<BlockQ5_0>(data, k),
+        GgmlDType::Q5_1 => quantize_rows::<BlockQ5_1>(data, k),
+        GgmlDType::Q8_0 => quantize_rows::<BlockQ8_0>(data, k),
+        GgmlDType::Q2K => quantize_rows::<BlockQ2K>(data, k),
+        GgmlDType::Q3K => quantize_rows::<BlockQ3K>(data, k),
+        GgmlDType::Q4K => quantize_rows::<BlockQ4K>(data, k),
+        GgmlDType::Q5K => quantize_rows::<BlockQ5K>(data, k),
+        GgmlDType::Q6K => quantize_rows::<BlockQ6K>(data, k),
+        _ => None,
+    };
+    drop(storage);
+    let Some(blocks) = blocks else {
+        return Err(Error::Config(format!(
+            "cannot quantize a ({n}, {k}) weight to {}",
+            crate::quant::ggml_name(format)
+        )));
+    };
+    let q = QTensor::new(QStorage::Cpu(blocks), (n, k))?;
+    if device.is_cpu() {
+        return Ok(q);
+    }
+    let storage = QStorage::from_data(q.data()?, device, format)?;
+    Ok(QTensor::new(storage, (n, k))?)
+}
+
+/// Rows of `k` floats quantized to blocks of `T`, a band of rows per task; `None` if `k` is not
+/// whole blocks.
+fn quantize_rows<T: GgmlType + Send + Sync + 'static>(
+    data: &[f32],
+    k: usize,
+) -> Option<Box<dyn QuantizedType>> {
+    use rayon::prelude::*;
+    if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) || !data.len().is_multiple_of(k) {
+        return None;
+    }
+    let kb = k / T::BLCK_SIZE;
+    let mut blocks = vec![T::zeros(); data.len() / k * kb];
+    // About 64K weights per task: enough work to be worth a task, many tasks per weight.
+    let rows = (65536 / k).max(1);
+    blocks
+        .par_chunks_mut(rows * kb)
+        .zip(data.par_chunks(rows * k))
+        .for_each(|(b, x)| T::from_float(x, b));
+    Some(Box::new(blocks))
 }
 
 /// `(B, C, H * d) -> (B, H, C, d)`, contiguous: one head per matrix for attention and retention.
