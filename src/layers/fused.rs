@@ -391,6 +391,130 @@ pub(crate) fn scaled_masked_softmax(
     }
 }
 
+/// A row-major-or-strided f32 matrix in a slice: element `(i, j)` at `i * rows + j * cols`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Strided<'_> {
+    /// Does an `r x c` matrix fit in the slice?
+    fn holds(&self, r: usize, c: usize) -> bool {
+        r == 0 || c == 0 || (r - 1) * self.rows + (c - 1) * self.cols < self.data.len()
+    }
+}
+
+/// `dst = scale * lhs rhs` for `lhs: m x k`, `rhs: k x n` and a row-major `dst: m x n`, on the
+/// calling thread: for the many small independent products of attention and chunkwise
+/// retention, which run side by side on rayon's pool (candle runs a batch of products one after
+/// the other, each split over the threads, which small products do not amortise).
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    lhs: Strided,
+    rhs: Strided,
+    scale: f32,
+) -> Result<()> {
+    if dst.len() < m * n || !lhs.holds(m, k) || !rhs.holds(k, n) {
+        return Err(Error::Input(format!(
+            "a {m}x{k} by {k}x{n} product does not fit its buffers"
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        dst[..m * n].fill(0.0);
+        return Ok(());
+    }
+    // SAFETY: the checks above keep every element gemm reads (`lhs`, `rhs`) or writes (`dst`,
+    // row-major m x n) inside its slice, and `dst` is borrowed mutably, so nothing aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.data.as_ptr(),
+            lhs.cols as isize,
+            lhs.rows as isize,
+            rhs.data.as_ptr(),
+            rhs.cols as isize,
+            rhs.rows as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    Ok(())
+}
+
+/// `a b` for `a: (N, m, k)` and `b: (N, k, n)` (any strides, e.g. a transposed view) on the
+/// CPU in f32: the `N` products run side by side on rayon's pool, each on one thread (see
+/// [`gemm_into`]). `None` for other devices or dtypes.
+pub(crate) fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let (batch, m, k) = a.dims3()?;
+    let (batch_b, k_b, n) = b.dims3()?;
+    if batch != batch_b || k != k_b {
+        return Err(Error::Input(format!(
+            "cannot multiply {:?} by {:?}",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(f32_cpu(a) && f32_cpu(b)) {
+        return Ok(None);
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(sa), Storage::Cpu(sb)) = (&*sa, &*sb) else {
+        return Ok(None);
+    };
+    let (ad, bd) = (
+        &sa.as_slice::<f32>()?[la.start_offset()..],
+        &sb.as_slice::<f32>()?[lb.start_offset()..],
+    );
+    let (ast, bst) = (la.stride(), lb.stride());
+    let mut out = vec![0f32; batch * m * n];
+    if m * n > 0 {
+        out.par_chunks_mut(m * n)
+            .enumerate()
+            .try_for_each(|(i, dst)| {
+                let lhs = Strided {
+                    data: ad.get(i * ast[0]..).unwrap_or_default(),
+                    rows: ast[1],
+                    cols: ast[2],
+                };
+                let rhs = Strided {
+                    data: bd.get(i * bst[0]..).unwrap_or_default(),
+                    rows: bst[1],
+                    cols: bst[2],
+                };
+                gemm_into(dst, (m, n, k), lhs, rhs, 1.0)
+            })?;
+    }
+    Ok(Some(Tensor::from_vec(out, (batch, m, n), a.device())?))
+}
+
+/// `a b` through [`batched_matmul`] when `native` allows it, candle's `matmul` otherwise.
+pub(crate) fn apply_matmul(a: &Tensor, b: &Tensor, native: bool) -> Result<Tensor> {
+    if native {
+        if let Some(t) = batched_matmul(a, b)? {
+            return Ok(t);
+        }
+    }
+    Ok(a.matmul(b)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,6 +534,23 @@ mod tests {
 
     fn some<T>(x: Option<T>) -> Result<T> {
         x.ok_or_else(|| Error::Input("kernel declined a CPU f32 input".into()))
+    }
+
+    #[test]
+    fn batched_products_equal_candles_over_transposed_and_narrowed_views() -> Result<()> {
+        let a = seeded(&[5, 7, 9], 1)?;
+        let b_all = seeded(&[5, 12, 9], 2)?;
+        // (5, 9, 11): a transposed, narrowed view.
+        let b = b_all.narrow(1, 1, 11)?.t()?;
+        let fast = some(batched_matmul(&a, &b)?)?;
+        let slow = a.matmul(&b.contiguous()?)?;
+        assert!(max_diff(&fast, &slow)? < 1e-5);
+        let fast = some(batched_matmul(&a.t()?, &a)?)?;
+        let slow = a.t()?.contiguous()?.matmul(&a)?;
+        assert!(max_diff(&fast, &slow)? < 1e-5);
+        // Shapes that do not multiply are an error, not a panic.
+        assert!(batched_matmul(&a, &a).is_err());
+        Ok(())
     }
 
     #[test]

@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::checkpoint::catalogue::LinearSpec;
 use crate::layers::constants::{ConstKey, Constants};
-use crate::layers::fused::{apply, apply_scale_rows, Op};
+use crate::layers::fused::{apply, apply_matmul, apply_scale_rows, Op};
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeTables;
@@ -359,22 +359,23 @@ fn chunk_group(
     let dec = decays(&lg.contiguous()?.reshape((rows * n, c))?, consts, native)?;
 
     // Inside each chunk: the parallel form, one batched product for all chunks.
-    let inner = apply(&qc.matmul(&kc.t()?)?, &dec.decay, Op::Mul, native)?.matmul(&vc)?;
+    let mm = |a: &Tensor, b: &Tensor| apply_matmul(a, b, native);
+    let inner = mm(
+        &apply(&mm(&qc, &kc.t()?)?, &dec.decay, Op::Mul, native)?,
+        &vc,
+    )?;
     // Each chunk's contribution to the state: sum_j exp(G_last - G_j) k_j^T v_j.
-    let update = apply_scale_rows(&kc, &dec.to_end, native)?
-        .t()?
-        .matmul(&vc)?
-        .reshape((rows, n, d * d))?;
+    let update =
+        mm(&apply_scale_rows(&kc, &dec.to_end, native)?.t()?, &vc)?.reshape((rows, n, d * d))?;
     // The d x d recurrence, chunk after chunk: S = exp(G_last) S_prev + update.
     let total = dec.total.reshape((rows, n))?;
     let state = state.reshape((rows, d * d))?;
     let (before, last) = scan_states(&state, &update, &total, native)?;
     // What each chunk reads from the state before it: (q_i * exp(G_i)) S_prev.
-    let outer = apply_scale_rows(&qc, &dec.from_start, native)?.matmul(&before.reshape((
-        rows * n,
-        d,
-        d,
-    ))?)?;
+    let outer = mm(
+        &apply_scale_rows(&qc, &dec.from_start, native)?,
+        &before.reshape((rows * n, d, d))?,
+    )?;
     let out = apply(&inner, &outer, Op::Add, native)?.reshape((b, h, n * c, d))?;
     Ok((out, last.reshape((b, h, d, d))?))
 }

@@ -16,7 +16,9 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::catalogue::LinearSpec;
-use crate::layers::attention::{attention_over_blocks, causal_mask, right_aligned_mask, KeyBlock};
+use crate::layers::attention::{
+    attention_over_blocks, band_attention_cpu, causal_mask, right_aligned_mask, KeyBlock,
+};
 use crate::layers::constants::{ConstKey, Constants};
 use crate::layers::kv_buffer::{get_entries, put_entries, KvBuffer, Pending};
 use crate::layers::linear::Linear;
@@ -53,6 +55,8 @@ pub(crate) struct WindowChunk {
     l: usize,
     /// The chunk's queries in blocks, each with the slots (of those `l`) it sees and its mask.
     blocks: Vec<QueryBlock>,
+    /// `W`, for the CPU kernel that applies it without masks.
+    window: usize,
 }
 
 /// Queries `queries` of a chunk see keys `keys.keys` of its view, through `keys.mask`: `(Q, K)`,
@@ -106,6 +110,13 @@ impl SlidingWindowAttention {
         let v = p.heads(2, h, None, None)?;
         let (keys, values) = slot.write_and_view(&k, &v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if self.native && q.dim(2)? > 1 {
+            let band =
+                band_attention_cpu(&q, &keys, &values, Some(slot.chunk.window), scale as f32)?;
+            if let Some(o) = band {
+                return self.out_proj.forward(&merge_heads(&o)?);
+            }
+        }
         let outs = slot
             .chunk
             .blocks
@@ -233,7 +244,12 @@ impl WindowState {
             (l, blocks)
         };
         let pending = self.buf.begin(c, Some(self.kept()))?;
-        Ok(WindowChunk { pending, l, blocks })
+        Ok(WindowChunk {
+            pending,
+            l,
+            blocks,
+            window: w,
+        })
     }
 
     /// Each layer's slot of the chunk, in layer order.
