@@ -33,9 +33,14 @@ use crate::layers::rope::RopeTables;
 use crate::layers::{fused, split_heads, LinearWeights, Weights};
 use crate::{Error, Result};
 
-/// At most this many input rows take the row-streaming CPU kernel; more use candle's matmul,
-/// which blocks for cache reuse and wins once a weight row is used many times.
+/// At most this many input rows take the row-streaming CPU kernel for quantized weights; more
+/// dequantize the weight and take the float matmul.
 pub(crate) const GEMV_MAX_ROWS: usize = 8;
+
+/// At most this many input rows take the row-streaming CPU kernel for f32 weights (a decode step
+/// of a batch of sequences); more use candle's matmul, which blocks for cache reuse and wins once
+/// a weight row is used many times.
+pub(crate) const GEMV_MAX_ROWS_F32: usize = 64;
 
 /// A bias-free linear layer, `y = x W^T`, possibly several fused into one.
 #[derive(Clone, Debug)]
@@ -322,7 +327,7 @@ pub(crate) fn gemv_cpu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     };
     let rows: usize = lead.iter().product();
-    if xk != k || rows == 0 || rows > GEMV_MAX_ROWS || n == 0 {
+    if xk != k || rows == 0 || rows > GEMV_MAX_ROWS_F32 || n == 0 {
         return Ok(None);
     }
     let x = x.contiguous()?;
@@ -345,11 +350,13 @@ pub(crate) fn gemv_cpu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         .enumerate()
         .for_each(|(b, out)| {
             let first = b * band;
-            for (i, out_row) in out.chunks_mut(rows).enumerate() {
-                let w_row = &wd[(first + i) * k..(first + i + 1) * k];
-                for (r, y) in out_row.iter_mut().enumerate() {
-                    *y = dot(&xd[r * k..(r + 1) * k], w_row);
+            let w_band = &wd[first * k..(first + out.len() / rows) * k];
+            if rows == 1 {
+                for (y, w_row) in out.iter_mut().zip(w_band.chunks_exact(k)) {
+                    *y = dot(xd, w_row);
                 }
+            } else {
+                dots(xd, w_band, k, out);
             }
         });
     let out = if rows == 1 {
@@ -374,24 +381,190 @@ pub(crate) fn slice(data: &[f32], start: usize, len: usize) -> Result<&[f32]> {
         .ok_or_else(|| Error::Input("tensor storage shorter than its layout".into()))
 }
 
+/// Independent partial sums of [`dot`].
+const LANES: usize = 32;
+
 /// Dot product over 32 independent lanes: the compiler vectorises it, and four vector
 /// accumulators hide the latency of the adds (a plain `sum` is one sequential chain).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 32;
     let mut acc = [0f32; LANES];
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let tail = (ac.remainder(), bc.remainder());
     for (x, y) in ac.zip(bc) {
         for i in 0..LANES {
             acc[i] += x[i] * y[i];
         }
     }
+    finish_dot(&acc, tail)
+}
+
+/// The end of [`dot`]: its lanes summed in order, plus the products past the last full lane
+/// group. Shared so that every kernel that computes a dot product lane by lane ends it alike.
+#[inline(always)]
+fn finish_dot(acc: &[f32; LANES], (a, b): (&[f32], &[f32])) -> f32 {
+    let tail: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
+}
+
+/// `out[i * rows + r] = dot(x_r, w_i)` for the `rows` input rows of `x` (`rows * k`) and the
+/// weight rows of `w` (`out.len() / rows` of `k`), equal bit for bit to calling [`dot`] for
+/// each pair: every lane adds the same products in the same order (a multiply, then an add,
+/// never fused) and [`finish_dot`] ends them, so a sequence gets the same logits alone and in a
+/// batch. With AVX-512 (AVX2) it dots two weight rows with four input rows (one with two) at a
+/// time from registers, so that each weight, once loaded, serves several rows: with several
+/// rows a decode step is bound by arithmetic rather than by reading the weights.
+fn dots(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return dots_by::<2, 4>(x, w, k, out, |ws, xs| unsafe { x86::block_avx512(ws, xs) });
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return dots_by::<1, 2>(x, w, k, out, |ws, xs| unsafe { x86::block_avx2(ws, xs) });
+        }
+    }
+    dots_by::<1, 1>(x, w, k, out, |[w], [x]| [[dot(x, w)]])
+}
+
+/// [`dots`] in blocks of `A` weight rows by `B` input rows through `block`, the rest pair by
+/// pair through [`dot`].
+fn dots_by<const A: usize, const B: usize>(
+    x: &[f32],
+    w: &[f32],
+    k: usize,
+    out: &mut [f32],
+    block: impl Fn([&[f32]; A], [&[f32]; B]) -> [[f32; B]; A],
+) {
+    let rows = x.len() / k.max(1);
+    let n = out.len() / rows.max(1);
+    let x_row = |r: usize| &x[r * k..(r + 1) * k];
+    let w_row = |i: usize| &w[i * k..(i + 1) * k];
+    let mut i = 0;
+    while i + A <= n {
+        let ws: [&[f32]; A] = std::array::from_fn(|a| w_row(i + a));
+        let mut r = 0;
+        while r + B <= rows {
+            let ys = block(ws, std::array::from_fn(|b| x_row(r + b)));
+            for (a, ya) in ys.iter().enumerate() {
+                out[(i + a) * rows + r..][..B].copy_from_slice(ya);
+            }
+            r += B;
+        }
+        for r in r..rows {
+            for (a, w) in ws.iter().enumerate() {
+                out[(i + a) * rows + r] = dot(x_row(r), w);
+            }
+        }
+        i += A;
+    }
+    for i in i..n {
+        for r in 0..rows {
+            out[i * rows + r] = dot(x_row(r), w_row(i));
+        }
+    }
+}
+
+/// Register-blocked lane-by-lane dot products (see [`dots`]).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{finish_dot, LANES};
+
+    /// `dot(x_b, w_a)` for 2 weight rows and 4 input rows of equal length: a [`super::dot`]'s
+    /// 32 lanes in two 16-lane registers per pair.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block_avx512(w: [&[f32]; 2], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+        let k = w.iter().chain(&x).map(|s| s.len()).min().unwrap_or(0);
+        let full = k - k % LANES;
+        let mut acc = [[[_mm512_setzero_ps(); 2]; 4]; 2];
+        let mut c = 0;
+        while c < full {
+            // SAFETY: c + 32 <= full <= every slice's length, so each load of 16 floats at c
+            // or c + 16 reads inside its slice.
+            unsafe {
+                let wv = [
+                    [
+                        _mm512_loadu_ps(w[0].as_ptr().add(c)),
+                        _mm512_loadu_ps(w[0].as_ptr().add(c + 16)),
+                    ],
+                    [
+                        _mm512_loadu_ps(w[1].as_ptr().add(c)),
+                        _mm512_loadu_ps(w[1].as_ptr().add(c + 16)),
+                    ],
+                ];
+                for b in 0..4 {
+                    let xv = [
+                        _mm512_loadu_ps(x[b].as_ptr().add(c)),
+                        _mm512_loadu_ps(x[b].as_ptr().add(c + 16)),
+                    ];
+                    for a in 0..2 {
+                        for h in 0..2 {
+                            acc[a][b][h] =
+                                _mm512_add_ps(acc[a][b][h], _mm512_mul_ps(xv[h], wv[a][h]));
+                        }
+                    }
+                }
+            }
+            c += LANES;
+        }
+        let mut ys = [[0f32; 4]; 2];
+        for a in 0..2 {
+            for b in 0..4 {
+                let mut lanes = [0f32; LANES];
+                // SAFETY: `lanes` holds 32 floats: 16 at 0 and 16 at 16.
+                unsafe {
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[a][b][0]);
+                    _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[a][b][1]);
+                }
+                ys[a][b] = finish_dot(&lanes, (&x[b][full..k], &w[a][full..k]));
+            }
+        }
+        ys
+    }
+
+    /// `dot(x_b, w_0)` for 1 weight row and 2 input rows of equal length: a [`super::dot`]'s
+    /// 32 lanes in four 8-lane registers per pair.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn block_avx2(w: [&[f32]; 1], x: [&[f32]; 2]) -> [[f32; 2]; 1] {
+        let k = w.iter().chain(&x).map(|s| s.len()).min().unwrap_or(0);
+        let full = k - k % LANES;
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        let mut c = 0;
+        while c < full {
+            // SAFETY: c + 32 <= full <= every slice's length, so each load of 8 floats at
+            // c + 8 q (q < 4) reads inside its slice.
+            unsafe {
+                let wv: [__m256; 4] =
+                    std::array::from_fn(|q| _mm256_loadu_ps(w[0].as_ptr().add(c + 8 * q)));
+                for b in 0..2 {
+                    for q in 0..4 {
+                        let xv = _mm256_loadu_ps(x[b].as_ptr().add(c + 8 * q));
+                        acc[b][q] = _mm256_add_ps(acc[b][q], _mm256_mul_ps(xv, wv[q]));
+                    }
+                }
+            }
+            c += LANES;
+        }
+        let mut ys = [[0f32; 2]; 1];
+        for b in 0..2 {
+            let mut lanes = [0f32; LANES];
+            for (part, v) in lanes.chunks_exact_mut(8).zip(&acc[b]) {
+                // SAFETY: each part of `lanes` holds 8 floats.
+                unsafe { _mm256_storeu_ps(part.as_mut_ptr(), *v) };
+            }
+            ys[0][b] = finish_dot(&lanes, (&x[b][full..k], &w[0][full..k]));
+        }
+        ys
+    }
 }
 
 #[cfg(test)]
@@ -439,6 +612,9 @@ mod tests {
             (3, 300, 96),
             (8, 129, 33),
             (9, 64, 40),
+            (13, 37, 100),
+            (64, 5, 64),
+            (65, 9, 40),
         ] {
             let x = seeded(&[1, rows, k], (rows * 1000 + n + k) as u64)?;
             let w = seeded(&[n, k], (n * 7 + k) as u64)?;
@@ -450,7 +626,65 @@ mod tests {
             let tol = 1e-5 * (k as f32).sqrt();
             assert!(max_diff(&got, &want) <= tol, "{rows}x{n}x{k}");
             // The kernel is taken exactly when the rows are few.
-            assert_eq!(gemv_cpu(&x, &w)?.is_some(), rows <= GEMV_MAX_ROWS);
+            assert_eq!(gemv_cpu(&x, &w)?.is_some(), rows <= GEMV_MAX_ROWS_F32);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_and_in_any_batch() -> Result<()> {
+        // Widths below, at and past the 32 lanes, with a tail; batches that fill the register
+        // blocks and leave rows and weight rows over.
+        for k in [7, 32, 100, 773] {
+            let w = seeded(&[11, k], k as u64)?;
+            for rows in [2, 5, 13, GEMV_MAX_ROWS_F32] {
+                let x = seeded(&[rows, k], (rows * 31 + k) as u64)?;
+                let batch = gemv_cpu(&x, &w)?.ok_or(Error::Input("declined".into()))?;
+                for r in 0..rows {
+                    let row = x.narrow(0, r, 1)?;
+                    let alone = gemv_cpu(&row, &w)?.ok_or(Error::Input("declined".into()))?;
+                    let (a, b): (Vec<f32>, Vec<f32>) = (
+                        batch.narrow(0, r, 1)?.flatten_all()?.to_vec1()?,
+                        alone.flatten_all()?.to_vec1()?,
+                    );
+                    let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same, "k {k}, {rows} rows, row {r}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_register_blocked_kernel_equals_dot_bit_for_bit() -> Result<()> {
+        // `dots` takes the best kernel this CPU has; call each one it has directly.
+        let (n, rows) = (7, 9);
+        for k in [5, 64, 101] {
+            let x: Vec<f32> = seeded(&[rows, k], 1)?.flatten_all()?.to_vec1()?;
+            let w: Vec<f32> = seeded(&[n, k], 2)?.flatten_all()?.to_vec1()?;
+            let mut want = vec![0f32; n * rows];
+            for i in 0..n {
+                for r in 0..rows {
+                    want[i * rows + r] = dot(&x[r * k..(r + 1) * k], &w[i * k..(i + 1) * k]);
+                }
+            }
+            let mut got = vec![f32::NAN; n * rows];
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                dots_by::<2, 4>(&x, &w, k, &mut got, |ws, xs| unsafe {
+                    x86::block_avx512(ws, xs)
+                });
+                assert_eq!(bits(&got), bits(&want), "AVX-512, k {k}");
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                dots_by::<1, 2>(&x, &w, k, &mut got, |ws, xs| unsafe {
+                    x86::block_avx2(ws, xs)
+                });
+                assert_eq!(bits(&got), bits(&want), "AVX2, k {k}");
+            }
         }
         Ok(())
     }
