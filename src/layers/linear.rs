@@ -384,9 +384,57 @@ pub(crate) fn slice(data: &[f32], start: usize, len: usize) -> Result<&[f32]> {
 /// Independent partial sums of [`dot`].
 const LANES: usize = 32;
 
-/// Dot product over 32 independent lanes: the compiler vectorises it, and four vector
-/// accumulators hide the latency of the adds (a plain `sum` is one sequential chain).
+/// How this CPU runs [`dot`] and [`dots`] (decided once).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Simd {
+    /// AVX-512F: two 16-lane registers per dot product, fused multiply-adds.
+    Avx512,
+    /// AVX2 and FMA: four 8-lane registers per dot product, fused multiply-adds.
+    Avx2Fma,
+    /// Anything else: plain Rust, a multiply then an add per lane (the compiler vectorises it).
+    Plain,
+}
+
+fn simd() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                Simd::Avx512
+            } else if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                Simd::Avx2Fma
+            } else {
+                Simd::Plain
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Simd::Plain
+}
+
+/// Dot product over 32 independent lanes (each a chain of multiply-adds over every 32nd
+/// element), which hide the latency of the adds where a plain `sum` is one sequential chain.
+/// Every kernel that dots an input row with a weight row ([`dots`], the decode attention)
+/// computes exactly this, so a row gets the same bits whichever kernel serves it.
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let k = a.len().min(b.len());
+    let (a, b) = (&a[..k], &b[..k]);
+    match simd() {
+        // SAFETY: `simd()` found AVX-512F on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { x86::block_avx512::<1, 1>([b], [a])[0][0] },
+        // SAFETY: `simd()` found AVX2 and FMA on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2Fma => unsafe { x86::block_avx2::<1, 1>([b], [a])[0][0] },
+        _ => dot_plain(a, b),
+    }
+}
+
+/// [`dot`] without SIMD intrinsics: a multiply, then an add, per lane.
+fn dot_plain(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail = (ac.remainder(), bc.remainder());
@@ -408,24 +456,23 @@ fn finish_dot(acc: &[f32; LANES], (a, b): (&[f32], &[f32])) -> f32 {
 
 /// `out[i * rows + r] = dot(x_r, w_i)` for the `rows` input rows of `x` (`rows * k`) and the
 /// weight rows of `w` (`out.len() / rows` of `k`), equal bit for bit to calling [`dot`] for
-/// each pair: every lane adds the same products in the same order (a multiply, then an add,
-/// never fused) and [`finish_dot`] ends them, so a sequence gets the same logits alone and in a
-/// batch. With AVX-512 (AVX2) it dots two weight rows with four input rows (one with two) at a
-/// time from registers, so that each weight, once loaded, serves several rows: with several
-/// rows a decode step is bound by arithmetic rather than by reading the weights.
+/// each pair: every lane takes the same operations in the same order and [`finish_dot`] ends
+/// them, so a sequence gets the same logits alone and in a batch. With AVX-512 (AVX2) it dots
+/// two weight rows with four input rows (one with two) at a time from registers, so that each
+/// weight, once loaded, serves several rows: with several rows a decode step is bound by
+/// arithmetic rather than by reading the weights.
 fn dots(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return dots_by::<2, 4>(x, w, k, out, |ws, xs| unsafe { x86::block_avx512(ws, xs) });
+    match simd() {
+        // SAFETY: `simd()` found AVX-512F on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => {
+            dots_by::<2, 4>(x, w, k, out, |ws, xs| unsafe { x86::block_avx512(ws, xs) })
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return dots_by::<1, 2>(x, w, k, out, |ws, xs| unsafe { x86::block_avx2(ws, xs) });
-        }
+        // SAFETY: `simd()` found AVX2 and FMA on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2Fma => dots_by::<1, 2>(x, w, k, out, |ws, xs| unsafe { x86::block_avx2(ws, xs) }),
+        _ => dots_by::<1, 1>(x, w, k, out, |[w], [x]| [[dot_plain(x, w)]]),
     }
-    dots_by::<1, 1>(x, w, k, out, |[w], [x]| [[dot(x, w)]])
 }
 
 /// [`dots`] in blocks of `A` weight rows by `B` input rows through `block`, the rest pair by
@@ -466,61 +513,60 @@ fn dots_by<const A: usize, const B: usize>(
     }
 }
 
-/// Register-blocked lane-by-lane dot products (see [`dots`]).
+/// Lane-by-lane dot products in registers, `A` weight rows by `B` input rows at a time (see
+/// [`dot`] and [`dots`]).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
     use super::{finish_dot, LANES};
 
-    /// `dot(x_b, w_a)` for 2 weight rows and 4 input rows of equal length: a [`super::dot`]'s
-    /// 32 lanes in two 16-lane registers per pair.
+    /// The length every slice has (the shortest).
+    fn common_len(w: &[&[f32]], x: &[&[f32]]) -> usize {
+        w.iter().chain(x).map(|s| s.len()).min().unwrap_or(0)
+    }
+
+    /// `dot(x_b, w_a)` for `A` weight rows and `B` input rows (`A * B <= 8` keeps the
+    /// accumulators in registers): a dot product's 32 lanes in two 16-lane registers.
     ///
     /// # Safety
     /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block_avx512(w: [&[f32]; 2], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
-        let k = w.iter().chain(&x).map(|s| s.len()).min().unwrap_or(0);
+    pub(super) unsafe fn block_avx512<const A: usize, const B: usize>(
+        w: [&[f32]; A],
+        x: [&[f32]; B],
+    ) -> [[f32; B]; A] {
+        let k = common_len(&w, &x);
         let full = k - k % LANES;
-        let mut acc = [[[_mm512_setzero_ps(); 2]; 4]; 2];
+        let mut acc = [[[_mm512_setzero_ps(); 2]; B]; A];
         let mut c = 0;
         while c < full {
             // SAFETY: c + 32 <= full <= every slice's length, so each load of 16 floats at c
             // or c + 16 reads inside its slice.
             unsafe {
-                let wv = [
-                    [
-                        _mm512_loadu_ps(w[0].as_ptr().add(c)),
-                        _mm512_loadu_ps(w[0].as_ptr().add(c + 16)),
-                    ],
-                    [
-                        _mm512_loadu_ps(w[1].as_ptr().add(c)),
-                        _mm512_loadu_ps(w[1].as_ptr().add(c + 16)),
-                    ],
-                ];
-                for b in 0..4 {
-                    let xv = [
-                        _mm512_loadu_ps(x[b].as_ptr().add(c)),
-                        _mm512_loadu_ps(x[b].as_ptr().add(c + 16)),
-                    ];
-                    for a in 0..2 {
+                let wv: [[__m512; 2]; A] = std::array::from_fn(|a| {
+                    let p = w[a].as_ptr().add(c);
+                    [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
+                });
+                for b in 0..B {
+                    let p = x[b].as_ptr().add(c);
+                    let xv = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
+                    for a in 0..A {
                         for h in 0..2 {
-                            acc[a][b][h] =
-                                _mm512_add_ps(acc[a][b][h], _mm512_mul_ps(xv[h], wv[a][h]));
+                            acc[a][b][h] = _mm512_fmadd_ps(xv[h], wv[a][h], acc[a][b][h]);
                         }
                     }
                 }
             }
             c += LANES;
         }
-        let mut ys = [[0f32; 4]; 2];
-        for a in 0..2 {
-            for b in 0..4 {
+        let mut ys = [[0f32; B]; A];
+        for a in 0..A {
+            for b in 0..B {
                 let mut lanes = [0f32; LANES];
-                // SAFETY: `lanes` holds 32 floats: 16 at 0 and 16 at 16.
-                unsafe {
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[a][b][0]);
-                    _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[a][b][1]);
+                for (part, v) in lanes.chunks_exact_mut(16).zip(&acc[a][b]) {
+                    // SAFETY: each part of `lanes` holds 16 floats.
+                    unsafe { _mm512_storeu_ps(part.as_mut_ptr(), *v) };
                 }
                 ys[a][b] = finish_dot(&lanes, (&x[b][full..k], &w[a][full..k]));
             }
@@ -528,40 +574,47 @@ mod x86 {
         ys
     }
 
-    /// `dot(x_b, w_0)` for 1 weight row and 2 input rows of equal length: a [`super::dot`]'s
-    /// 32 lanes in four 8-lane registers per pair.
+    /// As [`block_avx512`], with a dot product's 32 lanes in four 8-lane registers.
     ///
     /// # Safety
-    /// The CPU must have AVX2.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn block_avx2(w: [&[f32]; 1], x: [&[f32]; 2]) -> [[f32; 2]; 1] {
-        let k = w.iter().chain(&x).map(|s| s.len()).min().unwrap_or(0);
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block_avx2<const A: usize, const B: usize>(
+        w: [&[f32]; A],
+        x: [&[f32]; B],
+    ) -> [[f32; B]; A] {
+        let k = common_len(&w, &x);
         let full = k - k % LANES;
-        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        let mut acc = [[[_mm256_setzero_ps(); 4]; B]; A];
         let mut c = 0;
         while c < full {
             // SAFETY: c + 32 <= full <= every slice's length, so each load of 8 floats at
             // c + 8 q (q < 4) reads inside its slice.
             unsafe {
-                let wv: [__m256; 4] =
-                    std::array::from_fn(|q| _mm256_loadu_ps(w[0].as_ptr().add(c + 8 * q)));
-                for b in 0..2 {
+                let wv: [[__m256; 4]; A] = std::array::from_fn(|a| {
+                    std::array::from_fn(|q| _mm256_loadu_ps(w[a].as_ptr().add(c + 8 * q)))
+                });
+                for b in 0..B {
                     for q in 0..4 {
                         let xv = _mm256_loadu_ps(x[b].as_ptr().add(c + 8 * q));
-                        acc[b][q] = _mm256_add_ps(acc[b][q], _mm256_mul_ps(xv, wv[q]));
+                        for a in 0..A {
+                            acc[a][b][q] = _mm256_fmadd_ps(xv, wv[a][q], acc[a][b][q]);
+                        }
                     }
                 }
             }
             c += LANES;
         }
-        let mut ys = [[0f32; 2]; 1];
-        for b in 0..2 {
-            let mut lanes = [0f32; LANES];
-            for (part, v) in lanes.chunks_exact_mut(8).zip(&acc[b]) {
-                // SAFETY: each part of `lanes` holds 8 floats.
-                unsafe { _mm256_storeu_ps(part.as_mut_ptr(), *v) };
+        let mut ys = [[0f32; B]; A];
+        for a in 0..A {
+            for b in 0..B {
+                let mut lanes = [0f32; LANES];
+                for (part, v) in lanes.chunks_exact_mut(8).zip(&acc[a][b]) {
+                    // SAFETY: each part of `lanes` holds 8 floats.
+                    unsafe { _mm256_storeu_ps(part.as_mut_ptr(), *v) };
+                }
+                ys[a][b] = finish_dot(&lanes, (&x[b][full..k], &w[a][full..k]));
             }
-            ys[0][b] = finish_dot(&lanes, (&x[b][full..k], &w[0][full..k]));
         }
         ys
     }
@@ -657,34 +710,58 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn every_register_blocked_kernel_equals_dot_bit_for_bit() -> Result<()> {
-        // `dots` takes the best kernel this CPU has; call each one it has directly.
+    fn every_register_blocked_kernel_equals_its_own_single_dot_bit_for_bit() -> Result<()> {
+        // `dots` takes the best kernel this CPU has; call each one it has directly, against
+        // the same kernel one pair at a time (what `dot` runs on such a CPU), and against the
+        // naive product.
         let (n, rows) = (7, 9);
         for k in [5, 64, 101] {
             let x: Vec<f32> = seeded(&[rows, k], 1)?.flatten_all()?.to_vec1()?;
             let w: Vec<f32> = seeded(&[n, k], 2)?.flatten_all()?.to_vec1()?;
-            let mut want = vec![0f32; n * rows];
-            for i in 0..n {
-                for r in 0..rows {
-                    want[i * rows + r] = dot(&x[r * k..(r + 1) * k], &w[i * k..(i + 1) * k]);
-                }
-            }
-            let mut got = vec![f32::NAN; n * rows];
+            let naive = naive(
+                &Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu)?,
+                &Tensor::from_vec(w.clone(), (n, k), &Device::Cpu)?,
+            )?;
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let check = |blocked: &dyn Fn(&mut [f32]), single: &dyn Fn(&[f32], &[f32]) -> f32| {
+                let mut got = vec![f32::NAN; n * rows];
+                blocked(&mut got);
+                let mut want = vec![0f32; n * rows];
+                for i in 0..n {
+                    for r in 0..rows {
+                        want[i * rows + r] = single(&x[r * k..(r + 1) * k], &w[i * k..(i + 1) * k]);
+                    }
+                }
+                assert_eq!(bits(&got), bits(&want), "k {k}");
+                let by_row: Vec<f32> = (0..rows * n).map(|j| got[(j % n) * rows + j / n]).collect();
+                assert!(max_diff(&by_row, &naive) <= 1e-5 * (k as f32).sqrt());
+            };
             if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked just above).
-                dots_by::<2, 4>(&x, &w, k, &mut got, |ws, xs| unsafe {
-                    x86::block_avx512(ws, xs)
-                });
-                assert_eq!(bits(&got), bits(&want), "AVX-512, k {k}");
+                // SAFETY (both closures): the CPU has AVX-512F (checked just above).
+                check(
+                    &|out| {
+                        dots_by::<2, 4>(&x, &w, k, out, |ws, xs| unsafe {
+                            x86::block_avx512(ws, xs)
+                        })
+                    },
+                    &|a, b| unsafe { x86::block_avx512::<1, 1>([b], [a])[0][0] },
+                );
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2 (checked just above).
-                dots_by::<1, 2>(&x, &w, k, &mut got, |ws, xs| unsafe {
-                    x86::block_avx2(ws, xs)
-                });
-                assert_eq!(bits(&got), bits(&want), "AVX2, k {k}");
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY (both closures): the CPU has AVX2 and FMA (checked just above).
+                check(
+                    &|out| {
+                        dots_by::<1, 2>(&x, &w, k, out, |ws, xs| unsafe { x86::block_avx2(ws, xs) })
+                    },
+                    &|a, b| unsafe { x86::block_avx2::<1, 1>([b], [a])[0][0] },
+                );
             }
+            check(
+                &|out| dots_by::<1, 1>(&x, &w, k, out, |[w], [x]| [[dot_plain(x, w)]]),
+                &dot_plain,
+            );
         }
         Ok(())
     }
