@@ -13,7 +13,12 @@
 //! 32-weight block through a function call, and that costs more than the block's arithmetic;
 //! [`x86`] converts eight scales in one instruction and dots four weight rows with each input
 //! block it loads (2.5x candle's throughput on one core, and the same sums: it adds the same
-//! terms in the same order).
+//! terms in the same order). Q4_K takes [`x86`] too (`dot4_q4k`): on short rows (three blocks
+//! of 256 at width 768) candle's per-row call, with its scalar f16 conversions and its per-row
+//! pairing of the input's sums, costs more than the blocks' arithmetic; the kernel pairs the
+//! sums once per call, converts four rows' scales in one instruction and runs four rows per
+//! input block, with candle's integer sums and f32 operations in candle's order (the same
+//! results, bit for bit).
 
 use std::sync::Arc;
 
@@ -172,6 +177,12 @@ fn band_kernel<'a>(
     #[cfg(target_arch = "x86_64")]
     if let Some(kernel) = x86::kernel(format, bytes, n, k, x, rows) {
         return Some(Box::new(kernel));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if format == GgmlDType::Q4K {
+        if let Some(kernel) = x86::q4k_kernel(bytes, n, k, x, rows) {
+            return Some(Box::new(kernel));
+        }
     }
     if needs_even_blocks(format, k) {
         return match format {
@@ -358,7 +369,8 @@ fn blocks<T: GgmlType>(bytes: &[u8]) -> Option<&[T]> {
     Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
 }
 
-/// Q8_0 and Q4_0 weights against a Q8_0 input with AVX2, FMA and F16C.
+/// Q8_0 and Q4_0 weights against a Q8_0 input, and Q4_K weights against a Q8_K input, with
+/// AVX2, FMA and F16C.
 ///
 /// Both formats are blocks of 32 weights behind an f16 scale (Q8_0: 34 bytes, the weights as
 /// i8; Q4_0: 18 bytes, the weights as nibbles `q - 8`, the first 16 in the low halves). For each
@@ -370,7 +382,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8K, BlockQ8_0, GgmlType};
     use candle_core::quantized::GgmlDType;
 
     use super::BandKernel;
@@ -578,6 +590,265 @@ mod x86 {
         }
         out
     }
+
+    /// Bytes of a Q4_K block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales and mins for
+    /// its eight sub-blocks of 32, then 128 bytes of nibbles (sub-block `2j` in the low halves of
+    /// bytes `32j..32j + 32`, sub-block `2j + 1` in their high halves).
+    const Q4K_BYTES: usize = 144;
+    /// Bytes of a Q8_K block: f32 `d`, 256 i8, then 16 i16 sums of 16 of them.
+    const Q8K_BYTES: usize = 292;
+    /// Where a Q8_K block's i16 sums begin.
+    const Q8K_SUMS: usize = 260;
+    /// How far ahead [`dot4_q4k`] prefetches each weight row, in rows: two groups of four, the
+    /// same place in the rows two passes on (a band's rows are consecutive in memory).
+    const Q4K_AHEAD_ROWS: usize = 8;
+
+    /// Q4_K weights against a Q8_K input: four weight rows per pass over each input block.
+    ///
+    /// candle's `vec_dot_q4k_q8k` is called once per row, and on short rows (3 blocks at width
+    /// 768) its fixed costs dominate: the call, two f16 conversions per block through a function
+    /// call each, and pairing the input's sums per block and per row. Here the input's pairs and
+    /// scale are made once per call, the four rows' `d` and `dmin` are converted in one
+    /// instruction, and four rows take each input block in turn (its scale and sums read once
+    /// for the four, its bytes from L1).
+    pub(super) struct Q4kKernel<'a> {
+        weight: &'a [u8],
+        /// Bytes of one weight row.
+        row_bytes: usize,
+        /// Blocks per row.
+        kb: usize,
+        /// The input rows as Q8_K blocks.
+        input: Vec<BlockQ8K>,
+        /// Each input block's scale.
+        input_scales: Vec<f32>,
+        /// Each input block's sums per sub-block of 32: its sums of 16 added in pairs, as i16
+        /// (as candle's `hadd` pairs them; at most 32 * 128 in magnitude, so no wrapping).
+        input_sums: Vec<[i16; 8]>,
+        rows: usize,
+    }
+
+    /// The Q4_K kernel for `n` rows of width `k` stored as `bytes`, with the input `x` (`rows`
+    /// rows of `k`) quantized to Q8_K; `None` if the CPU lacks the instructions or the blocks do
+    /// not fit.
+    pub(super) fn q4k_kernel<'a>(
+        bytes: &'a [u8],
+        n: usize,
+        k: usize,
+        x: &[f32],
+        rows: usize,
+    ) -> Option<Q4kKernel<'a>> {
+        if !available()
+            || std::mem::size_of::<BlockQ4K>() != Q4K_BYTES
+            || std::mem::size_of::<BlockQ8K>() != Q8K_BYTES
+            || !k.is_multiple_of(256)
+            || x.len() != rows * k
+        {
+            return None;
+        }
+        let kb = k / 256;
+        let row_bytes = kb * Q4K_BYTES;
+        if bytes.len() != n * row_bytes {
+            return None;
+        }
+        let mut input = vec![BlockQ8K::zeros(); rows * kb];
+        for (xr, qr) in x.chunks_exact(k).zip(input.chunks_exact_mut(kb)) {
+            BlockQ8K::from_float(xr, qr);
+        }
+        let blocks = q8k_bytes(&input);
+        let input_scales = blocks
+            .chunks_exact(Q8K_BYTES)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let input_sums = blocks
+            .chunks_exact(Q8K_BYTES)
+            .map(|b| {
+                let sum =
+                    |i: usize| i16::from_le_bytes([b[Q8K_SUMS + 2 * i], b[Q8K_SUMS + 2 * i + 1]]);
+                std::array::from_fn(|s| sum(2 * s).wrapping_add(sum(2 * s + 1)))
+            })
+            .collect();
+        Some(Q4kKernel {
+            weight: bytes,
+            row_bytes,
+            kb,
+            input,
+            input_scales,
+            input_sums,
+            rows,
+        })
+    }
+
+    /// The bytes of Q8_K blocks (292 each, no padding: checked by the caller).
+    fn q8k_bytes(blocks: &[BlockQ8K]) -> &[u8] {
+        // SAFETY: `BlockQ8K` is `repr(C)` { f32, [i8; 256], [i16; 16] } with no padding (its
+        // size, 292, is checked before any is made), so its memory is initialised bytes; the
+        // view borrows `blocks`.
+        unsafe {
+            std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks))
+        }
+    }
+
+    impl BandKernel for Q4kKernel<'_> {
+        fn run(&self, first: usize, out: &mut [f32]) {
+            let x = q8k_bytes(&self.input);
+            let kb = self.kb;
+            let x_row = kb * Q8K_BYTES;
+            let feats = out.len() / self.rows.max(1);
+            let w_row = |i: usize| {
+                let start = (first + i) * self.row_bytes;
+                &self.weight[start..start + self.row_bytes]
+            };
+            for r in 0..self.rows {
+                let xr = &x[r * x_row..(r + 1) * x_row];
+                let xd = &self.input_scales[r * kb..(r + 1) * kb];
+                let xs = &self.input_sums[r * kb..(r + 1) * kb];
+                let mut i = 0;
+                while i < feats {
+                    // Four weight rows per pass; past the band's end, repeat its last row.
+                    let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
+                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), every weight row is
+                    // `kb` Q4_K blocks and the input row `kb` Q8_K blocks with `kb` scales and
+                    // `kb` pair sums (lengths checked by `q4k_kernel` and sliced above).
+                    let dots = unsafe { dot4_q4k(kb, rows, xr, xd, xs) };
+                    for (j, d) in dots.iter().enumerate().take(feats - i) {
+                        out[(i + j) * self.rows + r] = *d;
+                    }
+                    i += 4;
+                }
+            }
+        }
+    }
+
+    /// The eight 6-bit scales, then the eight 6-bit mins, of a Q4_K block, one per byte, from
+    /// its 12 packed bytes: bytes 0-3 hold scales 0-3 and bytes 4-7 mins 0-3 in their low six
+    /// bits, and the top two bits of scales and mins 4-7 in their high two; bytes 8-11 hold the
+    /// low four bits of scales 4-7 (low halves) and of mins 4-7 (high halves).
+    #[inline]
+    fn scales_and_mins(packed: &[u8]) -> [u8; 16] {
+        const LOW6: u32 = 0x3f3f_3f3f;
+        const LOW4: u32 = 0x0f0f_0f0f;
+        const LOW2: u32 = 0x0303_0303;
+        let word = |i: usize| {
+            u32::from_le_bytes([
+                packed[4 * i],
+                packed[4 * i + 1],
+                packed[4 * i + 2],
+                packed[4 * i + 3],
+            ])
+        };
+        let (a, b, c) = (word(0), word(1), word(2));
+        let parts = [
+            a & LOW6,
+            (c & LOW4) | (((a >> 6) & LOW2) << 4),
+            b & LOW6,
+            ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4),
+        ];
+        let mut out = [0u8; 16];
+        for (o, p) in out.chunks_exact_mut(4).zip(parts) {
+            o.copy_from_slice(&p.to_le_bytes());
+        }
+        out
+    }
+
+    /// Four Q4_K weight rows dotted with one Q8_K input row.
+    ///
+    /// Per row, candle's arithmetic in candle's order: for each block, the 256 products of
+    /// nibble and input in eight i32 lanes (lane `l` takes bytes `4l..4l + 4` of every 32, each
+    /// pair of products times its sub-block's scale), converted to f32 and accumulated with
+    /// `d` times the input's scale; the mins times the input's sums per sub-block in four i32
+    /// lanes, accumulated with `-dmin` times the input's scale; then the eight lanes summed
+    /// (halves, then pairs, then the last two), the four likewise, and the two sums added. The
+    /// integers are exact and every f32 operation is candle's, so the results are candle's.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; each `w[r]` holds `kb` Q4_K blocks, `x` holds `kb` Q8_K
+    /// blocks, `xd` their `kb` scales and `xs` their `kb` pair sums.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot4_q4k(
+        kb: usize,
+        w: [&[u8]; 4],
+        x: &[u8],
+        xd: &[f32],
+        xs: &[[i16; 8]],
+    ) -> [f32; 4] {
+        let low = _mm256_set1_epi8(0x0F);
+        // Shuffles that spread sub-block `s`'s i16 scale over every pair of lanes.
+        let spread: [__m256i; 8] =
+            std::array::from_fn(|s| _mm256_set1_epi16((((2 * s + 1) << 8) | (2 * s)) as i16));
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut acc_m = [_mm_setzero_ps(); 4];
+        for b in 0..kb {
+            // SAFETY (all pointer arithmetic below): block `b < kb` of rows of `kb` blocks of
+            // `Q4K_BYTES`, and of an input row of `kb` blocks of `Q8K_BYTES`; the offsets stay
+            // inside those blocks (d, dmin at 0 and 2, packed scales at 4..16, nibbles at
+            // 16..144; the input's i8 at 4..260).
+            let bases = w.map(|row| unsafe { row.as_ptr().add(Q4K_BYTES * b) });
+            // The four blocks' d and dmin as f32 in one conversion, times the input's scale
+            // (`-` for dmin: candle's `-y.d * x.dmin`).
+            let mut halves = [0u16; 8];
+            for (r, base) in bases.iter().enumerate() {
+                halves[2 * r] = unsafe { std::ptr::read_unaligned(base.cast::<u16>()) };
+                halves[2 * r + 1] = unsafe { std::ptr::read_unaligned(base.add(2).cast::<u16>()) };
+            }
+            let yd = xd[b];
+            let mut dd = [0f32; 8];
+            unsafe {
+                _mm256_storeu_ps(
+                    dd.as_mut_ptr(),
+                    _mm256_mul_ps(
+                        _mm256_setr_ps(yd, -yd, yd, -yd, yd, -yd, yd, -yd),
+                        _mm256_cvtph_ps(_mm_loadu_si128(halves.as_ptr().cast())),
+                    ),
+                )
+            };
+            let sums = unsafe { _mm_loadu_si128(xs[b].as_ptr().cast()) };
+            let q8 = unsafe { x.as_ptr().add(Q8K_BYTES * b + 4) };
+            for (r, &base) in bases.iter().enumerate() {
+                // The same block of this row two passes on: in flight long before it is used.
+                let ahead = base.wrapping_add(Q4K_AHEAD_ROWS * Q4K_BYTES * kb);
+                for line in 0..Q4K_BYTES.div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+                }
+                let packed =
+                    scales_and_mins(unsafe { std::slice::from_raw_parts(base.add(4), 12) });
+                let scales_mins =
+                    _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(packed.as_ptr().cast()) });
+                let mins = _mm_madd_epi16(_mm256_extracti128_si256::<1>(scales_mins), sums);
+                acc_m[r] =
+                    _mm_fmadd_ps(_mm_set1_ps(dd[2 * r + 1]), _mm_cvtepi32_ps(mins), acc_m[r]);
+                let scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(scales_mins));
+                let mut sumi = _mm256_setzero_si256();
+                for j in 0..4 {
+                    let nibbles = unsafe { _mm256_loadu_si256(base.add(16 + 32 * j).cast()) };
+                    let lo = _mm256_and_si256(nibbles, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(nibbles), low);
+                    let x_lo = unsafe { _mm256_loadu_si256(q8.add(64 * j).cast()) };
+                    let x_hi = unsafe { _mm256_loadu_si256(q8.add(64 * j + 32).cast()) };
+                    let p_lo = _mm256_madd_epi16(
+                        _mm256_shuffle_epi8(scales, spread[2 * j]),
+                        _mm256_maddubs_epi16(lo, x_lo),
+                    );
+                    sumi = _mm256_add_epi32(sumi, p_lo);
+                    let p_hi = _mm256_madd_epi16(
+                        _mm256_shuffle_epi8(scales, spread[2 * j + 1]),
+                        _mm256_maddubs_epi16(hi, x_hi),
+                    );
+                    sumi = _mm256_add_epi32(sumi, p_hi);
+                }
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(dd[2 * r]), _mm256_cvtepi32_ps(sumi), acc[r]);
+            }
+        }
+        std::array::from_fn(|r| {
+            let v = acc[r];
+            let s = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            let m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r]));
+            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+            _mm_cvtss_f32(s) + _mm_cvtss_f32(m)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -611,11 +882,25 @@ mod tests {
             (GgmlDType::Q5_0, 64),
             // An odd number of blocks: dequantized rows (candle's dot would assert).
             (GgmlDType::Q5_0, 96),
+            // One to eight blocks of 256 per row (768: the bench shape's three).
+            (GgmlDType::Q4K, 256),
             (GgmlDType::Q4K, 512),
+            (GgmlDType::Q4K, 768),
+            (GgmlDType::Q4K, 2048),
         ] {
             // Widths that are and are not multiples of the four rows and of the bands; one to
             // eight input rows; two pieces fused.
-            for (rows, n0, n1) in [(1, 37, 5), (1, 4096, 3), (3, 64, 130), (8, 9, 16)] {
+            for (rows, n0, n1) in [
+                (1, 37, 5),
+                (1, 4096, 3),
+                (2, 6, 7),
+                (3, 64, 130),
+                (4, 21, 3),
+                (5, 3, 10),
+                (6, 1, 2),
+                (7, 18, 5),
+                (8, 9, 16),
+            ] {
                 let x = seeded(&[rows, k], (rows + n0 + k) as u64)?;
                 let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
                 let pieces = [n0, n1]
@@ -656,6 +941,12 @@ mod tests {
                                 continue;
                             }
                             let c = want[r * n + j];
+                            if format == GgmlDType::Q4K {
+                                // No tolerance: the same integer sums, converted, scaled and
+                                // added by the same f32 operations in the same order as
+                                // candle's (its own dot product where AVX2 is missing).
+                                assert_eq!(g.to_bits(), c.to_bits(), "{format:?} k {k}: {g} {c}");
+                            }
                             assert!(
                                 (g - c).abs() <= 1e-5 * (1.0 + c.abs()),
                                 "{format:?} {g} {c}"
@@ -704,6 +995,22 @@ mod tests {
         assert!(qgemv_cpu(&seeded(&[1, 32], 2)?, std::slice::from_ref(&q))?.is_none());
         let half = seeded(&[1, 64], 2)?.to_dtype(DType::F16)?;
         assert!(qgemv_cpu(&half, &[q])?.is_none());
+        // The Q4_K kernel: taken wherever the CPU has its instructions, and declined for blocks
+        // or inputs that do not fit (the caller then takes candle's dot products).
+        #[cfg(target_arch = "x86_64")]
+        {
+            let q = QTensor::quantize(&seeded(&[6, 512], 3)?, GgmlDType::Q4K)?;
+            let bytes = q.data()?;
+            let x: Vec<f32> = seeded(&[2, 512], 4)?.flatten_all()?.to_vec1()?;
+            let cpu = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            assert_eq!(x86::q4k_kernel(&bytes, 6, 512, &x, 2).is_some(), cpu);
+            assert!(x86::q4k_kernel(&bytes, 5, 512, &x, 2).is_none());
+            assert!(x86::q4k_kernel(&bytes, 8, 384, &x[..768], 2).is_none());
+            assert!(x86::q4k_kernel(&bytes, 6, 512, &x[..500], 1).is_none());
+            assert!(x86::q4k_kernel(&bytes[1..], 6, 512, &x, 2).is_none());
+        }
         Ok(())
     }
 }
