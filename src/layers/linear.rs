@@ -11,7 +11,8 @@
 //! * **Decode on CPU.** A decode step multiplies one row (or a few) by every weight matrix: that
 //!   is bound by reading the weights, and candle's general matmul reaches well under the memory
 //!   bandwidth for a single row. [`gemv_cpu`] streams each weight row once, over raw f32 slices,
-//!   split across threads by output features.
+//!   split across threads by output features; the rows of a batch (up to 64) are dotted with each
+//!   weight row from registers, bit for bit as a row alone would be.
 //!
 //! A projection may also hold **quantized** weights (candle's GGML blocks, one tensor per fused
 //! piece; see [`crate::Quant`]). On the CPU, a few rows take [`qgemv_cpu`], the same banded
