@@ -136,6 +136,10 @@ pub(crate) fn attention_over_blocks(
         .reshape((b, h, c, d))?)
 }
 
+/// Keys per tile of [`decode_grouped_cpu`]: the scores of a tile are exponentiated together (a
+/// loop the compiler vectorises) and rescale the accumulated values once per tile, not per key.
+const DECODE_TILE: usize = 128;
+
 /// One decode query per head on CPU (`q: (B, H, 1, d)`, `k, v: (B, H_kv, L, d)` f32, any row
 /// stride, and an optional additive mask of one row of `L` per batch row): the `G` query heads
 /// that share a K/V head walk its rows *once*, together, with an online softmax. At long context
@@ -188,30 +192,59 @@ fn decode_grouped_cpu(
                 k0 + row * kst[0] + kv * kst[1],
                 v0 + row * vst[0] + kv * vst[1],
             );
+            // A right-aligned row's real keys start after its masked ones; tiles are counted
+            // from there, so the row computes exactly what it computes alone.
+            let first = row_mask.map_or(0, |m| {
+                m.iter().take_while(|&&x| x == f32::NEG_INFINITY).count()
+            });
             let mut max = vec![f32::NEG_INFINITY; g];
             let mut sum = vec![0f32; g];
-            for j in 0..l {
-                let bias = row_mask.map_or(0.0, |m| m[j]);
-                if bias == f32::NEG_INFINITY {
-                    continue;
+            let mut scores = vec![0f32; g * DECODE_TILE];
+            for t0 in (first..l).step_by(DECODE_TILE) {
+                let t = DECODE_TILE.min(l - t0);
+                for j in 0..t {
+                    let bias = row_mask.map_or(0.0, |m| m[t0 + j]);
+                    let kr = &kd[kb + (t0 + j) * kst[2]..][..d];
+                    for gi in 0..g {
+                        scores[gi * DECODE_TILE + j] = if bias == f32::NEG_INFINITY {
+                            f32::NEG_INFINITY
+                        } else {
+                            dot(&qh[gi * d..(gi + 1) * d], kr) * scale + bias
+                        };
+                    }
                 }
-                let kr = &kd[kb + j * kst[2]..][..d];
-                let vr = &vd[vb + j * vst[2]..][..d];
+                // Online softmax, a tile at a time: rescale what was accumulated when the
+                // tile raises the running max, then weight the tile's values.
                 for gi in 0..g {
-                    let qg = &qh[gi * d..(gi + 1) * d];
-                    let score = dot(qg, kr) * scale + bias;
-                    let acc = &mut out_kv[gi * d..(gi + 1) * d];
-                    // Online softmax: rescale what was accumulated when the max grows.
-                    let (p, rescale) = if score > max[gi] {
-                        let r = (max[gi] - score).exp();
-                        max[gi] = score;
-                        (1.0, r)
-                    } else {
-                        ((score - max[gi]).exp(), 1.0)
-                    };
-                    sum[gi] = sum[gi] * rescale + p;
-                    for (a, x) in acc.iter_mut().zip(vr) {
-                        *a = *a * rescale + p * x;
+                    let s = &mut scores[gi * DECODE_TILE..gi * DECODE_TILE + t];
+                    let tile_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    if tile_max == f32::NEG_INFINITY {
+                        s.fill(0.0);
+                        continue;
+                    }
+                    let new_max = max[gi].max(tile_max);
+                    if new_max > max[gi] {
+                        // exp(-inf) = 0 on the first tile, when nothing is accumulated yet.
+                        let rescale = (max[gi] - new_max).exp();
+                        sum[gi] *= rescale;
+                        out_kv[gi * d..(gi + 1) * d]
+                            .iter_mut()
+                            .for_each(|a| *a *= rescale);
+                        max[gi] = new_max;
+                    }
+                    fused::exp_shifted(s, new_max);
+                    sum[gi] += s.iter().sum::<f32>();
+                }
+                for j in 0..t {
+                    let vr = &vd[vb + (t0 + j) * vst[2]..][..d];
+                    for gi in 0..g {
+                        let p = scores[gi * DECODE_TILE + j];
+                        if p != 0.0 {
+                            out_kv[gi * d..(gi + 1) * d]
+                                .iter_mut()
+                                .zip(vr)
+                                .for_each(|(a, x)| *a += p * x);
+                        }
                     }
                 }
             }
@@ -452,37 +485,47 @@ mod tests {
     #[test]
     fn the_cpu_kernel_over_ragged_rows_equals_each_row_alone() -> Result<()> {
         let dev = Device::Cpu;
-        // Three rows of a right-aligned batch over a cache view with slack, with 29, 12 and 1
-        // real entries.
-        let q = Tensor::randn(0f32, 1.0, (3, 6, 1, 8), &dev)?;
-        let k_all = Tensor::randn(0f32, 1.0, (3, 2, 40, 8), &dev)?;
-        let v_all = Tensor::randn(0f32, 1.0, (3, 2, 40, 8), &dev)?;
-        let (k, v) = (k_all.narrow(2, 3, 29)?, v_all.narrow(2, 3, 29)?);
-        let visible = [29, 12, 1];
-        let mask = right_aligned_mask(&visible, 29, &dev)?;
-        let fast = attention(&q, &k, &v, Some(&mask), 0.3, true)?;
-        let masked_slow = naive_attention(&q, &k, &v, Some(&mask.reshape((3, 1, 1, 29))?), 0.3)?;
-        let diff = (&fast - masked_slow)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "{diff}");
-        for (r, &n) in visible.iter().enumerate() {
-            // The row alone, over its own entries only: the same arithmetic, bit for bit.
-            let row = |t: &Tensor| t.narrow(0, r, 1);
-            let alone = attention(
-                &row(&q)?,
-                &row(&k)?.narrow(2, 29 - n, n)?,
-                &row(&v)?.narrow(2, 29 - n, n)?,
-                None,
-                0.3,
-                true,
-            )?;
-            let diff = (row(&fast)? - alone)?
+        // Rows of a right-aligned batch over a cache view with slack: a short cache (one tile)
+        // and a long one whose rows' real entries straddle tiles differently from the slots'.
+        for (cap, l, visible) in [
+            (40, 29, vec![29, 12, 1]),
+            (
+                2 * DECODE_TILE + 80,
+                2 * DECODE_TILE + 50,
+                vec![2 * DECODE_TILE + 50, DECODE_TILE + 20, DECODE_TILE, 1],
+            ),
+        ] {
+            let n_rows = visible.len();
+            let q = Tensor::randn(0f32, 1.0, (n_rows, 6, 1, 8), &dev)?;
+            let k_all = Tensor::randn(0f32, 1.0, (n_rows, 2, cap, 8), &dev)?;
+            let v_all = Tensor::randn(0f32, 1.0, (n_rows, 2, cap, 8), &dev)?;
+            let (k, v) = (k_all.narrow(2, 3, l)?, v_all.narrow(2, 3, l)?);
+            let mask = right_aligned_mask(&visible, l, &dev)?;
+            let fast = attention(&q, &k, &v, Some(&mask), 0.3, true)?;
+            let masked_slow =
+                naive_attention(&q, &k, &v, Some(&mask.reshape((n_rows, 1, 1, l))?), 0.3)?;
+            let diff = (&fast - masked_slow)?
                 .abs()?
                 .max_all()?
                 .to_scalar::<f32>()?;
-            assert_eq!(diff, 0.0, "row {r}");
+            assert!(diff < 1e-5, "{diff}");
+            for (r, &n) in visible.iter().enumerate() {
+                // The row alone, over its own entries only: the same arithmetic, bit for bit.
+                let row = |t: &Tensor| t.narrow(0, r, 1);
+                let alone = attention(
+                    &row(&q)?,
+                    &row(&k)?.narrow(2, l - n, n)?,
+                    &row(&v)?.narrow(2, l - n, n)?,
+                    None,
+                    0.3,
+                    true,
+                )?;
+                let diff = (row(&fast)? - alone)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert_eq!(diff, 0.0, "row {r} of {l} slots");
+            }
         }
         Ok(())
     }
