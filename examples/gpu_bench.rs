@@ -494,7 +494,7 @@ impl Bench {
         chunk: usize,
         steps: usize,
     ) -> Res<(f64, f64, u64)> {
-        let ids = common::random_ids(ctx, model.config().vocab_size, ctx as u64);
+        let ids = common::random_ids(ctx, model.config().vocab_size(), ctx as u64);
         let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let mut cache = model.new_cache(1)?;
         cache.reserve(ctx + steps + 2)?;

@@ -226,7 +226,7 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             (model, Tokenizer::from_model_dir(&dir)?, name)
         }
     };
-    let vocab = model.config().vocab_size;
+    let vocab = model.config().vocab_size();
     let most = args.clients.iter().copied().max().unwrap_or(1);
     let engine = Engine::new(
         Arc::new(model),

@@ -239,7 +239,7 @@ fn run(args: Args) -> Res<()> {
     let load_start = Instant::now();
     let model = load(args.quant.0)?;
     let load_seconds = load_start.elapsed().as_secs_f64();
-    let vocab = model.config().vocab_size;
+    let vocab = model.config().vocab_size();
     if let Some((i, &id)) = seq
         .ids
         .iter()
@@ -250,7 +250,7 @@ fn run(args: Args) -> Res<()> {
             "token id {id} (element {i}) is out of range for the model's vocabulary of {vocab}"
         ));
     }
-    let max = model.config().max_positions;
+    let max = model.config().max_positions();
     if seq.ids.len() > max {
         return Err(format!(
             "{} tokens are more than the model's max_positions {max}",

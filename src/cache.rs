@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::config::Config;
 use crate::cross_decoder::GlobalKv;
+use crate::models::phi4flash::model::Phi4FlashState;
 use crate::self_decoder::SelfDecoderState;
 use crate::{Error, Result};
 
@@ -54,8 +55,88 @@ use crate::{Error, Result};
 /// ```
 #[derive(Clone, Debug)]
 pub struct Cache {
-    pub(crate) self_state: SelfDecoderState,
+    pub(crate) state: FamilyState,
     pub(crate) global: GlobalKv,
+}
+
+/// The constant-size state of one family's self-decoder.
+#[derive(Clone, Debug)]
+pub(crate) enum FamilyState {
+    /// YOCO: retention matrices or window K/V.
+    Yoco(SelfDecoderState),
+    /// Phi-4-mini-flash: Mamba conv and SSM states, window K/V.
+    Phi4Flash(Phi4FlashState),
+}
+
+impl FamilyState {
+    fn bytes(&self) -> usize {
+        match self {
+            FamilyState::Yoco(s) => s.bytes(),
+            FamilyState::Phi4Flash(s) => s.bytes(),
+        }
+    }
+
+    fn bytes_allocated(&self) -> usize {
+        match self {
+            FamilyState::Yoco(s) => s.bytes_allocated(),
+            FamilyState::Phi4Flash(s) => s.bytes_allocated(),
+        }
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        match self {
+            FamilyState::Yoco(s) => s.reset(),
+            FamilyState::Phi4Flash(s) => s.reset(),
+        }
+    }
+
+    fn stack(parts: &[&FamilyState]) -> Result<Self> {
+        let other = || Error::Input("caches of models of different families".into());
+        match parts.first() {
+            Some(FamilyState::Yoco(_)) => {
+                let states = parts
+                    .iter()
+                    .map(|p| match p {
+                        FamilyState::Yoco(s) => Ok(s),
+                        FamilyState::Phi4Flash(_) => Err(other()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(FamilyState::Yoco(SelfDecoderState::stack(&states)?))
+            }
+            Some(FamilyState::Phi4Flash(_)) => {
+                let states = parts
+                    .iter()
+                    .map(|p| match p {
+                        FamilyState::Phi4Flash(s) => Ok(s),
+                        FamilyState::Yoco(_) => Err(other()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(FamilyState::Phi4Flash(Phi4FlashState::stack(&states)?))
+            }
+            None => Err(Error::Input("Cache::stack needs at least one cache".into())),
+        }
+    }
+
+    fn select(&self, rows: &[usize]) -> Result<Self> {
+        Ok(match self {
+            FamilyState::Yoco(s) => FamilyState::Yoco(s.select(rows)?),
+            FamilyState::Phi4Flash(s) => FamilyState::Phi4Flash(s.select(rows)?),
+        })
+    }
+
+    fn shrink_to_fit(&mut self) -> Result<()> {
+        match self {
+            FamilyState::Yoco(s) => s.shrink_to_fit(),
+            FamilyState::Phi4Flash(s) => s.shrink_to_fit(),
+        }
+    }
+
+    fn save(&self, out: &mut HashMap<String, Tensor>) -> Result<()> {
+        match self {
+            FamilyState::Yoco(s) => s.save(out),
+            FamilyState::Phi4Flash(s) => s.save(out),
+        }
+    }
 }
 
 /// Version of the on-disk cache layout written by [`Cache::save`].
@@ -69,7 +150,7 @@ impl Cache {
             return Err(Error::Input("batch size must be at least 1".into()));
         }
         Ok(Cache {
-            self_state: SelfDecoderState::new(cfg, batch, dtype, device)?,
+            state: FamilyState::Yoco(SelfDecoderState::new(cfg, batch, dtype, device)?),
             global: GlobalKv::new(cfg, batch, dtype, device)?,
         })
     }
@@ -101,7 +182,7 @@ impl Cache {
 
     /// Forgets every sequence: back to position 0, buffers kept for reuse.
     pub fn reset(&mut self) -> Result<()> {
-        self.self_state.reset()?;
+        self.state.reset()?;
         self.global.reset();
         Ok(())
     }
@@ -119,12 +200,12 @@ impl Cache {
     /// Bytes of self-decoder state in use (constant in the sequence length: at most `W - 1`
     /// window entries per row, or the retention matrix).
     pub fn self_state_bytes(&self) -> usize {
-        self.self_state.bytes()
+        self.state.bytes()
     }
 
     /// Bytes allocated, slack included.
     pub fn allocated_bytes(&self) -> usize {
-        self.global.bytes_allocated() + self.self_state.bytes_allocated()
+        self.global.bytes_allocated() + self.state.bytes_allocated()
     }
 
     /// Joins caches (possibly at different positions, of one or more sequences each) into one
@@ -139,10 +220,10 @@ impl Cache {
         if caches.is_empty() {
             return Err(Error::Input("Cache::stack needs at least one cache".into()));
         }
-        let states: Vec<&SelfDecoderState> = caches.iter().map(|c| &c.self_state).collect();
+        let states: Vec<&FamilyState> = caches.iter().map(|c| &c.state).collect();
         let globals: Vec<&GlobalKv> = caches.iter().map(|c| &c.global).collect();
         Ok(Cache {
-            self_state: SelfDecoderState::stack(&states)?,
+            state: FamilyState::stack(&states)?,
             global: GlobalKv::stack(&globals)?,
         })
     }
@@ -162,7 +243,7 @@ impl Cache {
             return Ok(self.clone());
         }
         Ok(Cache {
-            self_state: self.self_state.select(rows)?,
+            state: self.state.select(rows)?,
             global: self.global.select(rows)?,
         })
     }
@@ -170,7 +251,7 @@ impl Cache {
     /// Gives back the slack of every buffer (what `reserve` or growth allocated beyond the
     /// entries in use): the cache then owns exactly its state, copied once, shared with no clone.
     pub(crate) fn shrink_to_fit(&mut self) -> Result<()> {
-        self.self_state.shrink_to_fit()?;
+        self.state.shrink_to_fit()?;
         self.global.shrink_to_fit()
     }
 
@@ -189,20 +270,34 @@ impl Cache {
         );
         out.insert("positions".into(), u32s(self.positions())?);
         self.global.save(&mut out)?;
-        self.self_state.save(&mut out)?;
+        self.state.save(&mut out)?;
         candle_core::safetensors::save(&out, path)
             .map_err(|e| Error::Checkpoint(format!("cannot save cache to {}: {e}", path.display())))
     }
 
-    /// Restores a cache written by [`Cache::save`] for a model with config `cfg`, placing its
-    /// K/V in `dtype` on `device`. Shapes are checked against the config.
+    /// Restores a cache written by [`Cache::save`] for a YOCO model with config `cfg`, placing
+    /// its K/V in `dtype` on `device`. Shapes are checked against the config.
+    /// [`crate::Model::load_cache`] does the same for a model of any family.
     pub fn load(
         path: impl AsRef<Path>,
         cfg: &Config,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let path = path.as_ref();
+        Cache::load_with(path.as_ref(), |file, batch| {
+            Ok((
+                FamilyState::Yoco(SelfDecoderState::load(file, cfg, batch, dtype, device)?),
+                GlobalKv::load(file, cfg, batch, dtype, device)?,
+            ))
+        })
+    }
+
+    /// Reads a saved cache: the file's version and positions here, the family's state and
+    /// global K/V by `parts(file, batch)`.
+    pub(crate) fn load_with(
+        path: &Path,
+        parts: impl FnOnce(&HashMap<String, Tensor>, usize) -> Result<(FamilyState, GlobalKv)>,
+    ) -> Result<Self> {
         let bad = |m: String| Error::Checkpoint(format!("cache file {}: {m}", path.display()));
         let file = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| bad(format!("cannot read: {e}")))?;
@@ -228,15 +323,11 @@ impl Cache {
             return Err(bad("no sequences".into()));
         }
         // Errors of the parts name the tensor; the file is named here.
-        let in_file = |e: Error| match e {
+        let (state, global) = parts(&file, batch).map_err(|e| match e {
             Error::Input(m) => bad(m),
             other => other,
-        };
-        let cache = Cache {
-            self_state: SelfDecoderState::load(&file, cfg, batch, dtype, device)
-                .map_err(in_file)?,
-            global: GlobalKv::load(&file, cfg, batch, dtype, device).map_err(in_file)?,
-        };
+        })?;
+        let cache = Cache { state, global };
         if cache.positions() != positions.as_slice() {
             return Err(bad("positions do not match the global K/V".into()));
         }

@@ -83,7 +83,19 @@ impl KvBuilder {
 impl GlobalKv {
     /// An empty global K/V for `batch` sequences, in `dtype`.
     pub(crate) fn new(cfg: &Config, batch: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let shape = (batch, cfg.n_attn_kv_heads, cfg.attn_head_dim());
+        GlobalKv::with_shape(
+            (batch, cfg.n_attn_kv_heads, cfg.attn_head_dim()),
+            dtype,
+            device,
+        )
+    }
+
+    /// An empty global K/V of `(batch, heads, head_dim)` entries, in `dtype`.
+    pub(crate) fn with_shape(
+        shape: (usize, usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         Ok(GlobalKv {
             buf: KvBuffer::new(1, shape, 0, dtype, device)?,
         })
@@ -197,6 +209,16 @@ impl GlobalKv {
         device: &Device,
     ) -> Result<Self> {
         let shape = (batch, cfg.n_attn_kv_heads, cfg.attn_head_dim());
+        GlobalKv::load_shaped(file, shape, dtype, device)
+    }
+
+    /// [`GlobalKv::load`] for entries of `(batch, heads, head_dim)`.
+    pub(crate) fn load_shaped(
+        file: &HashMap<String, Tensor>,
+        shape: (usize, usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let (k, v, filled) = get_entries(file, "global", shape)?;
         Ok(GlobalKv {
             buf: KvBuffer::from_entries(vec![(k, v)], filled, dtype, device)?,
@@ -232,8 +254,14 @@ impl CrossAttention {
             .project(x)?
             .heads(0, self.n_heads, Some(rope), None)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o =
-            attention_over_blocks(&q, &global.k, &global.v, &global.blocks, scale, self.native)?;
+        let o = global.attend(&q, scale, self.native)?;
         self.out_proj.forward(&merge_heads(&o)?)
+    }
+}
+
+impl GlobalView {
+    /// Softmax attention of `q: (B, H, C, d)` (grouped-query) over the keys each query sees.
+    pub(crate) fn attend(&self, q: &Tensor, scale: f64, native: bool) -> Result<Tensor> {
+        attention_over_blocks(q, &self.k, &self.v, &self.blocks, scale, native)
     }
 }

@@ -83,8 +83,10 @@ mod cross_decoder;
 mod device;
 mod error;
 mod generation;
+mod kernels;
 mod layers;
 mod model;
+mod models;
 mod quant;
 mod self_decoder;
 
@@ -102,5 +104,6 @@ pub use generation::tokenizer::{TextStream, Tokenizer};
 pub use generation::{
     Generation, GenerationConfig, StopReason, Token, REFERENCE_BOS, REFERENCE_EOS, REFERENCE_PAD,
 };
-pub use model::{Kernels, LoadOptions, Model, DEFAULT_PREFILL_CHUNK};
+pub use model::{Kernels, LoadOptions, Model, ModelConfig, DEFAULT_PREFILL_CHUNK};
+pub use models::phi4flash::config::{LayerRole, Phi4FlashConfig};
 pub use quant::{Quant, WeightFormat, WeightInfo};

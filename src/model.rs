@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Module, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Embedding, VarBuilder};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, FamilyState};
 use crate::checkpoint::catalogue::Catalogue;
 use crate::checkpoint::config::Config;
 use crate::cross_decoder::{CrossAttention, KvBuilder};
@@ -32,6 +32,11 @@ use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::layers::{Block, Weights};
+use crate::models::phi4flash::config::Phi4FlashConfig;
+use crate::models::phi4flash::model::Phi4Flash;
+#[cfg(test)]
+use crate::models::phi4flash::model::Trace;
+use crate::models::Logits;
 use crate::quant::{Quant, WeightInfo};
 use crate::self_decoder::SelfDecoder;
 use crate::{Error, Result};
@@ -110,20 +115,99 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
-/// Which positions of a chunk need logits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Logits {
-    /// None: the chunk only fills the caches (early exit: the cross-decoder never runs).
-    None,
-    /// The last position only (the end of a prompt, or a decode step).
-    Last,
-    /// Every position (scoring).
-    All,
-}
-
-/// A YOCO language model: immutable weights.
+/// A language model of one of the families yoco runs (YOCO, or Phi-4-mini-flash): immutable
+/// weights. Every family answers the same calls (forward, prefill with early exit, step, caches).
 #[derive(Clone, Debug)]
 pub struct Model {
+    family: Family,
+    /// The family's hyper-parameters.
+    config: ModelConfig,
+    /// Masks that depend only on a chunk's shape, built once.
+    consts: Constants,
+    dtype: DType,
+    device: Device,
+    /// Every weight tensor and the format it got.
+    weights: Arc<[WeightInfo]>,
+}
+
+/// The hyper-parameters of a [`Model`], whichever its family.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ModelConfig {
+    /// A YOCO model (`params.json`).
+    Yoco(Config),
+    /// A Phi-4-mini-flash (SambaY) model (Hugging Face `config.json`).
+    Phi4Flash(Phi4FlashConfig),
+}
+
+impl ModelConfig {
+    /// Rows of the embedding: token ids must be below it.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Yoco(c) => c.vocab_size,
+            ModelConfig::Phi4Flash(c) => c.vocab_size,
+        }
+    }
+
+    /// Largest number of positions a sequence may reach.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            ModelConfig::Yoco(c) => c.max_positions,
+            ModelConfig::Phi4Flash(c) => c.max_positions,
+        }
+    }
+
+    /// Number of layers.
+    pub fn n_layers(&self) -> usize {
+        match self {
+            ModelConfig::Yoco(c) => c.n_layers,
+            ModelConfig::Phi4Flash(c) => c.num_hidden_layers,
+        }
+    }
+
+    /// Width of the residual stream.
+    pub fn dim(&self) -> usize {
+        match self {
+            ModelConfig::Yoco(c) => c.dim,
+            ModelConfig::Phi4Flash(c) => c.hidden_size,
+        }
+    }
+
+    /// The YOCO config, if this is a YOCO model.
+    pub fn as_yoco(&self) -> Option<&Config> {
+        match self {
+            ModelConfig::Yoco(c) => Some(c),
+            ModelConfig::Phi4Flash(_) => None,
+        }
+    }
+
+    /// The Phi-4-mini-flash config, if this is one.
+    pub fn as_phi4flash(&self) -> Option<&Phi4FlashConfig> {
+        match self {
+            ModelConfig::Phi4Flash(c) => Some(c),
+            ModelConfig::Yoco(_) => None,
+        }
+    }
+
+    /// The family's name: `"yoco"` or `"phi4flash"`.
+    pub fn family(&self) -> &'static str {
+        match self {
+            ModelConfig::Yoco(_) => "yoco",
+            ModelConfig::Phi4Flash(_) => "phi4flash",
+        }
+    }
+}
+
+/// The weights of one family.
+#[derive(Clone, Debug)]
+enum Family {
+    Yoco(Box<Yoco>),
+    Phi4Flash(Box<Phi4Flash>),
+}
+
+/// A YOCO model's weights.
+#[derive(Clone, Debug)]
+struct Yoco {
     cfg: Config,
     embed_tokens: Embedding,
     self_decoder: SelfDecoder,
@@ -133,12 +217,6 @@ pub struct Model {
     output_projection: Linear,
     self_rope: Rope,
     attn_rope: Rope,
-    /// Masks that depend only on a chunk's shape, built once.
-    consts: Constants,
-    dtype: DType,
-    device: Device,
-    /// Every weight tensor and the format it got.
-    weights: Arc<[WeightInfo]>,
 }
 
 impl Model {
@@ -159,7 +237,7 @@ impl Model {
     ///     &Device::Cpu,
     ///     DType::F32,
     /// )?;
-    /// assert_eq!(model.config().n_layers, 6);
+    /// assert_eq!(model.config().n_layers(), 6);
     /// // A directory without weights is an error that says so, never a panic.
     /// assert!(Model::load(env!("CARGO_MANIFEST_DIR"), &Device::Cpu, DType::F32).is_err());
     /// # Ok(()) }
@@ -194,6 +272,23 @@ impl Model {
     /// ```
     pub fn load_with(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let dir = dir.as_ref();
+        let from_file = |e: Error| match e {
+            Error::Candle(e) => {
+                Error::Checkpoint(format!("reading weights from {}: {e}", dir.display()))
+            }
+            other => other,
+        };
+        if crate::checkpoint::family(dir)? == crate::checkpoint::Family::Phi4Flash {
+            let opened = crate::checkpoint::open_phi4flash(
+                dir,
+                options.dtype,
+                &options.device,
+                options.quant.is_some(),
+            )?;
+            let w = Weights::new(opened.vb, options.kernels == Kernels::Native)
+                .quantized(options.quant);
+            return Model::build_phi4flash(opened.cfg, w, opened.lm_head).map_err(from_file);
+        }
         let opened =
             crate::checkpoint::open(dir, options.dtype, &options.device, options.quant.is_some())?;
         let mut w =
@@ -202,12 +297,7 @@ impl Model {
             w = w.with_gguf(gguf);
         }
         // The headers were checked; an error now comes from the tensor data itself.
-        Model::build(opened.cfg, w).map_err(|e| match e {
-            Error::Candle(e) => {
-                Error::Checkpoint(format!("reading weights from {}: {e}", dir.display()))
-            }
-            other => other,
-        })
+        Model::build(opened.cfg, w).map_err(from_file)
     }
 
     /// Builds a model from a config and a `VarBuilder` that yields the official parameter names
@@ -219,13 +309,7 @@ impl Model {
 
     fn build(cfg: Config, w: Weights) -> Result<Self> {
         cfg.validate()?;
-        let dtype = w.dtype();
-        let device = w.device().clone();
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::Config(format!(
-                "weights dtype must be f32, f16 or bf16, got {dtype:?}"
-            )));
-        }
+        let (dtype, device) = Model::checked_dtype(&w)?;
         let cat = Catalogue::new(&cfg);
         let embed_tokens = Embedding::new(w.get(&cat.embed_tokens)?, cfg.dim);
         let self_decoder = SelfDecoder::load(&w, &cat, &cfg)?;
@@ -242,21 +326,51 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         let layer_norm = RmsNorm::load(&w, &cat.layer_norm, cfg.norm_eps)?;
         let output_projection = Linear::load(&w, &cat.output_projection)?;
-        Ok(Model {
+        let yoco = Yoco {
             layer_norm,
             output_projection,
-            weights: w.take_loaded().into(),
             self_rope: Rope::new(cfg.self_head_dim(), cfg.rope_theta, &device)?,
             attn_rope: Rope::new(cfg.attn_head_dim(), cfg.rope_theta, &device)?,
-            consts: Constants::default(),
-            cfg,
+            cfg: cfg.clone(),
             embed_tokens,
             self_decoder,
             kv_builder,
             cross_layers,
+        };
+        Ok(Model {
+            family: Family::Yoco(Box::new(yoco)),
+            config: ModelConfig::Yoco(cfg),
+            weights: w.take_loaded().into(),
+            consts: Constants::default(),
             dtype,
             device,
         })
+    }
+
+    /// A Phi-4-mini-flash model of `cfg` from `w` (`lm_head`: the checkpoint stores
+    /// `lm_head.weight`).
+    fn build_phi4flash(cfg: Phi4FlashConfig, w: Weights, lm_head: bool) -> Result<Self> {
+        let (dtype, device) = Model::checked_dtype(&w)?;
+        let model = Phi4Flash::build(cfg.clone(), &w, lm_head)?;
+        Ok(Model {
+            family: Family::Phi4Flash(Box::new(model)),
+            config: ModelConfig::Phi4Flash(cfg),
+            weights: w.take_loaded().into(),
+            consts: Constants::default(),
+            dtype,
+            device,
+        })
+    }
+
+    /// The weights' dtype and device; only float dtypes are accepted.
+    fn checked_dtype(w: &Weights) -> Result<(DType, Device)> {
+        let dtype = w.dtype();
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::Config(format!(
+                "weights dtype must be f32, f16 or bf16, got {dtype:?}"
+            )));
+        }
+        Ok((dtype, w.device().clone()))
     }
 
     /// A model with random weights (std 0.02, norm weights 1) of shape `cfg`, for benchmarks and
@@ -290,6 +404,19 @@ impl Model {
         Model::build(cfg.clone(), w)
     }
 
+    /// A Phi-4-mini-flash model of shape `cfg` with random weights drawn as each layer is built
+    /// (quantized to [`LoadOptions::quant`] if set), for benchmarks of shapes that have no
+    /// checkpoint here (`Phi4FlashConfig::phi4_mini_flash()` is the real model's).
+    pub fn random_phi4flash(cfg: &Phi4FlashConfig, options: &LoadOptions) -> Result<Self> {
+        let vb = VarBuilder::from_backend(
+            Box::new(RandomWeights),
+            options.dtype,
+            options.device.clone(),
+        );
+        let w = Weights::new(vb, options.kernels == Kernels::Native).quantized(options.quant);
+        Model::build_phi4flash(cfg.clone(), w, false)
+    }
+
     /// Every weight tensor of the model (official names, in the catalogue's order) and the
     /// format it is held in: what quantization gave each projection, with its fallbacks.
     pub fn weights(&self) -> &[WeightInfo] {
@@ -301,9 +428,10 @@ impl Model {
         self.weights.iter().map(|w| w.bytes).sum()
     }
 
-    /// The model's hyper-parameters.
-    pub fn config(&self) -> &Config {
-        &self.cfg
+    /// The model's hyper-parameters (match on the family, or use the accessors every family
+    /// has: [`ModelConfig::vocab_size`], [`ModelConfig::max_positions`], ...).
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
     }
 
     /// The weights' dtype (also the dtype of the global K/V).
@@ -318,7 +446,53 @@ impl Model {
 
     /// An empty cache for `batch` sequences.
     pub fn new_cache(&self, batch: usize) -> Result<Cache> {
-        Cache::new(&self.cfg, batch, self.dtype, &self.device)
+        match &self.family {
+            Family::Yoco(m) => Cache::new(&m.cfg, batch, self.dtype, &self.device),
+            Family::Phi4Flash(m) => {
+                if batch == 0 {
+                    return Err(Error::Input("batch size must be at least 1".into()));
+                }
+                let (state, global) = m.new_state(batch, self.dtype, &self.device)?;
+                Ok(Cache {
+                    state: FamilyState::Phi4Flash(state),
+                    global,
+                })
+            }
+        }
+    }
+
+    /// Restores a cache that [`Cache::save`] wrote for this model (any family), its state
+    /// checked against the model's shapes.
+    pub fn load_cache(&self, path: impl AsRef<Path>) -> Result<Cache> {
+        match &self.family {
+            Family::Yoco(m) => Cache::load(path, &m.cfg, self.dtype, &self.device),
+            Family::Phi4Flash(m) => {
+                let cfg = m.config();
+                let pairs = (cfg.num_key_value_heads / 2, 2 * cfg.head_dim());
+                Cache::load_with(path.as_ref(), |file, batch| {
+                    let (like, _) = m.new_state(batch, self.dtype, &self.device)?;
+                    let window = (
+                        like.window.n_layers(),
+                        (batch, pairs.0, pairs.1),
+                        cfg.sliding_window,
+                    );
+                    let state = crate::models::phi4flash::model::Phi4FlashState::load(
+                        file,
+                        &like,
+                        window,
+                        self.dtype,
+                        &self.device,
+                    )?;
+                    let global = crate::cross_decoder::GlobalKv::load_shaped(
+                        file,
+                        (batch, pairs.0, pairs.1),
+                        self.dtype,
+                        &self.device,
+                    )?;
+                    Ok((FamilyState::Phi4Flash(state), global))
+                })
+            }
+        }
     }
 
     /// Logits for every position of `ids: (B, T)` (u32), continuing from `cache`: `(B, T, vocab)`,
@@ -331,7 +505,7 @@ impl Model {
     pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let t = self.check_ids(ids, cache)?;
         let b = ids.dim(0)?;
-        let out = Tensor::zeros((b, t, self.cfg.vocab_size), DType::F32, &self.device)?;
+        let out = Tensor::zeros((b, t, self.config.vocab_size()), DType::F32, &self.device)?;
         let mut start = 0;
         while start < t {
             let c = DEFAULT_PREFILL_CHUNK.min(t - start);
@@ -461,18 +635,18 @@ impl Model {
                 cache.batch_size()
             )));
         }
-        if let Some(&bad) = values.iter().find(|&&x| x as usize >= self.cfg.vocab_size) {
+        let vocab = self.config.vocab_size();
+        if let Some(&bad) = values.iter().find(|&&x| x as usize >= vocab) {
             return Err(Error::Input(format!(
-                "token id {bad} is out of range for a vocabulary of {}",
-                self.cfg.vocab_size
+                "token id {bad} is out of range for a vocabulary of {vocab}"
             )));
         }
         let furthest = cache.positions().iter().copied().max().unwrap_or(0);
-        if furthest + t > self.cfg.max_positions {
+        if furthest + t > self.config.max_positions() {
             return Err(Error::Input(format!(
                 "sequence would reach {} positions, beyond the limit of {}",
                 furthest + t,
-                self.cfg.max_positions
+                self.config.max_positions()
             )));
         }
         if t > 1 && cache.position().is_none() {
@@ -492,22 +666,68 @@ impl Model {
         cache: &mut Cache,
         wanted: Logits,
     ) -> Result<Option<Tensor>> {
+        match (&self.family, &mut cache.state) {
+            (Family::Yoco(m), FamilyState::Yoco(state)) => {
+                m.forward_chunk(ids, state, &mut cache.global, &self.consts, wanted)
+            }
+            (Family::Phi4Flash(m), FamilyState::Phi4Flash(state)) => {
+                m.forward_chunk(ids, state, &mut cache.global, &self.consts, wanted, None)
+            }
+            _ => Err(Error::Input(
+                "the cache was made for a model of another family".into(),
+            )),
+        }
+    }
+
+    /// A full forward of a Phi-4-mini-flash model over `ids: (1, T)` from an empty cache,
+    /// keeping what the reference's fixtures hold (every layer's output, the final norm, the GMU
+    /// memory) and the cache it leaves.
+    #[cfg(test)]
+    pub(crate) fn phi4flash_trace(&self, ids: &Tensor) -> Result<(Trace, Cache)> {
+        let mut cache = self.new_cache(1)?;
+        let mut trace = Trace::default();
+        let (Family::Phi4Flash(m), FamilyState::Phi4Flash(state)) =
+            (&self.family, &mut cache.state)
+        else {
+            return Err(Error::Input("not a Phi-4-mini-flash model".into()));
+        };
+        m.forward_chunk(
+            ids,
+            state,
+            &mut cache.global,
+            &self.consts,
+            Logits::All,
+            Some(&mut trace),
+        )?;
+        Ok((trace, cache))
+    }
+}
+
+impl Yoco {
+    /// One chunk `ids: (B, C)` (checked) through the YOCO model.
+    fn forward_chunk(
+        &self,
+        ids: &Tensor,
+        self_state: &mut crate::self_decoder::SelfDecoderState,
+        global: &mut crate::cross_decoder::GlobalKv,
+        consts: &Constants,
+        wanted: Logits,
+    ) -> Result<Option<Tensor>> {
         let (_, c) = ids.dims2()?;
-        let starts = cache.positions().to_vec();
+        let starts = global.positions().to_vec();
+        let dtype = self.embed_tokens.embeddings().dtype();
 
         // 1. Embed: a plain scale, no position embedding.
         let x = self.embed_tokens.forward(&ids.to_dtype(DType::U32)?)?;
         let x = (x * (self.cfg.dim as f64).sqrt())?;
 
         // 2. The self-decoder, each layer with its own constant-size state.
-        let rope = self.self_rope.tables(&starts, c, self.dtype)?;
-        let x = self
-            .self_decoder
-            .forward(&x, &rope, &mut cache.self_state, &self.consts)?;
+        let rope = self.self_rope.tables(&starts, c, dtype)?;
+        let x = self.self_decoder.forward(&x, &rope, self_state, consts)?;
 
         // 3. The midpoint: this chunk's rows of the one global K/V.
-        let rope = self.attn_rope.tables(&starts, c, self.dtype)?;
-        cache.global.append(self.kv_builder.forward(&x, &rope)?)?;
+        let rope = self.attn_rope.tables(&starts, c, dtype)?;
+        global.append(self.kv_builder.forward(&x, &rope)?)?;
 
         // 4. Early exit: the cross-decoder runs only for the rows that need logits.
         let (mut x, rope, queries) = match wanted {
@@ -515,7 +735,7 @@ impl Model {
             Logits::Last => (x.narrow(1, c - 1, 1)?, rope.last()?, 1),
             Logits::All => (x, rope, c),
         };
-        let global = cache.global.view(queries, c, &self.consts)?;
+        let global = global.view(queries, c, consts)?;
 
         // 5. The cross-decoder: every layer reads the same global K/V.
         for layer in &self.cross_layers {

@@ -49,8 +49,7 @@ fn resuming_from_a_saved_cache_gives_the_same_tokens_as_never_stopping() {
         let path = tmp(&format!("{folder}.safetensors"));
         cache.save(&path).unwrap();
         drop(cache);
-        let mut restored =
-            Cache::load(&path, model.config(), model.dtype(), model.device()).unwrap();
+        let mut restored = model.load_cache(&path).unwrap();
         assert_eq!(restored.positions(), &[70]);
         let resumed = model
             .generate_from(&mut restored, user, &GenerationConfig::greedy(25), |_| {
@@ -156,7 +155,7 @@ fn one_model_shared_by_threads_gives_the_sequential_results() {
 fn the_self_decoder_state_stays_constant_while_the_global_kv_grows_per_token() {
     for folder in ["gret", "swa"] {
         let model = load(folder);
-        let cfg = model.config().clone();
+        let cfg = model.config().as_yoco().unwrap().clone();
         let mut cache = model.new_cache(1).unwrap();
         let mut sizes = Vec::new();
         for (i, &t) in expected(folder).tokens.iter().enumerate().take(120) {

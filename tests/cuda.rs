@@ -445,7 +445,7 @@ fn cuda_long_prompt_matches_cpu() {
     for name in ["gret", "swa"] {
         let cpu = load(name, &Device::Cpu, DType::F32);
         let gpu = load(name, &dev, DType::F32);
-        let prompt = random_ids(3000, cpu.config().vocab_size, 11);
+        let prompt = random_ids(3000, cpu.config().vocab_size(), 11);
         let mut c_cpu = cpu.new_cache(1).unwrap();
         let mut c_gpu = gpu.new_cache(1).unwrap();
         // No reserve: the global K/V grows (reallocates) on the device several times.
@@ -457,7 +457,7 @@ fn cuda_long_prompt_matches_cpu() {
             .unwrap();
         let mut worst = max_abs_diff(&a, &b);
         for i in 0..8u32 {
-            let tok = [(i * 37 + 5) % cpu.config().vocab_size as u32];
+            let tok = [(i * 37 + 5) % cpu.config().vocab_size() as u32];
             a = cpu
                 .step(&Tensor::new(&tok, &Device::Cpu).unwrap(), &mut c_cpu)
                 .unwrap();
@@ -600,7 +600,7 @@ fn cuda_loads_a_gguf_as_quantizing_at_load() {
         let from_file = Model::load(&out, &dev, DType::F32).unwrap();
         let at_load = load_quantized(&dir, &dev, DType::F32, quant);
         assert_eq!(from_file.weights(), at_load.weights());
-        let tokens = random_ids(200, at_load.config().vocab_size, 5);
+        let tokens = random_ids(200, at_load.config().vocab_size(), 5);
         let d = max_abs_diff(
             &full_forward(&from_file, &tokens),
             &full_forward(&at_load, &tokens),

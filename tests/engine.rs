@@ -327,7 +327,7 @@ fn kept_prefixes_stay_within_their_memory_limit() {
     let one = {
         let mut cache = model.new_cache(1).unwrap();
         model.prefill(&ids(&toks[..100]), &mut cache).unwrap();
-        cache.size_bytes() + 4 * model.config().vocab_size + 400
+        cache.size_bytes() + 4 * model.config().vocab_size() + 400
     };
     let engine = Engine::new(
         model,

@@ -909,7 +909,7 @@ fn sequence_beyond_max_positions_is_an_input_error() {
     params.insert("max_positions".into(), 10.into());
     let dir = dir_with_params("max-positions", &serde_json::to_string(&params).unwrap());
     let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
-    assert_eq!(model.config().max_positions, 10);
+    assert_eq!(model.config().max_positions(), 10);
     let exp = expected("gret");
     let dev = &Device::Cpu;
 

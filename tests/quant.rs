@@ -226,7 +226,7 @@ fn a_quantized_model_computes_what_float32_computes_with_the_dequantized_weights
         yoco::write_gguf(&dir, &gguf, Some(quant)).unwrap();
         let reference = TempDir::new("reference");
         let model = load(&dir, Some(quant), Kernels::Native);
-        dequantized_checkpoint(&gguf, model.config(), reference.path());
+        dequantized_checkpoint(&gguf, model.config().as_yoco().unwrap(), reference.path());
         let float = load(reference.path(), None, Kernels::Native);
         let tokens = case_tokens(&dir);
         let (full, steps) = both_paths(&model, &tokens);
@@ -334,7 +334,10 @@ fn each_projection_gets_the_format_its_width_allows() {
             };
             assert_eq!(w.format, want, "{} {quant}: {}", dir.display(), w.name);
         }
-        assert_eq!(model.weights().len(), model.config().parameters().len());
+        assert_eq!(
+            model.weights().len(),
+            model.config().as_yoco().unwrap().parameters().len()
+        );
     }
     // A width that fits no block stays float; the FFN's 96 = 3 x 32 still quantizes.
     let cfg = Config::new(48, 2, 96, 2, 2, 1, 64);

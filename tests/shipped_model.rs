@@ -68,7 +68,7 @@ fn held_out_verse_scores_far_below_what_random_weights_can_reach() {
     // any weight (a transposed projection, a wrong RoPE, a swapped FFN branch) lands near that.
     let ids = tokenizer.encode(HELD_OUT, false).unwrap();
     let uniform =
-        (model.config().vocab_size as f64).log2() * ids.len() as f64 / HELD_OUT.len() as f64;
+        (model.config().vocab_size() as f64).log2() * ids.len() as f64 / HELD_OUT.len() as f64;
     assert!(uniform > 4.0, "{uniform}");
     assert!(
         bpb < 3.0,

@@ -233,10 +233,33 @@ pub fn model_decode_bytes(m: &yoco::Model, ctx: usize, bytes_per_value: usize) -
         .filter(|w| w.part != yoco::Part::Embedding)
         .map(|w| w.bytes)
         .sum();
-    let cfg = m.config();
-    let kv = cfg.n_half_layers() * cfg.cache_bytes_per_token(bytes_per_value) * ctx;
-    let state = 2 * cfg.self_state_bytes(bytes_per_value);
-    (weights + kv + state) as f64
+    match m.config() {
+        yoco::ModelConfig::Phi4Flash(cfg) => {
+            // The shared K/V is read by the global layer and every cross-attention layer; the
+            // window K/V and the Mamba states are read and written each step.
+            let readers = 1 + cfg.num_hidden_layers / 4 - 1;
+            let kv = 2 * cfg.num_key_value_heads * cfg.head_dim() * bytes_per_value * ctx;
+            let window = cfg.num_hidden_layers / 4
+                * 2
+                * cfg.num_key_value_heads
+                * cfg.head_dim()
+                * bytes_per_value
+                * cfg.sliding_window.min(ctx);
+            let mamba = (cfg.num_hidden_layers / 4 + 1)
+                * cfg.d_inner()
+                * (cfg.mamba_d_state + cfg.mamba_d_conv)
+                * 4;
+            (weights + readers * kv + window + 2 * mamba) as f64
+        }
+        cfg => {
+            let Some(cfg) = cfg.as_yoco() else {
+                return weights as f64;
+            };
+            let kv = cfg.n_half_layers() * cfg.cache_bytes_per_token(bytes_per_value) * ctx;
+            let state = 2 * cfg.self_state_bytes(bytes_per_value);
+            (weights + kv + state) as f64
+        }
+    }
 }
 
 /// Bytes a Llama decode step reads at context `ctx`: every weight but the embedding table, and

@@ -304,7 +304,7 @@ impl AppState {
                 Some("prompt"),
             ));
         }
-        let vocab = self.engine.model().config().vocab_size;
+        let vocab = self.engine.model().config().vocab_size();
         if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(ApiError::bad(
                 format!("token id {bad} is outside the vocabulary of {vocab}"),

@@ -58,37 +58,9 @@ pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, streamed: bool) ->
     let cfg = Config::from_file(dir.join("params.json"))?;
     let vb = match weights? {
         Weights::Safetensors(paths) => {
-            let mut found = BTreeMap::new();
-            for path in &paths {
-                for (name, entry) in safetensors::header(path)? {
-                    if found.insert(name.clone(), entry).is_some() {
-                        return Err(Error::Checkpoint(format!(
-                            "tensor `{name}` appears in more than one shard (again in {})",
-                            path.display()
-                        )));
-                    }
-                }
-            }
-            let prefix = check_tensors(&cfg, &found)?;
-            let vb = if streamed {
-                let backend = safetensors::Streamed::new(&paths)?;
-                VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
-            } else {
-                // Opening re-parses the headers (candle's checks are stricter than ours, e.g.
-                // the tensors must tile the data section): a failure here is a corrupt
-                // checkpoint.
-                // SAFETY: the files are memory-mapped read-only; as with every mmap-based
-                // loader, they must not be modified while the model loads (the tensors are
-                // copied out).
-                unsafe { VarBuilder::from_mmaped_safetensors(&paths, dtype, device) }.map_err(
-                    |e| {
-                        let names: Vec<String> =
-                            paths.iter().map(|p| p.display().to_string()).collect();
-                        Error::Checkpoint(format!("cannot open {}: {e}", names.join(", ")))
-                    },
-                )?
-            };
-            rooted(vb, prefix)
+            let found = headers(&paths)?;
+            let prefix = check_tensors(&cfg.parameters(), &found)?;
+            rooted(safetensors_vb(&paths, dtype, device, streamed)?, prefix)
         }
         Weights::Pth(path) => {
             // Parsed once, through the guard (candle's `from_pth` would parse it unguarded).
@@ -104,7 +76,7 @@ pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, streamed: bool) ->
                     (name.clone(), entry)
                 })
                 .collect();
-            let prefix = check_tensors(&cfg, &found)?;
+            let prefix = check_tensors(&cfg.parameters(), &found)?;
             rooted(
                 VarBuilder::from_backend(Box::new(pth), dtype, device.clone()),
                 prefix,
@@ -116,6 +88,128 @@ pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, streamed: bool) ->
         cfg,
         vb,
         gguf: None,
+    })
+}
+
+/// The tensors the headers of safetensors files declare, each name once across the shards.
+fn headers(paths: &[PathBuf]) -> Result<BTreeMap<String, TensorEntry>> {
+    let mut found = BTreeMap::new();
+    for path in paths {
+        for (name, entry) in safetensors::header(path)? {
+            if found.insert(name.clone(), entry).is_some() {
+                return Err(Error::Checkpoint(format!(
+                    "tensor `{name}` appears in more than one shard (again in {})",
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// A `VarBuilder` over safetensors files whose headers were checked: memory-mapped, or read
+/// one tensor at a time when `streamed`.
+fn safetensors_vb(
+    paths: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    streamed: bool,
+) -> Result<VarBuilder<'static>> {
+    if streamed {
+        let backend = safetensors::Streamed::new(paths)?;
+        return Ok(VarBuilder::from_backend(
+            Box::new(backend),
+            dtype,
+            device.clone(),
+        ));
+    }
+    // Opening re-parses the headers (candle's checks are stricter than ours, e.g. the tensors
+    // must tile the data section): a failure here is a corrupt checkpoint.
+    // SAFETY: the files are memory-mapped read-only; as with every mmap-based loader, they must
+    // not be modified while the model loads (the tensors are copied out).
+    unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }.map_err(|e| {
+        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        Error::Checkpoint(format!("cannot open {}: {e}", names.join(", ")))
+    })
+}
+
+/// Which model family a directory holds, told by its files: `params.json` (or a `model.gguf`
+/// alone) is a YOCO checkpoint; a Hugging Face `config.json` with `model_type: phi4flash` is
+/// Phi-4-mini-flash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    Yoco,
+    Phi4Flash,
+}
+
+/// The family of the checkpoint in `dir` (see [`Family`]).
+pub(crate) fn family(dir: &Path) -> Result<Family> {
+    if dir.join("params.json").is_file() {
+        return Ok(Family::Yoco);
+    }
+    let config = dir.join("config.json");
+    if config.is_file() {
+        let text = read_small(&config, 1 << 20)?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: config.clone(),
+            message: e.to_string(),
+        })?;
+        return match json.get("model_type").and_then(|m| m.as_str()) {
+            Some(crate::models::phi4flash::config::MODEL_TYPE) => Ok(Family::Phi4Flash),
+            other => Err(Error::Json {
+                path: config,
+                message: format!(
+                    "model_type {other:?} is not a family yoco runs (\"{}\"; YOCO checkpoints \
+                     come with params.json)",
+                    crate::models::phi4flash::config::MODEL_TYPE
+                ),
+            }),
+        };
+    }
+    Ok(Family::Yoco)
+}
+
+/// An opened Hugging Face Phi-4-mini-flash directory: its config, whether it stores
+/// `lm_head.weight`, and a `VarBuilder` over its checked weights.
+pub(crate) struct OpenedPhi4Flash {
+    pub cfg: crate::models::phi4flash::config::Phi4FlashConfig,
+    pub lm_head: bool,
+    pub vb: VarBuilder<'static>,
+}
+
+/// Opens a Phi-4-mini-flash directory: `config.json` plus `model.safetensors` or the shards of
+/// `model.safetensors.index.json`, every tensor checked by name and shape against the catalogue
+/// before any is read (each is converted from its own dtype as it loads).
+pub(crate) fn open_phi4flash(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    streamed: bool,
+) -> Result<OpenedPhi4Flash> {
+    use crate::models::phi4flash::config::Phi4FlashConfig;
+    let cfg = Phi4FlashConfig::from_file(dir.join("config.json"))?;
+    let paths = match find_weights(dir)? {
+        Weights::Safetensors(paths) => paths,
+        Weights::Pth(p) | Weights::Gguf(p) => {
+            return Err(Error::Checkpoint(format!(
+                "{}: a Phi-4-mini-flash directory keeps its weights in safetensors files",
+                p.display()
+            )))
+        }
+    };
+    let found = headers(&paths)?;
+    let lm_head = found.contains_key("lm_head.weight");
+    let prefix = check_tensors(&cfg.parameters(lm_head), &found)?;
+    if !prefix.is_empty() {
+        return Err(Error::Checkpoint(format!(
+            "tensor names carry the YOCO trainer prefix `{prefix}`; a Hugging Face checkpoint \
+             does not"
+        )));
+    }
+    Ok(OpenedPhi4Flash {
+        cfg,
+        lm_head,
+        vb: safetensors_vb(&paths, dtype, device, streamed)?,
     })
 }
 
@@ -135,7 +229,7 @@ fn open_gguf(dir: &Path, path: &Path, dtype: DType, device: &Device) -> Result<O
             )));
         }
     }
-    let prefix = check_tensors(&cfg, &file.entries())?;
+    let prefix = check_tensors(&cfg.parameters(), &file.entries())?;
     file.set_prefix(prefix);
     let file = Arc::new(file);
     let backend = gguf::GgufBackend(file.clone());
@@ -256,7 +350,7 @@ fn read_small(path: &Path, limit: u64) -> Result<String> {
 /// Checks a checkpoint's tensors against a config, strictly. Returns the prefix the names
 /// carry (`""` or [`TRAINER_PREFIX`]).
 pub(crate) fn check_tensors(
-    cfg: &Config,
+    params: &[catalogue::Parameter],
     found: &BTreeMap<String, TensorEntry>,
 ) -> Result<&'static str> {
     let (prefixed, plain): (Vec<&String>, Vec<&String>) =
@@ -282,20 +376,20 @@ pub(crate) fn check_tensors(
         name,
         shape: expected,
         ..
-    } in cfg.parameters()
+    } in params
     {
         match remaining.remove(name.as_str()) {
             None => {
                 return Err(Error::MissingTensor {
                     name: format!("{prefix}{name}"),
-                    expected,
+                    expected: expected.clone(),
                 })
             }
             Some(entry) => {
-                if entry.shape != expected {
+                if entry.shape != *expected {
                     return Err(Error::ShapeMismatch {
                         name: format!("{prefix}{name}"),
-                        expected,
+                        expected: expected.clone(),
                         actual: entry.shape.clone(),
                     });
                 }
@@ -347,11 +441,11 @@ mod tests {
         // `check_tensors` also guards checkpoint.pth, whose dtypes come from the pickle.
         let cfg = Config::new(8, 2, 16, 2, 2, 1, 16);
         let mut found = entries(&cfg);
-        assert_eq!(check_tensors(&cfg, &found).ok(), Some(""));
+        assert_eq!(check_tensors(&cfg.parameters(), &found).ok(), Some(""));
         if let Some(e) = found.get_mut("layer_norm.weight") {
             e.dtype = DType::I64;
         }
-        let msg = match check_tensors(&cfg, &found) {
+        let msg = match check_tensors(&cfg.parameters(), &found) {
             Ok(_) => String::new(),
             Err(e) => e.to_string(),
         };
@@ -368,9 +462,12 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (format!("{TRAINER_PREFIX}{k}"), v))
             .collect();
-        assert_eq!(check_tensors(&cfg, &prefixed).ok(), Some(TRAINER_PREFIX));
+        assert_eq!(
+            check_tensors(&cfg.parameters(), &prefixed).ok(),
+            Some(TRAINER_PREFIX)
+        );
         let mut mixed = prefixed;
         mixed.extend(entries(&cfg).into_iter().take(1));
-        assert!(check_tensors(&cfg, &mixed).is_err());
+        assert!(check_tensors(&cfg.parameters(), &mixed).is_err());
     }
 }

@@ -452,19 +452,19 @@ impl Engine {
             return Err(Error::Input("empty prompt: give at least one token".into()));
         }
         let cfg = self.model.config();
-        if let Some(&bad) = r.prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        if let Some(&bad) = r.prompt.iter().find(|&&t| t as usize >= cfg.vocab_size()) {
             return Err(Error::Input(format!(
                 "token id {bad} is out of range for a vocabulary of {}",
-                cfg.vocab_size
+                cfg.vocab_size()
             )));
         }
         let end = r.prompt.len().saturating_add(r.config.max_new_tokens);
-        if end > cfg.max_positions {
+        if end > cfg.max_positions() {
             return Err(Error::Input(format!(
                 "prompt ({} tokens) plus max_new_tokens ({}) exceeds the position limit {}",
                 r.prompt.len(),
                 r.config.max_new_tokens,
-                cfg.max_positions
+                cfg.max_positions()
             )));
         }
         if let Some(n) = r.keep_prefix {

@@ -477,7 +477,7 @@ impl Model {
     }
 
     fn check_room(&self, prompt_end: usize, max_new: usize) -> Result<()> {
-        let limit = self.config().max_positions;
+        let limit = self.config().max_positions();
         if prompt_end + max_new > limit {
             return Err(Error::Input(format!(
                 "prompt ({prompt_end} positions) plus max_new_tokens ({max_new}) exceeds the position limit {limit}"

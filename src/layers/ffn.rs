@@ -1,4 +1,5 @@
-//! The SwiGLU feed-forward network: `fc2(silu(fc1 x) * gate x)`.
+//! The SwiGLU feed-forward network: `fc2(silu(fc1 x) * gate x)`, the two branches as two fused
+//! pieces (YOCO) or as the two halves of one weight (Phi-4-mini-flash's `fc1`).
 //!
 //! Trap: in the reference `fc1` is the *activated* branch and the module called `gate` is the
 //! *linear* one (the reverse of the usual naming).
@@ -27,6 +28,17 @@ impl SwiGlu {
                 return self.fc2.forward(&h);
             }
         }
-        self.fc2.forward(&(p.rows(0)?.silu()? * p.rows(1)?)?)
+        let (gate, up) = if self.fc1_gate.n_parts() == 2 {
+            (p.rows(0)?, p.rows(1)?)
+        } else {
+            // One weight whose first half is the activated branch (Phi-4-mini-flash's `fc1`).
+            let y = p.rows(0)?;
+            let f = y.dim(candle_core::D::Minus1)? / 2;
+            (
+                y.narrow(candle_core::D::Minus1, 0, f)?,
+                y.narrow(candle_core::D::Minus1, f, f)?,
+            )
+        };
+        self.fc2.forward(&(gate.silu()? * up)?)
     }
 }

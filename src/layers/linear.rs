@@ -43,10 +43,13 @@ pub(crate) const GEMV_MAX_ROWS: usize = 8;
 /// a weight row is used many times.
 pub(crate) const GEMV_MAX_ROWS_F32: usize = 64;
 
-/// A bias-free linear layer, `y = x W^T`, possibly several fused into one.
+/// A linear layer, `y = x W^T (+ b)`, possibly several fused into one.
 #[derive(Clone, Debug)]
 pub(crate) struct Linear {
     weight: Weight,
+    /// `(out,)` in the weight's float dtype, added after the product (YOCO has none; the
+    /// Phi-4-mini-flash attention projections do).
+    bias: Option<Tensor>,
     /// Output widths of the fused pieces, in order (one entry when not fused).
     parts: Vec<usize>,
     /// May a few rows on the CPU take [`gemv_cpu`] / [`qgemv_cpu`], and many rows the
@@ -85,6 +88,7 @@ impl Linear {
         let (out, _) = weight.dims2()?;
         Ok(Linear {
             weight: Weight::Float(weight.contiguous()?),
+            bias: None,
             parts: vec![out],
             native: true,
         })
@@ -108,6 +112,7 @@ impl Linear {
         }
         Ok(Linear {
             weight: Weight::Quantized(pieces),
+            bias: None,
             parts,
             native: true,
         })
@@ -125,13 +130,48 @@ impl Linear {
         }
         Ok(Linear {
             weight: Weight::Float(Tensor::cat(weights, 0)?.contiguous()?),
+            bias: None,
             parts,
             native: true,
         })
     }
 
+    /// The same layer, allowed the CPU kernels or not.
+    pub(crate) fn native(self, native: bool) -> Self {
+        Linear { native, ..self }
+    }
+
+    /// Number of fused pieces.
+    pub(crate) fn n_parts(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// The same layer with a bias `(out,)` added after the product.
+    pub(crate) fn with_bias(self, bias: Tensor) -> Result<Self> {
+        let out: usize = self.parts.iter().sum();
+        if bias.dims1()? != out {
+            return Err(Error::Config(format!(
+                "a bias of {:?} for a layer of {out} outputs",
+                bias.dims()
+            )));
+        }
+        Ok(Linear {
+            bias: Some(bias),
+            ..self
+        })
+    }
+
     /// `x: (..., in) -> (..., out)` where `out` is the sum of the fused widths.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.product(x)?;
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(&b.to_dtype(y.dtype())?)?),
+            None => Ok(y),
+        }
+    }
+
+    /// `x W^T`, without the bias.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = self.gemv(x)? {
             return Ok(y);
         }
@@ -212,7 +252,7 @@ impl Linear {
         let mut parts = Vec::with_capacity(self.parts.len());
         let mut start = 0;
         for (i, &width) in self.parts.iter().enumerate() {
-            parts.push(match &self.weight {
+            let y = match &self.weight {
                 Weight::Float(w) => matmul(x, &w.narrow(0, start, width)?)?,
                 Weight::Quantized(pieces) => {
                     let q = pieces
@@ -220,6 +260,10 @@ impl Linear {
                         .ok_or_else(|| Error::Config("fused piece count changed".into()))?;
                     self.quantized_product(x, q)?
                 }
+            };
+            parts.push(match &self.bias {
+                Some(b) => y.broadcast_add(&b.narrow(0, start, width)?.to_dtype(y.dtype())?)?,
+                None => y,
             });
             start += width;
         }

@@ -83,6 +83,19 @@ impl<'a> Weights<'a> {
         Ok(t)
     }
 
+    /// The tensor of parameter `p` in f32 whatever the model's dtype: parameters whose precision
+    /// the reference keeps (Mamba's `A_log` and `D`, differential attention's lambdas).
+    pub(crate) fn get_f32(&self, p: &Parameter) -> Result<Tensor> {
+        let t = self.vb.get_with_hints_dtype(
+            p.shape.as_slice(),
+            &p.name,
+            candle_nn::Init::Const(0.),
+            DType::F32,
+        )?;
+        self.record(p, WeightFormat::Float(DType::F32), t.elem_count() * 4);
+        Ok(t)
+    }
+
     /// The pieces of a projection: quantized as a GGUF file stores them, quantized now (each
     /// piece read alone in f32 on the CPU, quantized, then dropped, so that the float weights are
     /// never all held at once), or float.
@@ -138,6 +151,11 @@ impl<'a> Weights<'a> {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(LinearWeights::Quantized(pieces))
+    }
+
+    /// Are projections quantized as they load (or read quantized from a GGUF file)?
+    pub(crate) fn quantizes(&self) -> bool {
+        self.quant.is_some() || self.gguf.is_some()
     }
 
     /// The model's device.

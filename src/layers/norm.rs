@@ -55,3 +55,40 @@ impl RmsNorm {
         Ok(candle_nn::ops::rms_norm(&x, &w, self.eps)?)
     }
 }
+
+/// LayerNorm with a bias: `y = (x - mean(x)) * rsqrt(var(x) + eps) * weight + bias`, statistics
+/// in f32 whatever the dtype (the Phi-4-mini-flash family normalises with it everywhere).
+#[derive(Clone, Debug)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// The norm whose `(dim,)` weight and bias are `weight` and `bias`.
+    pub(crate) fn load(
+        w: &Weights,
+        weight: &Parameter,
+        bias: &Parameter,
+        eps: f64,
+    ) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get(weight)?,
+            bias: w.get(bias)?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises `x` over its last dimension; the result has the weight's dtype (a float32
+    /// residual stream is normalised into the model's dtype).
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(self.weight.dtype())?.contiguous()?;
+        Ok(candle_nn::ops::layer_norm(
+            &x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}

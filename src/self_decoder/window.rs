@@ -108,16 +108,33 @@ impl SlidingWindowAttention {
         let q = p.heads(0, h, Some(rope), None)?;
         let k = p.heads(1, h, Some(rope), None)?;
         let v = p.heads(2, h, None, None)?;
-        let (keys, values) = slot.write_and_view(&k, &v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if self.native && q.dim(2)? > 1 {
+        let o = slot.attend(&q, &k, &v, scale, self.native)?;
+        self.out_proj.forward(&merge_heads(&o)?)
+    }
+}
+
+impl WindowSlot<'_> {
+    /// Writes this layer's keys and values of the chunk, `k, v: (B, H_kv, C, d)`, and attends
+    /// the chunk's queries `q: (B, H, C, d)` over the keys each sees (the last `W`, its own
+    /// included): `(B, H, C, d)`. `native`: the CPU kernels may run.
+    pub(crate) fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        native: bool,
+    ) -> Result<Tensor> {
+        let (keys, values) = self.write_and_view(k, v)?;
+        if native && q.dim(2)? > 1 {
             let band =
-                band_attention_cpu(&q, &keys, &values, Some(slot.chunk.window), scale as f32)?;
+                band_attention_cpu(q, &keys, &values, Some(self.chunk.window), scale as f32)?;
             if let Some(o) = band {
-                return self.out_proj.forward(&merge_heads(&o)?);
+                return Ok(o);
             }
         }
-        let outs = slot
+        let outs = self
             .chunk
             .blocks
             .iter()
@@ -129,19 +146,16 @@ impl SlidingWindowAttention {
                     &values,
                     std::slice::from_ref(&block.keys),
                     scale,
-                    self.native,
+                    native,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let o = match outs.as_slice() {
+        Ok(match outs.as_slice() {
             [one] => one.clone(),
             _ => Tensor::cat(&outs, 2)?,
-        };
-        self.out_proj.forward(&merge_heads(&o)?)
+        })
     }
-}
 
-impl WindowSlot<'_> {
     /// Writes this layer's keys and values of the chunk, `(B, H, C, d)`, and returns views of
     /// the slots its queries attend over.
     fn write_and_view(&self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
