@@ -1565,3 +1565,265 @@ fn gguf_tensors_are_checked_against_the_config() {
         &["cross_decoder.v_proj.weight", "fused"],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Phi-4-mini-flash directories (Hugging Face layout): config.json, safetensors (single or
+// sharded), generation_config.json. Built from the `phi4flash/a_l8_w4` fixture.
+// ---------------------------------------------------------------------------------------------
+
+const PHI: &str = "phi4flash/a_l8_w4";
+
+fn phi_config() -> serde_json::Map<String, serde_json::Value> {
+    let text = std::fs::read_to_string(fixture(PHI).join("config.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn phi_tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(PHI).join("model.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// A Phi-4-mini-flash directory with this config and these tensors.
+fn phi_dir(
+    test: &str,
+    config: &serde_json::Map<String, serde_json::Value>,
+    tensors: &HashMap<String, Tensor>,
+) -> TempDir {
+    let dir = TempDir::new(test);
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
+    candle_core::safetensors::save(tensors, dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+fn phi_with(test: &str, key: &str, value: serde_json::Value) -> TempDir {
+    let mut cfg = phi_config();
+    cfg.insert(key.into(), value);
+    phi_dir(test, &cfg, &phi_tensors())
+}
+
+fn phi_logits(dir: &Path) -> Tensor {
+    let model = Model::load(dir, &Device::Cpu, DType::F32).unwrap();
+    let mut cache = model.new_cache(1).unwrap();
+    model
+        .forward(&ids(&[5, 17, 42, 99, 7, 3, 250]), &mut cache)
+        .unwrap()
+}
+
+fn assert_phi_json_err(err: Error, file: &str, needles: &[&str]) {
+    match &err {
+        Error::Json { path, message } => {
+            assert!(path.ends_with(file), "{}", path.display());
+            for n in needles {
+                assert!(message.contains(n), "`{message}` does not mention `{n}`");
+            }
+        }
+        other => panic!("expected Error::Json from {file} mentioning {needles:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn phi4flash_config_forms_that_mean_the_same_model_load_the_same() {
+    let base = phi_logits(&fixture(PHI));
+    // The per-layer window list the config class writes, `layer_types`, dt_rank spelled out.
+    let list = serde_json::json!([null, 4, null, 4, null, null, null, null]);
+    let types = serde_json::json!([
+        "full_attention",
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "full_attention",
+        "full_attention",
+        "full_attention",
+        "full_attention"
+    ]);
+    for (key, value) in [
+        ("sliding_window", list),
+        ("layer_types", types),
+        ("mamba_dt_rank", serde_json::json!("auto")),
+        ("mamba_dt_rank", serde_json::json!(4)),
+        ("attention_dropout", serde_json::json!(0.0)),
+    ] {
+        let dir = phi_with("phi-same", key, value);
+        let diff = max_abs_diff(&phi_logits(dir.path()), &base);
+        assert_eq!(diff, 0.0, "{key}");
+    }
+}
+
+#[test]
+fn phi4flash_configs_that_cannot_be_this_model_are_refused_by_name() {
+    for (key, value, needle) in [
+        ("num_hidden_layers", serde_json::json!(6), "multiple of 4"),
+        (
+            "num_key_value_heads",
+            serde_json::json!(3),
+            "key/value heads",
+        ),
+        (
+            "sliding_window",
+            serde_json::json!([4, 4, null, 4, null, null, null, null]),
+            "entry 0",
+        ),
+        (
+            "sliding_window",
+            serde_json::json!("wide"),
+            "sliding_window",
+        ),
+        (
+            "layer_types",
+            serde_json::json!(vec!["sliding_attention"; 8]),
+            "layer_types",
+        ),
+        ("mamba_dt_rank", serde_json::json!(7), "mamba_dt_rank"),
+        ("mb_per_layer", serde_json::json!(1), "mb_per_layer"),
+        ("hidden_size", serde_json::json!(-64), "-64"),
+        ("vocab_size", serde_json::json!(1u64 << 40), "vocab_size"),
+        (
+            "tie_word_embeddings",
+            serde_json::json!(false),
+            "tie_word_embeddings",
+        ),
+    ] {
+        let dir = phi_with("phi-bad-config", key, value.clone());
+        assert_phi_json_err(load_err(dir.path()), "config.json", &[needle]);
+    }
+    // Another model_type is not taken for Phi-4-mini-flash (nor for YOCO).
+    let dir = phi_with("phi-llama", "model_type", serde_json::json!("llama"));
+    assert_phi_json_err(load_err(dir.path()), "config.json", &["llama"]);
+    // Not JSON at all.
+    let dir = phi_with("phi-not-json", "hidden_size", serde_json::json!(64));
+    std::fs::write(dir.join("config.json"), "{ \"model_type\": \"phi4flash\", ").unwrap();
+    assert!(matches!(load_err(dir.path()), Error::Json { .. }));
+}
+
+#[test]
+fn phi4flash_tensors_are_checked_by_name_shape_and_dtype() {
+    let cfg = phi_config();
+    let mut missing = phi_tensors();
+    missing.remove("model.layers.4.attn.A_log");
+    let err = load_err(phi_dir("phi-missing", &cfg, &missing).path());
+    assert!(
+        matches!(&err, Error::MissingTensor { name, expected } if name == "model.layers.4.attn.A_log" && expected == &vec![128, 16]),
+        "{err:?}"
+    );
+    let mut wrong = phi_tensors();
+    wrong.insert(
+        "model.layers.1.attn.Wqkv.bias".into(),
+        Tensor::zeros(64, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = load_err(phi_dir("phi-shape", &cfg, &wrong).path());
+    assert!(
+        matches!(&err, Error::ShapeMismatch { name, .. } if name == "model.layers.1.attn.Wqkv.bias"),
+        "{err:?}"
+    );
+    let mut extra = phi_tensors();
+    extra.insert(
+        "model.layers.6.attn.Wqkv.weight".into(),
+        Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = load_err(phi_dir("phi-extra", &cfg, &extra).path());
+    assert!(
+        matches!(&err, Error::UnexpectedTensors(m) if m.contains("layers.6.attn.Wqkv")),
+        "{err:?}"
+    );
+    let mut ints = phi_tensors();
+    ints.insert(
+        "model.final_layernorm.bias".into(),
+        Tensor::zeros(64, DType::I64, &Device::Cpu).unwrap(),
+    );
+    assert_checkpoint_err(
+        load_err(phi_dir("phi-int", &cfg, &ints).path()),
+        &["model.final_layernorm.bias", "I64"],
+    );
+}
+
+#[test]
+fn phi4flash_shards_and_mixed_dtypes_load_as_stored() {
+    let base = phi_logits(&fixture(PHI));
+    let tensors = phi_tensors();
+    let dir = TempDir::new("phi-shards");
+    std::fs::copy(fixture(PHI).join("config.json"), dir.join("config.json")).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let shard: HashMap<String, Tensor> = part
+            .iter()
+            .map(|&n| (n.clone(), tensors[n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, dir.join(&file)).unwrap();
+        for &n in part {
+            map.insert(n.clone(), serde_json::json!(file));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_eq!(max_abs_diff(&phi_logits(dir.path()), &base), 0.0);
+
+    // bf16 weights with A_log, D and the lambdas kept in f32, as the real checkpoint may
+    // store them: each tensor is read in its own dtype.
+    let kept_f32 = |n: &str| n.ends_with("A_log") || n.ends_with(".D") || n.contains("lambda_");
+    let mixed: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let t = if kept_f32(n) {
+                t.clone()
+            } else {
+                t.to_dtype(DType::BF16).unwrap()
+            };
+            (n.clone(), t)
+        })
+        .collect();
+    let dir = phi_dir("phi-bf16", &phi_config(), &mixed);
+    let got = phi_logits(dir.path());
+    let rel = max_abs_diff(&got, &base)
+        / base
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+    assert!(
+        rel > 0.0 && rel < 0.1,
+        "bf16 weights: relative max diff {rel}"
+    );
+}
+
+#[test]
+fn phi4flash_uses_a_stored_lm_head_and_the_tied_embedding_otherwise() {
+    let base = phi_logits(&fixture(PHI));
+    let mut tensors = phi_tensors();
+    let doubled = (&tensors["model.embed_tokens.weight"] * 2.0).unwrap();
+    tensors.insert("lm_head.weight".into(), doubled);
+    let dir = phi_dir("phi-head", &phi_config(), &tensors);
+    let twice = (&base * 2.0).unwrap();
+    assert!(max_abs_diff(&phi_logits(dir.path()), &twice) < 1e-4);
+}
+
+#[test]
+fn phi4flash_generation_config_gives_the_stop_ids() {
+    let dir = phi_dir("phi-gen", &phi_config(), &phi_tensors());
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"bos_token_id": 199999, "eos_token_id": [200020, 199999], "do_sample": true}"#,
+    )
+    .unwrap();
+    let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let cfg = model.config().as_phi4flash().unwrap();
+    assert_eq!(cfg.stop_token_ids, vec![200020, 199999]);
+    let gen = yoco::GenerationConfig::default().for_model(&model);
+    assert_eq!(gen.stop_tokens, vec![200020, 199999]);
+    assert!(gen.suppress_tokens.is_empty());
+    for bad in [
+        r#"{"eos_token_id": "end"}"#,
+        r#"{"eos_token_id": [-1]}"#,
+        "[1, 2",
+    ] {
+        std::fs::write(dir.join("generation_config.json"), bad).unwrap();
+        assert_phi_json_err(load_err(dir.path()), "generation_config.json", &[]);
+    }
+}

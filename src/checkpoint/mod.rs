@@ -187,7 +187,12 @@ pub(crate) fn open_phi4flash(
     streamed: bool,
 ) -> Result<OpenedPhi4Flash> {
     use crate::models::phi4flash::config::Phi4FlashConfig;
-    let cfg = Phi4FlashConfig::from_file(dir.join("config.json"))?;
+    let mut cfg = Phi4FlashConfig::from_file(dir.join("config.json"))?;
+    let generation = dir.join("generation_config.json");
+    if generation.is_file() {
+        cfg.stop_token_ids =
+            crate::models::phi4flash::config::stop_ids_from_generation_config(&generation)?;
+    }
     let paths = match find_weights(dir)? {
         Weights::Safetensors(paths) => paths,
         Weights::Pth(p) | Weights::Gguf(p) => {

@@ -106,6 +106,20 @@ impl GenerationConfig {
         self
     }
 
+    /// Stop and suppressed ids that the model's own files define: for a Phi-4-mini-flash
+    /// directory, stop at the `eos_token_id`s of its `generation_config.json` (when it has one)
+    /// and suppress nothing, as its reference does. A YOCO model changes nothing. Apply it after
+    /// [`GenerationConfig::for_tokenizer`].
+    pub fn for_model(mut self, model: &Model) -> Self {
+        if let crate::ModelConfig::Phi4Flash(cfg) = model.config() {
+            if !cfg.stop_token_ids.is_empty() {
+                self.stop_tokens = cfg.stop_token_ids.clone();
+            }
+            self.suppress_tokens.clear();
+        }
+        self
+    }
+
     /// Checks every setting; [`Model::generate`] calls it.
     pub fn validate(&self) -> Result<()> {
         self.sampling.validate()?;

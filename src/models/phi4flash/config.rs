@@ -81,10 +81,10 @@ pub struct Phi4FlashConfig {
     pub max_positions: usize,
     /// `tie_word_embeddings`.
     pub tie_word_embeddings: bool,
-    /// `bos_token_id`, when the file gives one.
-    pub bos_token_id: Option<u32>,
-    /// `eos_token_id` (one or a list), when the file gives one.
-    pub eos_token_ids: Vec<u32>,
+    /// Where generation stops: `eos_token_id` of the directory's `generation_config.json` (one
+    /// id or a list), empty without one. `config.json`'s own `bos/eos/pad_token_id` are
+    /// placeholders in the real model (0/1/2) and are not used.
+    pub stop_token_ids: Vec<u32>,
 }
 
 /// The keys of `config.json` yoco reads; everything else is ignored, as the reference does.
@@ -110,8 +110,6 @@ struct RawConfig {
     mamba_proj_bias: Option<bool>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
-    bos_token_id: Option<serde_json::Value>,
-    eos_token_id: Option<serde_json::Value>,
 }
 
 fn default_eps() -> f64 {
@@ -120,6 +118,34 @@ fn default_eps() -> f64 {
 
 /// `model_type` of the configs this module reads.
 pub(crate) const MODEL_TYPE: &str = "phi4flash";
+
+/// `eos_token_id` of a `generation_config.json` (a number or a list of numbers; absent: none).
+pub(crate) fn stop_ids_from_generation_config(path: &Path) -> Result<Vec<u32>> {
+    let text = read_limited(path)?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    ids(&json.get("eos_token_id").cloned(), "eos_token_id").map_err(|e| match e {
+        Error::Config(message) => Error::Json {
+            path: path.into(),
+            message,
+        },
+        other => other,
+    })
+}
+
+/// A small JSON file's text (configs are kilobytes; a huge file is refused before it is read).
+fn read_limited(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.len() > 1 << 20 {
+        return Err(Error::Json {
+            path: path.into(),
+            message: format!("{} bytes is too large for a config", meta.len()),
+        });
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
 
 /// Token ids written as a number or a list of numbers.
 fn ids(v: &Option<serde_json::Value>, key: &str) -> Result<Vec<u32>> {
@@ -138,14 +164,7 @@ impl Phi4FlashConfig {
     /// Reads `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if meta.len() > 1 << 20 {
-            return Err(Error::Json {
-                path: path.into(),
-                message: format!("{} bytes is too large for a config", meta.len()),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_limited(path)?;
         Phi4FlashConfig::from_json(&text).map_err(|e| match e {
             Error::Config(message) => Error::Json {
                 path: path.into(),
@@ -180,8 +199,7 @@ impl Phi4FlashConfig {
             mamba_expand: raw.mamba_expand.unwrap_or(2),
             max_positions: raw.max_position_embeddings.unwrap_or(1 << 18),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
-            bos_token_id: ids(&raw.bos_token_id, "bos_token_id")?.first().copied(),
-            eos_token_ids: ids(&raw.eos_token_id, "eos_token_id")?,
+            stop_token_ids: Vec::new(),
         };
         if let Some(mb) = raw.mb_per_layer {
             if mb != 2 {
@@ -335,8 +353,7 @@ impl Phi4FlashConfig {
             mamba_expand: 2,
             max_positions: 262144,
             tie_word_embeddings: true,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
+            stop_token_ids: Vec::new(),
         }
     }
 }
