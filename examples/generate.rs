@@ -139,6 +139,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(tok) = &tokenizer {
         cfg = cfg.for_tokenizer(tok);
     }
+    cfg = cfg.for_model(&model);
     let prompt_ids = match (&args.prompt_tokens, &tokenizer) {
         (Some(ids), _) => ids.clone(),
         (None, Some(tok)) => tok.encode(args.prompt.as_deref().unwrap_or(DEFAULT_PROMPT), true)?,

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example profile -- [--contexts 1024,2048,...] [--models yoco,yoco-swa,llama]
 //!     [--decode-steps N] [--chunk N] [--quant none,q8_0,q4_0,q4_k] [--out DIR] [--limits]
+//! cargo run --release --example profile -- --shape phi4-flash --quant q4_k --contexts 1024
 //! ```
 //!
 //! Every (model, context) point runs in a fresh child process so that its peak RSS (`VmHWM`) is
@@ -75,6 +76,18 @@ struct Args {
     /// The context of --single
     #[arg(long, hide = true, value_parser = common::tokens)]
     context: Option<usize>,
+    /// A shape to measure instead of --models: `phi4-flash` is Phi-4-mini-flash-reasoning's
+    /// (3.85B parameters, random weights; use --quant q4_k or q8_0 on a machine with less than
+    /// 20 GB of memory)
+    #[arg(long, value_name = "SHAPE")]
+    shape: Option<Shape>,
+}
+
+/// A shape measured on its own (`--shape`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Shape {
+    /// Phi-4-mini-flash-reasoning (SambaY): 32 layers, hidden 2560, vocab 200064
+    Phi4Flash,
 }
 
 /// A model `profile` measures.
@@ -86,6 +99,8 @@ enum Arch {
     YocoSwa,
     /// candle-transformers' Llama of the same shape
     Llama,
+    /// Phi-4-mini-flash-reasoning's shape (SambaY), random weights
+    Phi4Flash,
 }
 
 impl Arch {
@@ -94,6 +109,7 @@ impl Arch {
             Arch::Yoco => "yoco",
             Arch::YocoSwa => "yoco-swa",
             Arch::Llama => "llama",
+            Arch::Phi4Flash => "phi4-flash",
         }
     }
 }
@@ -108,7 +124,11 @@ fn single(
     quant: Option<yoco::Quant>,
 ) -> yoco::Result<serde_json::Value> {
     let dev = Device::Cpu;
-    let ids = common::random_ids(ctx + steps, BENCH_160M.vocab, 12345);
+    let vocab = match arch {
+        Arch::Phi4Flash => yoco::Phi4FlashConfig::phi4_mini_flash().vocab_size,
+        _ => BENCH_160M.vocab,
+    };
+    let ids = common::random_ids(ctx + steps, vocab, 12345);
     let prompt = Tensor::new(&ids[..ctx], &dev)?.unsqueeze(0)?;
     let base_rss = common::peak_rss_bytes();
     let mut bounds = None;
@@ -126,6 +146,34 @@ fn single(
                 common::yoco_prefill_flops(&cfg),
                 common::model_decode_bytes(&m, ctx, 4),
             ));
+            let mut cache = m.new_cache(1)?;
+            cache.reserve(ctx + steps)?;
+            let (_, prefill_s) =
+                common::timed(&dev, || m.prefill_chunked(&prompt, &mut cache, chunk))?;
+            for &tok in &ids[ctx..] {
+                let x = Tensor::new(&[tok], &dev)?;
+                decode.push(common::timed(&dev, || m.step(&x, &mut cache))?.1);
+            }
+            (prefill_s, m.weight_bytes(), cache.size_bytes())
+        }
+        Arch::Phi4Flash => {
+            let cfg = yoco::Phi4FlashConfig {
+                max_positions: ctx + steps,
+                ..yoco::Phi4FlashConfig::phi4_mini_flash()
+            };
+            let options = yoco::LoadOptions {
+                quant,
+                ..yoco::LoadOptions::default()
+            };
+            let m = Model::random_phi4flash(&cfg, &options)?;
+            // Every projection's weights are used once per token: 2 FLOPs per weight.
+            let linear: usize = m
+                .weights()
+                .iter()
+                .filter(|w| w.shape.len() == 2 && w.part != yoco::Part::Embedding)
+                .map(|w| w.shape.iter().product::<usize>())
+                .sum();
+            bounds = Some((2.0 * linear as f64, common::model_decode_bytes(&m, ctx, 4)));
             let mut cache = m.new_cache(1)?;
             cache.reserve(ctx + steps)?;
             let (_, prefill_s) =
@@ -312,7 +360,11 @@ fn main() -> ExitCode {
     }
     md.push('\n');
     let mut results: Vec<serde_json::Value> = Vec::new();
-    for &arch in &args.models {
+    let models = match args.shape {
+        Some(Shape::Phi4Flash) => vec![Arch::Phi4Flash],
+        None => args.models.clone(),
+    };
+    for &arch in &models {
         // Quantization applies to YOCO (each context runs every choice in turn, side by side);
         // the Llama twin runs once, in f32.
         let quants = match arch {

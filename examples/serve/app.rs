@@ -406,7 +406,8 @@ impl AppState {
             logprobs,
             ..GenerationConfig::default()
         }
-        .for_tokenizer(&self.tokenizer);
+        .for_tokenizer(&self.tokenizer)
+        .for_model(self.engine.model());
         if r.ignore_eos {
             config.stop_tokens.clear();
         }
