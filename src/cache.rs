@@ -17,10 +17,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::config::Config;
-use crate::cross_decoder::GlobalKv;
+use crate::layers::global_kv::GlobalKv;
 use crate::models::phi4flash::model::Phi4FlashState;
-use crate::self_decoder::SelfDecoderState;
+use crate::models::yoco::config::Config;
+use crate::models::yoco::cross_decoder::{load_global_kv, new_global_kv};
+use crate::models::yoco::self_decoder::SelfDecoderState;
 use crate::{Error, Result};
 
 /// Per-sequence inference state for a batch of sequences. Create one with
@@ -151,7 +152,7 @@ impl Cache {
         }
         Ok(Cache {
             state: FamilyState::Yoco(SelfDecoderState::new(cfg, batch, dtype, device)?),
-            global: GlobalKv::new(cfg, batch, dtype, device)?,
+            global: new_global_kv(cfg, batch, dtype, device)?,
         })
     }
 
@@ -287,7 +288,7 @@ impl Cache {
         Cache::load_with(path.as_ref(), |file, batch| {
             Ok((
                 FamilyState::Yoco(SelfDecoderState::load(file, cfg, batch, dtype, device)?),
-                GlobalKv::load(file, cfg, batch, dtype, device)?,
+                load_global_kv(file, cfg, batch, dtype, device)?,
             ))
         })
     }

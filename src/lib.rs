@@ -79,7 +79,6 @@
 
 mod cache;
 mod checkpoint;
-mod cross_decoder;
 mod device;
 mod error;
 mod generation;
@@ -88,12 +87,9 @@ mod layers;
 mod model;
 mod models;
 mod quant;
-mod self_decoder;
 
 pub use cache::Cache;
 pub use checkpoint::catalogue::{ParamCounts, Parameter, Part};
-pub use checkpoint::config::{Config, SelfMixer, DEFAULT_MAX_POSITIONS};
-pub use checkpoint::gguf::write_gguf;
 pub use device::{device_by_name, dtype_by_name};
 pub use error::{Error, Result};
 pub use generation::engine::{
@@ -106,4 +102,6 @@ pub use generation::{
 };
 pub use model::{Kernels, LoadOptions, Model, ModelConfig, DEFAULT_PREFILL_CHUNK};
 pub use models::phi4flash::config::{LayerRole, Phi4FlashConfig};
+pub use models::yoco::config::{Config, SelfMixer, DEFAULT_MAX_POSITIONS};
+pub use models::yoco::gguf::write_gguf;
 pub use quant::{Quant, WeightFormat, WeightInfo};

@@ -19,26 +19,21 @@ use std::path::Path;
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::cache::{Cache, FamilyState};
-use crate::checkpoint::catalogue::Catalogue;
-use crate::checkpoint::config::Config;
-use crate::cross_decoder::{CrossAttention, KvBuilder};
 use crate::layers::constants::Constants;
-use crate::layers::linear::Linear;
-use crate::layers::norm::RmsNorm;
-use crate::layers::rope::Rope;
-use crate::layers::{Block, Weights};
+use crate::layers::Weights;
 use crate::models::phi4flash::config::Phi4FlashConfig;
 use crate::models::phi4flash::model::Phi4Flash;
 #[cfg(test)]
 use crate::models::phi4flash::model::Trace;
+use crate::models::yoco::config::Config;
+use crate::models::yoco::model::Yoco;
 use crate::models::Logits;
 use crate::quant::{Quant, WeightInfo};
-use crate::self_decoder::SelfDecoder;
 use crate::{Error, Result};
 
 /// Default number of prompt tokens processed at once by [`Model::prefill`] and
@@ -83,6 +78,42 @@ impl Default for LoadOptions {
             quant: None,
         }
     }
+}
+
+/// Which model family a directory holds, told by its files: `params.json` (or a `model.gguf`
+/// alone) is a YOCO checkpoint; a Hugging Face `config.json` with `model_type: phi4flash` is
+/// Phi-4-mini-flash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FamilyOnDisk {
+    Yoco,
+    Phi4Flash,
+}
+
+/// The family of the checkpoint in `dir` (see [`FamilyOnDisk`]).
+fn family_on_disk(dir: &Path) -> Result<FamilyOnDisk> {
+    if dir.join("params.json").is_file() {
+        return Ok(FamilyOnDisk::Yoco);
+    }
+    let config = dir.join("config.json");
+    if config.is_file() {
+        let text = crate::checkpoint::read_small(&config, 1 << 20)?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: config.clone(),
+            message: e.to_string(),
+        })?;
+        return match json.get("model_type").and_then(|m| m.as_str()) {
+            Some(crate::models::phi4flash::config::MODEL_TYPE) => Ok(FamilyOnDisk::Phi4Flash),
+            other => Err(Error::Json {
+                path: config,
+                message: format!(
+                    "model_type {other:?} is not a family yoco runs (\"{}\"; YOCO checkpoints \
+                     come with params.json)",
+                    crate::models::phi4flash::config::MODEL_TYPE
+                ),
+            }),
+        };
+    }
+    Ok(FamilyOnDisk::Yoco)
 }
 
 /// Random weights drawn when a layer asks for them: std 0.02 for matrices, ones for norms (what
@@ -205,20 +236,6 @@ enum Family {
     Phi4Flash(Box<Phi4Flash>),
 }
 
-/// A YOCO model's weights.
-#[derive(Clone, Debug)]
-struct Yoco {
-    cfg: Config,
-    embed_tokens: Embedding,
-    self_decoder: SelfDecoder,
-    kv_builder: KvBuilder,
-    cross_layers: Vec<Block<CrossAttention>>,
-    layer_norm: RmsNorm,
-    output_projection: Linear,
-    self_rope: Rope,
-    attn_rope: Rope,
-}
-
 impl Model {
     /// Loads a model directory: `params.json` plus `model.safetensors`, a sharded
     /// `model.safetensors.index.json`, or `checkpoint.pth`, with the official code's parameter
@@ -278,8 +295,8 @@ impl Model {
             }
             other => other,
         };
-        if crate::checkpoint::family(dir)? == crate::checkpoint::Family::Phi4Flash {
-            let opened = crate::checkpoint::open_phi4flash(
+        if family_on_disk(dir)? == FamilyOnDisk::Phi4Flash {
+            let opened = crate::models::phi4flash::load::open(
                 dir,
                 options.dtype,
                 &options.device,
@@ -289,8 +306,12 @@ impl Model {
                 .quantized(options.quant);
             return Model::build_phi4flash(opened.cfg, w, opened.lm_head).map_err(from_file);
         }
-        let opened =
-            crate::checkpoint::open(dir, options.dtype, &options.device, options.quant.is_some())?;
+        let opened = crate::models::yoco::load::open(
+            dir,
+            options.dtype,
+            &options.device,
+            options.quant.is_some(),
+        )?;
         let mut w =
             Weights::new(opened.vb, options.kernels == Kernels::Native).quantized(options.quant);
         if let Some(gguf) = opened.gguf {
@@ -308,35 +329,8 @@ impl Model {
     }
 
     fn build(cfg: Config, w: Weights) -> Result<Self> {
-        cfg.validate()?;
         let (dtype, device) = Model::checked_dtype(&w)?;
-        let cat = Catalogue::new(&cfg);
-        let embed_tokens = Embedding::new(w.get(&cat.embed_tokens)?, cfg.dim);
-        let self_decoder = SelfDecoder::load(&w, &cat, &cfg)?;
-        let kv_builder = KvBuilder::load(&w, &cat, &cfg)?;
-        let heads = (cfg.n_attn_heads, cfg.attn_head_dim());
-        let cross_layers = cat
-            .cross_layers
-            .iter()
-            .map(|spec| {
-                Block::load(&w, spec, cfg.norm_eps, |m| {
-                    CrossAttention::load(&w, m, heads)
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let layer_norm = RmsNorm::load(&w, &cat.layer_norm, cfg.norm_eps)?;
-        let output_projection = Linear::load(&w, &cat.output_projection)?;
-        let yoco = Yoco {
-            layer_norm,
-            output_projection,
-            self_rope: Rope::new(cfg.self_head_dim(), cfg.rope_theta, &device)?,
-            attn_rope: Rope::new(cfg.attn_head_dim(), cfg.rope_theta, &device)?,
-            cfg: cfg.clone(),
-            embed_tokens,
-            self_decoder,
-            kv_builder,
-            cross_layers,
-        };
+        let yoco = Yoco::build(cfg.clone(), &w)?;
         Ok(Model {
             family: Family::Yoco(Box::new(yoco)),
             config: ModelConfig::Yoco(cfg),
@@ -483,7 +477,7 @@ impl Model {
                         self.dtype,
                         &self.device,
                     )?;
-                    let global = crate::cross_decoder::GlobalKv::load_shaped(
+                    let global = crate::layers::global_kv::GlobalKv::load(
                         file,
                         (batch, pairs.0, pairs.1),
                         self.dtype,
@@ -700,56 +694,5 @@ impl Model {
             Some(&mut trace),
         )?;
         Ok((trace, cache))
-    }
-}
-
-impl Yoco {
-    /// One chunk `ids: (B, C)` (checked) through the YOCO model.
-    fn forward_chunk(
-        &self,
-        ids: &Tensor,
-        self_state: &mut crate::self_decoder::SelfDecoderState,
-        global: &mut crate::cross_decoder::GlobalKv,
-        consts: &Constants,
-        wanted: Logits,
-    ) -> Result<Option<Tensor>> {
-        let (_, c) = ids.dims2()?;
-        let starts = global.positions().to_vec();
-        let dtype = self.embed_tokens.embeddings().dtype();
-
-        // 1. Embed: a plain scale, no position embedding.
-        let x = self.embed_tokens.forward(&ids.to_dtype(DType::U32)?)?;
-        let x = (x * (self.cfg.dim as f64).sqrt())?;
-
-        // 2. The self-decoder, each layer with its own constant-size state.
-        let rope = self.self_rope.tables(&starts, c, dtype)?;
-        let x = self.self_decoder.forward(&x, &rope, self_state, consts)?;
-
-        // 3. The midpoint: this chunk's rows of the one global K/V.
-        let rope = self.attn_rope.tables(&starts, c, dtype)?;
-        global.append(self.kv_builder.forward(&x, &rope)?)?;
-
-        // 4. Early exit: the cross-decoder runs only for the rows that need logits.
-        let (mut x, rope, queries) = match wanted {
-            Logits::None => return Ok(None),
-            Logits::Last => (x.narrow(1, c - 1, 1)?, rope.last()?, 1),
-            Logits::All => (x, rope, c),
-        };
-        let global = global.view(queries, c, consts)?;
-
-        // 5. The cross-decoder: every layer reads the same global K/V.
-        for layer in &self.cross_layers {
-            x = layer.forward(&x, |m, xn| m.forward(xn, &rope, &global))?;
-        }
-
-        // 6. The head.
-        let logits = self
-            .output_projection
-            .forward(&self.layer_norm.forward(&x)?)?
-            .to_dtype(DType::F32)?;
-        Ok(Some(match wanted {
-            Logits::Last => logits.squeeze(1)?,
-            _ => logits,
-        }))
     }
 }

@@ -20,20 +20,15 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{ggml_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
-use super::config::Config;
 use super::TensorEntry;
 use crate::{Error, Result};
 
 /// The file name [`crate::Model::load`] looks for.
 pub(crate) const FILE_NAME: &str = "model.gguf";
-
-/// The `general.architecture` of a YOCO GGUF, and the prefix of its config keys.
-pub(crate) const ARCHITECTURE: &str = "yoco";
 
 /// Bounds on what a header may declare. A YOCO checkpoint has ~10 tensors per layer and a dozen
 /// metadata entries; these are far above any real one and far below anything harmful.
@@ -180,21 +175,22 @@ impl GgufFile {
         Error::Checkpoint(format!("{}: {m}", self.path.display()))
     }
 
-    /// The model's config, from the `yoco.*` metadata, validated as a `params.json` is.
-    pub(crate) fn config(&self) -> Result<Config> {
+    /// `general.architecture`, when the file names one.
+    pub(crate) fn architecture(&self) -> Option<&str> {
         match self.metadata.get("general.architecture") {
-            Some(Meta::Text(a)) if a == ARCHITECTURE => {}
-            Some(Meta::Text(a)) => {
-                return Err(self.bad(format!(
-                    "general.architecture is `{a}`, not `{ARCHITECTURE}`: not a YOCO model"
-                )))
-            }
-            _ => {
-                return Err(self.bad("no general.architecture string: not a YOCO model file".into()))
-            }
+            Some(Meta::Text(a)) => Some(a),
+            _ => None,
         }
+    }
+
+    /// The scalar metadata under `{prefix}.` as a JSON object, keys without the prefix (what a
+    /// family parses its config from). An array there is an error.
+    pub(crate) fn scalars(
+        &self,
+        prefix: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>> {
         let mut fields = serde_json::Map::new();
-        let prefix = format!("{ARCHITECTURE}.");
+        let prefix = format!("{prefix}.");
         for (key, value) in &self.metadata {
             let Some(field) = key.strip_prefix(&prefix) else {
                 continue;
@@ -213,10 +209,12 @@ impl GgufFile {
             };
             fields.insert(field.to_string(), json);
         }
-        let cfg: Config = serde_json::from_value(serde_json::Value::Object(fields))
-            .map_err(|e| self.bad(format!("the {prefix}* metadata is not a config: {e}")))?;
-        cfg.validate()?;
-        Ok(cfg)
+        Ok(fields)
+    }
+
+    /// An error about this file.
+    pub(crate) fn error(&self, m: String) -> Error {
+        self.bad(m)
     }
 
     /// The tensors as [`super::check_tensors`] checks them (names and shapes; the formats are
@@ -520,97 +518,6 @@ impl<R: Read> Reader<'_, R> {
             other => return Err(self.bad(format!("unknown metadata type {other}"))),
         })
     }
-}
-
-/// Writes `model.gguf`-format file `out` from the checkpoint in `dir` (any format
-/// [`crate::Model::load`] reads): the config as metadata, the embedding and the norms in f32,
-/// the projections quantized to `quant` (with the same fallbacks and the same bytes as
-/// [`crate::LoadOptions::quant`] gives at load time) or in f32 without it. Tensors the checkpoint
-/// already stores quantized (a GGUF) are copied as they are. Returns what each tensor got.
-///
-/// The checkpoint is read one projection at a time and quantized as it is read, so memory holds
-/// the written tensors and at most one float projection beside them.
-///
-/// ```no_run
-/// use yoco::{Model, Quant};
-///
-/// # fn main() -> yoco::Result<()> {
-/// std::fs::create_dir_all("target/shakespeare-q8_0").ok();
-/// yoco::write_gguf("models/shakespeare", "target/shakespeare-q8_0/model.gguf", Some(Quant::Q8_0))?;
-/// let model = Model::load("target/shakespeare-q8_0", &candle_core::Device::Cpu, candle_core::DType::F32)?;
-/// # Ok(()) }
-/// ```
-pub fn write_gguf(
-    dir: impl AsRef<Path>,
-    out: impl AsRef<Path>,
-    quant: Option<crate::Quant>,
-) -> Result<Vec<crate::WeightInfo>> {
-    use super::catalogue::{Catalogue, Group};
-    use crate::layers::{LinearWeights, Weights};
-
-    let opened = super::open(dir.as_ref(), DType::F32, &Device::Cpu, true)?;
-    let cfg = opened.cfg;
-    let mut w = Weights::new(opened.vb, true).quantized(quant);
-    if let Some(gguf) = opened.gguf {
-        w = w.with_gguf(gguf);
-    }
-    let float = |t: &Tensor| QTensor::quantize(t, GgmlDType::F32);
-    let mut tensors: Vec<(String, std::sync::Arc<QTensor>)> = Vec::new();
-    for group in Catalogue::new(&cfg).groups() {
-        match group {
-            Group::Plain(p) => tensors.push((p.name.clone(), float(&w.get(p)?)?.into())),
-            Group::Linear(spec) => match w.linear(spec)? {
-                LinearWeights::Float(pieces) => {
-                    for (p, t) in spec.iter().zip(&pieces) {
-                        tensors.push((p.name.clone(), float(t)?.into()));
-                    }
-                }
-                LinearWeights::Quantized(pieces) => {
-                    for (p, q) in spec.iter().zip(pieces) {
-                        tensors.push((p.name.clone(), q));
-                    }
-                }
-            },
-        }
-    }
-    write(out.as_ref(), &cfg, &tensors)?;
-    Ok(w.take_loaded())
-}
-
-/// Writes a YOCO GGUF: `cfg` as metadata, then `tensors` (official names) in order.
-fn write(path: &Path, cfg: &Config, tensors: &[(String, std::sync::Arc<QTensor>)]) -> Result<()> {
-    let bad = |m: String| Error::Checkpoint(format!("writing {}: {m}", path.display()));
-    let serde_json::Value::Object(fields) =
-        serde_json::to_value(cfg).map_err(|e| bad(e.to_string()))?
-    else {
-        return Err(bad("the config is not a JSON object".into()));
-    };
-    let mut metadata = vec![(
-        "general.architecture".to_string(),
-        Value::String(ARCHITECTURE.into()),
-    )];
-    for (field, value) in fields {
-        let value = match value {
-            serde_json::Value::Bool(b) => Value::Bool(b),
-            serde_json::Value::String(s) => Value::String(s),
-            serde_json::Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
-                (Some(u), _, _) => Value::U64(u),
-                (None, Some(i), _) => Value::I64(i),
-                (None, None, Some(f)) => Value::F64(f),
-                _ => return Err(bad(format!("config field {field} = {n}"))),
-            },
-            serde_json::Value::Null => continue,
-            other => return Err(bad(format!("config field {field} = {other}"))),
-        };
-        metadata.push((format!("{ARCHITECTURE}.{field}"), value));
-    }
-    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), &**t)).collect();
-    let mut file =
-        std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
-    gguf_file::write(&mut file, &metadata, &tensors).map_err(|e| bad(e.to_string()))?;
-    std::io::Write::flush(&mut file).map_err(|e| Error::io(path, e))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,33 +1,32 @@
-//! Reading checkpoints in the official format: `params.json` plus weights, checked strictly
-//! against the [weight catalogue](catalogue) before anything is loaded.
+//! Reading checkpoint files, whatever the family: safetensors (single or sharded), torch
+//! `checkpoint.pth` and GGUF, checked strictly against a family's [weight catalogue](catalogue)
+//! before anything is loaded. The families' own loaders (`models/*/load.rs`) read their configs
+//! and hand their catalogues here.
 //!
-//! A model directory holds `params.json` and one of:
+//! A model directory holds its config and one of:
 //! * `model.safetensors`;
 //! * `model.safetensors.index.json` plus the shards it names (`model-00001-of-00002.safetensors`, ...);
 //! * `checkpoint.pth`, a torch zip pickle of the flat state dict;
 //! * `model.gguf` (no `params.json` needed: the config is in its metadata), floats or candle's
 //!   quantized blocks, as `examples/quantize` writes it.
 //!
-//! Tensor names are the official `state_dict()` names, optionally nested under the trainer's
-//! `decoder.model.` prefix. Before any weight is read, the file headers are checked against the
+//! Tensor names are the reference's `state_dict()` names (for YOCO optionally nested under the
+//! trainer's `decoder.model.` prefix). Before any weight is read, the file headers are checked against the
 //! names and shapes the config implies, so a missing, unexpected or misshapen tensor is an error
 //! that names it, and a lying header never makes yoco allocate what it claims.
 
 pub(crate) mod catalogue;
-pub(crate) mod config;
 pub(crate) mod gguf;
 mod pth;
 mod safetensors;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::{Error, Result};
-use config::Config;
 
 /// The prefix under which the reference trainer saves the model's parameters.
 pub(crate) const TRAINER_PREFIX: &str = "decoder.model.";
@@ -39,30 +38,28 @@ pub(crate) struct TensorEntry {
     pub shape: Vec<usize>,
 }
 
-/// An opened model directory: its config, a `VarBuilder` over its checked weights (converting
-/// to the dtype and device asked for, rooted at the names of the catalogue) and, for a GGUF
-/// file, the file itself, whose quantized tensors are read as they are stored.
-pub(crate) struct Opened {
-    pub cfg: Config,
-    pub vb: VarBuilder<'static>,
-    pub gguf: Option<Arc<gguf::GgufFile>>,
-}
-
-/// Opens a model directory. `streamed`: read safetensors tensors one at a time from the files
-/// instead of mapping them (what loading with quantization wants: see [`safetensors::Streamed`]).
-pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, streamed: bool) -> Result<Opened> {
-    let weights = find_weights(dir);
-    if let Ok(Weights::Gguf(path)) = &weights {
-        return open_gguf(dir, path, dtype, device);
-    }
-    let cfg = Config::from_file(dir.join("params.json"))?;
-    let vb = match weights? {
-        Weights::Safetensors(paths) => {
+/// Opens the weights `files` (safetensors, single or sharded, or a torch `checkpoint.pth`),
+/// checks every tensor against `params` (see [`check_tensors`]) and returns a `VarBuilder` over
+/// them, converting to `dtype` on `device` and rooted at the prefix the names carry. `streamed`:
+/// read safetensors tensors one at a time from the files instead of mapping them (what loading
+/// with quantization wants: see [`safetensors::Streamed`]). A GGUF file is its family's to open.
+pub(crate) fn open_checked(
+    files: WeightFiles,
+    params: &[catalogue::Parameter],
+    dtype: DType,
+    device: &Device,
+    streamed: bool,
+) -> Result<VarBuilder<'static>> {
+    match files {
+        WeightFiles::Safetensors(paths) => {
             let found = headers(&paths)?;
-            let prefix = check_tensors(&cfg.parameters(), &found)?;
-            rooted(safetensors_vb(&paths, dtype, device, streamed)?, prefix)
+            let prefix = check_tensors(params, &found)?;
+            Ok(rooted(
+                safetensors_vb(&paths, dtype, device, streamed)?,
+                prefix,
+            ))
         }
-        Weights::Pth(path) => {
+        WeightFiles::Pth(path) => {
             // Parsed once, through the guard (candle's `from_pth` would parse it unguarded).
             let pth = pth::pth_tensors(&path)?;
             let found = pth
@@ -76,23 +73,21 @@ pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, streamed: bool) ->
                     (name.clone(), entry)
                 })
                 .collect();
-            let prefix = check_tensors(&cfg.parameters(), &found)?;
-            rooted(
+            let prefix = check_tensors(params, &found)?;
+            Ok(rooted(
                 VarBuilder::from_backend(Box::new(pth), dtype, device.clone()),
                 prefix,
-            )
+            ))
         }
-        Weights::Gguf(path) => return open_gguf(dir, &path, dtype, device),
-    };
-    Ok(Opened {
-        cfg,
-        vb,
-        gguf: None,
-    })
+        WeightFiles::Gguf(path) => Err(Error::Checkpoint(format!(
+            "{}: a GGUF file is opened with its config",
+            path.display()
+        ))),
+    }
 }
 
 /// The tensors the headers of safetensors files declare, each name once across the shards.
-fn headers(paths: &[PathBuf]) -> Result<BTreeMap<String, TensorEntry>> {
+pub(crate) fn headers(paths: &[PathBuf]) -> Result<BTreeMap<String, TensorEntry>> {
     let mut found = BTreeMap::new();
     for path in paths {
         for (name, entry) in safetensors::header(path)? {
@@ -109,7 +104,7 @@ fn headers(paths: &[PathBuf]) -> Result<BTreeMap<String, TensorEntry>> {
 
 /// A `VarBuilder` over safetensors files whose headers were checked: memory-mapped, or read
 /// one tensor at a time when `streamed`.
-fn safetensors_vb(
+pub(crate) fn safetensors_vb(
     paths: &[PathBuf],
     dtype: DType,
     device: &Device,
@@ -133,123 +128,7 @@ fn safetensors_vb(
     })
 }
 
-/// Which model family a directory holds, told by its files: `params.json` (or a `model.gguf`
-/// alone) is a YOCO checkpoint; a Hugging Face `config.json` with `model_type: phi4flash` is
-/// Phi-4-mini-flash.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Family {
-    Yoco,
-    Phi4Flash,
-}
-
-/// The family of the checkpoint in `dir` (see [`Family`]).
-pub(crate) fn family(dir: &Path) -> Result<Family> {
-    if dir.join("params.json").is_file() {
-        return Ok(Family::Yoco);
-    }
-    let config = dir.join("config.json");
-    if config.is_file() {
-        let text = read_small(&config, 1 << 20)?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: config.clone(),
-            message: e.to_string(),
-        })?;
-        return match json.get("model_type").and_then(|m| m.as_str()) {
-            Some(crate::models::phi4flash::config::MODEL_TYPE) => Ok(Family::Phi4Flash),
-            other => Err(Error::Json {
-                path: config,
-                message: format!(
-                    "model_type {other:?} is not a family yoco runs (\"{}\"; YOCO checkpoints \
-                     come with params.json)",
-                    crate::models::phi4flash::config::MODEL_TYPE
-                ),
-            }),
-        };
-    }
-    Ok(Family::Yoco)
-}
-
-/// An opened Hugging Face Phi-4-mini-flash directory: its config, whether it stores
-/// `lm_head.weight`, and a `VarBuilder` over its checked weights.
-pub(crate) struct OpenedPhi4Flash {
-    pub cfg: crate::models::phi4flash::config::Phi4FlashConfig,
-    pub lm_head: bool,
-    pub vb: VarBuilder<'static>,
-}
-
-/// Opens a Phi-4-mini-flash directory: `config.json` plus `model.safetensors` or the shards of
-/// `model.safetensors.index.json`, every tensor checked by name and shape against the catalogue
-/// before any is read (each is converted from its own dtype as it loads).
-pub(crate) fn open_phi4flash(
-    dir: &Path,
-    dtype: DType,
-    device: &Device,
-    streamed: bool,
-) -> Result<OpenedPhi4Flash> {
-    use crate::models::phi4flash::config::Phi4FlashConfig;
-    let mut cfg = Phi4FlashConfig::from_file(dir.join("config.json"))?;
-    let generation = dir.join("generation_config.json");
-    if generation.is_file() {
-        cfg.stop_token_ids =
-            crate::models::phi4flash::config::stop_ids_from_generation_config(&generation)?;
-    }
-    let paths = match find_weights(dir)? {
-        Weights::Safetensors(paths) => paths,
-        Weights::Pth(p) | Weights::Gguf(p) => {
-            return Err(Error::Checkpoint(format!(
-                "{}: a Phi-4-mini-flash directory keeps its weights in safetensors files",
-                p.display()
-            )))
-        }
-    };
-    let found = headers(&paths)?;
-    let lm_head = found.contains_key("lm_head.weight");
-    let prefix = check_tensors(&cfg.parameters(lm_head), &found)?;
-    if !prefix.is_empty() {
-        return Err(Error::Checkpoint(format!(
-            "tensor names carry the YOCO trainer prefix `{prefix}`; a Hugging Face checkpoint \
-             does not"
-        )));
-    }
-    Ok(OpenedPhi4Flash {
-        cfg,
-        lm_head,
-        vb: safetensors_vb(&paths, dtype, device, streamed)?,
-    })
-}
-
-/// A directory whose weights are `model.gguf`: the config from its metadata (a `params.json`
-/// beside it must say the same), its tensors checked against the catalogue.
-fn open_gguf(dir: &Path, path: &Path, dtype: DType, device: &Device) -> Result<Opened> {
-    let mut file = gguf::GgufFile::open(path)?;
-    let cfg = file.config()?;
-    let params = dir.join("params.json");
-    if params.is_file() {
-        let beside = Config::from_file(&params)?;
-        if serde_json::to_value(&beside).ok() != serde_json::to_value(&cfg).ok() {
-            return Err(Error::Checkpoint(format!(
-                "{} and the config in {} differ; remove one",
-                params.display(),
-                path.display()
-            )));
-        }
-    }
-    let prefix = check_tensors(&cfg.parameters(), &file.entries())?;
-    file.set_prefix(prefix);
-    let file = Arc::new(file);
-    let backend = gguf::GgufBackend(file.clone());
-    let vb = rooted(
-        VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
-        prefix,
-    );
-    Ok(Opened {
-        cfg,
-        vb,
-        gguf: Some(file),
-    })
-}
-
-fn rooted(mut vb: VarBuilder<'static>, prefix: &str) -> VarBuilder<'static> {
+pub(crate) fn rooted(mut vb: VarBuilder<'static>, prefix: &str) -> VarBuilder<'static> {
     for part in prefix.split('.').filter(|p| !p.is_empty()) {
         vb = vb.pp(part);
     }
@@ -257,7 +136,7 @@ fn rooted(mut vb: VarBuilder<'static>, prefix: &str) -> VarBuilder<'static> {
 }
 
 /// Where a model directory keeps its weights.
-enum Weights {
+pub(crate) enum WeightFiles {
     /// One or more safetensors files (a single file, or the shards of an index).
     Safetensors(Vec<PathBuf>),
     /// A torch `checkpoint.pth` zip pickle.
@@ -267,22 +146,22 @@ enum Weights {
 }
 
 /// Looks for weights in `dir`, in the order safetensors, sharded safetensors, pth, GGUF.
-fn find_weights(dir: &Path) -> Result<Weights> {
+pub(crate) fn find_weights(dir: &Path) -> Result<WeightFiles> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
-        return Ok(Weights::Safetensors(vec![single]));
+        return Ok(WeightFiles::Safetensors(vec![single]));
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        return Ok(Weights::Safetensors(shards_from_index(dir, &index)?));
+        return Ok(WeightFiles::Safetensors(shards_from_index(dir, &index)?));
     }
     let pth = dir.join("checkpoint.pth");
     if pth.is_file() {
-        return Ok(Weights::Pth(pth));
+        return Ok(WeightFiles::Pth(pth));
     }
     let gguf = dir.join(gguf::FILE_NAME);
     if gguf.is_file() {
-        return Ok(Weights::Gguf(gguf));
+        return Ok(WeightFiles::Gguf(gguf));
     }
     Err(Error::NoWeights(dir.to_path_buf()))
 }
@@ -338,7 +217,7 @@ fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-fn read_small(path: &Path, limit: u64) -> Result<String> {
+pub(crate) fn read_small(path: &Path, limit: u64) -> Result<String> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.len() > limit {
         return Err(Error::Json {
@@ -422,57 +301,4 @@ pub(crate) fn check_tensors(
         )));
     }
     Ok(prefix)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entries(cfg: &Config) -> BTreeMap<String, TensorEntry> {
-        cfg.parameters()
-            .into_iter()
-            .map(|p| {
-                let entry = TensorEntry {
-                    dtype: DType::F32,
-                    shape: p.shape,
-                };
-                (p.name, entry)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn integer_dtypes_are_refused_by_name_for_every_weight_format() {
-        // `check_tensors` also guards checkpoint.pth, whose dtypes come from the pickle.
-        let cfg = Config::new(8, 2, 16, 2, 2, 1, 16);
-        let mut found = entries(&cfg);
-        assert_eq!(check_tensors(&cfg.parameters(), &found).ok(), Some(""));
-        if let Some(e) = found.get_mut("layer_norm.weight") {
-            e.dtype = DType::I64;
-        }
-        let msg = match check_tensors(&cfg.parameters(), &found) {
-            Ok(_) => String::new(),
-            Err(e) => e.to_string(),
-        };
-        assert!(
-            msg.contains("layer_norm.weight") && msg.contains("I64"),
-            "{msg}"
-        );
-    }
-
-    #[test]
-    fn the_trainer_prefix_is_recognised_and_never_mixed() {
-        let cfg = Config::new(8, 2, 16, 2, 2, 1, 16);
-        let prefixed: BTreeMap<String, TensorEntry> = entries(&cfg)
-            .into_iter()
-            .map(|(k, v)| (format!("{TRAINER_PREFIX}{k}"), v))
-            .collect();
-        assert_eq!(
-            check_tensors(&cfg.parameters(), &prefixed).ok(),
-            Some(TRAINER_PREFIX)
-        );
-        let mut mixed = prefixed;
-        mixed.extend(entries(&cfg).into_iter().take(1));
-        assert!(check_tensors(&cfg.parameters(), &mixed).is_err());
-    }
 }

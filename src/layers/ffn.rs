@@ -6,7 +6,7 @@
 
 use candle_core::Tensor;
 
-use crate::layers::fused;
+use crate::kernels::fused;
 use crate::layers::linear::Linear;
 use crate::Result;
 

@@ -5,12 +5,12 @@
 pub(crate) mod attention;
 pub(crate) mod constants;
 pub(crate) mod ffn;
-pub(crate) mod fused;
+pub(crate) mod global_kv;
 pub(crate) mod kv_buffer;
 pub(crate) mod linear;
 pub(crate) mod norm;
-pub(crate) mod quantized;
 pub(crate) mod rope;
+pub(crate) mod window_kv;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use candle_nn::VarBuilder;
 
 use crate::checkpoint::catalogue::{BlockSpec, LinearSpec, Parameter};
 use crate::checkpoint::gguf::GgufFile;
+use crate::kernels::fused::Op;
 use crate::quant::{Quant, WeightFormat, WeightInfo};
 use crate::{Error, Result};
 use ffn::SwiGlu;
@@ -204,7 +205,7 @@ pub(crate) fn quantize(t: &Tensor, format: GgmlDType, device: &Device) -> Result
             "a weight on the CPU is not in CPU memory".into(),
         ));
     };
-    let data = linear::slice(cpu.as_slice::<f32>()?, layout.start_offset(), n * k)?;
+    let data = crate::kernels::gemv::slice(cpu.as_slice::<f32>()?, layout.start_offset(), n * k)?;
     let blocks = match format {
         GgmlDType::Q4_0 => quantize_rows::<BlockQ4_0>(data, k),
         GgmlDType::Q4_1 => quantize_rows::<BlockQ4_1>(data, k),
@@ -306,8 +307,8 @@ impl<M> Block<M> {
         mix: impl FnOnce(&M, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let mixed = mix(&self.mixer, &self.mixer_layer_norm.forward(x)?)?;
-        let h = fused::apply(x, &mixed, fused::Op::Add, self.native)?;
+        let h = crate::kernels::fused::apply(x, &mixed, Op::Add, self.native)?;
         let ffn = self.ffn.forward(&self.final_layer_norm.forward(&h)?)?;
-        fused::apply(&h, &ffn, fused::Op::Add, self.native)
+        crate::kernels::fused::apply(&h, &ffn, Op::Add, self.native)
     }
 }

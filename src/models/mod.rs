@@ -3,6 +3,7 @@
 //! `layers`, and [`crate::Model`] / [`crate::Cache`] are the one face every family shows.
 
 pub(crate) mod phi4flash;
+pub(crate) mod yoco;
 
 /// Which positions of a chunk need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -321,7 +321,7 @@ impl Phi4FlashConfig {
     /// The role of layer `i`.
     pub fn role(&self, i: usize) -> LayerRole {
         let half = self.num_hidden_layers / 2;
-        match (i % 2 == 0, i) {
+        match (i.is_multiple_of(2), i) {
             (true, i) if i < half => LayerRole::Mamba,
             (false, i) if i < half => LayerRole::WindowAttention,
             (true, i) if i == half => LayerRole::MemoryMamba,

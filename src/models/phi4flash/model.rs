@@ -21,18 +21,18 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 
-use crate::cross_decoder::GlobalKv;
 use crate::layers::constants::Constants;
 use crate::layers::ffn::SwiGlu;
+use crate::layers::global_kv::GlobalKv;
 use crate::layers::linear::Linear;
 use crate::layers::norm::LayerNorm;
+use crate::layers::window_kv::WindowState;
 use crate::layers::Weights;
 use crate::models::phi4flash::attention::DiffAttention;
 use crate::models::phi4flash::catalogue::{Catalogue, MixerSpec};
 use crate::models::phi4flash::config::{LayerRole, Phi4FlashConfig};
 use crate::models::phi4flash::mamba::{Mamba, MambaState};
 use crate::models::Logits;
-use crate::self_decoder::window::WindowState;
 use crate::{Error, Result};
 
 /// Weights of a Phi-4-mini-flash model.
@@ -299,7 +299,7 @@ impl Phi4Flash {
             }
         }
         let xn = self.final_norm.forward(&x)?;
-        if let Some(t) = trace.as_deref_mut() {
+        if let Some(t) = trace {
             t.final_norm = Some(xn.to_dtype(DType::F32)?);
         }
         let logits = self.lm_head.forward(&xn)?.to_dtype(DType::F32)?;

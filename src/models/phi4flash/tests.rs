@@ -310,11 +310,11 @@ fn naive_diff_attention(
 #[test]
 fn differential_attention_equals_the_reference_formula_written_with_loops() {
     use crate::layers::constants::Constants;
+    use crate::layers::window_kv::WindowState;
     use crate::layers::Weights;
     use crate::models::phi4flash::attention::DiffAttention;
     use crate::models::phi4flash::catalogue::{Catalogue, MixerSpec};
     use crate::models::phi4flash::config::Phi4FlashConfig;
-    use crate::self_decoder::window::WindowState;
 
     let case = dir("a_l8_w4");
     let cfg = Phi4FlashConfig::from_file(format!("{case}/config.json")).unwrap();
@@ -365,9 +365,12 @@ fn differential_attention_equals_the_reference_formula_written_with_loops() {
                     slot.attend(&q, &k, &v, attn.scale(), native).unwrap()
                 }
                 None => {
-                    let mut global =
-                        crate::cross_decoder::GlobalKv::with_shape(pairs, DType::F32, &Device::Cpu)
-                            .unwrap();
+                    let mut global = crate::layers::global_kv::GlobalKv::with_shape(
+                        pairs,
+                        DType::F32,
+                        &Device::Cpu,
+                    )
+                    .unwrap();
                     global.append((k, v)).unwrap();
                     let view = global.view(11, 11, &consts).unwrap();
                     view.attend(&q, attn.scale(), native).unwrap()

@@ -23,12 +23,12 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::checkpoint::catalogue::LinearSpec;
+use crate::kernels::fused::{self, apply, apply_matmul, apply_scale_rows, Op};
 use crate::layers::constants::{ConstKey, Constants};
-use crate::layers::fused::{apply, apply_matmul, apply_scale_rows, Op};
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeTables;
-use crate::layers::{fused, merge_heads, Weights};
+use crate::layers::{merge_heads, Weights};
 use crate::{Error, Result};
 
 /// The reference's `gate_logit_normalizer`.

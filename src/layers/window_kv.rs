@@ -1,10 +1,9 @@
-//! Sliding-window attention, the alternative self-decoder mixer (`sliding_window` in params.json),
-//! and its state: the one place that decides which keys a self-decoder query sees.
+//! The keys and values of windowed attention layers, the one place that decides which keys a
+//! windowed query sees: query `i` sees exactly the `W` keys `i-W+1 ..= i` (itself included).
+//! Both families use it (YOCO's sliding-window self-decoder, Phi-4-mini-flash's windowed
+//! differential attention).
 //!
-//! `H = n_self_heads` heads of size `d = dim / H`, no GQA, RoPE on q and k, softmax with scale
-//! `1/sqrt(d)`. Query `i` sees exactly the `W` keys `i-W+1 ..= i` (itself included).
-//!
-//! [`WindowState`] keeps, for every sliding-window layer, the last `W - 1` keys and values in
+//! [`WindowState`] keeps, for every windowed layer, the last `W - 1` keys and values in
 //! chronological order, with slack so that it is compacted once per window of tokens rather than
 //! shifted every token. All layers share one fill record (they are written by the same chunks),
 //! so what a chunk sees, and its mask, is decided once per chunk for all of them: a chunk of `C`
@@ -15,28 +14,11 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::catalogue::LinearSpec;
-use crate::layers::attention::{
-    attention_over_blocks, band_attention_cpu, causal_mask, right_aligned_mask, KeyBlock,
-};
+use crate::kernels::attention::band_attention_cpu;
+use crate::layers::attention::{attention_over_blocks, causal_mask, right_aligned_mask, KeyBlock};
 use crate::layers::constants::{ConstKey, Constants};
 use crate::layers::kv_buffer::{get_entries, put_entries, KvBuffer, Pending};
-use crate::layers::linear::Linear;
-use crate::layers::rope::RopeTables;
-use crate::layers::{merge_heads, Weights};
 use crate::{Error, Result};
-
-/// Weights of one sliding-window attention layer.
-#[derive(Clone, Debug)]
-pub(crate) struct SlidingWindowAttention {
-    /// `q_proj`, `k_proj` and `v_proj` fused, in that order.
-    qkv: Linear,
-    out_proj: Linear,
-    n_heads: usize,
-    head_dim: usize,
-    /// May the CPU decode-attention kernel run?
-    native: bool,
-}
 
 /// The keys and values of every sliding-window layer of one batch of sequences.
 #[derive(Clone, Debug)]
@@ -77,41 +59,6 @@ pub(crate) struct WindowSlot<'a> {
     buf: &'a KvBuffer,
     chunk: &'a WindowChunk,
     layer: usize,
-}
-
-impl SlidingWindowAttention {
-    /// The layer of `qkv` (fused `q, k, v`) and `out`, with `n_heads` heads of size `head_dim`.
-    pub(crate) fn load(
-        w: &Weights,
-        (qkv, out): (&LinearSpec, &LinearSpec),
-        (n_heads, head_dim): (usize, usize),
-    ) -> Result<Self> {
-        Ok(SlidingWindowAttention {
-            qkv: Linear::load(w, qkv)?,
-            out_proj: Linear::load(w, out)?,
-            n_heads,
-            head_dim,
-            native: w.native_kernels,
-        })
-    }
-
-    /// Mixes a chunk `x: (B, C, dim)` (already normalised): its keys and values go into `slot`,
-    /// and its queries attend over what the slot's chunk sees.
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        rope: &RopeTables,
-        slot: &WindowSlot,
-    ) -> Result<Tensor> {
-        let h = self.n_heads;
-        let p = self.qkv.project(x)?;
-        let q = p.heads(0, h, Some(rope), None)?;
-        let k = p.heads(1, h, Some(rope), None)?;
-        let v = p.heads(2, h, None, None)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o = slot.attend(&q, &k, &v, scale, self.native)?;
-        self.out_proj.forward(&merge_heads(&o)?)
-    }
 }
 
 impl WindowSlot<'_> {

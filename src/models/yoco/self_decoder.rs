@@ -1,22 +1,20 @@
 //! The self-decoder: `n_layers / 2` pre-norm layers of efficient self-attention, each with a
-//! constant-size state, either gated retention ([`retention`]) or sliding-window attention
-//! ([`window`]). Its output feeds the global K/V and the cross-decoder.
-
-pub(crate) mod retention;
-pub(crate) mod window;
+//! constant-size state, either gated retention ([`super::retention`]) or sliding-window attention
+//! ([`super::window`]). Its output feeds the global K/V and the cross-decoder.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::catalogue::{Catalogue, SelfMixerSpec};
-use crate::checkpoint::config::{Config, SelfMixer};
 use crate::layers::constants::Constants;
 use crate::layers::rope::RopeTables;
+use crate::layers::window_kv::WindowState;
 use crate::layers::{Block, Weights};
+use crate::models::yoco::catalogue::{Catalogue, SelfMixerSpec};
+use crate::models::yoco::config::{Config, SelfMixer};
+use crate::models::yoco::retention::{GatedRetention, RetentionState};
+use crate::models::yoco::window::SlidingWindowAttention;
 use crate::{Error, Result};
-use retention::{GatedRetention, RetentionState};
-use window::{SlidingWindowAttention, WindowState};
 
 /// The self-decoder's layers, all of one kind.
 #[derive(Clone, Debug)]

@@ -1,37 +1,16 @@
-//! The midpoint's global K/V and the cross-decoder that reuses it.
-//!
-//! This is what makes YOCO a decoder-decoder: the self-decoder's output `X` is projected *once*
-//! into keys and values ([`KvBuilder`]), kept in the one cache that grows with the sequence
-//! ([`GlobalKv`]), and every cross-decoder layer attends to that same K/V with its own queries
-//! ([`CrossAttention`] owns only `q_proj` and `out_proj`).
-//!
-//! * `K = RoPE(kv_layer_norm(X) k_proj)`, `V = kv_layer_norm(X) v_proj`: RoPE on K only;
-//! * `q = RoPE(RMSNorm(x) q_proj)`, softmax attention with scale `1/sqrt(hd)`, grouped-query:
-//!   query head `h` reads K/V head `h / (n_attn_heads / n_attn_kv_heads)`; causal over positions.
+//! The one global K/V of a YOCO-family model: `(B, H_kv, T, hd)` keys and values, the only state
+//! that grows with the sequence, written once per token (YOCO's midpoint projection, or
+//! Phi-4-mini-flash's full-attention layer) and read by every cross-decoder layer. It is the one
+//! place that decides which of its rows a query sees, and it tells each sequence's position.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::catalogue::{Catalogue, CrossSpec};
-use crate::checkpoint::config::Config;
 use crate::layers::attention::{attention_over_blocks, causal_mask, right_aligned_mask, KeyBlock};
 use crate::layers::constants::{ConstKey, Constants};
 use crate::layers::kv_buffer::{get_entries, put_entries, KvBuffer};
-use crate::layers::linear::Linear;
-use crate::layers::norm::RmsNorm;
-use crate::layers::rope::RopeTables;
-use crate::layers::{merge_heads, Weights};
 use crate::Result;
-
-/// Builds the global K/V from the self-decoder's output.
-#[derive(Clone, Debug)]
-pub(crate) struct KvBuilder {
-    kv_layer_norm: RmsNorm,
-    /// `k_proj` and `v_proj` fused, in that order.
-    kv_proj: Linear,
-    n_kv_heads: usize,
-}
 
 /// The one K/V cache of the model, `(B, H_kv, T, hd)` keys and values: the only state that
 /// grows with the sequence, and the one place that decides which of its rows a cross-decoder
@@ -39,17 +18,6 @@ pub(crate) struct KvBuilder {
 #[derive(Clone, Debug)]
 pub(crate) struct GlobalKv {
     buf: KvBuffer,
-}
-
-/// The attention of one cross-decoder layer.
-#[derive(Clone, Debug)]
-pub(crate) struct CrossAttention {
-    q_proj: Linear,
-    out_proj: Linear,
-    n_heads: usize,
-    head_dim: usize,
-    /// May the CPU decode-attention kernel run?
-    native: bool,
 }
 
 /// What the cross-decoder's queries of one chunk read: views of the global keys and values, in
@@ -60,36 +28,7 @@ pub(crate) struct GlobalView {
     blocks: Vec<KeyBlock>,
 }
 
-impl KvBuilder {
-    /// The global K/V projection of `catalogue`.
-    pub(crate) fn load(w: &Weights, catalogue: &Catalogue, cfg: &Config) -> Result<Self> {
-        Ok(KvBuilder {
-            kv_layer_norm: RmsNorm::load(w, &catalogue.kv_layer_norm, cfg.norm_eps)?,
-            kv_proj: Linear::load(w, &catalogue.kv)?,
-            n_kv_heads: cfg.n_attn_kv_heads,
-        })
-    }
-
-    /// This chunk's keys and values from the self-decoder output `x: (B, C, dim)`:
-    /// `(B, H_kv, C, hd)` each, RoPE on the keys.
-    pub(crate) fn forward(&self, x: &Tensor, rope: &RopeTables) -> Result<(Tensor, Tensor)> {
-        let xn = self.kv_layer_norm.forward(x)?;
-        let p = self.kv_proj.project(&xn)?;
-        let h = self.n_kv_heads;
-        Ok((p.heads(0, h, Some(rope), None)?, p.heads(1, h, None, None)?))
-    }
-}
-
 impl GlobalKv {
-    /// An empty global K/V for `batch` sequences, in `dtype`.
-    pub(crate) fn new(cfg: &Config, batch: usize, dtype: DType, device: &Device) -> Result<Self> {
-        GlobalKv::with_shape(
-            (batch, cfg.n_attn_kv_heads, cfg.attn_head_dim()),
-            dtype,
-            device,
-        )
-    }
-
     /// An empty global K/V of `(batch, heads, head_dim)` entries, in `dtype`.
     pub(crate) fn with_shape(
         shape: (usize, usize, usize),
@@ -200,20 +139,8 @@ impl GlobalKv {
         put_entries(out, "global", k, v, &filled)
     }
 
-    /// Reads what [`GlobalKv::save`] wrote for `batch` sequences of config `cfg`.
+    /// Reads what [`GlobalKv::save`] wrote, entries of `(batch, heads, head_dim)`.
     pub(crate) fn load(
-        file: &HashMap<String, Tensor>,
-        cfg: &Config,
-        batch: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let shape = (batch, cfg.n_attn_kv_heads, cfg.attn_head_dim());
-        GlobalKv::load_shaped(file, shape, dtype, device)
-    }
-
-    /// [`GlobalKv::load`] for entries of `(batch, heads, head_dim)`.
-    pub(crate) fn load_shaped(
         file: &HashMap<String, Tensor>,
         shape: (usize, usize, usize),
         dtype: DType,
@@ -223,39 +150,6 @@ impl GlobalKv {
         Ok(GlobalKv {
             buf: KvBuffer::from_entries(vec![(k, v)], filled, dtype, device)?,
         })
-    }
-}
-
-impl CrossAttention {
-    /// The cross-decoder mixer of `spec`, with `n_heads` query heads of size `head_dim`.
-    pub(crate) fn load(
-        w: &Weights,
-        spec: &CrossSpec,
-        (n_heads, head_dim): (usize, usize),
-    ) -> Result<Self> {
-        Ok(CrossAttention {
-            q_proj: Linear::load(w, &spec.q)?,
-            out_proj: Linear::load(w, &spec.out)?,
-            n_heads,
-            head_dim,
-            native: w.native_kernels,
-        })
-    }
-
-    /// Queries `x: (B, C, dim)` (already normalised) against the global K/V.
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        rope: &RopeTables,
-        global: &GlobalView,
-    ) -> Result<Tensor> {
-        let q = self
-            .q_proj
-            .project(x)?
-            .heads(0, self.n_heads, Some(rope), None)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o = global.attend(&q, scale, self.native)?;
-        self.out_proj.forward(&merge_heads(&o)?)
     }
 }
 

@@ -30,7 +30,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::linear::{slice, GEMV_MAX_ROWS};
+use super::gemv::{slice, GEMV_MAX_ROWS};
 use crate::Result;
 
 /// `x W^T` on CPU for f32 `x: (..., k)` with at most [`GEMV_MAX_ROWS`] rows and quantized CPU
@@ -255,7 +255,7 @@ impl<T: GgmlType> BandKernel for Dequantized<'_, T> {
                 &mut row,
             );
             for (r, y) in ys.iter_mut().enumerate() {
-                *y = super::linear::dot(&row, &self.input[r * self.k..(r + 1) * self.k]);
+                *y = super::gemv::dot(&row, &self.input[r * self.k..(r + 1) * self.k]);
             }
         }
     }

@@ -1,0 +1,249 @@
+//! Softmax attention kernels on the CPU in f32: one decode query per head over a long K/V (the
+//! grouped query heads of a K/V head walk it once, in tiles), and a prefill chunk's causal,
+//! optionally windowed, attention in independent blocks of queries.
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+use crate::kernels::fused;
+use crate::kernels::gemv::dot;
+use crate::Result;
+
+/// Keys per tile of [`decode_grouped_cpu`]: the scores of a tile are exponentiated together (a
+/// loop the compiler vectorises) and rescale the accumulated values once per tile, not per key.
+pub(crate) const DECODE_TILE: usize = 128;
+
+/// One decode query per head on CPU (`q: (B, H, 1, d)`, `k, v: (B, H_kv, L, d)` f32, any row
+/// stride, and an optional additive mask of one row of `L` per batch row): the `G` query heads
+/// that share a K/V head walk its rows *once*, together, with an online softmax. At long context
+/// decode is bound by reading the global K/V, and a kernel that reads it once per query head (G
+/// times per K/V head) is G times slower. Masked (-inf) slots are skipped, so a row of a
+/// right-aligned batch computes exactly what it computes alone. Returns `None` when the layout is
+/// not one it handles (the caller falls back).
+pub(crate) fn decode_grouped_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    use candle_core::Storage;
+    let (b, h, _, d) = q.dims4()?;
+    let (_, h_kv, l, _) = k.dims4()?;
+    let g = h / h_kv;
+    let q = q.contiguous()?;
+    let mask: Option<Vec<f32>> = match mask {
+        Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
+        return Ok(None);
+    };
+    let (qd, kd, vd) = (
+        qs.as_slice::<f32>()?,
+        ks.as_slice::<f32>()?,
+        vs.as_slice::<f32>()?,
+    );
+    let (kst, vst) = (kl.stride(), vl.stride());
+    if kst[3] != 1 || vst[3] != 1 || l == 0 {
+        return Ok(None);
+    }
+    let qd = &qd[ql.start_offset()..];
+    let (k0, v0) = (kl.start_offset(), vl.start_offset());
+    let mut out = vec![0f32; b * h * d];
+    // One task per (row, K/V head) (rayon's pool, shared with candle's matmul).
+    out.par_chunks_mut(g * d)
+        .enumerate()
+        .for_each(|(task, out_kv)| {
+            let (row, kv) = (task / h_kv, task % h_kv);
+            let qh = &qd[task * g * d..(task + 1) * g * d];
+            let row_mask = mask.as_ref().map(|m| &m[row * l..(row + 1) * l]);
+            let (kb, vb) = (
+                k0 + row * kst[0] + kv * kst[1],
+                v0 + row * vst[0] + kv * vst[1],
+            );
+            // A right-aligned row's real keys start after its masked ones; tiles are counted
+            // from there, so the row computes exactly what it computes alone.
+            let first = row_mask.map_or(0, |m| {
+                m.iter().take_while(|&&x| x == f32::NEG_INFINITY).count()
+            });
+            let mut max = vec![f32::NEG_INFINITY; g];
+            let mut sum = vec![0f32; g];
+            let mut scores = vec![0f32; g * DECODE_TILE];
+            for t0 in (first..l).step_by(DECODE_TILE) {
+                let t = DECODE_TILE.min(l - t0);
+                for j in 0..t {
+                    let bias = row_mask.map_or(0.0, |m| m[t0 + j]);
+                    let kr = &kd[kb + (t0 + j) * kst[2]..][..d];
+                    for gi in 0..g {
+                        scores[gi * DECODE_TILE + j] = if bias == f32::NEG_INFINITY {
+                            f32::NEG_INFINITY
+                        } else {
+                            dot(&qh[gi * d..(gi + 1) * d], kr) * scale + bias
+                        };
+                    }
+                }
+                // Online softmax, a tile at a time: rescale what was accumulated when the
+                // tile raises the running max, then weight the tile's values.
+                for gi in 0..g {
+                    let s = &mut scores[gi * DECODE_TILE..gi * DECODE_TILE + t];
+                    let tile_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    if tile_max == f32::NEG_INFINITY {
+                        s.fill(0.0);
+                        continue;
+                    }
+                    let new_max = max[gi].max(tile_max);
+                    if new_max > max[gi] {
+                        // exp(-inf) = 0 on the first tile, when nothing is accumulated yet.
+                        let rescale = (max[gi] - new_max).exp();
+                        sum[gi] *= rescale;
+                        out_kv[gi * d..(gi + 1) * d]
+                            .iter_mut()
+                            .for_each(|a| *a *= rescale);
+                        max[gi] = new_max;
+                    }
+                    fused::exp_shifted(s, new_max);
+                    sum[gi] += s.iter().sum::<f32>();
+                }
+                for j in 0..t {
+                    let vr = &vd[vb + (t0 + j) * vst[2]..][..d];
+                    for gi in 0..g {
+                        let p = scores[gi * DECODE_TILE + j];
+                        if p != 0.0 {
+                            out_kv[gi * d..(gi + 1) * d]
+                                .iter_mut()
+                                .zip(vr)
+                                .for_each(|(a, x)| *a += p * x);
+                        }
+                    }
+                }
+            }
+            for gi in 0..g {
+                let inv = 1.0 / sum[gi];
+                out_kv[gi * d..(gi + 1) * d]
+                    .iter_mut()
+                    .for_each(|x| *x *= inv);
+            }
+        });
+    Ok(Some(Tensor::from_vec(out, (b, h, 1, d), q.device())?))
+}
+
+/// Query rows per task of [`band_attention_cpu`]: with the window's `W - 1` earlier keys each
+/// block scores `W + 127` keys (W = 1024: 89% of them visible), and a 512-token chunk of three
+/// heads makes twelve tasks for the pool.
+pub(crate) const BAND_QUERY_BLOCK: usize = 128;
+
+/// Causal attention of a chunk of queries over the end of a K/V view, optionally windowed, on
+/// the CPU in f32: `q: (B, H, C, d)`, `k, v: (B, H_kv, L, d)` (any row stride, `L >= C`). Query
+/// `i` sits at slot `L - C + i` and sees the slots `j <= L - C + i` (and, with `window = W`,
+/// `j > L - C + i - W`). Blocks of queries of every head are independent tasks on rayon's pool,
+/// each scoring only the keys its block can see, one single-threaded product each for the scores
+/// and the weighted values; the visibility rule is applied in the softmax, so no mask tensor is
+/// built. Returns `None` when the layout is not one it handles (the caller falls back).
+pub(crate) fn band_attention_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: Option<usize>,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    use candle_core::Storage;
+    let (b, h, c, d) = q.dims4()?;
+    let (_, h_kv, l, _) = k.dims4()?;
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(f32_cpu(q) && f32_cpu(k) && f32_cpu(v)) || c == 0 || l < c || h % h_kv != 0 {
+        return Ok(None);
+    }
+    let g = h / h_kv;
+    let q = q.contiguous()?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
+        return Ok(None);
+    };
+    let (kst, vst) = (kl.stride(), vl.stride());
+    if kst[3] != 1 || vst[3] != 1 {
+        return Ok(None);
+    }
+    let qd = &qs.as_slice::<f32>()?[ql.start_offset()..];
+    let (kd, vd) = (
+        &ks.as_slice::<f32>()?[kl.start_offset()..],
+        &vs.as_slice::<f32>()?[vl.start_offset()..],
+    );
+    let offset = l - c;
+    let mut out = vec![0f32; b * h * c * d];
+    out.par_chunks_mut(c * d)
+        .enumerate()
+        .try_for_each(|(bh, out_head)| -> Result<()> {
+            let (row, head) = (bh / h, bh % h);
+            let qh = qd.get(bh * c * d..(bh + 1) * c * d).unwrap_or_default();
+            let kv = head / g;
+            let (kh, vh) = (
+                kd.get(row * kst[0] + kv * kst[1]..).unwrap_or_default(),
+                vd.get(row * vst[0] + kv * vst[1]..).unwrap_or_default(),
+            );
+            out_head
+                .par_chunks_mut(BAND_QUERY_BLOCK * d)
+                .enumerate()
+                .try_for_each_init(Vec::new, |scores, (blk, out_block)| -> Result<()> {
+                    let a = blk * BAND_QUERY_BLOCK;
+                    let m = out_block.len() / d;
+                    // Slots seen by the block's first query and by its last.
+                    let first = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let (lo, hi) = (first(offset + a), offset + a + m);
+                    let n = hi - lo;
+                    scores.resize(m * n, 0f32);
+                    fused::gemm_into(
+                        scores,
+                        (m, n, d),
+                        fused::Strided {
+                            data: qh.get(a * d..).unwrap_or_default(),
+                            rows: d,
+                            cols: 1,
+                        },
+                        fused::Strided {
+                            data: kh.get(lo * kst[2]..).unwrap_or_default(),
+                            rows: 1,
+                            cols: kst[2],
+                        },
+                        scale,
+                    )?;
+                    for (i, s) in scores.chunks_mut(n).enumerate() {
+                        let pos = offset + a + i;
+                        let seen = first(pos) - lo..pos + 1 - lo;
+                        let max = s[seen.clone()]
+                            .iter()
+                            .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        let mut sum = 0f32;
+                        for x in &mut s[seen.clone()] {
+                            *x = (*x - max).exp();
+                            sum += *x;
+                        }
+                        let inv = 1.0 / sum;
+                        s[seen.clone()].iter_mut().for_each(|x| *x *= inv);
+                        s[..seen.start].fill(0.0);
+                        s[seen.end..].fill(0.0);
+                    }
+                    fused::gemm_into(
+                        out_block,
+                        (m, d, n),
+                        fused::Strided {
+                            data: scores,
+                            rows: n,
+                            cols: 1,
+                        },
+                        fused::Strided {
+                            data: vh.get(lo * vst[2]..).unwrap_or_default(),
+                            rows: vst[2],
+                            cols: 1,
+                        },
+                        1.0,
+                    )
+                })
+        })?;
+    Ok(Some(Tensor::from_vec(out, (b, h, c, d), q.device())?))
+}

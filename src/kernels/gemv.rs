@@ -1,0 +1,448 @@
+//! Decode projections on the CPU over raw f32 slices: a few input rows times a weight `(n, k)`,
+//! each thread streaming a band of weight rows once, the rows of a batch dotted with each weight
+//! row from registers (AVX-512 or AVX2 with FMA where the CPU has them), bit for bit as a row
+//! alone would be. Also the one `dot` every CPU kernel uses.
+
+use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// At most this many input rows take the row-streaming CPU kernel for quantized weights; more
+/// dequantize the weight and take the float matmul.
+pub(crate) const GEMV_MAX_ROWS: usize = 8;
+
+/// At most this many input rows take the row-streaming CPU kernel for f32 weights (a decode step
+/// of a batch of sequences); more use candle's matmul, which blocks for cache reuse and wins once
+/// a weight row is used many times.
+pub(crate) const GEMV_MAX_ROWS_F32: usize = 64;
+
+/// `x W^T` on CPU for f32 `x: (..., k)` with at most [`GEMV_MAX_ROWS`] rows and a contiguous f32
+/// `w: (n, k)`: each thread takes a band of output features and streams their weight rows once,
+/// using each row for every input row while it is in cache. `None` when the case is not this one.
+pub(crate) fn gemv_cpu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !matches!(x.device(), Device::Cpu)
+        || !matches!(w.device(), Device::Cpu)
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || !w.is_contiguous()
+    {
+        return Ok(None);
+    }
+    let (n, k) = w.dims2()?;
+    let dims = x.dims();
+    let Some((&xk, lead)) = dims.split_last() else {
+        return Ok(None);
+    };
+    let rows: usize = lead.iter().product();
+    if xk != k || rows == 0 || rows > GEMV_MAX_ROWS_F32 || n == 0 {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
+        return Ok(None);
+    };
+    let xd = slice(xs.as_slice::<f32>()?, xl.start_offset(), rows * k)?;
+    let wd = slice(ws.as_slice::<f32>()?, wl.start_offset(), n * k)?;
+
+    // Bands of output features, a few per thread so that uneven progress evens out; never so
+    // small that scheduling costs more than the band's weights take to read.
+    let threads = rayon::current_num_threads().max(1);
+    let band = n.div_ceil(threads * 4).max(16384 / k.max(1)).max(1);
+    // Computed feature-major `(n, rows)` so that a band is one contiguous piece of the output.
+    let mut by_feature = vec![0f32; n * rows];
+    by_feature
+        .par_chunks_mut(band * rows)
+        .enumerate()
+        .for_each(|(b, out)| {
+            let first = b * band;
+            let w_band = &wd[first * k..(first + out.len() / rows) * k];
+            if rows == 1 {
+                for (y, w_row) in out.iter_mut().zip(w_band.chunks_exact(k)) {
+                    *y = dot(xd, w_row);
+                }
+            } else {
+                dots(xd, w_band, k, out);
+            }
+        });
+    let out = if rows == 1 {
+        by_feature
+    } else {
+        let mut out = vec![0f32; n * rows];
+        for (j, ys) in by_feature.chunks(rows).enumerate() {
+            for (r, &y) in ys.iter().enumerate() {
+                out[r * n + j] = y;
+            }
+        }
+        out
+    };
+    let mut out_dims = lead.to_vec();
+    out_dims.push(n);
+    Ok(Some(Tensor::from_vec(out, out_dims, x.device())?))
+}
+
+/// `data[start..start + len]`, or an error if the storage is shorter than its layout claims.
+pub(crate) fn slice(data: &[f32], start: usize, len: usize) -> Result<&[f32]> {
+    data.get(start..start + len)
+        .ok_or_else(|| Error::Input("tensor storage shorter than its layout".into()))
+}
+
+/// Independent partial sums of [`dot`].
+const LANES: usize = 32;
+
+/// How this CPU runs [`dot`] and [`dots`] (decided once).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Simd {
+    /// AVX-512F: two 16-lane registers per dot product, fused multiply-adds.
+    Avx512,
+    /// AVX2 and FMA: four 8-lane registers per dot product, fused multiply-adds.
+    Avx2Fma,
+    /// Anything else: plain Rust, a multiply then an add per lane (the compiler vectorises it).
+    Plain,
+}
+
+fn simd() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                Simd::Avx512
+            } else if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                Simd::Avx2Fma
+            } else {
+                Simd::Plain
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Simd::Plain
+}
+
+/// Dot product over 32 independent lanes (each a chain of multiply-adds over every 32nd
+/// element), which hide the latency of the adds where a plain `sum` is one sequential chain.
+/// Every kernel that dots an input row with a weight row ([`dots`], the decode attention)
+/// computes exactly this, so a row gets the same bits whichever kernel serves it.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let k = a.len().min(b.len());
+    let (a, b) = (&a[..k], &b[..k]);
+    match simd() {
+        // SAFETY: `simd()` found AVX-512F on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { x86::block_avx512::<1, 1>([b], [a])[0][0] },
+        // SAFETY: `simd()` found AVX2 and FMA on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2Fma => unsafe { x86::block_avx2::<1, 1>([b], [a])[0][0] },
+        _ => dot_plain(a, b),
+    }
+}
+
+/// [`dot`] without SIMD intrinsics: a multiply, then an add, per lane.
+fn dot_plain(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    finish_dot(&acc, tail)
+}
+
+/// The end of [`dot`]: its lanes summed in order, plus the products past the last full lane
+/// group. Shared so that every kernel that computes a dot product lane by lane ends it alike.
+#[inline(always)]
+fn finish_dot(acc: &[f32; LANES], (a, b): (&[f32], &[f32])) -> f32 {
+    let tail: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out[i * rows + r] = dot(x_r, w_i)` for the `rows` input rows of `x` (`rows * k`) and the
+/// weight rows of `w` (`out.len() / rows` of `k`), equal bit for bit to calling [`dot`] for
+/// each pair: every lane takes the same operations in the same order and [`finish_dot`] ends
+/// them, so a sequence gets the same logits alone and in a batch. With AVX-512 (AVX2) it dots
+/// two weight rows with four input rows (one with two) at a time from registers, so that each
+/// weight, once loaded, serves several rows: with several rows a decode step is bound by
+/// arithmetic rather than by reading the weights.
+fn dots(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    match simd() {
+        // SAFETY: `simd()` found AVX-512F on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => {
+            dots_by::<2, 4>(x, w, k, out, |ws, xs| unsafe { x86::block_avx512(ws, xs) })
+        }
+        // SAFETY: `simd()` found AVX2 and FMA on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2Fma => dots_by::<1, 2>(x, w, k, out, |ws, xs| unsafe { x86::block_avx2(ws, xs) }),
+        _ => dots_by::<1, 1>(x, w, k, out, |[w], [x]| [[dot_plain(x, w)]]),
+    }
+}
+
+/// [`dots`] in blocks of `A` weight rows by `B` input rows through `block`, the rest pair by
+/// pair through [`dot`].
+fn dots_by<const A: usize, const B: usize>(
+    x: &[f32],
+    w: &[f32],
+    k: usize,
+    out: &mut [f32],
+    block: impl Fn([&[f32]; A], [&[f32]; B]) -> [[f32; B]; A],
+) {
+    let rows = x.len() / k.max(1);
+    let n = out.len() / rows.max(1);
+    let x_row = |r: usize| &x[r * k..(r + 1) * k];
+    let w_row = |i: usize| &w[i * k..(i + 1) * k];
+    let mut i = 0;
+    while i + A <= n {
+        let ws: [&[f32]; A] = std::array::from_fn(|a| w_row(i + a));
+        let mut r = 0;
+        while r + B <= rows {
+            let ys = block(ws, std::array::from_fn(|b| x_row(r + b)));
+            for (a, ya) in ys.iter().enumerate() {
+                out[(i + a) * rows + r..][..B].copy_from_slice(ya);
+            }
+            r += B;
+        }
+        for r in r..rows {
+            for (a, w) in ws.iter().enumerate() {
+                out[(i + a) * rows + r] = dot(x_row(r), w);
+            }
+        }
+        i += A;
+    }
+    for i in i..n {
+        for r in 0..rows {
+            out[i * rows + r] = dot(x_row(r), w_row(i));
+        }
+    }
+}
+
+/// Lane-by-lane dot products in registers, `A` weight rows by `B` input rows at a time (see
+/// [`dot`] and [`dots`]).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{finish_dot, LANES};
+
+    /// The length every slice has (the shortest).
+    fn common_len(w: &[&[f32]], x: &[&[f32]]) -> usize {
+        w.iter().chain(x).map(|s| s.len()).min().unwrap_or(0)
+    }
+
+    /// `dot(x_b, w_a)` for `A` weight rows and `B` input rows (`A * B <= 8` keeps the
+    /// accumulators in registers): a dot product's 32 lanes in two 16-lane registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block_avx512<const A: usize, const B: usize>(
+        w: [&[f32]; A],
+        x: [&[f32]; B],
+    ) -> [[f32; B]; A] {
+        let k = common_len(&w, &x);
+        let full = k - k % LANES;
+        let mut acc = [[[_mm512_setzero_ps(); 2]; B]; A];
+        let mut c = 0;
+        while c < full {
+            // SAFETY: c + 32 <= full <= every slice's length, so each load of 16 floats at c
+            // or c + 16 reads inside its slice.
+            unsafe {
+                let wv: [[__m512; 2]; A] = std::array::from_fn(|a| {
+                    let p = w[a].as_ptr().add(c);
+                    [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
+                });
+                for b in 0..B {
+                    let p = x[b].as_ptr().add(c);
+                    let xv = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
+                    for a in 0..A {
+                        for h in 0..2 {
+                            acc[a][b][h] = _mm512_fmadd_ps(xv[h], wv[a][h], acc[a][b][h]);
+                        }
+                    }
+                }
+            }
+            c += LANES;
+        }
+        let mut ys = [[0f32; B]; A];
+        for a in 0..A {
+            for b in 0..B {
+                let mut lanes = [0f32; LANES];
+                for (part, v) in lanes.chunks_exact_mut(16).zip(&acc[a][b]) {
+                    // SAFETY: each part of `lanes` holds 16 floats.
+                    unsafe { _mm512_storeu_ps(part.as_mut_ptr(), *v) };
+                }
+                ys[a][b] = finish_dot(&lanes, (&x[b][full..k], &w[a][full..k]));
+            }
+        }
+        ys
+    }
+
+    /// As [`block_avx512`], with a dot product's 32 lanes in four 8-lane registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block_avx2<const A: usize, const B: usize>(
+        w: [&[f32]; A],
+        x: [&[f32]; B],
+    ) -> [[f32; B]; A] {
+        let k = common_len(&w, &x);
+        let full = k - k % LANES;
+        let mut acc = [[[_mm256_setzero_ps(); 4]; B]; A];
+        let mut c = 0;
+        while c < full {
+            // SAFETY: c + 32 <= full <= every slice's length, so each load of 8 floats at
+            // c + 8 q (q < 4) reads inside its slice.
+            unsafe {
+                let wv: [[__m256; 4]; A] = std::array::from_fn(|a| {
+                    std::array::from_fn(|q| _mm256_loadu_ps(w[a].as_ptr().add(c + 8 * q)))
+                });
+                for b in 0..B {
+                    for q in 0..4 {
+                        let xv = _mm256_loadu_ps(x[b].as_ptr().add(c + 8 * q));
+                        for a in 0..A {
+                            acc[a][b][q] = _mm256_fmadd_ps(xv, wv[a][q], acc[a][b][q]);
+                        }
+                    }
+                }
+            }
+            c += LANES;
+        }
+        let mut ys = [[0f32; B]; A];
+        for a in 0..A {
+            for b in 0..B {
+                let mut lanes = [0f32; LANES];
+                for (part, v) in lanes.chunks_exact_mut(8).zip(&acc[a][b]) {
+                    // SAFETY: each part of `lanes` holds 8 floats.
+                    unsafe { _mm256_storeu_ps(part.as_mut_ptr(), *v) };
+                }
+                ys[a][b] = finish_dot(&lanes, (&x[b][full..k], &w[a][full..k]));
+            }
+        }
+        ys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
+        let mut rng = crate::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+
+    /// `x W^T` summed in f64, one output at a time: the naive definition.
+    fn naive(x: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
+        let (n, k) = w.dims2()?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let ws: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let rows = xs.len() / k;
+        let mut out = Vec::with_capacity(rows * n);
+        for r in 0..rows {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|i| xs[r * k + i] as f64 * ws[j * k + i] as f64)
+                    .sum();
+                out.push(s as f32);
+            }
+        }
+        Ok(out)
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_and_in_any_batch() -> Result<()> {
+        // Widths below, at and past the 32 lanes, with a tail; batches that fill the register
+        // blocks and leave rows and weight rows over.
+        for k in [7, 32, 100, 773] {
+            let w = seeded(&[11, k], k as u64)?;
+            for rows in [2, 5, 13, GEMV_MAX_ROWS_F32] {
+                let x = seeded(&[rows, k], (rows * 31 + k) as u64)?;
+                let batch = gemv_cpu(&x, &w)?.ok_or(Error::Input("declined".into()))?;
+                for r in 0..rows {
+                    let row = x.narrow(0, r, 1)?;
+                    let alone = gemv_cpu(&row, &w)?.ok_or(Error::Input("declined".into()))?;
+                    let (a, b): (Vec<f32>, Vec<f32>) = (
+                        batch.narrow(0, r, 1)?.flatten_all()?.to_vec1()?,
+                        alone.flatten_all()?.to_vec1()?,
+                    );
+                    let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same, "k {k}, {rows} rows, row {r}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_register_blocked_kernel_equals_its_own_single_dot_bit_for_bit() -> Result<()> {
+        // `dots` takes the best kernel this CPU has; call each one it has directly, against
+        // the same kernel one pair at a time (what `dot` runs on such a CPU), and against the
+        // naive product.
+        let (n, rows) = (7, 9);
+        for k in [5, 64, 101] {
+            let x: Vec<f32> = seeded(&[rows, k], 1)?.flatten_all()?.to_vec1()?;
+            let w: Vec<f32> = seeded(&[n, k], 2)?.flatten_all()?.to_vec1()?;
+            let naive = naive(
+                &Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu)?,
+                &Tensor::from_vec(w.clone(), (n, k), &Device::Cpu)?,
+            )?;
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let check = |blocked: &dyn Fn(&mut [f32]), single: &dyn Fn(&[f32], &[f32]) -> f32| {
+                let mut got = vec![f32::NAN; n * rows];
+                blocked(&mut got);
+                let mut want = vec![0f32; n * rows];
+                for i in 0..n {
+                    for r in 0..rows {
+                        want[i * rows + r] = single(&x[r * k..(r + 1) * k], &w[i * k..(i + 1) * k]);
+                    }
+                }
+                assert_eq!(bits(&got), bits(&want), "k {k}");
+                let by_row: Vec<f32> = (0..rows * n).map(|j| got[(j % n) * rows + j / n]).collect();
+                assert!(max_diff(&by_row, &naive) <= 1e-5 * (k as f32).sqrt());
+            };
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY (both closures): the CPU has AVX-512F (checked just above).
+                check(
+                    &|out| {
+                        dots_by::<2, 4>(&x, &w, k, out, |ws, xs| unsafe {
+                            x86::block_avx512(ws, xs)
+                        })
+                    },
+                    &|a, b| unsafe { x86::block_avx512::<1, 1>([b], [a])[0][0] },
+                );
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY (both closures): the CPU has AVX2 and FMA (checked just above).
+                check(
+                    &|out| {
+                        dots_by::<1, 2>(&x, &w, k, out, |ws, xs| unsafe { x86::block_avx2(ws, xs) })
+                    },
+                    &|a, b| unsafe { x86::block_avx2::<1, 1>([b], [a])[0][0] },
+                );
+            }
+            check(
+                &|out| dots_by::<1, 1>(&x, &w, k, out, |[w], [x]| [[dot_plain(x, w)]]),
+                &dot_plain,
+            );
+        }
+        Ok(())
+    }
+}
