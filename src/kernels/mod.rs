@@ -14,3 +14,26 @@ pub(crate) mod fused;
 pub(crate) mod gemv;
 pub(crate) mod quantized;
 pub(crate) mod scan;
+
+/// A seeded generator of test inputs (the crate's sampling `Rng` lives above the models; tests
+/// down here need only uniform floats).
+#[cfg(test)]
+pub(crate) struct TestRng(u64);
+
+#[cfg(test)]
+impl TestRng {
+    /// A generator from `seed` (any value, zero included).
+    pub(crate) fn new(seed: u64) -> Self {
+        TestRng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// A float uniform in `[0, 1)` (splitmix64).
+    pub(crate) fn next_f32(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32
+    }
+}

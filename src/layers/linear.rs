@@ -353,7 +353,7 @@ mod tests {
     use candle_core::Device;
 
     fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
-        let mut rng = crate::Rng::new(seed);
+        let mut rng = crate::kernels::TestRng::new(seed);
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)

@@ -1,6 +1,6 @@
-//! YOCO models in GGUF: the config as `yoco.*` metadata, the tensors under their official
-//! names (the embedding and norms in f32, projections quantized or f32). Reading the file is
-//! `checkpoint::gguf`'s; what the metadata means, and writing a model, are this family's.
+//! Writing a YOCO model as GGUF: the config as `yoco.*` metadata, the tensors under their
+//! official names (the embedding and norms in f32, projections quantized or f32). Reading it back
+//! is `load`'s.
 
 use std::path::Path;
 
@@ -8,38 +8,11 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::gguf::GgufFile;
 use crate::layers::{LinearWeights, Weights};
 use crate::models::yoco::catalogue::{Catalogue, Group};
 use crate::models::yoco::config::Config;
+use crate::models::yoco::load::ARCHITECTURE;
 use crate::{Error, Result};
-
-/// The `general.architecture` of a YOCO GGUF, and the prefix of its config keys.
-pub(crate) const ARCHITECTURE: &str = "yoco";
-
-/// A YOCO model's config, from the `yoco.*` metadata of a GGUF file, validated as a
-/// `params.json` is.
-pub(crate) fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    match file.architecture() {
-        Some(a) if a == ARCHITECTURE => {}
-        Some(a) => {
-            return Err(file.error(format!(
-                "general.architecture is `{a}`, not `{ARCHITECTURE}`: not a YOCO model"
-            )))
-        }
-        None => {
-            return Err(file.error("no general.architecture string: not a YOCO model file".into()))
-        }
-    }
-    let fields = file.scalars(ARCHITECTURE)?;
-    let cfg: Config = serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| {
-        file.error(format!(
-            "the {ARCHITECTURE}.* metadata is not a config: {e}"
-        ))
-    })?;
-    cfg.validate()?;
-    Ok(cfg)
-}
 
 /// Writes `model.gguf`-format file `out` from the checkpoint in `dir` (any format
 /// [`crate::Model::load`] reads): the config as metadata, the embedding and the norms in f32,

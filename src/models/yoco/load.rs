@@ -1,6 +1,6 @@
 //! Opening a YOCO model directory as the official code saved it: `params.json` plus
 //! `model.safetensors` (or the shards of `model.safetensors.index.json`, or `checkpoint.pth`), or
-//! a `model.gguf` whose metadata holds the config. The files are read by `checkpoint`, checked
+//! a `model.gguf` whose metadata holds the config (`yoco.*` keys). The files are read by `checkpoint`, checked
 //! against this family's catalogue.
 
 use std::path::Path;
@@ -12,8 +12,34 @@ use candle_nn::VarBuilder;
 use crate::checkpoint::gguf::{GgufBackend, GgufFile};
 use crate::checkpoint::{check_tensors, find_weights, open_checked, rooted, WeightFiles};
 use crate::models::yoco::config::Config;
-use crate::models::yoco::gguf::config_from_gguf;
 use crate::{Error, Result};
+
+/// The `general.architecture` of a YOCO GGUF, and the prefix of its config keys.
+pub(crate) const ARCHITECTURE: &str = "yoco";
+
+/// A YOCO model's config, from the `yoco.*` metadata of a GGUF file, validated as a
+/// `params.json` is.
+pub(crate) fn config_from_gguf(file: &GgufFile) -> Result<Config> {
+    match file.architecture() {
+        Some(a) if a == ARCHITECTURE => {}
+        Some(a) => {
+            return Err(file.error(format!(
+                "general.architecture is `{a}`, not `{ARCHITECTURE}`: not a YOCO model"
+            )))
+        }
+        None => {
+            return Err(file.error("no general.architecture string: not a YOCO model file".into()))
+        }
+    }
+    let fields = file.scalars(ARCHITECTURE)?;
+    let cfg: Config = serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| {
+        file.error(format!(
+            "the {ARCHITECTURE}.* metadata is not a config: {e}"
+        ))
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
 
 /// An opened model directory: its config, a `VarBuilder` over its checked weights (converting
 /// to the dtype and device asked for, rooted at the names of the catalogue) and, for a GGUF

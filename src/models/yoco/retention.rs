@@ -524,11 +524,7 @@ mod tests {
 
     /// Normal samples from a seeded generator (candle's CPU RNG cannot be seeded): the same
     /// inputs on every run.
-    fn normal(
-        rng: &mut crate::generation::sampling::Rng,
-        shape: &[usize],
-        std: f32,
-    ) -> Result<Tensor> {
+    fn normal(rng: &mut crate::kernels::TestRng, shape: &[usize], std: f32) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n)
             .map(|_| {
@@ -540,7 +536,7 @@ mod tests {
     }
 
     fn inputs(b: usize, h: usize, t: usize, d: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-        let rng = &mut crate::generation::sampling::Rng::new((b * 1000 + h * 100 + t + d) as u64);
+        let rng = &mut crate::kernels::TestRng::new((b * 1000 + h * 100 + t + d) as u64);
         let q = normal(rng, &[b, h, t, d], 1.0)?;
         let k = (normal(rng, &[b, h, t, d], 1.0)? * (d as f64).powf(-0.5))?;
         let v = normal(rng, &[b, h, t, d], 1.0)?;
@@ -659,11 +655,7 @@ mod tests {
 
     #[test]
     fn a_saved_retention_state_loads_back_exactly_and_only_in_its_shape() -> Result<()> {
-        let s = normal(
-            &mut crate::generation::sampling::Rng::new(9),
-            &[2, 3, 5, 5],
-            1.0,
-        )?;
+        let s = normal(&mut crate::kernels::TestRng::new(9), &[2, 3, 5, 5], 1.0)?;
         let state = RetentionState { s: s.clone() };
         let back = RetentionState::restore(&state.s, (2, 3, 5), &Device::Cpu)?;
         assert_eq!(max_diff(&back.s, &s), 0.0);
