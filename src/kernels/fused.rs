@@ -18,7 +18,7 @@ const ROWS_PER_TASK: usize = 16;
 
 /// Runs `f` on the data of `ts` when every one is an f32 tensor on the CPU that is contiguous
 /// (from its start offset on); `None` otherwise.
-fn with_f32<const N: usize, R>(
+pub(crate) fn with_f32<const N: usize, R>(
     ts: [&Tensor; N],
     f: impl FnOnce([&[f32]; N]) -> Result<R>,
 ) -> Result<Option<R>> {

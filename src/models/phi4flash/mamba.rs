@@ -25,8 +25,8 @@ use crate::{Error, Result};
 #[derive(Clone, Debug)]
 pub(crate) struct Mamba {
     in_proj: Linear,
-    /// `(K, E)` f32: tap `k` of every channel in a row, so that a tap multiplies a time row.
-    conv_taps: Tensor,
+    /// `(E, K)` f32: the taps of each channel, the last one multiplying the current input.
+    conv_weight: Tensor,
     /// `(E,)` f32.
     conv_bias: Tensor,
     x_proj: Linear,
@@ -66,7 +66,7 @@ impl Mamba {
         let dt_rank = dt_rank.ok_or_else(|| Error::Config("dt_proj has no shape".into()))?;
         Ok(Mamba {
             in_proj: Linear::load(w, &spec.in_proj)?,
-            conv_taps: conv_weight.reshape((e, k))?.t()?.contiguous()?,
+            conv_weight: conv_weight.reshape((e, k))?.contiguous()?,
             conv_bias: w.get_f32(&spec.conv_bias)?,
             x_proj: Linear::load(w, &spec.x_proj)?,
             dt_proj: Linear::load(w, &spec.dt_proj)?.with_bias(w.get_f32(&spec.dt_bias)?)?,
@@ -121,7 +121,7 @@ impl Mamba {
         let k = self.d_conv;
         if self.native {
             if let Some((u, history)) =
-                crate::kernels::scan::conv_cpu(x, &state.conv, &self.conv_taps, &self.conv_bias)?
+                crate::kernels::scan::conv_cpu(x, &state.conv, &self.conv_weight, &self.conv_bias)?
             {
                 state.conv = history;
                 return Ok(u);
@@ -133,7 +133,10 @@ impl Mamba {
             .reshape((1, 1, self.d_inner))?
             .broadcast_as(x.shape())?;
         for tap in 0..k {
-            let w = self.conv_taps.narrow(0, tap, 1)?.unsqueeze(0)?;
+            let w = self
+                .conv_weight
+                .narrow(1, tap, 1)?
+                .reshape((1, 1, self.d_inner))?;
             acc = (acc + xx.narrow(1, tap, c)?.broadcast_mul(&w)?)?;
         }
         state.conv = xx.narrow(1, c, k - 1)?.contiguous()?;
