@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device};
 use common::fixture;
 use yoco::Rng;
-use yoco::{Config, Model};
+use yoco::{Config, Model, Phi4FlashConfig};
 
 fn tmp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("yoco-robust-{}-{name}", std::process::id()));
@@ -80,6 +80,59 @@ fn mutated_params_json_gives_a_valid_config_or_a_typed_error() {
         }
     }
     // The mutations must exercise both outcomes.
+    assert!(accepted > 0 && accepted < 2000, "{accepted}");
+}
+
+#[test]
+fn mutated_phi4flash_config_json_gives_a_valid_config_or_a_typed_error() {
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("phi4flash/b_l12_w8").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let fields = [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "layer_norm_eps",
+        "sliding_window",
+        "mamba_d_state",
+        "mamba_d_conv",
+        "mamba_expand",
+        "mamba_dt_rank",
+        "mb_per_layer",
+        "max_position_embeddings",
+        "model_type",
+        "layer_types",
+    ];
+    let mut rng = Rng::new(23);
+    let mut accepted = 0;
+    for _ in 0..2000 {
+        let mut v = base.clone();
+        for _ in 0..1 + rng.next_u64() % 3 {
+            let field = fields[(rng.next_u64() % fields.len() as u64) as usize];
+            if rng.next_u64().is_multiple_of(5) {
+                v.as_object_mut().unwrap().remove(field);
+            } else {
+                v[field] = wild_value(&mut rng);
+            }
+        }
+        match Phi4FlashConfig::from_json(&v.to_string()) {
+            Ok(cfg) => {
+                // Whatever is accepted must be internally consistent and countable.
+                cfg.validate().unwrap();
+                assert_eq!(cfg.num_hidden_layers % 4, 0);
+                assert_eq!(cfg.hidden_size % cfg.num_attention_heads, 0);
+                assert_eq!(cfg.num_key_value_heads % 2, 0);
+                assert!(cfg.n_params() > 0);
+                accepted += 1;
+            }
+            Err(yoco::Error::Json { .. } | yoco::Error::Config(_)) => {}
+            Err(other) => panic!("unexpected error kind: {other}"),
+        }
+    }
     assert!(accepted > 0 && accepted < 2000, "{accepted}");
 }
 
