@@ -3,8 +3,8 @@
 # checkout root, the binaries scripts/build-gpu.sh put in .gpu/:
 #   1. nvidia-smi (GPU name, memory, driver);
 #   2. the `cuda` integration tests (CUDA vs the reference and the CPU, f32/bf16/f16);
-#   3. `generate` on CUDA (bf16) with the gret test fixture, and models/shakespeare if present
-#      (also with its projections quantized to Q8_0);
+#   3. `generate` on CUDA (bf16) with the gret test fixture, a Phi-4-mini-flash fixture, and
+#      models/shakespeare if present (also with its projections quantized to Q8_0);
 #   4. gpu_bench: YOCO-3B-shaped model vs its Transformer twin at 4K/32K/128K tokens.
 # Every log and JSON file goes to $OUT (default ./gpu-out). Each step is time-boxed, so the whole
 # run stays under about 8 minutes even if something hangs (typically 2-4 minutes); a failing step
@@ -85,6 +85,12 @@ if [ -d models/shakespeare ]; then
     "$BIN/generate" --model models/shakespeare --device cuda --dtype bf16 --quant q8_0 \
     --prompt "ROMEO." --max-new-tokens 200 --seed 7
 fi
+
+# 3b. Phi-4-mini-flash (the reference's 12-layer fixture) through generate on CUDA, bf16; its
+# exactness in f32 and bf16 is in the cuda tests above.
+step "generate phi4flash bf16" 40 "$OUT/generate-phi4flash-bf16.log" \
+  "$BIN/generate" --model tests/fixtures/phi4flash/b_l12_w8 --device cuda --dtype bf16 \
+  --prompt-tokens "$PROMPT" --max-new-tokens 64 --greedy --json
 
 # 4. The benchmark (its own time budget ends new runs after 180 s; the limit is the backstop).
 step "gpu_bench" 260 "$OUT/bench.log" \

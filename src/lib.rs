@@ -1,6 +1,7 @@
 //! # yoco
 //!
-//! Run YOCO ("You Only Cache Once", Sun et al., NeurIPS 2024) language models on
+//! Run YOCO ("You Only Cache Once", Sun et al., NeurIPS 2024) language models, and
+//! Microsoft's Phi-4-mini-flash-reasoning (a YOCO of the SambaY architecture), on
 //! [candle](https://github.com/huggingface/candle), on CPU or CUDA.
 //!
 //! YOCO is a decoder-decoder: a *self-decoder* (gated retention or sliding-window attention,
@@ -58,20 +59,46 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Phi-4-mini-flash
+//!
+//! A downloaded `microsoft/Phi-4-mini-flash-reasoning` directory (SambaY: Mamba-1 and
+//! sliding-window differential attention in the self-decoder, gated memory units in the
+//! cross-decoder) loads with the same [`Model::load`]; [`Model::config`] tells the family
+//! ([`ModelConfig`]), and everything else is the same calls.
+//!
+//! ```
+//! use candle_core::{DType, Device};
+//! use yoco::{GenerationConfig, Model, ModelConfig};
+//!
+//! # fn main() -> yoco::Result<()> {
+//! // A random-weight checkpoint in the real model's layout (the reference's fixture).
+//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/phi4flash/a_l8_w4");
+//! let model = Model::load(dir, &Device::Cpu, DType::F32)?;
+//! assert!(matches!(model.config(), ModelConfig::Phi4Flash(_)));
+//! // The fixture has no generation_config.json: no stop id, just five tokens.
+//! let cfg = GenerationConfig { stop_tokens: vec![], ..GenerationConfig::greedy(5) }.for_model(&model);
+//! let out = model.generate(&[212, 142, 159, 206], &cfg)?;
+//! assert_eq!(out.tokens.len(), 5);
+//! # Ok(()) }
+//! ```
+//!
 //! ## Layout
 //!
-//! The modules follow the architecture; each formula of the model lives in one place:
+//! The modules follow the architecture; each formula of either family lives in one place:
 //!
-//! * `checkpoint`: `params.json` ([`Config`]), the weight catalogue (every official parameter
-//!   name and shape, [`Config::parameters`]), safetensors and `checkpoint.pth` reading;
-//! * `layers`: RMSNorm, SwiGLU, the reference's RoPE, projections, softmax attention (GQA), the
-//!   K/V buffers, constants built once, and the pre-norm residual block;
-//! * `self_decoder`: gated retention (three forms) and sliding-window attention, each with its
-//!   own state;
-//! * `cross_decoder`: the global K/V (built once at the midpoint, the one cache that grows) and
-//!   the cross-decoder layers that read it;
+//! * `models::yoco`: `params.json` ([`Config`]), the weight catalogue (every official parameter
+//!   name and shape, [`Config::parameters`]), gated retention (three forms) and sliding-window
+//!   attention, the midpoint's K/V projection and the cross-decoder;
+//! * `models::phi4flash`: `config.json` ([`Phi4FlashConfig`]), its catalogue, Mamba-1,
+//!   differential attention, the GMU;
+//! * `layers`: what both families build from: projections (with or without bias, fused, float or
+//!   quantized), RMSNorm, LayerNorm, SwiGLU, RoPE, softmax attention (GQA), the window and global
+//!   K/V buffers, constants built once, the pre-norm residual block;
+//! * `kernels`: hand-written CPU kernels over raw slices that know no model (decode projections,
+//!   quantized dot products, decode and band attention, fused prefill pieces, the selective scan);
+//! * `checkpoint`: safetensors, `checkpoint.pth` and GGUF reading, checked against a catalogue;
 //! * [`Cache`]: the per-sequence state, a composition of the parts' own states;
-//! * [`Model`]: loading, forward, prefill with early exit, step;
+//! * [`Model`]: loading either family, forward, prefill with early exit, step;
 //! * `generation`: the decode loop, sampling ([`Sampling`], [`Sampler`]), text ([`Tokenizer`],
 //!   stop strings) and the serving [`Engine`] (continuous batching, prefix reuse).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

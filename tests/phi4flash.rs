@@ -419,3 +419,46 @@ fn quantized_projections_stay_close_to_the_reference() {
         }
     }
 }
+
+/// bf16 weights through the portable path (what a GPU runs), on the CPU: within the tolerance
+/// the fixtures derive from the reference's own bf16 run (rmse(diff)/rmse(logits) <= 0.06; the
+/// reference itself gives 0.029 and 0.037).
+#[test]
+fn bf16_weights_on_the_portable_path_stay_within_the_reference_bf16_tolerance() {
+    for name in CASES {
+        let options = LoadOptions {
+            dtype: DType::BF16,
+            kernels: Kernels::Portable,
+            ..LoadOptions::default()
+        };
+        let model = Model::load_with(dir(name), &options).unwrap();
+        let c = case(name, Kernels::Native);
+        let mut cache = model.new_cache(1).unwrap();
+        let logits = model
+            .forward(&ids(&c.tokens), &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let rmse = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt()
+        };
+        let rel = rmse(&(&logits - &c.logits).unwrap()) / rmse(&c.logits);
+        eprintln!("{name} bf16: rmse(diff) / rmse(logits) = {rel:.4}");
+        assert!(rel <= 0.06, "{name}: {rel}");
+        // Steps after a chunked prefill stay as close.
+        let mut cache = model.new_cache(1).unwrap();
+        model
+            .prefill_chunked(&ids(&c.tokens[..c.prompt_len]), &mut cache, 5)
+            .unwrap();
+        let step = step(&model, c.tokens[c.prompt_len], &mut cache);
+        let want = c.logits.narrow(0, c.prompt_len, 1).unwrap();
+        let rel = rmse(&(&step - &want).unwrap()) / rmse(&want);
+        assert!(rel <= 0.06, "{name} step: {rel}");
+    }
+}
