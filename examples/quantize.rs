@@ -8,7 +8,8 @@
 //! `model.gguf`) one projection at a time, quantizes it as `--quant` asks (the same bytes as
 //! quantizing at load time: a projection whose input width does not fit the format takes its
 //! fallback or stays float), and writes `OUT/model.gguf` with the config as metadata; the
-//! model's `tokenizer.json` is copied beside it. `Model::load(OUT)` then loads the quantized
+//! model's `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` are copied
+//! beside it. `Model::load(OUT)` then loads the quantized
 //! model without quantizing again. Prints what each tensor got and the sizes.
 
 mod common;
@@ -40,9 +41,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let t0 = std::time::Instant::now();
     let weights = yoco::write_gguf(&args.model, &path, args.quant.0)?;
     let seconds = t0.elapsed().as_secs_f64();
-    let tokenizer = args.model.join("tokenizer.json");
-    if tokenizer.is_file() && args.out.join("tokenizer.json") != tokenizer {
-        std::fs::copy(&tokenizer, args.out.join("tokenizer.json"))?;
+    // What the tools read beside the weights (a Phi-4-mini-flash file also carries its configs).
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        let from = args.model.join(name);
+        if from.is_file() && args.out.join(name) != from {
+            std::fs::copy(&from, args.out.join(name))?;
+        }
     }
 
     // What each tensor got, grouped by format.

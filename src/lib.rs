@@ -127,8 +127,7 @@ pub use generation::tokenizer::{TextStream, Tokenizer};
 pub use generation::{
     Generation, GenerationConfig, StopReason, Token, REFERENCE_BOS, REFERENCE_EOS, REFERENCE_PAD,
 };
-pub use model::{Kernels, LoadOptions, Model, ModelConfig, DEFAULT_PREFILL_CHUNK};
+pub use model::{write_gguf, Kernels, LoadOptions, Model, ModelConfig, DEFAULT_PREFILL_CHUNK};
 pub use models::phi4flash::config::{LayerRole, Phi4FlashConfig};
 pub use models::yoco::config::{Config, SelfMixer, DEFAULT_MAX_POSITIONS};
-pub use models::yoco::gguf::write_gguf;
 pub use quant::{Quant, WeightFormat, WeightInfo};

@@ -113,6 +113,13 @@ fn family_on_disk(dir: &Path) -> Result<FamilyOnDisk> {
             }),
         };
     }
+    let gguf = dir.join(crate::checkpoint::gguf::FILE_NAME);
+    if gguf.is_file() {
+        let file = crate::checkpoint::gguf::GgufFile::open(&gguf)?;
+        if file.architecture() == Some(crate::models::phi4flash::load::ARCHITECTURE) {
+            return Ok(FamilyOnDisk::Phi4Flash);
+        }
+    }
     Ok(FamilyOnDisk::Yoco)
 }
 
@@ -302,8 +309,11 @@ impl Model {
                 &options.device,
                 options.quant.is_some(),
             )?;
-            let w = Weights::new(opened.vb, options.kernels == Kernels::Native)
+            let mut w = Weights::new(opened.vb, options.kernels == Kernels::Native)
                 .quantized(options.quant);
+            if let Some(gguf) = opened.gguf {
+                w = w.with_gguf(gguf);
+            }
             return Model::build_phi4flash(opened.cfg, w, opened.lm_head).map_err(from_file);
         }
         let opened = crate::models::yoco::load::open(
@@ -694,5 +704,37 @@ impl Model {
             Some(&mut trace),
         )?;
         Ok((trace, cache))
+    }
+}
+
+/// Writes `model.gguf`-format file `out` from the checkpoint in `dir` (any family and format
+/// [`crate::Model::load`] reads): the config as metadata (a Phi-4-mini-flash file carries the
+/// texts of `config.json` and `generation_config.json`, and its tied head as a quantized
+/// `lm_head.weight`), the embedding and the norms in f32,
+/// the projections quantized to `quant` (with the same fallbacks and the same bytes as
+/// [`crate::LoadOptions::quant`] gives at load time) or in f32 without it. Tensors the checkpoint
+/// already stores quantized (a GGUF) are copied as they are. Returns what each tensor got.
+///
+/// The checkpoint is read one projection at a time and quantized as it is read, so memory holds
+/// the written tensors and at most one float projection beside them.
+///
+/// ```no_run
+/// use yoco::{Model, Quant};
+///
+/// # fn main() -> yoco::Result<()> {
+/// std::fs::create_dir_all("target/shakespeare-q8_0").ok();
+/// yoco::write_gguf("models/shakespeare", "target/shakespeare-q8_0/model.gguf", Some(Quant::Q8_0))?;
+/// let model = Model::load("target/shakespeare-q8_0", &candle_core::Device::Cpu, candle_core::DType::F32)?;
+/// # Ok(()) }
+/// ```
+pub fn write_gguf(
+    dir: impl AsRef<Path>,
+    out: impl AsRef<Path>,
+    quant: Option<Quant>,
+) -> Result<Vec<WeightInfo>> {
+    let (dir, out) = (dir.as_ref(), out.as_ref());
+    match family_on_disk(dir)? {
+        FamilyOnDisk::Yoco => crate::models::yoco::gguf::write(dir, out, quant),
+        FamilyOnDisk::Phi4Flash => crate::models::phi4flash::gguf::write(dir, out, quant),
     }
 }

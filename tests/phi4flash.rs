@@ -462,3 +462,46 @@ fn bf16_weights_on_the_portable_path_stay_within_the_reference_bf16_tolerance() 
         assert!(rel <= 0.06, "{name} step: {rel}");
     }
 }
+
+#[test]
+fn a_gguf_written_from_a_phi4flash_directory_loads_back_as_quantizing_at_load() {
+    let tmp = std::env::temp_dir().join(format!("yoco-phi4flash-gguf-{}", std::process::id()));
+    for name in CASES {
+        for quant in [None, Some(yoco::Quant::Q8_0), Some(yoco::Quant::Q4_0)] {
+            let out = tmp.join(format!("{name}-{quant:?}"));
+            std::fs::create_dir_all(&out).unwrap();
+            let written = yoco::write_gguf(dir(name), out.join("model.gguf"), quant).unwrap();
+            assert!(!written.is_empty());
+            // model.gguf alone: the configs come from its metadata.
+            let from_file = Model::load(&out, &Device::Cpu, DType::F32).unwrap();
+            assert!(matches!(from_file.config(), ModelConfig::Phi4Flash(_)));
+            let options = LoadOptions {
+                quant,
+                ..LoadOptions::default()
+            };
+            let at_load = Model::load_with(dir(name), &options).unwrap();
+            assert_eq!(from_file.config(), at_load.config());
+            let c = case(name, Kernels::Native);
+            let logits = |m: &Model| {
+                let mut cache = m.new_cache(1).unwrap();
+                m.forward(&ids(&c.tokens), &mut cache).unwrap()
+            };
+            let diff = max_abs_diff(&logits(&from_file), &logits(&at_load));
+            assert_eq!(diff, 0.0, "{name} {quant:?}");
+            // The embedding is held once in float; a tied head is a quantized tensor of its own.
+            let floats = from_file
+                .weights()
+                .iter()
+                .filter(|w| w.name.contains("embed_tokens") && !w.format.is_quantized())
+                .count();
+            assert_eq!(floats, 1, "{name} {quant:?}");
+            if quant.is_some() {
+                assert!(from_file
+                    .weights()
+                    .iter()
+                    .any(|w| w.name == "lm_head.weight" && w.format.is_quantized()));
+            }
+        }
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+}

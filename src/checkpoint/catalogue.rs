@@ -64,3 +64,11 @@ pub(crate) struct BlockSpec<M> {
     pub fc1_gate: LinearSpec,
     pub fc2: LinearSpec,
 }
+
+/// A parameter read alone, or a projection's fused pieces (what a catalogue's `groups` lists: the unit quantization and GGUF writing work in).
+pub(crate) enum Group<'a> {
+    /// The embedding or a norm: always float.
+    Plain(&'a Parameter),
+    /// A projection, possibly fused: what quantization applies to.
+    Linear(&'a LinearSpec),
+}

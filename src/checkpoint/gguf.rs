@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{ggml_file, GgmlDType, QTensor};
+use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
@@ -210,6 +210,14 @@ impl GgufFile {
             fields.insert(field.to_string(), json);
         }
         Ok(fields)
+    }
+
+    /// The metadata string `key`, if the file has one.
+    pub(crate) fn text(&self, key: &str) -> Option<&str> {
+        match self.metadata.get(key) {
+            Some(Meta::Text(t)) => Some(t),
+            _ => None,
+        }
     }
 
     /// An error about this file.
@@ -518,6 +526,23 @@ impl<R: Read> Reader<'_, R> {
             other => return Err(self.bad(format!("unknown metadata type {other}"))),
         })
     }
+}
+
+/// Writes a GGUF file: `metadata` (`general.architecture` first), then `tensors` in order.
+pub(crate) fn write(
+    path: &Path,
+    metadata: &[(String, gguf_file::Value)],
+    tensors: &[(String, std::sync::Arc<QTensor>)],
+) -> Result<()> {
+    let bad = |m: String| Error::Checkpoint(format!("writing {}: {m}", path.display()));
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), &**t)).collect();
+    let mut file =
+        std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
+    gguf_file::write(&mut file, &metadata, &tensors).map_err(|e| bad(e.to_string()))?;
+    std::io::Write::flush(&mut file).map_err(|e| Error::io(path, e))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::catalogue::{BlockSpec, LinearSpec, Parameter};
+use crate::checkpoint::catalogue::{BlockSpec, Group, LinearSpec, Parameter};
 use crate::checkpoint::gguf::GgufFile;
 use crate::kernels::fused::Op;
 use crate::quant::{Quant, WeightFormat, WeightInfo};
@@ -154,9 +154,34 @@ impl<'a> Weights<'a> {
         Ok(LinearWeights::Quantized(pieces))
     }
 
-    /// Are projections quantized as they load (or read quantized from a GGUF file)?
+    /// Are float projections quantized as they load?
     pub(crate) fn quantizes(&self) -> bool {
-        self.quant.is_some() || self.gguf.is_some()
+        self.quant.is_some()
+    }
+
+    /// Every tensor of `groups` as GGUF stores it: plain parameters in f32, projections as
+    /// [`Weights::linear`] gives them (quantized, or f32), each read, converted and kept in turn.
+    pub(crate) fn gguf_tensors(&self, groups: &[Group]) -> Result<Vec<(String, Arc<QTensor>)>> {
+        let float = |t: &Tensor| QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::F32);
+        let mut out: Vec<(String, Arc<QTensor>)> = Vec::new();
+        for group in groups {
+            match group {
+                Group::Plain(p) => out.push((p.name.clone(), float(&self.get(p)?)?.into())),
+                Group::Linear(spec) => match self.linear(spec)? {
+                    LinearWeights::Float(pieces) => {
+                        for (p, t) in spec.iter().zip(&pieces) {
+                            out.push((p.name.clone(), float(t)?.into()));
+                        }
+                    }
+                    LinearWeights::Quantized(pieces) => {
+                        for (p, q) in spec.iter().zip(pieces) {
+                            out.push((p.name.clone(), q));
+                        }
+                    }
+                },
+            }
+        }
+        Ok(out)
     }
 
     /// The model's device.

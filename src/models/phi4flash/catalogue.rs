@@ -18,7 +18,7 @@
 //! lm_head.weight                                              (V, D)    optional: tied
 //! ```
 
-use crate::checkpoint::catalogue::{LinearSpec, Parameter, Part};
+use crate::checkpoint::catalogue::{Group, LinearSpec, Parameter, Part};
 use crate::models::phi4flash::config::{LayerRole, Phi4FlashConfig};
 
 /// A LayerNorm's weight and bias.
@@ -81,7 +81,7 @@ pub(crate) struct Catalogue {
     pub layers: Vec<LayerSpec>,
     pub final_norm: NormSpec,
     /// `lm_head.weight` when the checkpoint stores it (it then equals the embedding).
-    pub lm_head: Option<Parameter>,
+    pub lm_head: Option<LinearSpec>,
 }
 
 impl Catalogue {
@@ -173,50 +173,65 @@ impl Catalogue {
                 weight: param("model.final_layernorm.weight".into(), vec![d], Part::Head),
                 bias: param("model.final_layernorm.bias".into(), vec![d], Part::Head),
             },
-            lm_head: lm_head.then(|| param("lm_head.weight".into(), vec![v, d], Part::Head)),
+            lm_head: lm_head.then(|| vec![param("lm_head.weight".into(), vec![v, d], Part::Head)]),
         }
     }
 
     /// Every parameter, in the order the model loads them.
     pub(crate) fn parameters(&self) -> Vec<Parameter> {
-        let mut out = vec![self.embed_tokens.clone()];
-        let norm = |out: &mut Vec<Parameter>, n: &NormSpec| {
-            out.push(n.weight.clone());
-            out.push(n.bias.clone());
-        };
+        let mut out = Vec::new();
+        for group in self.groups() {
+            match group {
+                Group::Plain(p) => out.push(p.clone()),
+                Group::Linear(spec) => out.extend(spec.iter().cloned()),
+            }
+        }
+        out
+    }
+
+    /// Every parameter in load order, each projection as one group (what quantization and the
+    /// GGUF writer take).
+    pub(crate) fn groups(&self) -> Vec<Group<'_>> {
+        let mut out = vec![Group::Plain(&self.embed_tokens)];
+        fn norm<'a>(out: &mut Vec<Group<'a>>, n: &'a NormSpec) {
+            out.push(Group::Plain(&n.weight));
+            out.push(Group::Plain(&n.bias));
+        }
         for layer in &self.layers {
             norm(&mut out, &layer.input_norm);
             match &layer.mixer {
                 MixerSpec::Mamba(m) => {
-                    out.extend(m.in_proj.iter().cloned());
-                    out.push(m.conv_weight.clone());
-                    out.push(m.conv_bias.clone());
-                    out.extend(m.x_proj.iter().cloned());
-                    out.extend(m.dt_proj.iter().cloned());
-                    out.push(m.dt_bias.clone());
-                    out.push(m.a_log.clone());
-                    out.push(m.d.clone());
-                    out.extend(m.out_proj.iter().cloned());
+                    out.push(Group::Linear(&m.in_proj));
+                    out.push(Group::Plain(&m.conv_weight));
+                    out.push(Group::Plain(&m.conv_bias));
+                    out.push(Group::Linear(&m.x_proj));
+                    out.push(Group::Linear(&m.dt_proj));
+                    out.push(Group::Plain(&m.dt_bias));
+                    out.push(Group::Plain(&m.a_log));
+                    out.push(Group::Plain(&m.d));
+                    out.push(Group::Linear(&m.out_proj));
                 }
                 MixerSpec::Attention(a) => {
-                    out.extend(a.wqkv.iter().cloned());
-                    out.push(a.wqkv_bias.clone());
-                    out.extend(a.out_proj.iter().cloned());
-                    out.push(a.out_bias.clone());
-                    out.extend(a.lambdas.iter().cloned());
-                    out.push(a.subln.clone());
+                    out.push(Group::Linear(&a.wqkv));
+                    out.push(Group::Plain(&a.wqkv_bias));
+                    out.push(Group::Linear(&a.out_proj));
+                    out.push(Group::Plain(&a.out_bias));
+                    out.extend(a.lambdas.iter().map(Group::Plain));
+                    out.push(Group::Plain(&a.subln));
                 }
                 MixerSpec::Gmu(g) => {
-                    out.extend(g.in_proj.iter().cloned());
-                    out.extend(g.out_proj.iter().cloned());
+                    out.push(Group::Linear(&g.in_proj));
+                    out.push(Group::Linear(&g.out_proj));
                 }
             }
             norm(&mut out, &layer.post_norm);
-            out.extend(layer.fc1.iter().cloned());
-            out.extend(layer.fc2.iter().cloned());
+            out.push(Group::Linear(&layer.fc1));
+            out.push(Group::Linear(&layer.fc2));
         }
         norm(&mut out, &self.final_norm);
-        out.extend(self.lm_head.clone());
+        if let Some(head) = &self.lm_head {
+            out.push(Group::Linear(head));
+        }
         out
     }
 }

@@ -122,11 +122,7 @@ pub(crate) const MODEL_TYPE: &str = "phi4flash";
 /// `eos_token_id` of a `generation_config.json` (a number or a list of numbers; absent: none).
 pub(crate) fn stop_ids_from_generation_config(path: &Path) -> Result<Vec<u32>> {
     let text = read_limited(path)?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: path.into(),
-        message: e.to_string(),
-    })?;
-    ids(&json.get("eos_token_id").cloned(), "eos_token_id").map_err(|e| match e {
+    stop_ids_from_json(&text).map_err(|e| match e {
         Error::Config(message) => Error::Json {
             path: path.into(),
             message,
@@ -135,8 +131,15 @@ pub(crate) fn stop_ids_from_generation_config(path: &Path) -> Result<Vec<u32>> {
     })
 }
 
+/// `eos_token_id` of the text of a `generation_config.json` (a `Config` error when it is not).
+pub(crate) fn stop_ids_from_json(text: &str) -> Result<Vec<u32>> {
+    let json: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+    ids(&json.get("eos_token_id").cloned(), "eos_token_id")
+}
+
 /// A small JSON file's text (configs are kilobytes; a huge file is refused before it is read).
-fn read_limited(path: &Path) -> Result<String> {
+pub(crate) fn read_limited(path: &Path) -> Result<String> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.len() > 1 << 20 {
         return Err(Error::Json {

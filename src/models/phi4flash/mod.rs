@@ -5,7 +5,7 @@
 //!
 //! * `config`: `config.json` and the role of every layer;
 //! * `catalogue`: every Hugging Face parameter name and shape;
-//! * `load`: opening a downloaded directory;
+//! * `load`, `gguf`: opening a downloaded directory (or a `model.gguf`), and writing one;
 //! * `mamba`: the Mamba-1 mixer and its conv/SSM state;
 //! * `attention`: differential attention (windowed, global, cross);
 //! * `model`: the layers in order, the GMU, prefill with early exit.
@@ -13,6 +13,7 @@
 pub(crate) mod attention;
 pub(crate) mod catalogue;
 pub(crate) mod config;
+pub(crate) mod gguf;
 pub(crate) mod load;
 pub(crate) mod mamba;
 pub(crate) mod model;

@@ -161,7 +161,7 @@ impl Phi4Flash {
         let final_norm = LayerNorm::load(w, &cat.final_norm.weight, &cat.final_norm.bias, eps)?;
         // The head is the embedding (tied); a stored `lm_head.weight` is used as it is.
         let lm_head = match &cat.lm_head {
-            Some(p) => Linear::load(w, &vec![p.clone()])?,
+            Some(spec) => Linear::load(w, spec)?,
             None if w.quantizes() => Linear::load(w, &vec![cat.embed_tokens.clone()])?,
             None => Linear::new(embedding.clone())?.native(w.native_kernels),
         };

@@ -26,7 +26,7 @@
 //! output_projection.weight                              (V, D)
 //! ```
 
-use crate::checkpoint::catalogue::{BlockSpec, LinearSpec, ParamCounts, Parameter, Part};
+use crate::checkpoint::catalogue::{BlockSpec, Group, LinearSpec, ParamCounts, Parameter, Part};
 use crate::models::yoco::config::{Config, SelfMixer};
 
 /// A self-decoder mixer's projections.
@@ -163,14 +163,6 @@ impl Catalogue {
         out.push(Group::Linear(&self.output_projection));
         out
     }
-}
-
-/// A parameter read alone, or a projection's fused pieces (what [`Catalogue::groups`] lists).
-pub(crate) enum Group<'a> {
-    /// The embedding or a norm: always float.
-    Plain(&'a Parameter),
-    /// A projection, possibly fused: what quantization applies to.
-    Linear(&'a LinearSpec),
 }
 
 /// Projections `{prefix}{name}.weight` of output widths `outs`, all reading `in_dim`.
