@@ -78,6 +78,11 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// A chat template that does not parse, fails while rendering (an undefined call, a
+    /// `raise_exception`, running out of its budget), or messages it cannot take.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
     /// An [`crate::Engine`]'s queue is full: try again later.
     #[error("busy: {0}")]
     Busy(String),

@@ -119,6 +119,7 @@ pub use cache::Cache;
 pub use checkpoint::catalogue::{ParamCounts, Parameter, Part};
 pub use device::{device_by_name, dtype_by_name};
 pub use error::{Error, Result};
+pub use generation::chat::{ChatMessage, ChatPiece, ChatTemplate, ReasoningSplitter};
 pub use generation::engine::{
     Canceller, Engine, EngineConfig, EngineStats, Event, Request, SequenceHandle,
 };

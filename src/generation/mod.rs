@@ -12,6 +12,7 @@
 //! [`Engine`]: crate::Engine
 
 pub(crate) mod batch;
+pub(crate) mod chat;
 pub(crate) mod engine;
 pub(crate) mod prefix;
 pub(crate) mod row;

@@ -21,6 +21,7 @@
 use std::fmt;
 use std::path::Path;
 
+use crate::generation::chat::{ChatMessage, ChatTemplate};
 use crate::{Error, Result};
 
 /// Names tried, in order, for the beginning-of-sequence token.
@@ -46,6 +47,9 @@ pub struct Tokenizer {
     /// BOS, EOS, `<pad>` and `<unk>`, left out by `decode` with `skip_special`.
     skipped: Vec<u32>,
     vocab_size: usize,
+    /// The directory's chat template (`tokenizer_config.json`), or why it could not be read:
+    /// a broken template fails the chat calls, not the tokenizer.
+    chat_template: Option<std::result::Result<ChatTemplate, String>>,
 }
 
 impl fmt::Debug for Tokenizer {
@@ -84,7 +88,54 @@ impl Tokenizer {
     ///
     /// As [`Tokenizer::from_file`].
     pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self> {
-        Self::from_file(dir.as_ref().join("tokenizer.json"))
+        let dir = dir.as_ref();
+        let mut tokenizer = Self::from_file(dir.join("tokenizer.json"))?;
+        let config = dir.join("tokenizer_config.json");
+        if config.is_file() {
+            tokenizer.chat_template = ChatTemplate::from_tokenizer_config(&config)
+                .map_err(|e| e.to_string())
+                .transpose();
+        }
+        Ok(tokenizer)
+    }
+
+    /// The same tokenizer with `template` as its chat template.
+    pub fn with_chat_template(self, template: ChatTemplate) -> Self {
+        Tokenizer {
+            chat_template: Some(Ok(template)),
+            ..self
+        }
+    }
+
+    /// The chat template of the tokenizer's directory (`tokenizer_config.json`'s
+    /// `chat_template`), if it has one; an error if it has one that cannot be used.
+    pub fn chat_template(&self) -> Result<Option<&ChatTemplate>> {
+        match &self.chat_template {
+            None => Ok(None),
+            Some(Ok(t)) => Ok(Some(t)),
+            Some(Err(e)) => Err(Error::ChatTemplate(e.clone())),
+        }
+    }
+
+    /// Renders a conversation with the chat template ([`Tokenizer::chat_template`], or the
+    /// built-in Phi-4 format [`ChatTemplate::phi4`] when the directory has none) and encodes it;
+    /// `add_generation_prompt` opens the assistant's reply. The special tokens the template
+    /// writes become their ids; nothing else is added.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let builtin;
+        let template = match self.chat_template()? {
+            Some(t) => t,
+            None => {
+                builtin = ChatTemplate::phi4();
+                &builtin
+            }
+        };
+        let text = template.render(messages, add_generation_prompt)?;
+        self.encode(&text, false)
     }
 
     /// Wraps a tokenizer built in code (or loaded by the caller).
@@ -115,6 +166,7 @@ impl Tokenizer {
             eos,
             skipped,
             vocab_size,
+            chat_template: None,
         }
     }
 

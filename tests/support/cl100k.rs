@@ -245,7 +245,7 @@ pub fn derive_merges(tokens: &[Vec<u8>]) -> Result<Vec<(u32, u32)>, BoxError> {
     Ok(merges)
 }
 
-fn added_token(id: u32, content: &str, normalized: bool) -> Value {
+pub fn added_token(id: u32, content: &str, normalized: bool) -> Value {
     json!({
         "id": id,
         "content": content,
@@ -258,7 +258,7 @@ fn added_token(id: u32, content: &str, normalized: bool) -> Value {
 }
 
 /// Adds `s` with `id` to the vocabulary; fails if either is taken.
-fn insert(
+pub fn insert(
     vocab: &mut Map<String, Value>,
     used: &mut [bool],
     s: &str,
