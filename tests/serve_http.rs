@@ -22,8 +22,12 @@ struct Server {
 }
 
 fn start(max_sequences: usize, max_queue: usize) -> Server {
-    let model = Arc::new(Model::load(MODEL, &Device::Cpu, DType::F32).unwrap());
-    let tokenizer = Arc::new(Tokenizer::from_model_dir(MODEL).unwrap());
+    start_dir(std::path::Path::new(MODEL), max_sequences, max_queue)
+}
+
+fn start_dir(dir: &std::path::Path, max_sequences: usize, max_queue: usize) -> Server {
+    let model = Arc::new(Model::load(dir, &Device::Cpu, DType::F32).unwrap());
+    let tokenizer = Arc::new(Tokenizer::from_model_dir(dir).unwrap());
     let engine = Engine::new(
         model,
         Some(tokenizer.clone()),
@@ -115,8 +119,12 @@ impl<R: Read> Events<R> {
 }
 
 fn stream(server: &Server, body: &Value) -> Events<impl Read> {
+    stream_at(server, "/v1/completions", body)
+}
+
+fn stream_at(server: &Server, path: &str, body: &Value) -> Events<impl Read> {
     let resp = agent()
-        .post(format!("{}/v1/completions", server.base))
+        .post(format!("{}{path}", server.base))
         .header("content-type", "application/json")
         .send(body.to_string())
         .unwrap();
@@ -438,4 +446,231 @@ fn a_full_queue_gets_a_429_and_the_server_recovers() {
     let (status, answer) = waiting.join().unwrap();
     assert_eq!(status, 200, "{answer}");
     wait_until_idle(&server, Duration::from_secs(20));
+}
+
+/// The shipped model with a chat template of its own (speakers' names, as its plays write them).
+fn model_with_template() -> (std::path::PathBuf, TempModel) {
+    let dir = std::env::temp_dir().join(format!("yoco-serve-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["params.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(std::path::Path::new(MODEL).join(f), dir.join(f)).unwrap();
+    }
+    let template =
+        "{% for m in messages %}{{ m['role'] | upper }}.\n{{ m['content'] }}\n\n{% endfor %}\
+                    {% if add_generation_prompt %}ASSISTANT.\n{% endif %}";
+    let config = json!({ "chat_template": template, "eos_token": "</s>" });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    (dir.clone(), TempModel(dir))
+}
+
+struct TempModel(std::path::PathBuf);
+
+impl Drop for TempModel {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+/// Reads a whole chat stream: the role of the first delta, the content, the reasoning, the
+/// finish reason and the usage chunk if any, checking every chunk's shape.
+fn read_chat_stream(mut events: Events<impl Read>) -> (String, String, String, String, Value) {
+    let (mut role, mut content, mut reasoning) = (String::new(), String::new(), String::new());
+    let (mut finish, mut usage) = (None, Value::Null);
+    loop {
+        let data = events.next_data().expect("the stream ended without [DONE]");
+        if data == "[DONE]" {
+            assert!(events.next_data().is_none(), "events after [DONE]");
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        if chunk["choices"].as_array().is_some_and(Vec::is_empty) {
+            usage = chunk["usage"].clone();
+            continue;
+        }
+        assert!(finish.is_none(), "a delta after the finish reason: {chunk}");
+        let choice = &chunk["choices"][0];
+        let delta = &choice["delta"];
+        if let Some(r) = delta["role"].as_str() {
+            assert!(role.is_empty(), "two role deltas");
+            role = r.to_string();
+        }
+        content.push_str(delta["content"].as_str().unwrap_or(""));
+        reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finish = Some(reason.to_string());
+        }
+    }
+    (
+        role,
+        content,
+        reasoning,
+        finish.expect("no finish reason"),
+        usage,
+    )
+}
+
+#[test]
+fn chat_completions_render_the_template_and_give_the_library_s_text() {
+    let (dir, _keep) = model_with_template();
+    let server = start_dir(&dir, 4, 8);
+    let messages = [
+        yoco::ChatMessage::new("system", "A room in the castle."),
+        yoco::ChatMessage::new("user", "What news, my lord?"),
+    ];
+    // What the library gives: the template rendered, then generation with the same settings.
+    let model = Model::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let tokenizer = Tokenizer::from_model_dir(&dir).unwrap();
+    let prompt = tokenizer.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(
+        tokenizer.decode(&prompt, false).unwrap(),
+        "SYSTEM.\nA room in the castle.\n\nUSER.\nWhat news, my lord?\n\nASSISTANT.\n"
+    );
+    let cfg = GenerationConfig {
+        max_new_tokens: 30,
+        seed: 11,
+        sampling: Sampling {
+            temperature: 0.8,
+            top_p: None,
+            ..Sampling::default()
+        },
+        ..GenerationConfig::default()
+    }
+    .for_tokenizer(&tokenizer);
+    let out = model.generate(&prompt, &cfg).unwrap();
+    let expected = tokenizer.decode(&out.tokens, true).unwrap();
+
+    let body = json!({
+        "messages": [
+            {"role": "system", "content": "A room in the castle."},
+            {"role": "user", "content": [{"type": "text", "text": "What news, "}, {"type": "text", "text": "my lord?"}]},
+        ],
+        "max_completion_tokens": 30, "temperature": 0.8, "seed": 11,
+        "stream_options": null,
+    });
+    let (status, answer) = post(&server, "/v1/chat/completions", &body.to_string());
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["object"], "chat.completion");
+    let message = &answer["choices"][0]["message"];
+    assert_eq!(message["role"], "assistant");
+    assert_eq!(message["content"], expected.as_str());
+    assert!(message.get("reasoning_content").is_none(), "{message}");
+    assert_eq!(answer["usage"]["prompt_tokens"], prompt.len() as u64);
+    assert_eq!(
+        answer["usage"]["completion_tokens"],
+        out.tokens.len() as u64
+    );
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let events = stream_at(&server, "/v1/chat/completions", &streamed);
+    let (role, content, reasoning, finish, usage) = read_chat_stream(events);
+    assert_eq!(
+        (role.as_str(), content.as_str(), reasoning.as_str()),
+        ("assistant", expected.as_str(), "")
+    );
+    assert_eq!(
+        finish,
+        answer["choices"][0]["finish_reason"].as_str().unwrap()
+    );
+    assert_eq!(usage["completion_tokens"], out.tokens.len() as u64);
+
+    // Log-probabilities in the chat format: one entry per token, `top_logprobs` alternatives.
+    let mut with_lp = body.clone();
+    with_lp["logprobs"] = json!(true);
+    with_lp["top_logprobs"] = json!(3);
+    let (_, answer) = post(&server, "/v1/chat/completions", &with_lp.to_string());
+    let content = answer["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(content.len(), out.tokens.len());
+    for entry in content {
+        assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+        assert_eq!(entry["top_logprobs"].as_array().unwrap().len(), 3);
+        let bytes: Vec<u8> = entry["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            entry["token"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+fn chat_without_a_template_continues_the_messages_as_plain_text() {
+    let server = start(2, 4);
+    let chat = json!({
+        "messages": [{"role": "user", "content": "ROMEO."}, {"role": "user", "content": "O, she doth"}],
+        "max_tokens": 20, "temperature": 0.7, "seed": 5,
+    });
+    let plain =
+        json!({"prompt": "ROMEO.\nO, she doth", "max_tokens": 20, "temperature": 0.7, "seed": 5});
+    let (s1, a) = post(&server, "/v1/chat/completions", &chat.to_string());
+    let (s2, b) = post(&server, "/v1/completions", &plain.to_string());
+    assert_eq!((s1, s2), (200, 200), "{a} {b}");
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["text"]
+    );
+}
+
+#[test]
+fn bad_chat_requests_get_a_400_naming_the_field() {
+    let server = start(2, 4);
+    let user = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        (json!({"messages": []}), "messages"),
+        (
+            json!({"messages": [{"role": "tool", "content": "x"}]}),
+            "messages",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "text": null}]}]}),
+            "messages",
+        ),
+        (json!({"messages": user, "top_logprobs": 2}), "top_logprobs"),
+        (
+            json!({"messages": user, "max_tokens": 5, "max_completion_tokens": 5}),
+            "max_completion_tokens",
+        ),
+        (json!({"messages": user, "n": 3}), "n"),
+        (
+            json!({"messages": user, "temperature": -1.0}),
+            "temperature",
+        ),
+        (
+            json!({"messages": user, "max_completion_tokens": 0}),
+            "max_tokens",
+        ),
+    ];
+    for (body, param) in cases {
+        let (status, answer) = post(&server, "/v1/chat/completions", &body.to_string());
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error"]["param"], param, "{body}: {answer}");
+    }
+    let (status, answer) = post(
+        &server,
+        "/v1/chat/completions",
+        r#"{"messages": [], "frob": 1}"#,
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("frob"),
+        "{answer}"
+    );
+    // The server goes on.
+    let (status, _) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": user, "max_tokens": 3}).to_string(),
+    );
+    assert_eq!(status, 200);
 }

@@ -7,6 +7,14 @@
 //!   `logprobs`, `stream` (server-sent events in OpenAI's format, ending with `data: [DONE]`),
 //!   `stream_options.include_usage`, and vLLM's `ignore_eos`. OpenAI fields yoco does not
 //!   implement are accepted only at their neutral value (`n: 1`, `echo: false`, ...).
+//! * `POST /v1/chat/completions`: `messages` (system, user, assistant; text content, or a list of
+//!   text parts) rendered by the model directory's chat template (a Phi-4-mini-flash directory
+//!   without one: the built-in Phi-4 format; a model without any: the messages' texts as plain
+//!   continuation), `max_tokens` or `max_completion_tokens`, the sampling fields above, `stop`,
+//!   `seed`, `logprobs` with `top_logprobs`, `stream` (deltas in `chat.completion.chunk`s). A
+//!   reasoning model's `<think>…</think>` comes back apart, as `reasoning_content` beside
+//!   `content`, in whole messages and in stream deltas (split exactly at the tags, wherever the
+//!   tokens cut them).
 //! * `GET /v1/models`, `GET /health` (the engine's load).
 //!
 //! A bad request gets a 400 with OpenAI's error body `{"error": {"message", "type", "param",
@@ -31,8 +39,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use yoco::{
-    Canceller, Engine, Event, Generation, GenerationConfig, Request, Sampling, StopReason,
-    TokenLogprobs, Tokenizer,
+    Canceller, ChatMessage, ChatPiece, Engine, Event, Generation, GenerationConfig, ModelConfig,
+    ReasoningSplitter, Request, Sampling, StopReason, TokenLogprobs, Tokenizer,
 };
 
 /// Most alternatives per token that `logprobs` may ask for.
@@ -82,6 +90,7 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(not_found)
@@ -222,11 +231,68 @@ struct CompletionRequest {
     user: Option<String>,
 }
 
+/// A chat message's content: text, or a list of parts of which only text parts are taken.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct InMessage {
+    role: String,
+    content: Option<Content>,
+    /// Earlier replies may carry their reasoning back; it is not part of the prompt.
+    #[serde(default)]
+    reasoning_content: Option<String>,
+    name: Option<String>,
+}
+
+/// `POST /v1/chat/completions`'s body (the same rules as [`CompletionRequest`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatCompletionRequest {
+    model: Option<String>,
+    messages: Vec<InMessage>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<u64>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    ignore_eos: bool,
+    // Accepted at their neutral values only.
+    n: Option<u64>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    user: Option<String>,
+}
+
 /// How to answer a checked request.
 struct Job {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+    /// A chat completion (messages and deltas) rather than a text completion.
+    chat: bool,
 }
 
 /// serde's message for a body that is not the request (the field is named where serde says).
@@ -244,6 +310,116 @@ impl AppState {
     /// Checks a request and turns it into an engine request.
     fn job(&self, body: &[u8]) -> Result<(Request, Job), ApiError> {
         let r: CompletionRequest = serde_json::from_slice(body).map_err(parse_error)?;
+        self.checked(r, false)
+    }
+
+    /// Checks a chat request: its messages rendered into prompt ids, the rest checked as a
+    /// completion's.
+    fn chat_job(&self, body: &[u8]) -> Result<(Request, Job), ApiError> {
+        let r: ChatCompletionRequest = serde_json::from_slice(body).map_err(parse_error)?;
+        if r.messages.is_empty() {
+            return Err(ApiError::bad("messages is empty", Some("messages")));
+        }
+        let mut messages = Vec::with_capacity(r.messages.len());
+        for m in &r.messages {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "user" | "assistant" | "developer"
+            ) {
+                return Err(ApiError::bad(
+                    format!("role `{}` is not one of system, user, assistant", m.role),
+                    Some("messages"),
+                ));
+            }
+            let text = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::bad(
+                                    format!("content parts of type `{kind}` are not supported"),
+                                    Some("messages"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            let _ = (&m.reasoning_content, &m.name);
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                m.role.as_str()
+            };
+            messages.push(ChatMessage::new(role, text));
+        }
+        let prompt = self.chat_prompt(&messages)?;
+        if r.top_logprobs.is_some() && r.logprobs != Some(true) {
+            return Err(ApiError::bad(
+                "top_logprobs needs logprobs: true",
+                Some("top_logprobs"),
+            ));
+        }
+        if r.max_tokens.is_some() && r.max_completion_tokens.is_some() {
+            return Err(ApiError::bad(
+                "give max_tokens or max_completion_tokens, not both",
+                Some("max_completion_tokens"),
+            ));
+        }
+        let completion = CompletionRequest {
+            model: r.model,
+            prompt: Prompt::Ids(prompt),
+            max_tokens: r.max_completion_tokens.or(r.max_tokens),
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k,
+            min_p: r.min_p,
+            repetition_penalty: r.repetition_penalty,
+            seed: r.seed,
+            stop: r.stop,
+            logprobs: match r.logprobs {
+                Some(true) => Some(r.top_logprobs.unwrap_or(0)),
+                _ => None,
+            },
+            stream: r.stream,
+            stream_options: r.stream_options,
+            ignore_eos: r.ignore_eos,
+            n: r.n,
+            best_of: None,
+            echo: None,
+            frequency_penalty: r.frequency_penalty,
+            presence_penalty: r.presence_penalty,
+            suffix: None,
+            user: r.user,
+        };
+        self.checked(completion, true)
+    }
+
+    /// The prompt ids of a conversation: the directory's chat template; for a
+    /// Phi-4-mini-flash model without one, the built-in Phi-4 format; for a model without any,
+    /// the messages' texts one after another (plain continuation).
+    fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
+        let bad = |e: yoco::Error| ApiError::bad(e.to_string(), Some("messages"));
+        let template = self.tokenizer.chat_template().map_err(bad)?;
+        match (template, self.engine.model().config()) {
+            (Some(_), _) | (None, ModelConfig::Phi4Flash(_)) => self
+                .tokenizer
+                .apply_chat_template(messages, true)
+                .map_err(bad),
+            (None, _) => {
+                let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+                self.encode(&text.join("\n"))
+            }
+        }
+    }
+
+    /// Checks a completion request (`chat`: it came from a chat request).
+    fn checked(&self, r: CompletionRequest, chat: bool) -> Result<(Request, Job), ApiError> {
         if let Some(m) = &r.model {
             if m != &self.model_name {
                 return Err(ApiError {
@@ -415,6 +591,7 @@ impl AppState {
             stream: r.stream,
             include_usage: r.stream_options.is_some_and(|o| o.include_usage),
             logprobs: logprobs.is_some(),
+            chat,
         };
         Ok((Request::new(prompt, config), job))
     }
@@ -460,6 +637,28 @@ impl AppState {
             "top_logprobs": top_logprobs,
             "text_offset": text_offset,
         })
+    }
+}
+
+impl AppState {
+    /// The `logprobs` object of a chat choice: `{"content": [{token, logprob, bytes,
+    /// top_logprobs: [{token, logprob, bytes}]}]}`.
+    fn chat_logprobs_json(&self, lps: &[TokenLogprobs]) -> Value {
+        let finite = |x: f32| if x.is_finite() { x } else { NEG_INF_LOGPROB };
+        let entry = |id: u32, lp: f32| {
+            let text = self.token_text(id);
+            json!({ "token": text, "logprob": finite(lp), "bytes": text.as_bytes() })
+        };
+        let content: Vec<Value> = lps
+            .iter()
+            .map(|lp| {
+                let mut e = entry(lp.token, lp.logprob);
+                let top: Vec<Value> = lp.top.iter().map(|&(id, v)| entry(id, v)).collect();
+                e["top_logprobs"] = Value::Array(top);
+                e
+            })
+            .collect();
+        json!({ "content": content })
     }
 }
 
@@ -558,6 +757,30 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
     }
 }
 
+async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let (request, job) = match state.chat_job(&body) {
+        Ok(checked) => checked,
+        Err(e) => return e.into_response(),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let submitted = state
+        .engine
+        .submit_with(request, move |event| match tx.send(event) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        });
+    let guard = match submitted {
+        Ok(canceller) => CancelOnDrop(canceller),
+        Err(e) => return engine_error(e).into_response(),
+    };
+    let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
+    if job.stream {
+        stream_response(state, job, id, rx, guard).into_response()
+    } else {
+        whole_response(state, job, id, rx, guard).await
+    }
+}
+
 async fn whole_response(
     state: Arc<AppState>,
     job: Job,
@@ -567,6 +790,32 @@ async fn whole_response(
 ) -> Response {
     while let Some(event) = rx.recv().await {
         match event {
+            Event::Finished { generation, .. } if job.chat => {
+                let text = generation.text.clone().unwrap_or_default();
+                let (reasoning, content) = ReasoningSplitter::split_whole(&text);
+                let logprobs = match job.logprobs {
+                    true => state.chat_logprobs_json(&generation.logprobs),
+                    false => Value::Null,
+                };
+                let mut message = json!({ "role": "assistant", "content": content });
+                if let Some(r) = reasoning {
+                    message["reasoning_content"] = Value::String(r);
+                }
+                let body = json!({
+                    "id": id,
+                    "object": "chat.completion",
+                    "created": now_s(),
+                    "model": state.model_name,
+                    "choices": [{
+                        "index": 0,
+                        "message": message,
+                        "logprobs": logprobs,
+                        "finish_reason": finish_reason(generation.stop_reason),
+                    }],
+                    "usage": usage(&generation),
+                });
+                return Json(body).into_response();
+            }
             Event::Finished { generation, .. } => {
                 let text = generation.text.clone().unwrap_or_default();
                 let logprobs = match job.logprobs {
@@ -607,6 +856,10 @@ struct StreamState {
     /// Events still to send before the stream closes.
     closing: Vec<SseEvent>,
     done: bool,
+    /// A chat stream's reasoning/answer split (`None` for text completions).
+    splitter: Option<ReasoningSplitter>,
+    /// Chat events ready to go out before the next engine event, in order.
+    ready: std::collections::VecDeque<SseEvent>,
     _guard: CancelOnDrop,
 }
 
@@ -629,9 +882,45 @@ impl StreamState {
         )
     }
 
+    /// A `chat.completion.chunk` with `delta` (and `logprobs`, `finish_reason`).
+    fn chat_chunk(&self, delta: Value, logprobs: Value, finish: Option<&str>) -> SseEvent {
+        SseEvent::default().data(
+            json!({
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.state.model_name,
+                "choices": [{
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }],
+            })
+            .to_string(),
+        )
+    }
+
+    /// The deltas of a chat stream's pieces of text: `reasoning_content` or `content`.
+    fn chat_deltas(&self, pieces: Vec<ChatPiece>) -> Vec<SseEvent> {
+        pieces
+            .into_iter()
+            .map(|p| {
+                let delta = match p {
+                    ChatPiece::Reasoning(r) => json!({ "reasoning_content": r }),
+                    ChatPiece::Content(c) => json!({ "content": c }),
+                };
+                self.chat_chunk(delta, Value::Null, None)
+            })
+            .collect()
+    }
+
     /// The next event to send, or `None` to close the stream.
     async fn next(&mut self) -> Option<SseEvent> {
         loop {
+            if let Some(e) = self.ready.pop_front() {
+                return Some(e);
+            }
             if let Some(e) = self.closing.pop() {
                 return Some(e);
             }
@@ -652,6 +941,48 @@ impl StreamState {
                 // early when the client has gone.
                 Event::Prefill { done, total } => {
                     return Some(SseEvent::default().comment(format!("prefill {done}/{total}")))
+                }
+                Event::Token(t) if self.job.chat => {
+                    let pieces = match self.splitter.as_mut() {
+                        Some(split) => split.push(&t.text),
+                        None => Vec::new(),
+                    };
+                    let mut events = self.chat_deltas(pieces);
+                    if self.job.logprobs {
+                        if let Some(lp) = &t.logprobs {
+                            let logprobs = self.state.chat_logprobs_json(std::slice::from_ref(lp));
+                            events.push(self.chat_chunk(json!({}), logprobs, None));
+                        }
+                    }
+                    self.ready.extend(events);
+                }
+                Event::Finished { tail, generation } if self.job.chat => {
+                    self.done = true;
+                    let mut pieces = match self.splitter.as_mut() {
+                        Some(split) => split.push(&tail),
+                        None => Vec::new(),
+                    };
+                    if let Some(split) = self.splitter.as_mut() {
+                        pieces.extend(split.finish());
+                    }
+                    let events = self.chat_deltas(pieces);
+                    self.ready.extend(events);
+                    let finish = finish_reason(generation.stop_reason);
+                    let last = self.chat_chunk(json!({}), Value::Null, Some(finish));
+                    self.ready.push_back(last);
+                    if self.job.include_usage {
+                        let usage_chunk = json!({
+                            "id": self.id,
+                            "object": "chat.completion.chunk",
+                            "created": self.created,
+                            "model": self.state.model_name,
+                            "choices": [],
+                            "usage": usage(&generation),
+                        });
+                        self.ready
+                            .push_back(SseEvent::default().data(usage_chunk.to_string()));
+                    }
+                    self.ready.push_back(SseEvent::default().data("[DONE]"));
                 }
                 Event::Token(t) => {
                     if t.text.is_empty() && !self.job.logprobs {
@@ -707,7 +1038,8 @@ fn stream_response(
     rx: mpsc::UnboundedReceiver<Event>,
     guard: CancelOnDrop,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
-    let s = StreamState {
+    let mut s = StreamState {
+        splitter: job.chat.then(ReasoningSplitter::new),
         state,
         job,
         id,
@@ -716,8 +1048,18 @@ fn stream_response(
         sent: 0,
         closing: Vec::new(),
         done: false,
+        ready: std::collections::VecDeque::new(),
         _guard: guard,
     };
+    if s.job.chat {
+        // OpenAI's first delta names the role.
+        let first = s.chat_chunk(
+            json!({ "role": "assistant", "content": "" }),
+            Value::Null,
+            None,
+        );
+        s.ready.push_back(first);
+    }
     Sse::new(futures_util::stream::unfold(s, |mut s| async move {
         let event = s.next().await?;
         Some((Ok(event), s))

@@ -315,8 +315,9 @@ impl ReasoningSplitter {
         out
     }
 
-    /// Splits a whole reply into its reasoning and its answer (each trimmed of the blank lines
-    /// around the tags); `None` for a reply without reasoning.
+    /// Splits a whole reply into its reasoning and its answer; `None` for a reply without
+    /// reasoning (its answer is then the text as it is). With reasoning, the reasoning is trimmed
+    /// and the answer loses the blank lines after `</think>`.
     pub fn split_whole(text: &str) -> (Option<String>, String) {
         let mut split = ReasoningSplitter::new();
         let mut pieces = split.push(text);
@@ -331,11 +332,14 @@ impl ReasoningSplitter {
                 ChatPiece::Content(c) => content.push_str(&c),
             }
         }
-        let any = any || text.contains(OPEN);
-        (
-            any.then(|| reasoning.trim().to_string()),
-            content.trim_start().to_string(),
-        )
+        if any || text.contains(OPEN) {
+            (
+                Some(reasoning.trim().to_string()),
+                content.trim_start().to_string(),
+            )
+        } else {
+            (None, content)
+        }
     }
 
     fn emit(&self, out: &mut Vec<ChatPiece>, text: String) {
