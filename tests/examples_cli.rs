@@ -804,3 +804,72 @@ fn quantize_writes_a_gguf_that_loads_as_quantizing_at_load_does() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// `chat` over a pipe: each line a turn, the answer streamed back; the second turn prefills only
+/// what the cache does not hold; an empty line ends it. With the shipped model (no template) the
+/// conversation is continued as plain text, and the first answer equals `generate_text` of the
+/// first line with the same settings.
+#[test]
+fn chat_keeps_the_conversation_cache_between_turns() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare");
+    let mut child = Command::new(example("chat"))
+        .args([
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "1",
+            "--seed",
+            "9",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"ROMEO.\nJULIET.\n\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let stats: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("new prompt tokens"))
+        .collect();
+    assert_eq!(stats.len(), 2, "{text}");
+    assert!(stats[0].contains("(0 reused)"), "{}", stats[0]);
+    assert!(
+        !stats[1].contains("(0 reused)"),
+        "the second turn reused nothing: {}",
+        stats[1]
+    );
+
+    let model = Model::load(dir, &Device::Cpu, DType::F32).unwrap();
+    let tokenizer = Tokenizer::from_model_dir(dir).unwrap();
+    let cfg = GenerationConfig {
+        max_new_tokens: 12,
+        seed: 9,
+        sampling: Sampling {
+            temperature: 0.8,
+            top_p: None,
+            ..Sampling::default()
+        },
+        ..GenerationConfig::default()
+    }
+    .for_tokenizer(&tokenizer);
+    let ids = tokenizer.encode("ROMEO.\n", true).unwrap();
+    let gen = model.generate(&ids, &cfg).unwrap();
+    let first = tokenizer.decode(&gen.tokens, true).unwrap();
+    let shown = text.strip_prefix("> ").unwrap();
+    assert!(
+        shown.starts_with(&first),
+        "{shown:?} does not start with {first:?}"
+    );
+}
