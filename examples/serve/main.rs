@@ -1,13 +1,16 @@
-//! An OpenAI-compatible completions server over yoco's continuous-batching engine.
+//! An OpenAI-compatible completions and chat completions server over yoco's continuous-batching
+//! engine.
 //!
 //! ```text
 //! cargo run --release --example serve -- [--model DIR] [--host 127.0.0.1] [--port 8080]
 //!     [--max-sequences 16] [--max-queue 64] [--max-prompt-tokens N] [--max-tokens N]
 //!     [--prefill-chunk N] [--prefix-cache-mb MB] [--device cpu|cuda:N] [--dtype f32|bf16|f16]
+//!     [--quant none|q8_0|q4_0|q4_k]
 //! ```
 //!
 //! Without `--model` it serves the small Shakespeare model that ships with the crate. Endpoints:
-//! `POST /v1/completions` (streamed with `"stream": true`), `GET /v1/models`, `GET /health`; see
+//! `POST /v1/completions` and `POST /v1/chat/completions` (streamed with `"stream": true`),
+//! `GET /v1/models`, `GET /health`; see
 //! `app.rs` and README.md ("Serving") for the fields and curl commands.
 
 mod app;
@@ -68,6 +71,9 @@ struct Args {
     /// Weight dtype: f32, bf16 or f16
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = common::dtype)]
     dtype: DType,
+    /// Quantize the projections as they load: none, q8_0, q4_0, q4_k
+    #[arg(long, value_name = "Q", default_value = "none", value_parser = common::quant)]
+    quant: common::Quant,
 }
 
 fn main() -> ExitCode {
@@ -86,6 +92,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let options = LoadOptions {
         device: args.device,
         dtype: args.dtype,
+        quant: args.quant.0,
         ..LoadOptions::default()
     };
     let model = Arc::new(Model::load_with(&dir, &options)?);
