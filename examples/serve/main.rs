@@ -124,7 +124,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
         eprintln!(
-            "serving `{name}` on http://{} (POST /v1/completions, GET /v1/models, GET /health)",
+            "serving `{name}` on http://{} (POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health)",
             listener.local_addr()?
         );
         app::serve(listener, state).await
