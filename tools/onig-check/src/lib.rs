@@ -12,6 +12,8 @@
 
 #[path = "../../../tests/support/cl100k.rs"]
 mod cl100k;
+#[path = "../../../tests/support/o200k.rs"]
+mod o200k;
 #[path = "../../../tests/support/tiktoken_reference.rs"]
 mod tiktoken_reference;
 
@@ -146,4 +148,23 @@ fn oniguruma_misreads_tiktokens_pattern() {
     assert_eq!(pieces(encode(&dollar, "a \nb")), ["a", " ", "\n", "b"]);
     // With `\z` for `$` it is the document's pattern.
     assert_eq!(greedy.replace('$', r"\z"), cl100k::CL100K_PATTERN);
+}
+
+/// The Phi-4 tokenizer stand-in (o200k_base and Phi-4's specials, `tests/support/o200k.rs`) read
+/// by Oniguruma encodes as tiktoken's o200k_base: its split pattern has no possessive
+/// quantifiers, so both engines read it alike.
+#[test]
+fn the_phi4_stand_in_encodes_as_tiktoken_o200k_under_oniguruma() {
+    let json = o200k::phi4_tokenizer_json().unwrap();
+    let tok = Tokenizer::from_bytes(json.as_bytes()).unwrap();
+    let bpe = tiktoken_rs::o200k_base().unwrap();
+    let mut texts = tiktoken_reference::split_cases();
+    texts.push("北京是中国的首都。東京は日本の首都です。They're here; we'll see.".to_string());
+    for text in &texts {
+        let want: Vec<u32> = bpe.encode_ordinary(text);
+        assert_eq!(encode(&tok, text), want, "{text:?}");
+    }
+    for (special, id) in o200k::PHI4_SPECIALS {
+        assert_eq!(encode(&tok, special), vec![id], "{special}");
+    }
 }
