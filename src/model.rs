@@ -26,6 +26,7 @@ use candle_nn::VarBuilder;
 use crate::cache::{Cache, FamilyState};
 use crate::layers::constants::Constants;
 use crate::layers::Weights;
+use crate::models::phi4flash::catalogue::HeadForm;
 use crate::models::phi4flash::config::Phi4FlashConfig;
 use crate::models::phi4flash::model::Phi4Flash;
 #[cfg(test)]
@@ -314,7 +315,7 @@ impl Model {
             if let Some(gguf) = opened.gguf {
                 w = w.with_gguf(gguf);
             }
-            return Model::build_phi4flash(opened.cfg, w, opened.lm_head).map_err(from_file);
+            return Model::build_phi4flash(opened.cfg, w, opened.head_form).map_err(from_file);
         }
         let opened = crate::models::yoco::load::open(
             dir,
@@ -351,11 +352,10 @@ impl Model {
         })
     }
 
-    /// A Phi-4-mini-flash model of `cfg` from `w` (`lm_head`: the checkpoint stores
-    /// `lm_head.weight`).
-    fn build_phi4flash(cfg: Phi4FlashConfig, w: Weights, lm_head: bool) -> Result<Self> {
+    /// A Phi-4-mini-flash model of `cfg` from `w`, whose head is held as `head_form` says.
+    fn build_phi4flash(cfg: Phi4FlashConfig, w: Weights, head_form: HeadForm) -> Result<Self> {
         let (dtype, device) = Model::checked_dtype(&w)?;
-        let model = Phi4Flash::build(cfg.clone(), &w, lm_head)?;
+        let model = Phi4Flash::build(cfg.clone(), &w, head_form)?;
         Ok(Model {
             family: Family::Phi4Flash(Box::new(model)),
             config: ModelConfig::Phi4Flash(cfg),
@@ -418,7 +418,7 @@ impl Model {
             options.device.clone(),
         );
         let w = Weights::new(vb, options.kernels == Kernels::Native).quantized(options.quant);
-        Model::build_phi4flash(cfg.clone(), w, false)
+        Model::build_phi4flash(cfg.clone(), w, HeadForm::Tied)
     }
 
     /// Every weight tensor of the model (official names, in the catalogue's order) and the

@@ -157,6 +157,48 @@ pub(crate) fn dequantize_cpu(q: &QTensor) -> Result<Tensor> {
     }
 }
 
+/// Rows `ids` of a quantized CPU weight `(n, k)` as f32 `(ids.len(), k)`: an embedding read from
+/// a quantized table (the tied head of a quantized model), one row dequantized per token.
+/// `None` for a format this does not read (the caller keeps a float table); an id beyond `n` is
+/// an error.
+pub(crate) fn dequantize_rows_cpu(q: &QTensor, ids: &[u32]) -> Result<Option<Tensor>> {
+    fn rows<T: GgmlType>(bytes: &[u8], n: usize, k: usize, ids: &[u32]) -> Option<Vec<f32>> {
+        let kb = k / T::BLCK_SIZE;
+        let weight =
+            blocks::<T>(bytes).filter(|w| k.is_multiple_of(T::BLCK_SIZE) && w.len() == n * kb)?;
+        let mut out = vec![0f32; ids.len() * k];
+        for (y, &id) in out.chunks_mut(k).zip(ids) {
+            let start = id as usize * kb;
+            T::to_float(weight.get(start..start + kb)?, y);
+        }
+        Some(out)
+    }
+    let (n, k) = q.shape().dims2()?;
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= n) {
+        return Err(crate::Error::Input(format!(
+            "token id {bad} is beyond the {n} rows of the embedding"
+        )));
+    }
+    let data = q.data()?;
+    let out = match q.dtype() {
+        GgmlDType::Q4_0 => rows::<BlockQ4_0>(&data, n, k, ids),
+        GgmlDType::Q4_1 => rows::<BlockQ4_1>(&data, n, k, ids),
+        GgmlDType::Q5_0 => rows::<BlockQ5_0>(&data, n, k, ids),
+        GgmlDType::Q5_1 => rows::<BlockQ5_1>(&data, n, k, ids),
+        GgmlDType::Q8_0 => rows::<BlockQ8_0>(&data, n, k, ids),
+        GgmlDType::Q2K => rows::<BlockQ2K>(&data, n, k, ids),
+        GgmlDType::Q3K => rows::<BlockQ3K>(&data, n, k, ids),
+        GgmlDType::Q4K => rows::<BlockQ4K>(&data, n, k, ids),
+        GgmlDType::Q5K => rows::<BlockQ5K>(&data, n, k, ids),
+        GgmlDType::Q6K => rows::<BlockQ6K>(&data, n, k, ids),
+        _ => None,
+    };
+    Ok(match out {
+        Some(out) => Some(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?),
+        None => None,
+    })
+}
+
 /// One quantized piece ready for [`qgemv_cpu`]: its blocks and the input, quantized.
 trait BandKernel: Sync {
     /// Fills `out` (feature-major: `rows` values per weight row) for the weight rows from

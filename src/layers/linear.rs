@@ -133,6 +133,15 @@ impl Linear {
         Linear { native, ..self }
     }
 
+    /// The quantized weight of a layer that is one quantized piece (a tied head whose rows can
+    /// serve as the embedding); `None` otherwise.
+    pub(crate) fn single_quantized(&self) -> Option<Arc<QTensor>> {
+        match &self.weight {
+            Weight::Quantized(pieces) if pieces.len() == 1 => pieces.first().cloned(),
+            _ => None,
+        }
+    }
+
     /// Number of fused pieces.
     pub(crate) fn n_parts(&self) -> usize {
         self.parts.len()

@@ -4,6 +4,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod constants;
+pub(crate) mod embedding;
 pub(crate) mod ffn;
 pub(crate) mod global_kv;
 pub(crate) mod kv_buffer;

@@ -75,9 +75,35 @@ pub(crate) struct LayerSpec {
     pub fc2: LinearSpec,
 }
 
+/// How a checkpoint holds the head, which the model ties to its embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HeadForm {
+    /// Only `model.embed_tokens.weight`: the head is the embedding (the published checkpoint).
+    Tied,
+    /// Both tensors (`lm_head.weight` then equals the embedding).
+    Stored,
+    /// Only `lm_head.weight`, quantized: the embedding's rows are read from it (a `model.gguf`
+    /// that yoco wrote from a tied checkpoint, holding the table once).
+    InHead,
+}
+
+impl HeadForm {
+    /// The form of a checkpoint with these tensors (none of either: `Tied`, whose check then
+    /// names the missing embedding).
+    pub(crate) fn of(has_embedding: bool, has_head: bool) -> Self {
+        match (has_embedding, has_head) {
+            (true, true) => HeadForm::Stored,
+            (false, true) => HeadForm::InHead,
+            _ => HeadForm::Tied,
+        }
+    }
+}
+
 /// The whole model's parameters, shaped like the model.
 pub(crate) struct Catalogue {
+    /// `model.embed_tokens.weight` (always named here; absent from an `InHead` checkpoint).
     pub embed_tokens: Parameter,
+    pub head_form: HeadForm,
     pub layers: Vec<LayerSpec>,
     pub final_norm: NormSpec,
     /// `lm_head.weight` when the checkpoint stores it (it then equals the embedding).
@@ -85,8 +111,9 @@ pub(crate) struct Catalogue {
 }
 
 impl Catalogue {
-    /// The parameters `cfg` implies; `lm_head`: does the checkpoint store `lm_head.weight`?
-    pub(crate) fn new(cfg: &Phi4FlashConfig, lm_head: bool) -> Self {
+    /// The parameters `cfg` implies, the head held as `head_form` says.
+    pub(crate) fn new(cfg: &Phi4FlashConfig, head_form: HeadForm) -> Self {
+        let lm_head = head_form != HeadForm::Tied;
         let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (h, kv, hd) = (
             cfg.num_attention_heads,
@@ -168,6 +195,7 @@ impl Catalogue {
                 vec![v, d],
                 Part::Embedding,
             ),
+            head_form,
             layers,
             final_norm: NormSpec {
                 weight: param("model.final_layernorm.weight".into(), vec![d], Part::Head),
@@ -192,7 +220,10 @@ impl Catalogue {
     /// Every parameter in load order, each projection as one group (what quantization and the
     /// GGUF writer take).
     pub(crate) fn groups(&self) -> Vec<Group<'_>> {
-        let mut out = vec![Group::Plain(&self.embed_tokens)];
+        let mut out = Vec::new();
+        if self.head_form != HeadForm::InHead {
+            out.push(Group::Plain(&self.embed_tokens));
+        }
         fn norm<'a>(out: &mut Vec<Group<'a>>, n: &'a NormSpec) {
             out.push(Group::Plain(&n.weight));
             out.push(Group::Plain(&n.bias));
@@ -240,7 +271,12 @@ impl Phi4FlashConfig {
     /// Every parameter of a checkpoint of this shape (with `lm_head.weight` stored or not): names,
     /// shapes and parts, in load order.
     pub fn parameters(&self, lm_head: bool) -> Vec<Parameter> {
-        Catalogue::new(self, lm_head).parameters()
+        let form = if lm_head {
+            HeadForm::Stored
+        } else {
+            HeadForm::Tied
+        };
+        Catalogue::new(self, form).parameters()
     }
 
     /// Number of parameters, the tied embedding counted once.

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 
 use crate::checkpoint::gguf::{GgufBackend, GgufFile};
 use crate::checkpoint::{check_tensors, find_weights, headers, safetensors_vb, WeightFiles};
+use crate::models::phi4flash::catalogue::{Catalogue, HeadForm};
 use crate::models::phi4flash::config::{
     read_limited, stop_ids_from_generation_config, stop_ids_from_json, Phi4FlashConfig,
 };
@@ -23,12 +24,12 @@ pub(crate) const ARCHITECTURE: &str = "phi4flash";
 pub(crate) const CONFIG_KEY: &str = "phi4flash.config_json";
 pub(crate) const GENERATION_KEY: &str = "phi4flash.generation_config_json";
 
-/// An opened Phi-4-mini-flash directory: its config, whether it stores `lm_head.weight`, a
+/// An opened Phi-4-mini-flash directory: its config, how it holds the head, a
 /// `VarBuilder` over its checked weights, for a GGUF file the file itself (its quantized tensors
 /// are read as stored), and the texts its config came from.
 pub(crate) struct Opened {
     pub cfg: Phi4FlashConfig,
-    pub lm_head: bool,
+    pub head_form: HeadForm,
     pub vb: VarBuilder<'static>,
     pub gguf: Option<Arc<GgufFile>>,
     pub config_json: String,
@@ -101,8 +102,11 @@ pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, streamed: bool) ->
             return Err(Error::Checkpoint(format!("{}: not opened", p.display())))
         }
     };
-    let lm_head = found.contains_key("lm_head.weight");
-    let prefix = check_tensors(&cfg.parameters(lm_head), &found)?;
+    let head_form = HeadForm::of(
+        found.contains_key("model.embed_tokens.weight"),
+        found.contains_key("lm_head.weight"),
+    );
+    let prefix = check_tensors(&Catalogue::new(&cfg, head_form).parameters(), &found)?;
     if !prefix.is_empty() {
         return Err(Error::Checkpoint(format!(
             "tensor names carry the YOCO trainer prefix `{prefix}`; a Hugging Face checkpoint \
@@ -111,7 +115,7 @@ pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, streamed: bool) ->
     }
     Ok(Opened {
         cfg,
-        lm_head,
+        head_form,
         vb,
         gguf,
         config_json,

@@ -18,10 +18,10 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::Embedding;
+use candle_core::{DType, Device, Tensor};
 
 use crate::layers::constants::Constants;
+use crate::layers::embedding::TokenEmbedding;
 use crate::layers::ffn::SwiGlu;
 use crate::layers::global_kv::GlobalKv;
 use crate::layers::linear::Linear;
@@ -29,7 +29,7 @@ use crate::layers::norm::LayerNorm;
 use crate::layers::window_kv::WindowState;
 use crate::layers::Weights;
 use crate::models::phi4flash::attention::DiffAttention;
-use crate::models::phi4flash::catalogue::{Catalogue, MixerSpec};
+use crate::models::phi4flash::catalogue::{Catalogue, HeadForm, MixerSpec};
 use crate::models::phi4flash::config::{LayerRole, Phi4FlashConfig};
 use crate::models::phi4flash::mamba::{Mamba, MambaState};
 use crate::models::Logits;
@@ -39,7 +39,7 @@ use crate::{Error, Result};
 #[derive(Clone, Debug)]
 pub(crate) struct Phi4Flash {
     cfg: Phi4FlashConfig,
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     layers: Vec<Layer>,
     final_norm: LayerNorm,
     lm_head: Linear,
@@ -106,17 +106,16 @@ impl Layer {
 }
 
 impl Phi4Flash {
-    /// Builds every layer of `cfg` from `w`; `lm_head`: the checkpoint stores `lm_head.weight`.
-    pub(crate) fn build(cfg: Phi4FlashConfig, w: &Weights, lm_head: bool) -> Result<Self> {
+    /// Builds every layer of `cfg` from `w`, whose head is held as `head_form` says.
+    pub(crate) fn build(cfg: Phi4FlashConfig, w: &Weights, head_form: HeadForm) -> Result<Self> {
         cfg.validate()?;
-        let cat = Catalogue::new(&cfg, lm_head);
+        let cat = Catalogue::new(&cfg, head_form);
         let eps = cfg.layer_norm_eps;
         let heads = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim(),
         );
-        let embedding = w.get(&cat.embed_tokens)?;
         let layers = cat
             .layers
             .iter()
@@ -159,14 +158,54 @@ impl Phi4Flash {
             })
             .collect::<Result<Vec<_>>>()?;
         let final_norm = LayerNorm::load(w, &cat.final_norm.weight, &cat.final_norm.bias, eps)?;
-        // The head is the embedding (tied); a stored `lm_head.weight` is used as it is.
-        let lm_head = match &cat.lm_head {
-            Some(spec) => Linear::load(w, spec)?,
-            None if w.quantizes() => Linear::load(w, &vec![cat.embed_tokens.clone()])?,
-            None => Linear::new(embedding.clone())?.native(w.native_kernels),
+        // The head is the embedding (tied); a stored `lm_head.weight` is used as it is. A tied head
+        // quantized at load also serves the embedding's rows (on the CPU), so the table is held
+        // once, quantized, rather than once more in float.
+        let (embed_tokens, lm_head) = match (&cat.lm_head, head_form) {
+            (Some(spec), HeadForm::InHead) => {
+                let head = Linear::load(w, spec)?;
+                let embedding = match head.single_quantized() {
+                    Some(q) => match TokenEmbedding::quantized(q.clone())? {
+                        Some(e) => e,
+                        // Another device: a float table made from the quantized one.
+                        None => {
+                            TokenEmbedding::float(q.dequantize(w.device())?.to_dtype(w.dtype())?)?
+                        }
+                    },
+                    None => {
+                        return Err(Error::Checkpoint(
+                            "the checkpoint has no embedding and its lm_head.weight is not \
+                             quantized"
+                                .into(),
+                        ))
+                    }
+                };
+                (embedding, head)
+            }
+            (Some(spec), _) => (
+                TokenEmbedding::float(w.get(&cat.embed_tokens)?)?,
+                Linear::load(w, spec)?,
+            ),
+            (None, _) if w.quantizes() => {
+                let head = Linear::load(w, &vec![cat.embed_tokens.clone()])?;
+                let rows = match head.single_quantized() {
+                    Some(q) => TokenEmbedding::quantized(q)?,
+                    None => None,
+                };
+                let embedding = match rows {
+                    Some(e) => e,
+                    None => TokenEmbedding::float(w.get(&cat.embed_tokens)?)?,
+                };
+                (embedding, head)
+            }
+            (None, _) => {
+                let table = w.get(&cat.embed_tokens)?;
+                let head = Linear::new(table.clone())?.native(w.native_kernels);
+                (TokenEmbedding::float(table)?, head)
+            }
         };
         Ok(Phi4Flash {
-            embed_tokens: Embedding::new(embedding, cfg.hidden_size),
+            embed_tokens,
             layers,
             final_norm,
             lm_head,
@@ -221,10 +260,7 @@ impl Phi4Flash {
     ) -> Result<Option<Tensor>> {
         let (_, c) = ids.dims2()?;
         let mismatch = || Error::Input("the cache was made for a different model".into());
-        let mut x = self
-            .embed_tokens
-            .forward(&ids.to_dtype(DType::U32)?)?
-            .to_dtype(DType::F32)?;
+        let mut x = self.embed_tokens.forward(ids)?.to_dtype(DType::F32)?;
         let n_self = self.cfg.n_self_layers();
         let (self_layers, cross_layers) = self.layers.split_at(n_self.min(self.layers.len()));
 

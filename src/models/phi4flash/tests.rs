@@ -325,7 +325,7 @@ fn differential_attention_equals_the_reference_formula_written_with_loops() {
         cfg.num_key_value_heads,
         cfg.head_dim(),
     );
-    let cat = Catalogue::new(&cfg, false);
+    let cat = Catalogue::new(&cfg, crate::models::phi4flash::catalogue::HeadForm::Tied);
     // Random inputs of 11 positions (more than the window of 4).
     let mut seed = 7u64;
     let x: Vec<Vec<f32>> = (0..11)
