@@ -146,15 +146,7 @@ fn single(
                 common::yoco_prefill_flops(&cfg),
                 common::model_decode_bytes(&m, ctx, 4),
             ));
-            let mut cache = m.new_cache(1)?;
-            cache.reserve(ctx + steps)?;
-            let (_, prefill_s) =
-                common::timed(&dev, || m.prefill_chunked(&prompt, &mut cache, chunk))?;
-            for &tok in &ids[ctx..] {
-                let x = Tensor::new(&[tok], &dev)?;
-                decode.push(common::timed(&dev, || m.step(&x, &mut cache))?.1);
-            }
-            (prefill_s, m.weight_bytes(), cache.size_bytes())
+            run(&m, &prompt, &ids[ctx..], chunk, &mut decode)?
         }
         Arch::Phi4Flash => {
             let cfg = yoco::Phi4FlashConfig {
@@ -174,15 +166,7 @@ fn single(
                 .map(|w| w.shape.iter().product::<usize>())
                 .sum();
             bounds = Some((2.0 * linear as f64, common::model_decode_bytes(&m, ctx, 4)));
-            let mut cache = m.new_cache(1)?;
-            cache.reserve(ctx + steps)?;
-            let (_, prefill_s) =
-                common::timed(&dev, || m.prefill_chunked(&prompt, &mut cache, chunk))?;
-            for &tok in &ids[ctx..] {
-                let x = Tensor::new(&[tok], &dev)?;
-                decode.push(common::timed(&dev, || m.step(&x, &mut cache))?.1);
-            }
-            (prefill_s, m.weight_bytes(), cache.size_bytes())
+            run(&m, &prompt, &ids[ctx..], chunk, &mut decode)?
         }
         Arch::Llama => {
             use candle_transformers::models::llama::Cache;
@@ -213,6 +197,26 @@ fn single(
         "prefill_flops_per_token": bounds.map(|b| b.0),
         "decode_bytes_per_token": bounds.map(|b| b.1),
     }))
+}
+
+/// Prefill of `prompt` in chunks of `chunk`, then one step per id of `steps` (each step's time
+/// into `decode`): the prefill's seconds, the weights' bytes and the cache's bytes at the end.
+fn run(
+    m: &Model,
+    prompt: &Tensor,
+    steps: &[u32],
+    chunk: usize,
+    decode: &mut Vec<f64>,
+) -> yoco::Result<(f64, usize, usize)> {
+    let dev = m.device().clone();
+    let mut cache = m.new_cache(1)?;
+    cache.reserve(prompt.dim(1)? + steps.len())?;
+    let (_, prefill_s) = common::timed(&dev, || m.prefill_chunked(prompt, &mut cache, chunk))?;
+    for &tok in steps {
+        let x = Tensor::new(&[tok], &dev)?;
+        decode.push(common::timed(&dev, || m.step(&x, &mut cache))?.1);
+    }
+    Ok((prefill_s, m.weight_bytes(), cache.size_bytes()))
 }
 
 /// A measured line's name: the model, and its quantization if any.

@@ -72,6 +72,21 @@ fn cases() -> Vec<(String, Case)> {
     out
 }
 
+/// rmse(a - b) / rmse(b): how far a lower-precision run is from the reference, relative to the
+/// logits' own size.
+fn rel_rmse(a: &Tensor, b: &Tensor) -> f32 {
+    let rmse = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    rmse(&(a - b).unwrap()) / rmse(b)
+}
+
 fn step(model: &Model, token: u32, cache: &mut Cache) -> Tensor {
     model
         .step(&Tensor::new(&[token], &Device::Cpu).unwrap(), cache)
@@ -407,16 +422,7 @@ fn quantized_projections_stay_close_to_the_reference() {
                 .unwrap()
                 .squeeze(0)
                 .unwrap();
-            let rmse = |t: &Tensor| {
-                t.sqr()
-                    .unwrap()
-                    .mean_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .sqrt()
-            };
-            let rel = rmse(&(&logits - &c.logits).unwrap()) / rmse(&c.logits);
+            let rel = rel_rmse(&logits, &c.logits);
             eprintln!("{name} {quant}: rmse(diff) / rmse(logits) = {rel:.4}");
             assert!(rel < bound, "{name} {quant}: {rel}");
         }
@@ -442,16 +448,7 @@ fn bf16_weights_on_the_portable_path_stay_within_the_reference_bf16_tolerance() 
             .unwrap()
             .squeeze(0)
             .unwrap();
-        let rmse = |t: &Tensor| {
-            t.sqr()
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt()
-        };
-        let rel = rmse(&(&logits - &c.logits).unwrap()) / rmse(&c.logits);
+        let rel = rel_rmse(&logits, &c.logits);
         eprintln!("{name} bf16: rmse(diff) / rmse(logits) = {rel:.4}");
         assert!(rel <= 0.06, "{name}: {rel}");
         // Steps after a chunked prefill stay as close.
@@ -461,7 +458,7 @@ fn bf16_weights_on_the_portable_path_stay_within_the_reference_bf16_tolerance() 
             .unwrap();
         let step = step(&model, c.tokens[c.prompt_len], &mut cache);
         let want = c.logits.narrow(0, c.prompt_len, 1).unwrap();
-        let rel = rmse(&(&step - &want).unwrap()) / rmse(&want);
+        let rel = rel_rmse(&step, &want);
         assert!(rel <= 0.06, "{name} step: {rel}");
     }
 }

@@ -33,6 +33,30 @@ fn wild_value(rng: &mut Rng) -> serde_json::Value {
     picks[(rng.next_u64() % picks.len() as u64) as usize].clone()
 }
 
+/// `n` copies of `base`, each with one to three of `fields` set to a wild value or removed.
+fn mutations(
+    base: &serde_json::Value,
+    fields: &[&str],
+    seed: u64,
+    n: usize,
+) -> Vec<serde_json::Value> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| {
+            let mut v = base.clone();
+            for _ in 0..1 + rng.next_u64() % 3 {
+                let field = fields[(rng.next_u64() % fields.len() as u64) as usize];
+                if rng.next_u64().is_multiple_of(5) {
+                    v.as_object_mut().unwrap().remove(field);
+                } else {
+                    v[field] = wild_value(&mut rng);
+                }
+            }
+            v
+        })
+        .collect()
+}
+
 #[test]
 fn mutated_params_json_gives_a_valid_config_or_a_typed_error() {
     let base: serde_json::Value = serde_json::from_str(
@@ -53,18 +77,8 @@ fn mutated_params_json_gives_a_valid_config_or_a_typed_error() {
         "max_positions",
         "unknown_field",
     ];
-    let mut rng = Rng::new(11);
     let mut accepted = 0;
-    for _ in 0..2000 {
-        let mut v = base.clone();
-        for _ in 0..1 + rng.next_u64() % 3 {
-            let field = fields[(rng.next_u64() % fields.len() as u64) as usize];
-            if rng.next_u64().is_multiple_of(5) {
-                v.as_object_mut().unwrap().remove(field);
-            } else {
-                v[field] = wild_value(&mut rng);
-            }
-        }
+    for v in mutations(&base, &fields, 11, 2000) {
         match Config::from_json(&v.to_string()) {
             Ok(cfg) => {
                 // Whatever is accepted must be internally consistent.
@@ -107,18 +121,8 @@ fn mutated_phi4flash_config_json_gives_a_valid_config_or_a_typed_error() {
         "model_type",
         "layer_types",
     ];
-    let mut rng = Rng::new(23);
     let mut accepted = 0;
-    for _ in 0..2000 {
-        let mut v = base.clone();
-        for _ in 0..1 + rng.next_u64() % 3 {
-            let field = fields[(rng.next_u64() % fields.len() as u64) as usize];
-            if rng.next_u64().is_multiple_of(5) {
-                v.as_object_mut().unwrap().remove(field);
-            } else {
-                v[field] = wild_value(&mut rng);
-            }
-        }
+    for v in mutations(&base, &fields, 23, 2000) {
         match Phi4FlashConfig::from_json(&v.to_string()) {
             Ok(cfg) => {
                 // Whatever is accepted must be internally consistent and countable.

@@ -733,10 +733,17 @@ impl Drop for CancelOnDrop {
 }
 
 async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let (request, job) = match state.job(&body) {
-        Ok(checked) => checked,
-        Err(e) => return e.into_response(),
-    };
+    match state.job(&body) {
+        Ok((request, job)) => {
+            let id = state.completion_id();
+            respond(state, request, job, id).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Submits a checked request and answers it, whole or streamed.
+async fn respond(state: Arc<AppState>, request: Request, job: Job, id: String) -> Response {
     // The engine's thread sends into an unbounded channel: it never waits for a client.
     let (tx, rx) = mpsc::unbounded_channel();
     let submitted = state
@@ -749,7 +756,6 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
         Ok(canceller) => CancelOnDrop(canceller),
         Err(e) => return engine_error(e).into_response(),
     };
-    let id = state.completion_id();
     if job.stream {
         stream_response(state, job, id, rx, guard).into_response()
     } else {
@@ -758,26 +764,12 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
 }
 
 async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let (request, job) = match state.chat_job(&body) {
-        Ok(checked) => checked,
-        Err(e) => return e.into_response(),
-    };
-    let (tx, rx) = mpsc::unbounded_channel();
-    let submitted = state
-        .engine
-        .submit_with(request, move |event| match tx.send(event) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
-        });
-    let guard = match submitted {
-        Ok(canceller) => CancelOnDrop(canceller),
-        Err(e) => return engine_error(e).into_response(),
-    };
-    let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
-    if job.stream {
-        stream_response(state, job, id, rx, guard).into_response()
-    } else {
-        whole_response(state, job, id, rx, guard).await
+    match state.chat_job(&body) {
+        Ok((request, job)) => {
+            let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
+            respond(state, request, job, id).await
+        }
+        Err(e) => e.into_response(),
     }
 }
 

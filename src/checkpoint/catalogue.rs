@@ -72,3 +72,15 @@ pub(crate) enum Group<'a> {
     /// A projection, possibly fused: what quantization applies to.
     Linear(&'a LinearSpec),
 }
+
+/// Every parameter of `groups`, flat, in order.
+pub(crate) fn flatten(groups: Vec<Group<'_>>) -> Vec<Parameter> {
+    let mut out = Vec::new();
+    for group in groups {
+        match group {
+            Group::Plain(p) => out.push(p.clone()),
+            Group::Linear(spec) => out.extend(spec.iter().cloned()),
+        }
+    }
+    out
+}

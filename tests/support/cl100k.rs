@@ -309,22 +309,41 @@ pub fn reference_tokenizer_value() -> Result<Value, BoxError> {
         .map(|&(a, b)| json!([strings[a as usize], strings[b as usize]]))
         .collect();
 
-    Ok(json!({
+    let normalizer = json!({
+        "type": "Replace",
+        "pattern": { "String": ALIASED_SPECIAL },
+        "content": ALIAS_TARGET,
+    });
+    Ok(byte_level_bpe_document(
+        added,
+        normalizer,
+        CL100K_PATTERN,
+        vocab,
+        merges,
+    ))
+}
+
+/// A byte-level BPE `tokenizer.json` as tiktoken's encodings convert: `pattern` splits, the
+/// byte-level alphabet maps, `ignore_merges` takes a piece that is a token whole.
+pub fn byte_level_bpe_document(
+    added: Vec<Value>,
+    normalizer: Value,
+    pattern: &str,
+    vocab: Map<String, Value>,
+    merges: Vec<Value>,
+) -> Value {
+    json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": {
-            "type": "Replace",
-            "pattern": { "String": ALIASED_SPECIAL },
-            "content": ALIAS_TARGET,
-        },
+        "normalizer": normalizer,
         "pre_tokenizer": {
             "type": "Sequence",
             "pretokenizers": [
                 {
                     "type": "Split",
-                    "pattern": { "Regex": CL100K_PATTERN },
+                    "pattern": { "Regex": pattern },
                     "behavior": "Isolated",
                     "invert": false,
                 },
@@ -355,7 +374,7 @@ pub fn reference_tokenizer_value() -> Result<Value, BoxError> {
             "vocab": vocab,
             "merges": merges,
         },
-    }))
+    })
 }
 
 /// The reference tokenizer as `tokenizer.json` text.

@@ -13,7 +13,10 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::cl100k::{added_token, byte_level, bytes_to_unicode, derive_merges, insert, BoxError};
+use crate::cl100k::{
+    added_token, byte_level, byte_level_bpe_document, bytes_to_unicode, derive_merges, insert,
+    BoxError,
+};
 
 /// Rows of the real model's embedding (o200k's 199998 ranks, specials, padding).
 pub const VOCAB_SIZE: u32 = 200_064;
@@ -68,49 +71,13 @@ pub fn phi4_tokenizer_value() -> Result<Value, BoxError> {
         .iter()
         .map(|&(a, b)| json!([strings[a as usize], strings[b as usize]]))
         .collect();
-    Ok(json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {
-                    "type": "Split",
-                    "pattern": { "Regex": tiktoken_rs::O200K_BASE_PAT_STR },
-                    "behavior": "Isolated",
-                    "invert": false,
-                },
-                {
-                    "type": "ByteLevel",
-                    "add_prefix_space": false,
-                    "trim_offsets": true,
-                    "use_regex": false,
-                },
-            ],
-        },
-        "post_processor": null,
-        "decoder": {
-            "type": "ByteLevel",
-            "add_prefix_space": false,
-            "trim_offsets": true,
-            "use_regex": false,
-        },
-        "model": {
-            "type": "BPE",
-            "dropout": null,
-            "unk_token": null,
-            "continuing_subword_prefix": null,
-            "end_of_word_suffix": null,
-            "fuse_unk": false,
-            "byte_fallback": false,
-            "ignore_merges": true,
-            "vocab": vocab,
-            "merges": merges,
-        },
-    }))
+    Ok(byte_level_bpe_document(
+        added,
+        Value::Null,
+        tiktoken_rs::O200K_BASE_PAT_STR,
+        vocab,
+        merges,
+    ))
 }
 
 /// The stand-in as `tokenizer.json` text.

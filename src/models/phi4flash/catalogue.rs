@@ -207,14 +207,7 @@ impl Catalogue {
 
     /// Every parameter, in the order the model loads them.
     pub(crate) fn parameters(&self) -> Vec<Parameter> {
-        let mut out = Vec::new();
-        for group in self.groups() {
-            match group {
-                Group::Plain(p) => out.push(p.clone()),
-                Group::Linear(spec) => out.extend(spec.iter().cloned()),
-            }
-        }
-        out
+        crate::checkpoint::catalogue::flatten(self.groups())
     }
 
     /// Every parameter in load order, each projection as one group (what quantization and the

@@ -128,14 +128,7 @@ impl Catalogue {
 
     /// Every parameter, flat, in the order of the model.
     pub(crate) fn parameters(&self) -> Vec<Parameter> {
-        let mut out = Vec::new();
-        for group in self.groups() {
-            match group {
-                Group::Plain(p) => out.push(p.clone()),
-                Group::Linear(spec) => out.extend(spec.iter().cloned()),
-            }
-        }
-        out
+        crate::checkpoint::catalogue::flatten(self.groups())
     }
 
     /// Every parameter in the order of the model, the fused projections as one group each.
