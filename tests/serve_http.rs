@@ -674,3 +674,43 @@ fn bad_chat_requests_get_a_400_naming_the_field() {
     );
     assert_eq!(status, 200);
 }
+
+/// vLLM's tokenizer endpoints, as evaluation harnesses call them with `tokenizer_backend=remote`.
+#[test]
+fn tokenize_detokenize_and_tokenizer_info_speak_vllm_s_shapes() {
+    let server = start(2, 4);
+    let tokenizer = Tokenizer::from_model_dir(MODEL).unwrap();
+    let text = "HAMLET.\nTo be, or not to be.";
+    let (status, r) = post(&server, "/tokenize", &json!({"prompt": text}).to_string());
+    assert_eq!(status, 200, "{r}");
+    let want = tokenizer.encode(text, true).unwrap();
+    assert_eq!(r["tokens"], json!(want));
+    assert_eq!(r["count"], want.len());
+    let (_, r) = post(
+        &server,
+        "/tokenize",
+        &json!({"prompt": text, "add_special_tokens": false}).to_string(),
+    );
+    assert_eq!(r["tokens"], json!(tokenizer.encode(text, false).unwrap()));
+    let (status, r) = post(&server, "/detokenize", &json!({"tokens": want}).to_string());
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        r["prompt"],
+        tokenizer.decode(&want, false).unwrap().as_str()
+    );
+    let (status, info) = get(&server, "/tokenizer_info");
+    assert_eq!(status, 200);
+    assert_eq!(info["eos_token"], "</s>");
+    assert_eq!(info["bos_token"], "<s>");
+    assert!(info["chat_template"].is_null());
+    // Bad requests are 400s naming the problem.
+    for (path, body) in [
+        ("/tokenize", json!({"text": "x"})),
+        ("/detokenize", json!({"tokens": [u32::MAX]})),
+        ("/detokenize", json!({"tokens": "1,2"})),
+    ] {
+        let (status, r) = post(&server, path, &body.to_string());
+        assert_eq!(status, 400, "{path} {body}: {r}");
+        assert!(r["error"]["message"].is_string(), "{r}");
+    }
+}

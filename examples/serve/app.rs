@@ -15,6 +15,10 @@
 //!   reasoning model's `<think>…</think>` comes back apart, as `reasoning_content` beside
 //!   `content`, in whole messages and in stream deltas (split exactly at the tags, wherever the
 //!   tokens cut them).
+//! * `POST /tokenize` (`{"prompt", "add_special_tokens"}` -> `{"count", "max_model_len",
+//!   "tokens"}`), `POST /detokenize` (`{"tokens"}` -> `{"prompt"}`), `GET /tokenizer_info` (`bos_token`,
+//!   `eos_token`, `pad_token`, `chat_template`, `model_max_length`): vLLM's shapes, which
+//!   evaluation harnesses use to tokenize through the server.
 //! * `GET /v1/models`, `GET /health` (the engine's load).
 //!
 //! A bad request gets a 400 with OpenAI's error body `{"error": {"message", "type", "param",
@@ -91,6 +95,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(not_found)
@@ -719,6 +726,84 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
             "created": 0,
             "owned_by": "yoco",
         }],
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: String,
+    /// vLLM's default: true (the BOS token where the tokenizer has one).
+    add_special_tokens: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let r: TokenizeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return parse_error(e).into_response(),
+    };
+    let _ = &r.model;
+    match state
+        .tokenizer
+        .encode(&r.prompt, r.add_special_tokens.unwrap_or(true))
+    {
+        Ok(tokens) => Json(json!({
+            "count": tokens.len(),
+            "max_model_len": state.engine.model().config().max_positions(),
+            "tokens": tokens,
+        }))
+        .into_response(),
+        Err(e) => ApiError::bad(format!("cannot tokenize: {e}"), Some("prompt")).into_response(),
+    }
+}
+
+async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let r: DetokenizeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return parse_error(e).into_response(),
+    };
+    let _ = &r.model;
+    let vocab = state.engine.model().config().vocab_size();
+    if let Some(bad) = r.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return ApiError::bad(
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+            Some("tokens"),
+        )
+        .into_response();
+    }
+    match state.tokenizer.decode(&r.tokens, false) {
+        Ok(prompt) => Json(json!({ "prompt": prompt })).into_response(),
+        Err(e) => ApiError::bad(format!("cannot detokenize: {e}"), Some("tokens")).into_response(),
+    }
+}
+
+async fn tokenizer_info(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let t = &state.tokenizer;
+    let text = |id: Option<u32>| id.and_then(|id| t.inner().id_to_token(id));
+    let pad = t
+        .inner()
+        .token_to_id("<pad>")
+        .and_then(|id| t.inner().id_to_token(id));
+    let template = t
+        .chat_template()
+        .ok()
+        .flatten()
+        .map(|c| c.source().to_string());
+    Json(json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": text(t.bos_id()),
+        "eos_token": text(t.eos_id()),
+        "pad_token": pad.or_else(|| text(t.eos_id())),
+        "chat_template": template,
+        "model_max_length": state.engine.model().config().max_positions(),
     }))
 }
 
