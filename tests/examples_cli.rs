@@ -873,3 +873,95 @@ fn chat_keeps_the_conversation_cache_between_turns() {
         "{shown:?} does not start with {first:?}"
     );
 }
+
+/// A SIGTERM during 8 streams: every stream ends with a finish reason and `[DONE]` (those still
+/// running when the grace period ends are cancelled, finish reason `abort`), and the server exits
+/// with status 0.
+#[cfg(unix)]
+#[test]
+fn serve_shuts_down_gracefully_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let mut child = Command::new(example("serve"))
+        .args([
+            "--port",
+            "0",
+            "--max-sequences",
+            "8",
+            "--shutdown-grace-s",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = stderr_lines.next().unwrap().unwrap();
+    let base = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_string();
+    // Keep draining the server's log.
+    let log = std::thread::spawn(move || stderr_lines.map_while(Result::ok).collect::<Vec<_>>());
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let streams: Vec<_> = (0..8)
+        .map(|i| {
+            let (base, started) = (base.clone(), started_tx.clone());
+            std::thread::spawn(move || {
+                let body = serde_json::json!({
+                    "prompt": "ROMEO.\n", "max_tokens": 4000, "seed": i, "stream": true,
+                    "temperature": 0.8,
+                });
+                let resp = ureq::post(format!("{base}/v1/completions"))
+                    .header("content-type", "application/json")
+                    .send(body.to_string())
+                    .unwrap();
+                let mut reader = BufReader::new(resp.into_body().into_reader());
+                let (mut finish, mut done, mut line) = (None, false, String::new());
+                let mut told = false;
+                while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                    if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                        if !told {
+                            told = true;
+                            let _ = started.send(());
+                        }
+                        if data == "[DONE]" {
+                            done = true;
+                        } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(data) {
+                            if let Some(r) = v["choices"][0]["finish_reason"].as_str() {
+                                finish = Some(r.to_string());
+                            }
+                        }
+                    }
+                    line.clear();
+                }
+                let mut rest = String::new();
+                let _ = reader.read_to_string(&mut rest);
+                (finish, done)
+            })
+        })
+        .collect();
+    for _ in 0..8 {
+        started_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap();
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    for s in streams {
+        let (finish, done) = s.join().unwrap();
+        assert!(
+            matches!(finish.as_deref(), Some("abort" | "length" | "stop")),
+            "{finish:?}"
+        );
+        assert!(done, "a stream ended without [DONE]");
+    }
+    let status = child.wait().unwrap();
+    let log = log.join().unwrap();
+    assert!(status.success(), "{status:?}: {log:?}");
+    assert!(log.iter().any(|l| l.contains("shut down")), "{log:?}");
+}

@@ -67,6 +67,10 @@ pub struct AppState {
     /// Prompt tokens prefilled per engine turn (the other sequences wait that long per token).
     pub prefill_chunk: usize,
     next_id: AtomicU64,
+    /// Set when the server is shutting down: new requests get a 503.
+    shutting_down: std::sync::atomic::AtomicBool,
+    /// The cancellers of the requests being answered, to end them all at a shutdown's deadline.
+    active: std::sync::Mutex<BTreeMap<u64, Canceller>>,
 }
 
 impl AppState {
@@ -86,6 +90,22 @@ impl AppState {
             max_new_tokens,
             prefill_chunk,
             next_id: AtomicU64::new(0),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+            active: std::sync::Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Refuses new requests from now on (a 503).
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Cancels every request being answered: each ends at once with its finish reason.
+    pub fn cancel_all(&self) {
+        if let Ok(active) = self.active.lock() {
+            for c in active.values() {
+                c.cancel();
+            }
         }
     }
 }
@@ -107,6 +127,28 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// Serves `router(state)` on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
     axum::serve(listener, router(state)).await
+}
+
+/// Serves until `signal` completes, then shuts down gracefully: no new connections, new requests
+/// on open ones get a 503, the requests being answered finish; those still running after `grace`
+/// are cancelled (each ends with its finish reason). Returns when every connection is closed.
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: std::time::Duration,
+) -> std::io::Result<()> {
+    let on_signal = state.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            signal.await;
+            on_signal.begin_shutdown();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                on_signal.cancel_all();
+            });
+        })
+        .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -809,11 +851,16 @@ async fn tokenizer_info(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 /// Cancels its sequence when dropped: the handler's future (a client that leaves before the
 /// answer) or the event stream (a client that leaves mid-stream) goes, and so does the work.
-struct CancelOnDrop(Canceller);
+struct CancelOnDrop(Canceller, Option<(Arc<AppState>, u64)>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         self.0.cancel();
+        if let Some((state, key)) = &self.1 {
+            if let Ok(mut active) = state.active.lock() {
+                active.remove(key);
+            }
+        }
     }
 }
 
@@ -829,6 +876,15 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
 
 /// Submits a checked request and answers it, whole or streamed.
 async fn respond(state: Arc<AppState>, request: Request, job: Job, id: String) -> Response {
+    if state.shutting_down.load(Ordering::SeqCst) {
+        return ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            message: "the server is shutting down".into(),
+            param: None,
+        }
+        .into_response();
+    }
     // The engine's thread sends into an unbounded channel: it never waits for a client.
     let (tx, rx) = mpsc::unbounded_channel();
     let submitted = state
@@ -838,7 +894,13 @@ async fn respond(state: Arc<AppState>, request: Request, job: Job, id: String) -
             Err(_) => ControlFlow::Break(()),
         });
     let guard = match submitted {
-        Ok(canceller) => CancelOnDrop(canceller),
+        Ok(canceller) => {
+            let key = state.next_id.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut active) = state.active.lock() {
+                active.insert(key, canceller.clone());
+            }
+            CancelOnDrop(canceller, Some((state.clone(), key)))
+        }
         Err(e) => return engine_error(e).into_response(),
     };
     if job.stream {

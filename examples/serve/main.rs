@@ -5,8 +5,13 @@
 //! cargo run --release --example serve -- [--model DIR] [--host 127.0.0.1] [--port 8080]
 //!     [--max-sequences 16] [--max-queue 64] [--max-prompt-tokens N] [--max-tokens N]
 //!     [--prefill-chunk N] [--prefix-cache-mb MB] [--device cpu|cuda:N] [--dtype f32|bf16|f16]
-//!     [--quant none|q8_0|q4_0|q4_k]
+//!     [--quant none|q8_0|q4_0|q4_k] [--shutdown-grace-s 30]
 //! ```
+//!
+//! SIGTERM or Ctrl-C shuts it down gracefully: no new connections (requests on open ones get a
+//! 503), the running requests finish (streams with their finish reason and `[DONE]`), those still
+//! running after `--shutdown-grace-s` are cancelled (finish reason `abort`), and the process exits
+//! with status 0.
 //!
 //! Without `--model` it serves the small Shakespeare model that ships with the crate. Endpoints:
 //! `POST /v1/completions` and `POST /v1/chat/completions` (streamed with `"stream": true`),
@@ -74,6 +79,10 @@ struct Args {
     /// Quantize the projections as they load: none, q8_0, q4_0, q4_k
     #[arg(long, value_name = "Q", default_value = "none", value_parser = common::quant)]
     quant: common::Quant,
+    /// On SIGTERM or Ctrl-C: seconds the requests being answered may take to finish before they
+    /// are cancelled (no new request is taken meanwhile); then the server exits with status 0
+    #[arg(long, value_name = "S", default_value_t = 30.0)]
+    shutdown_grace_s: f64,
 }
 
 fn main() -> ExitCode {
@@ -127,7 +136,33 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "serving `{name}` on http://{} (POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health)",
             listener.local_addr()?
         );
-        app::serve(listener, state).await
+        let grace = std::time::Duration::from_secs_f64(args.shutdown_grace_s.max(0.0));
+        app::serve_until(listener, state, shutdown_signal(), grace).await?;
+        eprintln!("shut down");
+        Ok::<(), std::io::Error>(())
     })?;
     Ok(())
+}
+
+/// Completes at the first SIGTERM (what a process manager or a rolling restart sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    eprintln!("shutting down: no new requests; waiting for the running ones");
 }
