@@ -714,3 +714,79 @@ fn tokenize_detokenize_and_tokenizer_info_speak_vllm_s_shapes() {
         assert!(r["error"]["message"].is_string(), "{r}");
     }
 }
+
+/// `/metrics` read by a Prometheus text-format parser: requests by outcome, tokens, the engine's
+/// gauges and the latency histograms count what was asked.
+#[test]
+fn metrics_count_requests_tokens_and_latencies() {
+    let server = start(2, 4);
+    let mut generated = 0u64;
+    for seed in 0..3 {
+        let body = json!({"prompt": "ROMEO.\n", "max_tokens": 10, "seed": seed});
+        let (status, r) = post(&server, "/v1/completions", &body.to_string());
+        assert_eq!(status, 200, "{r}");
+        generated += r["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    let body = json!({"messages": [{"role": "user", "content": "JULIET."}], "max_tokens": 5, "seed": 1, "stream": true});
+    let (_, _, _, _, _) = read_chat_stream(stream_at(&server, "/v1/chat/completions", &body));
+    generated += 5;
+    let (status, _) = post(
+        &server,
+        "/v1/completions",
+        r#"{"prompt": "x", "max_tokens": 0}"#,
+    );
+    assert_eq!(status, 400);
+    wait_until_idle(&server, Duration::from_secs(30));
+
+    let text = agent()
+        .get(format!("{}/metrics", server.base))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |name: &str, outcome: Option<&str>| -> f64 {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == name && outcome.is_none_or(|o| s.labels.get("outcome") == Some(o))
+            })
+            .unwrap_or_else(|| panic!("no {name} {outcome:?} in\n{text}"));
+        match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{name}: {other:?}"),
+        }
+    };
+    assert_eq!(value("yoco_requests_total", Some("finished")), 4.0);
+    assert_eq!(value("yoco_requests_total", Some("invalid")), 1.0);
+    assert_eq!(value("yoco_requests_total", Some("cancelled")), 0.0);
+    // The chat stream may stop before its 5 tokens; everything else is exact.
+    let tokens = value("yoco_generation_tokens_total", None);
+    assert!(
+        tokens <= generated as f64 && tokens > (generated - 5) as f64,
+        "{tokens}"
+    );
+    assert_eq!(value("yoco_running_sequences", None), 0.0);
+    assert_eq!(value("yoco_queue_depth", None), 0.0);
+    let histogram = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find_map(|s| match (&s.value, s.metric == name) {
+                (prometheus_parse::Value::Histogram(h), true) => Some(h.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no histogram {name} in\n{text}"))
+    };
+    // One first token per request that generated any; every other token is one gap.
+    let ttft = histogram("yoco_time_to_first_token_seconds");
+    let total = ttft.iter().map(|b| b.count).fold(0.0, f64::max);
+    assert_eq!(total, 4.0);
+    let itl = histogram("yoco_inter_token_latency_seconds");
+    let gaps = itl.iter().map(|b| b.count).fold(0.0, f64::max);
+    assert_eq!(gaps, tokens - 4.0);
+}

@@ -19,11 +19,15 @@
 //!   "tokens"}`), `POST /detokenize` (`{"tokens"}` -> `{"prompt"}`), `GET /tokenizer_info` (`bos_token`,
 //!   `eos_token`, `pad_token`, `chat_template`, `model_max_length`): vLLM's shapes, which
 //!   evaluation harnesses use to tokenize through the server.
+//! * `GET /metrics`: Prometheus text format (see `metrics.rs`).
 //! * `GET /v1/models`, `GET /health` (the engine's load).
 //!
 //! A bad request gets a 400 with OpenAI's error body `{"error": {"message", "type", "param",
 //! "code"}}`; a full queue a 429. A client that goes away cancels its sequence.
 #![allow(dead_code)]
+
+#[path = "metrics.rs"]
+mod metrics;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -71,6 +75,8 @@ pub struct AppState {
     shutting_down: std::sync::atomic::AtomicBool,
     /// The cancellers of the requests being answered, to end them all at a shutdown's deadline.
     active: std::sync::Mutex<BTreeMap<u64, Canceller>>,
+    /// What `/metrics` reports.
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl AppState {
@@ -92,6 +98,7 @@ impl AppState {
             next_id: AtomicU64::new(0),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             active: std::sync::Mutex::new(BTreeMap::new()),
+            metrics: Arc::new(metrics::Metrics::default()),
         }
     }
 
@@ -118,6 +125,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/tokenizer_info", get(tokenizer_info))
+        .route("/metrics", get(metrics_text))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(not_found)
@@ -870,13 +878,29 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
             let id = state.completion_id();
             respond(state, request, job, id).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            state.metrics.count("invalid");
+            e.into_response()
+        }
     }
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    let body = state.metrics.render(&state.engine.stats());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Submits a checked request and answers it, whole or streamed.
 async fn respond(state: Arc<AppState>, request: Request, job: Job, id: String) -> Response {
     if state.shutting_down.load(Ordering::SeqCst) {
+        state.metrics.count("rejected");
         return ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             kind: "server_error",
@@ -887,12 +911,17 @@ async fn respond(state: Arc<AppState>, request: Request, job: Job, id: String) -
     }
     // The engine's thread sends into an unbounded channel: it never waits for a client.
     let (tx, rx) = mpsc::unbounded_channel();
-    let submitted = state
-        .engine
-        .submit_with(request, move |event| match tx.send(event) {
+    let (observer, mut clock) = (state.metrics.clone(), metrics::RequestClock::start());
+    let submitted = state.engine.submit_with(request, move |event| {
+        observer.observe(&event, &mut clock);
+        match tx.send(event) {
             Ok(()) => ControlFlow::Continue(()),
             Err(_) => ControlFlow::Break(()),
-        });
+        }
+    });
+    if let Err(yoco::Error::Busy(_)) = &submitted {
+        state.metrics.count("rejected");
+    }
     let guard = match submitted {
         Ok(canceller) => {
             let key = state.next_id.fetch_add(1, Ordering::Relaxed);
@@ -916,7 +945,10 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
             let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
             respond(state, request, job, id).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            state.metrics.count("invalid");
+            e.into_response()
+        }
     }
 }
 
