@@ -663,6 +663,17 @@ impl Model {
         Ok(())
     }
 
+    /// The logits of every position of one chunk of ONE sequence, ids on the host (checked like
+    /// every input): `(C, vocab)` f32.
+    pub(crate) fn all_logits_piece(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor> {
+        self.check_host_ids(ids, (1, ids.len()), cache)?;
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        self.forward_chunk(&ids, cache, Logits::All)?
+            .ok_or_else(|| Error::Input("no logits".into()))?
+            .squeeze(0)
+            .map_err(Error::from)
+    }
+
     /// One chunk `ids: (B, C)` through the model (ids already checked).
     fn forward_chunk(
         &self,

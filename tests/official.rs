@@ -137,3 +137,34 @@ fn greedy_generation_gives_the_official_tokens() {
         assert_eq!(out.tokens, c.greedy, "{name}");
     }
 }
+
+/// `Model::prompt_logprobs` (chunk by chunk, never all the logits at once) against the official
+/// code's logits: each token's log-probability is log_softmax of the logits before it.
+#[test]
+fn prompt_logprobs_equal_the_official_log_softmax() {
+    for (name, c) in cases() {
+        let lps = c.model.prompt_logprobs(&c.tokens, 3).unwrap();
+        assert_eq!(lps.len(), c.tokens.len());
+        assert!(lps[0].is_none());
+        let want = candle_nn::ops::log_softmax(&c.logits, candle_core::D::Minus1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for t in 1..c.tokens.len() {
+            let lp = lps[t].as_ref().unwrap();
+            assert_eq!(lp.token, c.tokens[t]);
+            let w = want[t - 1][c.tokens[t] as usize];
+            assert!((lp.logprob - w).abs() <= TOL, "{name} at {t}: {} vs {w}", lp.logprob);
+            // The alternatives are the three best of that row, best first.
+            let mut best: Vec<(usize, f32)> = want[t - 1].iter().copied().enumerate().collect();
+            best.sort_by(|a, b| b.1.total_cmp(&a.1));
+            assert_eq!(lp.top.len(), 3);
+            for (&(_, v), &(_, wv)) in lp.top.iter().zip(&best) {
+                assert!((v - wv).abs() <= TOL, "{name} at {t}");
+            }
+            if best[0].1 - best[1].1 > 1e-3 {
+                assert_eq!(lp.top[0].0 as usize, best[0].0, "{name} at {t}");
+            }
+        }
+    }
+}

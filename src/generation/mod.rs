@@ -216,6 +216,53 @@ impl Generation {
     }
 }
 
+/// Most logits [`Model::prompt_logprobs`] holds at once (64 MB of f32): its chunks are this
+/// many values over the vocabulary.
+const PROMPT_LOGITS: usize = 16 << 20;
+
+impl Model {
+    /// The log-probability of every token of `ids` given the ones before it (the first token has
+    /// none: `None`), with the `top` most likely tokens at each position, as [`TokenLogprobs`]
+    /// (temperature 1, nothing suppressed). The prompt runs in chunks whose logits are read and
+    /// dropped one at a time, so memory stays bounded for long texts (scoring, and `echo` with
+    /// `logprobs` in the server).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use yoco::Model;
+    ///
+    /// # fn main() -> yoco::Result<()> {
+    /// let model = Model::load(concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare"), &Device::Cpu, DType::F32)?;
+    /// let lps = model.prompt_logprobs(&[0, 40, 41, 42], 2)?;
+    /// assert!(lps[0].is_none() && lps[1..].iter().all(|l| l.as_ref().is_some_and(|l| l.logprob <= 0.0)));
+    /// # Ok(()) }
+    /// ```
+    pub fn prompt_logprobs(&self, ids: &[u32], top: usize) -> Result<Vec<Option<TokenLogprobs>>> {
+        if ids.is_empty() {
+            return Err(Error::Input("empty token sequence".into()));
+        }
+        let vocab = self.config().vocab_size().max(1);
+        let chunk = (PROMPT_LOGITS / vocab).clamp(1, DEFAULT_PREFILL_CHUNK);
+        let mut cache = self.new_cache(1)?;
+        let mut out: Vec<Option<TokenLogprobs>> = Vec::with_capacity(ids.len());
+        out.push(None);
+        let mut start = 0;
+        while start + 1 < ids.len() {
+            // Positions start..end predict tokens start+1..=end.
+            let end = (start + chunk).min(ids.len() - 1);
+            let logits: Vec<Vec<f32>> = self
+                .all_logits_piece(&ids[start..end], &mut cache)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec2()?;
+            for (row, &next) in logits.iter().zip(&ids[start + 1..=end]) {
+                out.push(Some(sampling::token_logprobs(row, 1.0, next, top)));
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+}
+
 impl Model {
     /// Generates up to `cfg.max_new_tokens` tokens after `prompt`.
     ///

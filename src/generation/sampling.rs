@@ -627,7 +627,12 @@ pub struct TokenLogprobs {
 
 /// `log_softmax(logits / temperature)` at `token` and at the `top` best ids, computed in f64.
 /// NaN counts as impossible (-inf); with +inf logits present, those share all the probability.
-fn token_logprobs(logits: &[f32], temperature: f32, token: u32, top: usize) -> TokenLogprobs {
+pub(crate) fn token_logprobs(
+    logits: &[f32],
+    temperature: f32,
+    token: u32,
+    top: usize,
+) -> TokenLogprobs {
     let t = f64::from(temperature);
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let logprob_of = |l: f32| -> f64 {
