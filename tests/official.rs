@@ -154,7 +154,11 @@ fn prompt_logprobs_equal_the_official_log_softmax() {
             let lp = lps[t].as_ref().unwrap();
             assert_eq!(lp.token, c.tokens[t]);
             let w = want[t - 1][c.tokens[t] as usize];
-            assert!((lp.logprob - w).abs() <= TOL, "{name} at {t}: {} vs {w}", lp.logprob);
+            assert!(
+                (lp.logprob - w).abs() <= TOL,
+                "{name} at {t}: {} vs {w}",
+                lp.logprob
+            );
             // The alternatives are the three best of that row, best first.
             let mut best: Vec<(usize, f32)> = want[t - 1].iter().copied().enumerate().collect();
             best.sort_by(|a, b| b.1.total_cmp(&a.1));

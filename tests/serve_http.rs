@@ -202,12 +202,12 @@ fn every_bad_request_gets_a_400_with_an_error_body_and_the_server_goes_on() {
         r#"{"prompt": "A", "repetition_penalty": 0}"#.into(),
         r#"{"prompt": "A", "logprobs": 99}"#.into(),
         r#"{"prompt": "A", "n": 2}"#.into(),
-        r#"{"prompt": "A", "echo": true}"#.into(),
+        r#"{"prompt": "A", "echo": true, "stream": true}"#.into(),
         r#"{"prompt": "A", "stop": ["a", "b", "c", "d", "e"]}"#.into(),
         r#"{"prompt": "A", "stop": ""}"#.into(),
         r#"{"prompt": []}"#.into(),
         r#"{"prompt": [1, 99999]}"#.into(),
-        r#"{"prompt": ["A", "B"]}"#.into(),
+        r#"{"prompt": ["A", "B"], "stream": true}"#.into(),
     ];
     for body in &bad {
         let (status, answer) = post(&server, "/v1/completions", body);
@@ -789,4 +789,99 @@ fn metrics_count_requests_tokens_and_latencies() {
     let itl = histogram("yoco_inter_token_latency_seconds");
     let gaps = itl.iter().map(|b| b.count).fold(0.0, f64::max);
     assert_eq!(gaps, tokens - 4.0);
+}
+
+/// What lm-evaluation-harness's `local-completions` sends for loglikelihood tasks (token-id
+/// prompts, several per request, echo, one token, logprobs 1): the prompt tokens' log-
+/// probabilities equal `Model::prompt_logprobs` (what `score` computes), the first `null`.
+#[test]
+fn echo_with_logprobs_scores_the_prompts_as_the_library_does() {
+    let server = start(4, 8);
+    let model = Model::load(MODEL, &Device::Cpu, DType::F32).unwrap();
+    let tokenizer = Tokenizer::from_model_dir(MODEL).unwrap();
+    let a = tokenizer
+        .encode("ROMEO.\nBut soft, what light", true)
+        .unwrap();
+    let b = tokenizer.encode("JULIET.\nO Romeo, Romeo!", true).unwrap();
+    // Copied from the harness's request: model, prompt lists, max_tokens 1, temperature 0,
+    // logprobs 1, echo, seed.
+    let body = json!({
+        "model": "shakespeare", "prompt": [a, b], "max_tokens": 1, "temperature": 0.0,
+        "logprobs": 1, "seed": 1234, "echo": true,
+    });
+    let (status, r) = post(&server, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for (i, prompt) in [&a, &b].into_iter().enumerate() {
+        let c = &choices[i];
+        assert_eq!(c["index"], i);
+        let lp = &c["logprobs"];
+        let got = lp["token_logprobs"].as_array().unwrap();
+        assert_eq!(
+            got.len(),
+            prompt.len() + 1,
+            "the prompt and one generated token"
+        );
+        assert!(got[0].is_null() && lp["top_logprobs"][0].is_null());
+        let want = model.prompt_logprobs(prompt, 1).unwrap();
+        for t in 1..prompt.len() {
+            let w = want[t].as_ref().unwrap().logprob;
+            let g = got[t].as_f64().unwrap() as f32;
+            assert!((g - w).abs() <= 1e-4, "prompt {i} token {t}: {g} vs {w}");
+            assert_eq!(lp["top_logprobs"][t].as_object().unwrap().len(), 1);
+        }
+        let text = c["text"].as_str().unwrap();
+        assert!(
+            text.starts_with(&tokenizer.decode(prompt, false).unwrap()),
+            "{text:?}"
+        );
+        let offsets = lp["text_offset"].as_array().unwrap();
+        assert_eq!(offsets[0], 0);
+    }
+    assert_eq!(r["usage"]["prompt_tokens"], a.len() + b.len());
+    // max_tokens 0 with echo: scoring only.
+    let score = json!({"prompt": a, "max_tokens": 0, "logprobs": 0, "echo": true});
+    let (status, r) = post(&server, "/v1/completions", &score.to_string());
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        r["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        a.len()
+    );
+    assert_eq!(r["usage"]["completion_tokens"], 0);
+}
+
+#[test]
+fn several_prompts_give_one_choice_each_as_alone() {
+    let server = start(4, 8);
+    let prompts = ["ROMEO.\n", "JULIET.\n", "HAMLET.\n"];
+    let body = json!({"prompt": prompts, "max_tokens": 12, "seed": 8, "temperature": 0.9});
+    let (status, r) = post(&server, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{r}");
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = json!({"prompt": p, "max_tokens": 12, "seed": 8, "temperature": 0.9});
+        let (_, one) = post(&server, "/v1/completions", &alone.to_string());
+        assert_eq!(
+            r["choices"][i]["text"], one["choices"][0]["text"],
+            "prompt {i}"
+        );
+        assert_eq!(r["choices"][i]["index"], i);
+    }
+    for (body, param) in [
+        (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
+        (
+            json!({"prompt": "x", "echo": true, "stream": true}),
+            "stream",
+        ),
+        (json!({"prompt": ["a", "b"], "stream": true}), "stream"),
+        (json!({"prompt": vec!["a"; 65]}), "prompt"),
+        (json!({"prompt": Vec::<String>::new()}), "prompt"),
+    ] {
+        let (status, r) = post(&server, "/v1/completions", &body.to_string());
+        assert_eq!(status, 400, "{body}: {r}");
+        assert_eq!(r["error"]["param"], param, "{body}: {r}");
+    }
 }

@@ -85,6 +85,18 @@ def main():
         assert text == whole.choices[0].text, (text, whole.choices[0].text)
         assert usage.completion_tokens == whole.usage.completion_tokens
 
+    def echo_several():
+        r = client.completions.create(model=name, prompt=["ROMEO.\n", "JULIET.\n"], max_tokens=1,
+                                      temperature=0, logprobs=1, echo=True)
+        assert [c.index for c in r.choices] == [0, 1]
+        for c in r.choices:
+            lp = c.logprobs.token_logprobs
+            assert lp[0] is None and all(x <= 0 for x in lp[1:]), lp
+        scored = client.completions.create(model=name, prompt="ROMEO.\n", max_tokens=0,
+                                           logprobs=0, echo=True)
+        assert scored.usage.completion_tokens == 0
+        assert scored.choices[0].logprobs.token_logprobs[1:] == r.choices[0].logprobs.token_logprobs[1:-1]
+
     messages = [{"role": "system", "content": "A street in Verona."},
                 {"role": "user", "content": "ROMEO."}]
 
@@ -128,7 +140,8 @@ def main():
 
     try:
         for n, f in [("models", models), ("completion", completion),
-                     ("completion stream", completion_stream), ("chat", chat),
+                     ("completion stream", completion_stream), ("echo, several prompts", echo_several),
+                     ("chat", chat),
                      ("chat stream", chat_stream), ("bad requests", bad_requests)]:
             check(n, f)
     finally:

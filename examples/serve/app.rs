@@ -5,8 +5,11 @@
 //! * `POST /v1/completions`: `prompt` (a string, or an array of token ids), `max_tokens`,
 //!   `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `seed`, `stop`,
 //!   `logprobs`, `stream` (server-sent events in OpenAI's format, ending with `data: [DONE]`),
-//!   `stream_options.include_usage`, and vLLM's `ignore_eos`. OpenAI fields yoco does not
-//!   implement are accepted only at their neutral value (`n: 1`, `echo: false`, ...).
+//!   `stream_options.include_usage`, and vLLM's `ignore_eos`; a list of prompts (one choice each,
+//!   in order) and `echo` (the prompt's text and, with `logprobs`, its tokens' log-probabilities
+//!   before the generated ones, the first `null`; `max_tokens: 0` scores without generating), as
+//!   evaluation harnesses send them. OpenAI fields yoco does not implement are accepted only at
+//!   their neutral value (`n: 1`, ...).
 //! * `POST /v1/chat/completions`: `messages` (system, user, assistant; text content, or a list of
 //!   text parts) rendered by the model directory's chat template (a Phi-4-mini-flash directory
 //!   without one: the built-in Phi-4 format; a model without any: the messages' texts as plain
@@ -53,6 +56,8 @@ use yoco::{
 
 /// Most alternatives per token that `logprobs` may ask for.
 pub const MAX_LOGPROBS: usize = 20;
+/// Most prompts in one request.
+pub const MAX_PROMPTS: usize = 64;
 /// Most stop strings per request (OpenAI's limit).
 pub const MAX_STOPS: usize = 4;
 /// What a `-inf` log-probability is written as (JSON has no infinity; vLLM's convention).
@@ -350,6 +355,12 @@ struct Job {
     logprobs: bool,
     /// A chat completion (messages and deltas) rather than a text completion.
     chat: bool,
+    /// The prompt comes back before the generated text (with its log-probabilities).
+    echo: bool,
+    /// Alternatives per token in the log-probabilities.
+    top: usize,
+    /// The prompts' ids, in order.
+    prompts: Vec<Vec<u32>>,
 }
 
 /// serde's message for a body that is not the request (the field is named where serde says).
@@ -365,14 +376,14 @@ fn parse_error(e: serde_json::Error) -> ApiError {
 
 impl AppState {
     /// Checks a request and turns it into an engine request.
-    fn job(&self, body: &[u8]) -> Result<(Request, Job), ApiError> {
+    fn job(&self, body: &[u8]) -> Result<(Vec<Request>, Job), ApiError> {
         let r: CompletionRequest = serde_json::from_slice(body).map_err(parse_error)?;
         self.checked(r, false)
     }
 
     /// Checks a chat request: its messages rendered into prompt ids, the rest checked as a
     /// completion's.
-    fn chat_job(&self, body: &[u8]) -> Result<(Request, Job), ApiError> {
+    fn chat_job(&self, body: &[u8]) -> Result<(Vec<Request>, Job), ApiError> {
         let r: ChatCompletionRequest = serde_json::from_slice(body).map_err(parse_error)?;
         if r.messages.is_empty() {
             return Err(ApiError::bad("messages is empty", Some("messages")));
@@ -475,8 +486,9 @@ impl AppState {
         }
     }
 
-    /// Checks a completion request (`chat`: it came from a chat request).
-    fn checked(&self, r: CompletionRequest, chat: bool) -> Result<(Request, Job), ApiError> {
+    /// Checks a completion request (`chat`: it came from a chat request): one engine request per
+    /// prompt (none when an echo only scores).
+    fn checked(&self, r: CompletionRequest, chat: bool) -> Result<(Vec<Request>, Job), ApiError> {
         if let Some(m) = &r.model {
             if m != &self.model_name {
                 return Err(ApiError {
@@ -493,7 +505,6 @@ impl AppState {
         let neutral = [
             ("n", r.n.is_none_or(|n| n == 1)),
             ("best_of", r.best_of.is_none_or(|n| n == 1)),
-            ("echo", r.echo != Some(true)),
             (
                 "frequency_penalty",
                 r.frequency_penalty.is_none_or(|p| p == 0.0),
@@ -512,44 +523,58 @@ impl AppState {
         }
         let _ = &r.user;
 
-        let prompt = match r.prompt {
-            Prompt::Text(text) => self.encode(&text)?,
-            Prompt::Ids(ids) => ids,
-            Prompt::Texts(texts) => match texts.as_slice() {
-                [one] => self.encode(one)?,
-                _ => return Err(one_prompt()),
-            },
-            Prompt::IdLists(lists) => match lists.as_slice() {
-                [one] => one.clone(),
-                _ => return Err(one_prompt()),
-            },
+        let echo = r.echo == Some(true);
+        let prompts: Vec<Vec<u32>> = match r.prompt {
+            Prompt::Text(text) => vec![self.encode(&text)?],
+            Prompt::Ids(ids) => vec![ids],
+            Prompt::Texts(texts) => texts
+                .iter()
+                .map(|t| self.encode(t))
+                .collect::<Result<_, _>>()?,
+            Prompt::IdLists(lists) => lists,
         };
-        if prompt.is_empty() {
-            return Err(ApiError::bad("the prompt is empty", Some("prompt")));
-        }
-        if prompt.len() > self.max_prompt_tokens {
+        if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
             return Err(ApiError::bad(
-                format!(
-                    "the prompt has {} tokens; this server takes at most {}",
-                    prompt.len(),
-                    self.max_prompt_tokens
-                ),
+                format!("give 1 to {MAX_PROMPTS} prompts (got {})", prompts.len()),
                 Some("prompt"),
+            ));
+        }
+        if r.stream && (echo || prompts.len() > 1) {
+            return Err(ApiError::bad(
+                "streaming takes one prompt and no echo",
+                Some("stream"),
             ));
         }
         let vocab = self.engine.model().config().vocab_size();
-        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ApiError::bad(
-                format!("token id {bad} is outside the vocabulary of {vocab}"),
-                Some("prompt"),
-            ));
+        for prompt in &prompts {
+            if prompt.is_empty() {
+                return Err(ApiError::bad("the prompt is empty", Some("prompt")));
+            }
+            if prompt.len() > self.max_prompt_tokens {
+                return Err(ApiError::bad(
+                    format!(
+                        "the prompt has {} tokens; this server takes at most {}",
+                        prompt.len(),
+                        self.max_prompt_tokens
+                    ),
+                    Some("prompt"),
+                ));
+            }
+            if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ApiError::bad(
+                    format!("token id {bad} is outside the vocabulary of {vocab}"),
+                    Some("prompt"),
+                ));
+            }
         }
 
         let max_tokens = r.max_tokens.unwrap_or(16);
-        if max_tokens == 0 || max_tokens > self.max_new_tokens as u64 {
+        // With echo, 0 scores the prompt without generating.
+        let least = u64::from(!echo);
+        if max_tokens < least || max_tokens > self.max_new_tokens as u64 {
             return Err(ApiError::bad(
                 format!(
-                    "max_tokens must be in 1..={} (got {max_tokens})",
+                    "max_tokens must be in {least}..={} (got {max_tokens})",
                     self.max_new_tokens
                 ),
                 Some("max_tokens"),
@@ -649,8 +674,18 @@ impl AppState {
             include_usage: r.stream_options.is_some_and(|o| o.include_usage),
             logprobs: logprobs.is_some(),
             chat,
+            echo,
+            top: logprobs.unwrap_or(0),
+            prompts: prompts.clone(),
         };
-        Ok((Request::new(prompt, config), job))
+        let requests = match max_tokens {
+            0 => Vec::new(),
+            _ => prompts
+                .into_iter()
+                .map(|p| Request::new(p, config.clone()))
+                .collect(),
+        };
+        Ok((requests, job))
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>, ApiError> {
@@ -698,6 +733,42 @@ impl AppState {
 }
 
 impl AppState {
+    /// The `logprobs` object of a text choice whose tokens may lack a log-probability (the
+    /// first token of an echoed prompt: `null`, as OpenAI writes it).
+    fn echo_logprobs_json(&self, entries: &[(u32, Option<TokenLogprobs>)]) -> Value {
+        let finite = |x: f32| if x.is_finite() { x } else { NEG_INF_LOGPROB };
+        let (mut tokens, mut token_logprobs, mut top_logprobs, mut text_offset) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut offset = 0;
+        for (tok, lp) in entries {
+            let text = self.token_text(*tok);
+            text_offset.push(offset);
+            offset += text.len();
+            tokens.push(text);
+            match lp {
+                Some(lp) => {
+                    token_logprobs.push(json!(finite(lp.logprob)));
+                    let top: BTreeMap<String, f32> = lp
+                        .top
+                        .iter()
+                        .map(|&(id, v)| (self.token_text(id), finite(v)))
+                        .collect();
+                    top_logprobs.push(json!(top));
+                }
+                None => {
+                    token_logprobs.push(Value::Null);
+                    top_logprobs.push(Value::Null);
+                }
+            }
+        }
+        json!({
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": text_offset,
+        })
+    }
+
     /// The `logprobs` object of a chat choice: `{"content": [{token, logprob, bytes,
     /// top_logprobs: [{token, logprob, bytes}]}]}`.
     fn chat_logprobs_json(&self, lps: &[TokenLogprobs]) -> Value {
@@ -717,13 +788,6 @@ impl AppState {
             .collect();
         json!({ "content": content })
     }
-}
-
-fn one_prompt() -> ApiError {
-    ApiError::bad(
-        "one prompt per request (n and lists of several prompts are not supported)",
-        Some("prompt"),
-    )
 }
 
 fn now_s() -> u64 {
@@ -874,15 +938,143 @@ impl Drop for CancelOnDrop {
 
 async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     match state.job(&body) {
-        Ok((request, job)) => {
+        Ok((mut requests, job)) => {
             let id = state.completion_id();
-            respond(state, request, job, id).await
+            match (requests.pop(), requests.is_empty() && !job.echo) {
+                (Some(request), true) => respond(state, request, job, id).await,
+                (last, _) => {
+                    requests.extend(last);
+                    several(state, requests, job, id).await
+                }
+            }
         }
         Err(e) => {
             state.metrics.count("invalid");
             e.into_response()
         }
     }
+}
+
+/// Several prompts, or an echo: every prompt's request submitted at once (the engine batches
+/// them), each prompt scored (with echo and logprobs) chunk by chunk on a blocking thread, then
+/// one choice per prompt in order.
+async fn several(state: Arc<AppState>, requests: Vec<Request>, job: Job, id: String) -> Response {
+    if state.shutting_down.load(Ordering::SeqCst) {
+        state.metrics.count("rejected");
+        return ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            message: "the server is shutting down".into(),
+            param: None,
+        }
+        .into_response();
+    }
+    let mut pending = Vec::with_capacity(requests.len());
+    for request in requests {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (observer, mut clock) = (state.metrics.clone(), metrics::RequestClock::start());
+        let submitted = state.engine.submit_with(request, move |event| {
+            observer.observe(&event, &mut clock);
+            match tx.send(event) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        });
+        match submitted {
+            Ok(canceller) => pending.push((rx, CancelOnDrop(canceller, None))),
+            Err(e) => {
+                if matches!(e, yoco::Error::Busy(_)) {
+                    state.metrics.count("rejected");
+                }
+                return engine_error(e).into_response();
+            }
+        }
+    }
+    let scored = if job.echo && job.logprobs {
+        let (scorer, prompts, top) = (state.clone(), job.prompts.clone(), job.top);
+        let scored = tokio::task::spawn_blocking(move || {
+            prompts
+                .iter()
+                .map(|p| scorer.engine.model().prompt_logprobs(p, top))
+                .collect::<yoco::Result<Vec<_>>>()
+        })
+        .await;
+        match scored {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => return engine_error(e).into_response(),
+            Err(e) => return engine_error(yoco::Error::Engine(e.to_string())).into_response(),
+        }
+    } else {
+        None
+    };
+    let mut generations = Vec::with_capacity(pending.len());
+    for (mut rx, _guard) in pending {
+        let mut got = None;
+        while let Some(event) = rx.recv().await {
+            match event {
+                Event::Finished { generation, .. } => {
+                    got = Some(generation);
+                    break;
+                }
+                Event::Failed(e) => return engine_error(e).into_response(),
+                Event::Prefill { .. } | Event::Token(_) => {}
+            }
+        }
+        match got {
+            Some(g) => generations.push(g),
+            None => {
+                return engine_error(yoco::Error::Engine("the engine stopped".into()))
+                    .into_response()
+            }
+        }
+    }
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    let mut choices = Vec::with_capacity(job.prompts.len());
+    for (i, prompt) in job.prompts.iter().enumerate() {
+        let generation = generations.get(i);
+        prompt_tokens += prompt.len();
+        completion_tokens += generation.map_or(0, |g| g.tokens.len());
+        let prompt_text = match job.echo {
+            true => state.tokenizer.decode(prompt, false).unwrap_or_default(),
+            false => String::new(),
+        };
+        let generated = generation.and_then(|g| g.text.clone()).unwrap_or_default();
+        let logprobs = match job.logprobs {
+            false => Value::Null,
+            true => {
+                let echoed = scored.as_ref().and_then(|s| s.get(i));
+                let mut entries = Vec::new();
+                for (pos, &tok) in prompt.iter().enumerate().filter(|_| job.echo) {
+                    let lp = echoed.and_then(|e| e.get(pos)).and_then(Option::as_ref);
+                    entries.push((tok, lp.cloned()));
+                }
+                for lp in generation.map_or(&[][..], |g| g.logprobs.as_slice()) {
+                    entries.push((lp.token, Some(lp.clone())));
+                }
+                state.echo_logprobs_json(&entries)
+            }
+        };
+        let finish = generation.map_or("length", |g| finish_reason(g.stop_reason));
+        choices.push(json!({
+            "index": i,
+            "text": format!("{prompt_text}{generated}"),
+            "logprobs": logprobs,
+            "finish_reason": finish,
+        }));
+    }
+    Json(json!({
+        "id": id,
+        "object": "text_completion",
+        "created": now_s(),
+        "model": state.model_name,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }))
+    .into_response()
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
@@ -941,9 +1133,12 @@ async fn respond(state: Arc<AppState>, request: Request, job: Job, id: String) -
 
 async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     match state.chat_job(&body) {
-        Ok((request, job)) => {
+        Ok((mut requests, job)) => {
             let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
-            respond(state, request, job, id).await
+            match requests.pop() {
+                Some(request) => respond(state, request, job, id).await,
+                None => ApiError::bad("nothing to generate", Some("max_tokens")).into_response(),
+            }
         }
         Err(e) => {
             state.metrics.count("invalid");
