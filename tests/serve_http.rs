@@ -201,7 +201,7 @@ fn every_bad_request_gets_a_400_with_an_error_body_and_the_server_goes_on() {
         r#"{"prompt": "A", "min_p": 2}"#.into(),
         r#"{"prompt": "A", "repetition_penalty": 0}"#.into(),
         r#"{"prompt": "A", "logprobs": 99}"#.into(),
-        r#"{"prompt": "A", "n": 2}"#.into(),
+        r#"{"prompt": "A", "n": 0}"#.into(),
         r#"{"prompt": "A", "echo": true, "stream": true}"#.into(),
         r#"{"prompt": "A", "stop": ["a", "b", "c", "d", "e"]}"#.into(),
         r#"{"prompt": "A", "stop": ""}"#.into(),
@@ -879,6 +879,54 @@ fn several_prompts_give_one_choice_each_as_alone() {
         (json!({"prompt": ["a", "b"], "stream": true}), "stream"),
         (json!({"prompt": vec!["a"; 65]}), "prompt"),
         (json!({"prompt": Vec::<String>::new()}), "prompt"),
+    ] {
+        let (status, r) = post(&server, "/v1/completions", &body.to_string());
+        assert_eq!(status, 400, "{body}: {r}");
+        assert_eq!(r["error"]["param"], param, "{body}: {r}");
+    }
+}
+
+/// `n` samples are `n` requests with seeds seed, seed + 1, ...; `best_of` returns the samples of
+/// highest mean log-probability per token, as OpenAI defines it.
+#[test]
+fn n_and_best_of_are_the_separate_requests_they_stand_for() {
+    let server = start(4, 16);
+    let alone = |seed: u64| {
+        let body = json!({"prompt": "ROMEO.\n", "max_tokens": 10, "seed": seed, "logprobs": 0});
+        let (_, r) = post(&server, "/v1/completions", &body.to_string());
+        let c = &r["choices"][0];
+        let lps: Vec<f64> = c["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let mean = lps.iter().sum::<f64>() / lps.len().max(1) as f64;
+        (c["text"].as_str().unwrap().to_string(), mean)
+    };
+    let body = json!({"prompt": "ROMEO.\n", "max_tokens": 10, "seed": 40, "n": 3});
+    let (status, r) = post(&server, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{r}");
+    for j in 0..3 {
+        assert_eq!(
+            r["choices"][j]["text"],
+            alone(40 + j as u64).0.as_str(),
+            "sample {j}"
+        );
+        assert_eq!(r["choices"][j]["index"], j);
+    }
+    let body = json!({"prompt": "ROMEO.\n", "max_tokens": 10, "seed": 40, "n": 1, "best_of": 3});
+    let (_, r) = post(&server, "/v1/completions", &body.to_string());
+    let best = (0..3)
+        .map(|j| alone(40 + j))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    assert_eq!(r["choices"].as_array().unwrap().len(), 1);
+    assert_eq!(r["choices"][0]["text"], best.0.as_str());
+    for (body, param) in [
+        (json!({"prompt": "A", "n": 2, "stream": true}), "stream"),
+        (json!({"prompt": "A", "n": 3, "best_of": 2}), "best_of"),
+        (json!({"prompt": ["a", "b"], "n": 40}), "n"),
     ] {
         let (status, r) = post(&server, "/v1/completions", &body.to_string());
         assert_eq!(status, 400, "{body}: {r}");

@@ -58,6 +58,8 @@ use yoco::{
 pub const MAX_LOGPROBS: usize = 20;
 /// Most prompts in one request.
 pub const MAX_PROMPTS: usize = 64;
+/// Most samples in one request (`best_of` times the prompts).
+pub const MAX_CHOICES: usize = 64;
 /// Most stop strings per request (OpenAI's limit).
 pub const MAX_STOPS: usize = 4;
 /// What a `-inf` log-probability is written as (JSON has no infinity; vLLM's convention).
@@ -361,6 +363,10 @@ struct Job {
     top: usize,
     /// The prompts' ids, in order.
     prompts: Vec<Vec<u32>>,
+    /// Choices per prompt.
+    n: usize,
+    /// Samples per prompt, of which the `n` best (mean log-probability) are returned.
+    best_of: usize,
 }
 
 /// serde's message for a body that is not the request (the field is named where serde says).
@@ -433,6 +439,12 @@ impl AppState {
                 Some("top_logprobs"),
             ));
         }
+        if r.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad(
+                "`n` is not supported for chat completions (only its default value is accepted)",
+                Some("n"),
+            ));
+        }
         if r.max_tokens.is_some() && r.max_completion_tokens.is_some() {
             return Err(ApiError::bad(
                 "give max_tokens or max_completion_tokens, not both",
@@ -503,8 +515,6 @@ impl AppState {
             }
         }
         let neutral = [
-            ("n", r.n.is_none_or(|n| n == 1)),
-            ("best_of", r.best_of.is_none_or(|n| n == 1)),
             (
                 "frequency_penalty",
                 r.frequency_penalty.is_none_or(|p| p == 0.0),
@@ -539,9 +549,26 @@ impl AppState {
                 Some("prompt"),
             ));
         }
-        if r.stream && (echo || prompts.len() > 1) {
+        let n = r.n.unwrap_or(1);
+        let best_of = r.best_of.unwrap_or(n);
+        if n == 0 || best_of < n || best_of as usize * prompts.len() > MAX_CHOICES {
+            let param = if best_of < n || r.best_of.is_some() {
+                "best_of"
+            } else {
+                "n"
+            };
             return Err(ApiError::bad(
-                "streaming takes one prompt and no echo",
+                format!(
+                    "n ({n}) must be at least 1 and at most best_of ({best_of}), and best_of \
+                     times the {} prompt(s) at most {MAX_CHOICES}",
+                    prompts.len()
+                ),
+                Some(param),
+            ));
+        }
+        if r.stream && (echo || prompts.len() > 1 || best_of > 1) {
+            return Err(ApiError::bad(
+                "streaming takes one prompt, one sample and no echo",
                 Some("stream"),
             ));
         }
@@ -677,12 +704,27 @@ impl AppState {
             echo,
             top: logprobs.unwrap_or(0),
             prompts: prompts.clone(),
+            n: n as usize,
+            best_of: best_of as usize,
         };
+        // best_of samples per prompt, sample j with seed + j; the first keeps its prompt's state
+        // (the engine keeps every finished prompt), so the others start from its end: one
+        // prefill per prompt. Picking the best needs every sample's log-probabilities.
+        if best_of > n {
+            config.logprobs = Some(config.logprobs.unwrap_or(0));
+        }
         let requests = match max_tokens {
             0 => Vec::new(),
             _ => prompts
                 .into_iter()
-                .map(|p| Request::new(p, config.clone()))
+                .flat_map(|p| {
+                    let config = &config;
+                    (0..best_of).map(move |j| {
+                        let mut c = config.clone();
+                        c.seed = c.seed.wrapping_add(j);
+                        Request::new(p.clone(), c)
+                    })
+                })
                 .collect(),
         };
         Ok((requests, job))
@@ -940,7 +982,10 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
     match state.job(&body) {
         Ok((mut requests, job)) => {
             let id = state.completion_id();
-            match (requests.pop(), requests.is_empty() && !job.echo) {
+            match (
+                requests.pop(),
+                requests.is_empty() && !job.echo && job.best_of == 1,
+            ) {
                 (Some(request), true) => respond(state, request, job, id).await,
                 (last, _) => {
                     requests.extend(last);
@@ -1029,38 +1074,61 @@ async fn several(state: Arc<AppState>, requests: Vec<Request>, job: Job, id: Str
         }
     }
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-    let mut choices = Vec::with_capacity(job.prompts.len());
+    let mut choices = Vec::with_capacity(job.prompts.len() * job.n);
+    let samples = if generations.is_empty() {
+        0
+    } else {
+        job.best_of
+    };
     for (i, prompt) in job.prompts.iter().enumerate() {
-        let generation = generations.get(i);
         prompt_tokens += prompt.len();
-        completion_tokens += generation.map_or(0, |g| g.tokens.len());
+        let mut mine: Vec<Option<&Generation>> = generations
+            .get(i * samples..(i + 1) * samples)
+            .map_or_else(Vec::new, |g| g.iter().map(Some).collect());
+        completion_tokens += mine.iter().flatten().map(|g| g.tokens.len()).sum::<usize>();
+        if mine.is_empty() {
+            mine = vec![None; job.n];
+        } else if job.best_of > job.n {
+            // OpenAI's best: the highest mean log-probability per token (stable among ties).
+            let mean = |g: &Generation| {
+                let n = g.logprobs.len().max(1) as f64;
+                g.logprobs.iter().map(|l| f64::from(l.logprob)).sum::<f64>() / n
+            };
+            mine.sort_by(|a, b| {
+                let (a, b) = (a.map_or(f64::MIN, mean), b.map_or(f64::MIN, mean));
+                b.total_cmp(&a)
+            });
+            mine.truncate(job.n);
+        }
         let prompt_text = match job.echo {
             true => state.tokenizer.decode(prompt, false).unwrap_or_default(),
             false => String::new(),
         };
-        let generated = generation.and_then(|g| g.text.clone()).unwrap_or_default();
-        let logprobs = match job.logprobs {
-            false => Value::Null,
-            true => {
-                let echoed = scored.as_ref().and_then(|s| s.get(i));
-                let mut entries = Vec::new();
-                for (pos, &tok) in prompt.iter().enumerate().filter(|_| job.echo) {
-                    let lp = echoed.and_then(|e| e.get(pos)).and_then(Option::as_ref);
-                    entries.push((tok, lp.cloned()));
+        for generation in mine {
+            let generated = generation.and_then(|g| g.text.clone()).unwrap_or_default();
+            let logprobs = match job.logprobs {
+                false => Value::Null,
+                true => {
+                    let echoed = scored.as_ref().and_then(|s| s.get(i));
+                    let mut entries = Vec::new();
+                    for (pos, &tok) in prompt.iter().enumerate().filter(|_| job.echo) {
+                        let lp = echoed.and_then(|e| e.get(pos)).and_then(Option::as_ref);
+                        entries.push((tok, lp.cloned()));
+                    }
+                    for lp in generation.map_or(&[][..], |g| g.logprobs.as_slice()) {
+                        entries.push((lp.token, Some(lp.clone())));
+                    }
+                    state.echo_logprobs_json(&entries)
                 }
-                for lp in generation.map_or(&[][..], |g| g.logprobs.as_slice()) {
-                    entries.push((lp.token, Some(lp.clone())));
-                }
-                state.echo_logprobs_json(&entries)
-            }
-        };
-        let finish = generation.map_or("length", |g| finish_reason(g.stop_reason));
-        choices.push(json!({
-            "index": i,
-            "text": format!("{prompt_text}{generated}"),
-            "logprobs": logprobs,
-            "finish_reason": finish,
-        }));
+            };
+            let finish = generation.map_or("length", |g| finish_reason(g.stop_reason));
+            choices.push(json!({
+                "index": choices.len(),
+                "text": format!("{prompt_text}{generated}"),
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }));
+        }
     }
     Json(json!({
         "id": id,
