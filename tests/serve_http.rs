@@ -26,6 +26,16 @@ fn start(max_sequences: usize, max_queue: usize) -> Server {
 }
 
 fn start_dir(dir: &std::path::Path, max_sequences: usize, max_queue: usize) -> Server {
+    start_with(dir, max_sequences, max_queue, |_| {})
+}
+
+/// A server on `dir`'s model, its state set up by `configure` before it serves.
+fn start_with(
+    dir: &std::path::Path,
+    max_sequences: usize,
+    max_queue: usize,
+    configure: impl FnOnce(&app::AppState),
+) -> Server {
     let model = Arc::new(Model::load(dir, &Device::Cpu, DType::F32).unwrap());
     let tokenizer = Arc::new(Tokenizer::from_model_dir(dir).unwrap());
     let engine = Engine::new(
@@ -46,6 +56,7 @@ fn start_dir(dir: &std::path::Path, max_sequences: usize, max_queue: usize) -> S
         5000,
         512,
     ));
+    configure(&state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -932,4 +943,20 @@ fn n_and_best_of_are_the_separate_requests_they_stand_for() {
         assert_eq!(status, 400, "{body}: {r}");
         assert_eq!(r["error"]["param"], param, "{body}: {r}");
     }
+}
+
+#[test]
+fn a_request_past_the_timeout_is_cancelled_with_finish_reason_abort() {
+    let server = start_with(std::path::Path::new(MODEL), 2, 4, |s| {
+        s.set_request_timeout(Some(Duration::from_millis(150)))
+    });
+    let body = json!({"prompt": "ROMEO.\n", "max_tokens": 4900, "seed": 1});
+    let (status, r) = post(&server, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "abort", "{r}");
+    assert!(r["usage"]["completion_tokens"].as_u64().unwrap() < 4900);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (_, finish) = read_stream(stream(&server, &streamed));
+    assert_eq!(finish, "abort");
 }

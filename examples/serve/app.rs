@@ -84,6 +84,8 @@ pub struct AppState {
     active: std::sync::Mutex<BTreeMap<u64, Canceller>>,
     /// What `/metrics` reports.
     metrics: Arc<metrics::Metrics>,
+    /// Requests still running after this long are cancelled (finish reason `abort`).
+    request_timeout: std::sync::Mutex<Option<std::time::Duration>>,
 }
 
 impl AppState {
@@ -106,6 +108,26 @@ impl AppState {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             active: std::sync::Mutex::new(BTreeMap::new()),
             metrics: Arc::new(metrics::Metrics::default()),
+            request_timeout: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Cancels requests still running after `timeout` (`None`: never).
+    pub fn set_request_timeout(&self, timeout: Option<std::time::Duration>) {
+        if let Ok(mut t) = self.request_timeout.lock() {
+            *t = timeout;
+        }
+    }
+
+    /// Cancels `canceller`'s request when the request timeout (if any) passes.
+    fn arm_timeout(&self, canceller: &Canceller) {
+        let timeout = self.request_timeout.lock().ok().and_then(|t| *t);
+        if let Some(timeout) = timeout {
+            let c = canceller.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                c.cancel();
+            });
         }
     }
 
@@ -1026,7 +1048,10 @@ async fn several(state: Arc<AppState>, requests: Vec<Request>, job: Job, id: Str
             }
         });
         match submitted {
-            Ok(canceller) => pending.push((rx, CancelOnDrop(canceller, None))),
+            Ok(canceller) => {
+                state.arm_timeout(&canceller);
+                pending.push((rx, CancelOnDrop(canceller, None)))
+            }
             Err(e) => {
                 if matches!(e, yoco::Error::Busy(_)) {
                     state.metrics.count("rejected");
@@ -1184,6 +1209,7 @@ async fn respond(state: Arc<AppState>, request: Request, job: Job, id: String) -
     }
     let guard = match submitted {
         Ok(canceller) => {
+            state.arm_timeout(&canceller);
             let key = state.next_id.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut active) = state.active.lock() {
                 active.insert(key, canceller.clone());

@@ -5,7 +5,7 @@
 //! cargo run --release --example serve -- [--model DIR] [--host 127.0.0.1] [--port 8080]
 //!     [--max-sequences 16] [--max-queue 64] [--max-prompt-tokens N] [--max-tokens N]
 //!     [--prefill-chunk N] [--prefix-cache-mb MB] [--device cpu|cuda:N] [--dtype f32|bf16|f16]
-//!     [--quant none|q8_0|q4_0|q4_k] [--shutdown-grace-s 30]
+//!     [--quant none|q8_0|q4_0|q4_k] [--shutdown-grace-s 30] [--request-timeout-s S]
 //! ```
 //!
 //! SIGTERM or Ctrl-C shuts it down gracefully: no new connections (requests on open ones get a
@@ -83,6 +83,10 @@ struct Args {
     /// are cancelled (no new request is taken meanwhile); then the server exits with status 0
     #[arg(long, value_name = "S", default_value_t = 30.0)]
     shutdown_grace_s: f64,
+    /// Cancel a request still running after this many seconds (finish reason `abort`)
+    /// [default: no limit]
+    #[arg(long, value_name = "S")]
+    request_timeout_s: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -126,6 +130,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.max_tokens,
         args.prefill_chunk,
     ));
+    if let Some(t) = args.request_timeout_s {
+        if !(t.is_finite() && t > 0.0) {
+            return Err(format!(
+                "--request-timeout-s must be a positive number of seconds, got {t}"
+            )
+            .into());
+        }
+        state.set_request_timeout(Some(std::time::Duration::from_secs_f64(t)));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
