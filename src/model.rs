@@ -1,16 +1,9 @@
-//! The YOCO model: immutable weights, and the three ways to run them (full forward, chunked
-//! prefill with early exit, one-token steps), all through one chunk step that reads as the
-//! architecture:
-//!
-//! ```text
-//! x0     = sqrt(dim) * embed_tokens[ids]
-//! x      = self_decoder(x0)            n_layers/2 layers, constant-size state per layer
-//! K, V   = global_kv(x)                once, at the midpoint: THE one KV cache of the model
-//! x      = cross_decoder(x, K, V)      n_layers/2 layers, all reading the same K, V
-//! logits = output_projection(layer_norm(x))
-//! ```
-//!
-//! Every layer is pre-norm with residuals: `h = x + mixer(norm(x))`, `out = h + ffn(norm(h))`.
+//! [`Model`], the one face of every family yoco runs: which family a directory holds (YOCO's
+//! `params.json`, or a Phi-4-mini-flash `config.json`), loading, and the three ways to run the
+//! weights (full forward, chunked prefill with early exit, one-token steps), each a loop over the
+//! family's own chunk step (`models/yoco/model.rs`, `models/phi4flash/model.rs`). Every family is
+//! a YOCO: constant-size state per self-decoder layer, one global K/V that grows, a cross-decoder
+//! that keeps no state, so a prompt stops at the midpoint except for its last token.
 //!
 //! [`Model`] holds only immutable weights (it is `Send + Sync`; share it with an `Arc`). All
 //! per-sequence state lives in a [`Cache`] that the caller owns.

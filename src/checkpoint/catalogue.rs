@@ -30,7 +30,7 @@ pub struct Parameter {
     pub part: Part,
 }
 
-/// Parameter counts per part of the architecture (see [`Config::param_counts`]).
+/// Parameter counts per part of the architecture (see [`crate::Config::param_counts`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ParamCounts {
     /// The embedding table.

@@ -1,6 +1,7 @@
-//! Building blocks shared by both halves of the model: projections, RMSNorm, SwiGLU, the
-//! reference's RoPE, softmax attention, the K/V buffers, constants built once, and the pre-norm
-//! residual block that wraps every mixer.
+//! Building blocks both families use: projections (with or without bias, fused, float or
+//! quantized), RMSNorm and LayerNorm, SwiGLU, RoPE, token embeddings, softmax attention, the K/V
+//! buffers (the windows' and the one global K/V), constants built once, where layers read their
+//! weights, and YOCO's pre-norm residual block.
 
 pub(crate) mod attention;
 pub(crate) mod constants;
