@@ -804,7 +804,7 @@ fn metrics_count_requests_tokens_and_latencies() {
 
 /// What lm-evaluation-harness's `local-completions` sends for loglikelihood tasks (token-id
 /// prompts, several per request, echo, one token, logprobs 1): the prompt tokens' log-
-/// probabilities equal `Model::prompt_logprobs` (what `score` computes), the first `null`.
+/// probabilities equal log_softmax of the full forward (what `score` computes), the first `null`.
 #[test]
 fn echo_with_logprobs_scores_the_prompts_as_the_library_does() {
     let server = start(4, 8);
@@ -835,9 +835,25 @@ fn echo_with_logprobs_scores_the_prompts_as_the_library_does() {
             "the prompt and one generated token"
         );
         assert!(got[0].is_null() && lp["top_logprobs"][0].is_null());
-        let want = model.prompt_logprobs(prompt, 1).unwrap();
+        // What `score` computes: log_softmax of the full forward's logits.
+        let mut cache = model.new_cache(1).unwrap();
+        let logits = model
+            .forward(
+                &candle_core::Tensor::new(prompt.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                &mut cache,
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let want = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         for t in 1..prompt.len() {
-            let w = want[t].as_ref().unwrap().logprob;
+            let w = want[t - 1][prompt[t] as usize];
             let g = got[t].as_f64().unwrap() as f32;
             assert!((g - w).abs() <= 1e-4, "prompt {i} token {t}: {g} vs {w}");
             assert_eq!(lp["top_logprobs"][t].as_object().unwrap().len(), 1);

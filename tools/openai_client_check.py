@@ -85,6 +85,14 @@ def main():
         assert text == whole.choices[0].text, (text, whole.choices[0].text)
         assert usage.completion_tokens == whole.usage.completion_tokens
 
+    def n_samples():
+        r = client.completions.create(model=name, prompt="ROMEO.\n", max_tokens=8, seed=50, n=3)
+        assert [c.index for c in r.choices] == [0, 1, 2]
+        for j, c in enumerate(r.choices):
+            alone = client.completions.create(model=name, prompt="ROMEO.\n", max_tokens=8,
+                                              seed=50 + j)
+            assert c.text == alone.choices[0].text, (j, c.text, alone.choices[0].text)
+
     def echo_several():
         r = client.completions.create(model=name, prompt=["ROMEO.\n", "JULIET.\n"], max_tokens=1,
                                       temperature=0, logprobs=1, echo=True)
@@ -141,6 +149,7 @@ def main():
     try:
         for n, f in [("models", models), ("completion", completion),
                      ("completion stream", completion_stream), ("echo, several prompts", echo_several),
+                     ("n samples", n_samples),
                      ("chat", chat),
                      ("chat stream", chat_stream), ("bad requests", bad_requests)]:
             check(n, f)
