@@ -19,6 +19,9 @@
 //! sums once per call, converts four rows' scales in one instruction and runs four rows per
 //! input block, with candle's integer sums and f32 operations in candle's order (the same
 //! results, bit for bit).
+//!
+//! Which of these run is decided by [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA`
+//! lowers it (`portable` takes candle's dot products everywhere).
 
 use std::sync::Arc;
 
@@ -31,6 +34,7 @@ use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::gemv::{slice, GEMV_MAX_ROWS};
+use super::isa::Isa;
 use crate::Result;
 
 /// `x W^T` on CPU for f32 `x: (..., k)` with at most [`GEMV_MAX_ROWS`] rows and quantized CPU
@@ -38,6 +42,19 @@ use crate::Result;
 /// takes bands of output features (never across a piece) and streams their weight rows once.
 /// `None` when the case is not this one (device, dtype, rows, a format without a kernel).
 pub(crate) fn qgemv_cpu(x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Tensor>> {
+    let rows = x
+        .dims()
+        .split_last()
+        .map_or(0, |(_, lead)| lead.iter().product());
+    if rows > GEMV_MAX_ROWS {
+        return Ok(None);
+    }
+    qgemv_with(Isa::active(), x, pieces)
+}
+
+/// [`qgemv_cpu`] on the instruction set `isa`, for any number of rows (tests run every set the
+/// CPU has).
+fn qgemv_with(isa: Isa, x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Tensor>> {
     if !matches!(x.device(), Device::Cpu)
         || x.dtype() != DType::F32
         || pieces.iter().any(|q| !q.device().is_cpu())
@@ -49,7 +66,7 @@ pub(crate) fn qgemv_cpu(x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Te
         return Ok(None);
     };
     let rows: usize = lead.iter().product();
-    if rows == 0 || rows > GEMV_MAX_ROWS || k == 0 {
+    if rows == 0 || k == 0 {
         return Ok(None);
     }
     let mut widths = Vec::with_capacity(pieces.len());
@@ -73,7 +90,7 @@ pub(crate) fn qgemv_cpu(x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Te
         .collect::<candle_core::Result<Vec<_>>>()?;
     let mut kernels: Vec<Box<dyn BandKernel + '_>> = Vec::with_capacity(pieces.len());
     for ((q, bytes), &n) in pieces.iter().zip(&data).zip(&widths) {
-        match band_kernel(q.dtype(), bytes, n, k, xd, rows) {
+        match band_kernel(isa, q.dtype(), bytes, n, k, xd, rows) {
             Some(kernel) => kernels.push(kernel),
             None => return Ok(None),
         }
@@ -167,6 +184,7 @@ trait BandKernel: Sync {
 /// The kernel of a piece stored as `bytes` in `format`, `(n, k)`, with the input `x` (`rows`
 /// rows of `k`) quantized for it; `None` for a format without one or blocks that do not fit.
 fn band_kernel<'a>(
+    isa: Isa,
     format: GgmlDType,
     bytes: &'a [u8],
     n: usize,
@@ -175,20 +193,20 @@ fn band_kernel<'a>(
     rows: usize,
 ) -> Option<Box<dyn BandKernel + 'a>> {
     #[cfg(target_arch = "x86_64")]
-    if let Some(kernel) = x86::kernel(format, bytes, n, k, x, rows) {
+    if let Some(kernel) = x86::kernel(isa, format, bytes, n, k, x, rows) {
         return Some(Box::new(kernel));
     }
     #[cfg(target_arch = "x86_64")]
     if format == GgmlDType::Q4K {
-        if let Some(kernel) = x86::q4k_kernel(bytes, n, k, x, rows) {
+        if let Some(kernel) = x86::q4k_kernel(isa, bytes, n, k, x, rows) {
             return Some(Box::new(kernel));
         }
     }
     if needs_even_blocks(format, k) {
         return match format {
-            GgmlDType::Q4_1 => Dequantized::<BlockQ4_1>::boxed(bytes, n, k, x, rows),
-            GgmlDType::Q5_0 => Dequantized::<BlockQ5_0>::boxed(bytes, n, k, x, rows),
-            _ => Dequantized::<BlockQ5_1>::boxed(bytes, n, k, x, rows),
+            GgmlDType::Q4_1 => Dequantized::<BlockQ4_1>::boxed(isa, bytes, n, k, x, rows),
+            GgmlDType::Q5_0 => Dequantized::<BlockQ5_0>::boxed(isa, bytes, n, k, x, rows),
+            _ => Dequantized::<BlockQ5_1>::boxed(isa, bytes, n, k, x, rows),
         };
     }
     match format {
@@ -218,6 +236,7 @@ pub(crate) fn needs_even_blocks(format: GgmlDType, k: usize) -> bool {
 /// Weights dequantized a row at a time and dotted with the float input (for the rows
 /// [`needs_even_blocks`] keeps from candle's dot products).
 struct Dequantized<'a, T: GgmlType> {
+    isa: Isa,
     weight: &'a [T],
     input: Vec<f32>,
     k: usize,
@@ -226,6 +245,7 @@ struct Dequantized<'a, T: GgmlType> {
 
 impl<'a, T: GgmlType + 'a> Dequantized<'a, T> {
     fn boxed(
+        isa: Isa,
         bytes: &'a [u8],
         n: usize,
         k: usize,
@@ -237,6 +257,7 @@ impl<'a, T: GgmlType + 'a> Dequantized<'a, T> {
         }
         let weight = blocks::<T>(bytes).filter(|w| w.len() == n * (k / T::BLCK_SIZE))?;
         Some(Box::new(Dequantized {
+            isa,
             weight,
             input: x.to_vec(),
             k,
@@ -255,7 +276,11 @@ impl<T: GgmlType> BandKernel for Dequantized<'_, T> {
                 &mut row,
             );
             for (r, y) in ys.iter_mut().enumerate() {
-                *y = super::gemv::dot(&row, &self.input[r * self.k..(r + 1) * self.k]);
+                *y = super::gemv::dot_with(
+                    self.isa,
+                    &row,
+                    &self.input[r * self.k..(r + 1) * self.k],
+                );
             }
         }
     }
@@ -380,21 +405,17 @@ fn blocks<T: GgmlType>(bytes: &[u8]) -> Option<&[T]> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
-    use std::sync::OnceLock;
 
     use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8K, BlockQ8_0, GgmlType};
     use candle_core::quantized::GgmlDType;
 
     use super::BandKernel;
+    use crate::kernels::isa::{Isa, Level};
 
-    /// Whether this CPU has what the kernels use (checked once).
-    fn available() -> bool {
-        static AVAILABLE: OnceLock<bool> = OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
+    /// Whether `isa` has what the kernels use (AVX2, FMA and F16C): an `Isa` is never above
+    /// what the CPU has.
+    fn available(isa: Isa) -> bool {
+        isa.level() >= Level::Avx2
     }
 
     /// How far ahead [`dot4`] prefetches, in groups of eight blocks.
@@ -419,6 +440,7 @@ mod x86 {
     }
 
     pub(super) fn kernel<'a>(
+        isa: Isa,
         format: GgmlDType,
         bytes: &'a [u8],
         n: usize,
@@ -431,7 +453,7 @@ mod x86 {
             GgmlDType::Q4_0 => (true, Q4_0_BYTES),
             _ => return None,
         };
-        if !available()
+        if !available(isa)
             || std::mem::size_of::<BlockQ8_0>() != Q8_0_BYTES
             || !k.is_multiple_of(32)
             || x.len() != rows * k
@@ -631,13 +653,14 @@ mod x86 {
     /// rows of `k`) quantized to Q8_K; `None` if the CPU lacks the instructions or the blocks do
     /// not fit.
     pub(super) fn q4k_kernel<'a>(
+        isa: Isa,
         bytes: &'a [u8],
         n: usize,
         k: usize,
         x: &[f32],
         rows: usize,
     ) -> Option<Q4kKernel<'a>> {
-        if !available()
+        if !available(isa)
             || std::mem::size_of::<BlockQ4K>() != Q4K_BYTES
             || std::mem::size_of::<BlockQ8K>() != Q8K_BYTES
             || !k.is_multiple_of(256)
@@ -874,11 +897,109 @@ mod tests {
         Ok(out)
     }
 
+    /// The reference for rows of width `k` of `format`: candle's matmul, or nothing where the
+    /// kernel dequantizes rows (candle's dot would assert).
+    fn candle_reference(
+        format: GgmlDType,
+        xs: &[f32],
+        q: &QTensor,
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        let k = q.shape().dims2()?.1;
+        match format {
+            GgmlDType::Q8_0 => candle_matmul::<BlockQ8_0>(xs, q, rows),
+            GgmlDType::Q4_0 => candle_matmul::<BlockQ4_0>(xs, q, rows),
+            GgmlDType::Q5_0 if needs_even_blocks(format, k) => Ok(Vec::new()),
+            GgmlDType::Q5_0 => candle_matmul::<BlockQ5_0>(xs, q, rows),
+            _ => candle_matmul::<BlockQ4K>(xs, q, rows),
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// Checks `got` (`rows` rows of the fused pieces' outputs) against candle's matmul and
+    /// against the dequantized weights times the float input in f64.
+    fn check_against_references(
+        format: GgmlDType,
+        isa: Isa,
+        xs: &[f32],
+        pieces: &[Arc<QTensor>],
+        rows: usize,
+        got: &[f32],
+    ) -> Result<()> {
+        let total: usize = pieces.iter().map(|q| q.shape().dims()[0]).sum();
+        let mut offset = 0;
+        for q in pieces {
+            let (n, k) = q.shape().dims2()?;
+            let want = candle_reference(format, xs, q, rows)?;
+            // The input's own quantization (8 bits per block) is all that separates the kernel
+            // from the dequantized product.
+            let w: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            for r in 0..rows {
+                for j in 0..n {
+                    let g = got[r * total + offset + j];
+                    let exact: f64 = (0..k)
+                        .map(|t| w[j * k + t] as f64 * xs[r * k + t] as f64)
+                        .sum();
+                    let scale: f64 = (0..k).map(|t| (w[j * k + t] as f64).abs()).sum();
+                    if want.is_empty() {
+                        assert!((g as f64 - exact).abs() <= 1e-5 * scale + 1e-6);
+                        continue;
+                    }
+                    let c = want[r * n + j];
+                    if format == GgmlDType::Q4K {
+                        // No tolerance: the same integer sums, converted, scaled and added by
+                        // the same f32 operations in the same order as candle's (its own dot
+                        // product on the portable path).
+                        assert_eq!(
+                            g.to_bits(),
+                            c.to_bits(),
+                            "{isa:?} {format:?} k {k}: {g} {c}"
+                        );
+                    }
+                    assert!(
+                        (g - c).abs() <= 1e-5 * (1.0 + c.abs()),
+                        "{isa:?} {format:?} k {k}: {g} {c}"
+                    );
+                    assert!(
+                        (g as f64 - exact).abs() <= 0.01 * scale + 1e-6,
+                        "{isa:?} {format:?} k {k}: {g} {exact}"
+                    );
+                }
+            }
+            offset += n;
+        }
+        Ok(())
+    }
+
+    fn quantized_pieces(
+        format: GgmlDType,
+        k: usize,
+        widths: &[usize],
+    ) -> Result<Vec<Arc<QTensor>>> {
+        widths
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let w = (seeded(&[n, k], (7 * n + i + k) as u64)? * 0.05)?;
+                Ok(Arc::new(QTensor::quantize(&w, format)?))
+            })
+            .collect()
+    }
+
     #[test]
-    fn the_decode_kernel_equals_candles_matmul_and_the_dequantized_product() -> Result<()> {
+    fn every_instruction_set_equals_candle_and_the_dequantized_product_alone_and_batched(
+    ) -> Result<()> {
         for (format, k) in [
+            // Widths that are not multiples of 256 (odd numbers of blocks too), and that are.
             (GgmlDType::Q8_0, 96),
+            (GgmlDType::Q8_0, 2080),
+            (GgmlDType::Q8_0, 512),
+            (GgmlDType::Q4_0, 32),
             (GgmlDType::Q4_0, 320),
+            (GgmlDType::Q4_0, 2560),
             (GgmlDType::Q5_0, 64),
             // An odd number of blocks: dequantized rows (candle's dot would assert).
             (GgmlDType::Q5_0, 96),
@@ -888,75 +1009,52 @@ mod tests {
             (GgmlDType::Q4K, 768),
             (GgmlDType::Q4K, 2048),
         ] {
-            // Widths that are and are not multiples of the four rows and of the bands; one to
-            // eight input rows; two pieces fused.
-            for (rows, n0, n1) in [
-                (1, 37, 5),
-                (1, 4096, 3),
-                (2, 6, 7),
-                (3, 64, 130),
-                (4, 21, 3),
-                (5, 3, 10),
-                (6, 1, 2),
-                (7, 18, 5),
-                (8, 9, 16),
-            ] {
-                let x = seeded(&[rows, k], (rows + n0 + k) as u64)?;
-                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                let pieces = [n0, n1]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &n)| {
-                        let w = (seeded(&[n, k], (7 * n + i) as u64)? * 0.05)?;
-                        Ok(Arc::new(QTensor::quantize(&w, format)?))
-                    })
+            // Two pieces fused, of widths that are not multiples of the four rows a kernel
+            // takes at a time.
+            let pieces = quantized_pieces(format, k, &[37, 6])?;
+            let x = seeded(&[9, k], (k + 3) as u64)?;
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            for isa in Isa::supported() {
+                let run = |x: &Tensor| -> Result<Vec<f32>> {
+                    let y = qgemv_with(isa, x, &pieces)?
+                        .ok_or_else(|| crate::Error::Input("the kernel must apply".into()))?;
+                    assert_eq!(y.dims(), &[x.dims()[0], 43]);
+                    Ok(y.flatten_all()?.to_vec1()?)
+                };
+                let alone = (0..9)
+                    .map(|r| run(&x.narrow(0, r, 1)?))
                     .collect::<Result<Vec<_>>>()?;
-                let y = qgemv_cpu(&x, &pieces)?
-                    .ok_or_else(|| crate::Error::Input("the kernel must apply".into()))?;
-                assert_eq!(y.dims(), &[rows, n0 + n1]);
-                let got: Vec<Vec<f32>> = y.to_vec2()?;
-                for (i, q) in pieces.iter().enumerate() {
-                    let want = match format {
-                        GgmlDType::Q8_0 => candle_matmul::<BlockQ8_0>(&xs, q, rows)?,
-                        GgmlDType::Q4_0 => candle_matmul::<BlockQ4_0>(&xs, q, rows)?,
-                        // Dequantized rows: the f64 product below is the reference.
-                        GgmlDType::Q5_0 if needs_even_blocks(format, k) => Vec::new(),
-                        GgmlDType::Q5_0 => candle_matmul::<BlockQ5_0>(&xs, q, rows)?,
-                        _ => candle_matmul::<BlockQ4K>(&xs, q, rows)?,
-                    };
-                    // The dequantized weight times the float input, in f64: the input's own
-                    // quantization (8 bits per block) is all that separates them.
-                    let w: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-                    let n = [n0, n1][i];
-                    let offset = if i == 0 { 0 } else { n0 };
-                    for r in 0..rows {
-                        for j in 0..n {
-                            let g = got[r][offset + j];
-                            let exact: f64 = (0..k)
-                                .map(|t| w[j * k + t] as f64 * xs[r * k + t] as f64)
-                                .sum();
-                            let scale: f64 = (0..k).map(|t| (w[j * k + t] as f64).abs()).sum();
-                            if want.is_empty() {
-                                assert!((g as f64 - exact).abs() <= 1e-5 * scale + 1e-6);
-                                continue;
-                            }
-                            let c = want[r * n + j];
-                            if format == GgmlDType::Q4K {
-                                // No tolerance: the same integer sums, converted, scaled and
-                                // added by the same f32 operations in the same order as
-                                // candle's (its own dot product where AVX2 is missing).
-                                assert_eq!(g.to_bits(), c.to_bits(), "{format:?} k {k}: {g} {c}");
-                            }
-                            assert!(
-                                (g - c).abs() <= 1e-5 * (1.0 + c.abs()),
-                                "{format:?} {g} {c}"
-                            );
-                            assert!(
-                                (g as f64 - exact).abs() <= 0.01 * scale + 1e-6,
-                                "{format:?} {g} {exact}"
-                            );
-                        }
+                // One to nine input rows: every row gets its bits alone.
+                for rows in 1..=9 {
+                    let got = run(&x.narrow(0, 0, rows)?)?;
+                    for (r, alone) in alone.iter().enumerate().take(rows) {
+                        let mine = &got[r * 43..(r + 1) * 43];
+                        assert_eq!(bits(mine), bits(alone), "{isa:?} {format:?} {rows} rows");
                     }
+                }
+                check_against_references(format, isa, &xs, &pieces, 9, &alone.concat())?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn many_bands_over_the_threads_equal_candle() -> Result<()> {
+        // Widths of many bands (and not a multiple of four rows), one and three input rows.
+        for (format, k) in [
+            (GgmlDType::Q8_0, 256),
+            (GgmlDType::Q4_0, 256),
+            (GgmlDType::Q4K, 256),
+        ] {
+            let pieces = quantized_pieces(format, k, &[4097, 3])?;
+            for isa in Isa::supported() {
+                for rows in [1, 3] {
+                    let x = seeded(&[rows, k], rows as u64)?;
+                    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                    let y = qgemv_with(isa, &x, &pieces)?
+                        .ok_or_else(|| crate::Error::Input("the kernel must apply".into()))?;
+                    let got: Vec<f32> = y.flatten_all()?.to_vec1()?;
+                    check_against_references(format, isa, &xs, &pieces, rows, &got)?;
                 }
             }
         }
@@ -1005,11 +1103,14 @@ mod tests {
             let cpu = is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
-            assert_eq!(x86::q4k_kernel(&bytes, 6, 512, &x, 2).is_some(), cpu);
-            assert!(x86::q4k_kernel(&bytes, 5, 512, &x, 2).is_none());
-            assert!(x86::q4k_kernel(&bytes, 8, 384, &x[..768], 2).is_none());
-            assert!(x86::q4k_kernel(&bytes, 6, 512, &x[..500], 1).is_none());
-            assert!(x86::q4k_kernel(&bytes[1..], 6, 512, &x, 2).is_none());
+            let isa = Isa::cpu();
+            assert_eq!(x86::q4k_kernel(isa, &bytes, 6, 512, &x, 2).is_some(), cpu);
+            let portable = isa.at_most(crate::kernels::isa::Level::Portable);
+            assert!(x86::q4k_kernel(portable, &bytes, 6, 512, &x, 2).is_none());
+            assert!(x86::q4k_kernel(isa, &bytes, 5, 512, &x, 2).is_none());
+            assert!(x86::q4k_kernel(isa, &bytes, 8, 384, &x[..768], 2).is_none());
+            assert!(x86::q4k_kernel(isa, &bytes, 6, 512, &x[..500], 1).is_none());
+            assert!(x86::q4k_kernel(isa, &bytes[1..], 6, 512, &x, 2).is_none());
         }
         Ok(())
     }
