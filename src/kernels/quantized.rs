@@ -1061,6 +1061,63 @@ mod tests {
         Ok(())
     }
 
+    /// A fixed amount of decode work for timing whole processes, old binary against new:
+    /// `cargo test --release --lib decode_projection_throughput -- --ignored --nocapture`
+    /// (`YOCO_CPU_ISA` picks the kernels, `YOCO_BENCH_FORMAT=q4_0` one format). Prints GB/s of
+    /// weights read.
+    #[test]
+    #[ignore]
+    fn decode_projection_throughput() -> Result<()> {
+        let var = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        // Rows, copies cycled through (1 GB by default: from memory) and calls.
+        let (k, n) = (2560, var("YOCO_BENCH_N", 10240));
+        let (copies, calls) = (var("YOCO_BENCH_COPIES", 40), var("YOCO_BENCH_CALLS", 300));
+        let only = std::env::var("YOCO_BENCH_FORMAT").unwrap_or_default();
+        for (name, format) in [
+            ("q8_0", GgmlDType::Q8_0),
+            ("q4_0", GgmlDType::Q4_0),
+            ("q4_k", GgmlDType::Q4K),
+        ] {
+            if !only.is_empty() && only != name {
+                continue;
+            }
+            let q = quantized_pieces(format, k, &[256])?.remove(0);
+            let src = q.data()?;
+            let copies = (0..copies)
+                .map(|_| {
+                    let mut bytes = Vec::with_capacity(src.len() * n / 256);
+                    for _ in 0..n / 256 {
+                        bytes.extend_from_slice(&src);
+                    }
+                    let storage = candle_core::quantized::QStorage::from_data(
+                        std::borrow::Cow::Owned(bytes),
+                        &Device::Cpu,
+                        format,
+                    )?;
+                    Ok(Arc::new(QTensor::new(storage, (n, k))?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let x = seeded(&[1, k], 1)?;
+            let t0 = std::time::Instant::now();
+            for c in 0..calls {
+                qgemv_cpu(&x, std::slice::from_ref(&copies[c % copies.len()]))?;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let bytes = copies[0].storage_size_in_bytes() * calls;
+            println!(
+                "{format:?} {:?}: {:.2} GB/s",
+                Isa::active(),
+                bytes as f64 / secs / 1e9
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn parallel_quantization_writes_candles_bytes() -> Result<()> {
         // Many rows (several tasks) of widths that fit each format.
