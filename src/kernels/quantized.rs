@@ -564,12 +564,27 @@ mod x86 {
                 let mut b = 0;
                 while b < kb {
                     let nb = (kb - b).min(8);
+                    // Per row, its blocks' scales times the input's, then the blocks in
+                    // order with the four rows' chains of multiply-adds interleaved (one
+                    // row's chain alone waits on each add's latency).
+                    let mut d = [[0f32; 8]; 4];
+                    let mut bases = [std::ptr::null::<u8>(); 4];
+                    // Loaded in place where eight are left: the padded copy, of variable
+                    // length, compiles to a call of `memcpy`.
+                    let xsv = unsafe {
+                        if b + 8 <= xs.len() {
+                            _mm256_loadu_ps(xs.as_ptr().add(b))
+                        } else {
+                            _mm256_loadu_ps(padded(xs, b).as_ptr())
+                        }
+                    };
                     for (r, row) in w.iter().enumerate() {
                         // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row
                         // of `kb` blocks of `block` bytes; its scale is its first 2 bytes, its
                         // weights the next 32 (Q8_0) or 16 (Q4_0); the input block `b + j` is
                         // 34 bytes of `x`.
                         let base = unsafe { row.as_ptr().add(block * b) };
+                        bases[r] = base;
                         // Eight groups of eight blocks ahead (past this row's end, the rows
                         // that follow it in memory: a band's rows are consecutive), so that the
                         // reads are in flight long before they are used: 15% more throughput
@@ -589,28 +604,23 @@ mod x86 {
                         let scales = unsafe {
                             _mm256_mul_ps(
                                 _mm256_cvtph_ps(_mm_loadu_si128(halves.as_ptr().cast())),
-                                // Loaded in place where eight are left: the padded copy,
-                                // of variable length, compiles to a call of `memcpy`.
-                                if b + 8 <= xs.len() {
-                                    _mm256_loadu_ps(xs.as_ptr().add(b))
-                                } else {
-                                    _mm256_loadu_ps(padded(xs, b).as_ptr())
-                                },
+                                xsv,
                             )
                         };
-                        let mut d = [0f32; 8];
-                        unsafe { _mm256_storeu_ps(d.as_mut_ptr(), scales) };
-                        for (j, &dj) in d.iter().enumerate().take(nb) {
-                            let wq = unsafe { base.add(block * j + 2) };
+                        unsafe { _mm256_storeu_ps(d[r].as_mut_ptr(), scales) };
+                    }
+                    for j in 0..nb {
+                        let xv = unsafe {
+                            _mm256_loadu_si256(x.as_ptr().add(Q8_0_BYTES * (b + j) + 2).cast())
+                        };
+                        for r in 0..4 {
+                            let wq = unsafe { bases[r].add(block * j + 2) };
                             let wv = if NIBBLES {
                                 let packed = unsafe { _mm_loadu_si128(wq.cast()) };
                                 let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
                                 _mm256_sub_epi8(_mm256_and_si256(both, low), eight)
                             } else {
                                 unsafe { _mm256_loadu_si256(wq.cast()) }
-                            };
-                            let xv = unsafe {
-                                _mm256_loadu_si256(x.as_ptr().add(Q8_0_BYTES * (b + j) + 2).cast())
                             };
                             // VNNI sums each lane's four products in one instruction; the
                             // pairs `maddubs` makes never saturate (at most 2 * 128 * 127),
@@ -622,7 +632,7 @@ mod x86 {
                                 _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xb), ones)
                             };
                             acc[r] = _mm256_fmadd_ps(
-                                _mm256_set1_ps(dj),
+                                _mm256_set1_ps(d[r][j]),
                                 _mm256_cvtepi32_ps(sums),
                                 acc[r],
                             );
