@@ -104,6 +104,8 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![deny(missing_docs)]
 
+#[doc(hidden)]
+pub mod bench_support;
 mod cache;
 mod checkpoint;
 mod device;

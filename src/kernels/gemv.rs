@@ -6,6 +6,7 @@
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::isa::{Isa, Level};
 use crate::{Error, Result};
 
 /// At most this many input rows take the row-streaming CPU kernel for quantized weights; more
@@ -21,6 +22,11 @@ pub(crate) const GEMV_MAX_ROWS_F32: usize = 64;
 /// `w: (n, k)`: each thread takes a band of output features and streams their weight rows once,
 /// using each row for every input row while it is in cache. `None` when the case is not this one.
 pub(crate) fn gemv_cpu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    gemv_with(Isa::active(), x, w)
+}
+
+/// [`gemv_cpu`] on the instruction set `isa` (tests run every one the CPU has).
+fn gemv_with(isa: Isa, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if !matches!(x.device(), Device::Cpu)
         || !matches!(w.device(), Device::Cpu)
         || x.dtype() != DType::F32
@@ -61,10 +67,10 @@ pub(crate) fn gemv_cpu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
             let w_band = &wd[first * k..(first + out.len() / rows) * k];
             if rows == 1 {
                 for (y, w_row) in out.iter_mut().zip(w_band.chunks_exact(k)) {
-                    *y = dot(xd, w_row);
+                    *y = dot_with(isa, xd, w_row);
                 }
             } else {
-                dots(xd, w_band, k, out);
+                dots(isa, xd, w_band, k, out);
             }
         });
     let out = if rows == 1 {
@@ -92,51 +98,27 @@ pub(crate) fn slice(data: &[f32], start: usize, len: usize) -> Result<&[f32]> {
 /// Independent partial sums of [`dot`].
 const LANES: usize = 32;
 
-/// How this CPU runs [`dot`] and [`dots`] (decided once).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Simd {
-    /// AVX-512F: two 16-lane registers per dot product, fused multiply-adds.
-    Avx512,
-    /// AVX2 and FMA: four 8-lane registers per dot product, fused multiply-adds.
-    Avx2Fma,
-    /// Anything else: plain Rust, a multiply then an add per lane (the compiler vectorises it).
-    Plain,
-}
-
-fn simd() -> Simd {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
-        *LEVEL.get_or_init(|| {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                Simd::Avx512
-            } else if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                Simd::Avx2Fma
-            } else {
-                Simd::Plain
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    Simd::Plain
-}
-
 /// Dot product over 32 independent lanes (each a chain of multiply-adds over every 32nd
 /// element), which hide the latency of the adds where a plain `sum` is one sequential chain.
 /// Every kernel that dots an input row with a weight row ([`dots`], the decode attention)
-/// computes exactly this, so a row gets the same bits whichever kernel serves it.
+/// computes exactly this, so a row gets the same bits whichever kernel serves it. AVX-512 and
+/// AVX2 give the same bits (the same fused multiply-add chain per lane); the portable form
+/// rounds the product and the add apart.
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_with(Isa::active(), a, b)
+}
+
+/// [`dot`] on the instruction set `isa`.
+pub(crate) fn dot_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     let k = a.len().min(b.len());
     let (a, b) = (&a[..k], &b[..k]);
-    match simd() {
-        // SAFETY: `simd()` found AVX-512F on this CPU.
+    match isa.level() {
+        // SAFETY: an `Isa` is never above what the CPU has, so it has AVX-512F.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => unsafe { x86::block_avx512::<1, 1>([b], [a])[0][0] },
-        // SAFETY: `simd()` found AVX2 and FMA on this CPU.
+        Level::Avx512 => unsafe { x86::block_avx512::<1, 1>([b], [a])[0][0] },
+        // SAFETY: as above: the CPU has AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2Fma => unsafe { x86::block_avx2::<1, 1>([b], [a])[0][0] },
+        Level::Avx2 => unsafe { x86::block_avx2::<1, 1>([b], [a])[0][0] },
         _ => dot_plain(a, b),
     }
 }
@@ -169,23 +151,26 @@ fn finish_dot(acc: &[f32; LANES], (a, b): (&[f32], &[f32])) -> f32 {
 /// two weight rows with four input rows (one with two) at a time from registers, so that each
 /// weight, once loaded, serves several rows: with several rows a decode step is bound by
 /// arithmetic rather than by reading the weights.
-fn dots(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
-    match simd() {
-        // SAFETY: `simd()` found AVX-512F on this CPU.
+fn dots(isa: Isa, x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    match isa.level() {
+        // SAFETY: an `Isa` is never above what the CPU has, so it has AVX-512F.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => {
-            dots_by::<2, 4>(x, w, k, out, |ws, xs| unsafe { x86::block_avx512(ws, xs) })
-        }
-        // SAFETY: `simd()` found AVX2 and FMA on this CPU.
+        Level::Avx512 => dots_by::<2, 4>(isa, x, w, k, out, |ws, xs| unsafe {
+            x86::block_avx512(ws, xs)
+        }),
+        // SAFETY: as above: the CPU has AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2Fma => dots_by::<1, 2>(x, w, k, out, |ws, xs| unsafe { x86::block_avx2(ws, xs) }),
-        _ => dots_by::<1, 1>(x, w, k, out, |[w], [x]| [[dot_plain(x, w)]]),
+        Level::Avx2 => dots_by::<1, 2>(isa, x, w, k, out, |ws, xs| unsafe {
+            x86::block_avx2(ws, xs)
+        }),
+        _ => dots_by::<1, 1>(isa, x, w, k, out, |[w], [x]| [[dot_plain(x, w)]]),
     }
 }
 
 /// [`dots`] in blocks of `A` weight rows by `B` input rows through `block`, the rest pair by
-/// pair through [`dot`].
+/// pair through [`dot_with`] on `isa` (the same instruction set as `block`).
 fn dots_by<const A: usize, const B: usize>(
+    isa: Isa,
     x: &[f32],
     w: &[f32],
     k: usize,
@@ -209,14 +194,14 @@ fn dots_by<const A: usize, const B: usize>(
         }
         for r in r..rows {
             for (a, w) in ws.iter().enumerate() {
-                out[(i + a) * rows + r] = dot(x_row(r), w);
+                out[(i + a) * rows + r] = dot_with(isa, x_row(r), w);
             }
         }
         i += A;
     }
     for i in i..n {
         for r in 0..rows {
-            out[i * rows + r] = dot(x_row(r), w_row(i));
+            out[i * rows + r] = dot_with(isa, x_row(r), w_row(i));
         }
     }
 }
@@ -364,84 +349,82 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
     #[test]
-    fn a_row_gets_the_same_bits_alone_and_in_any_batch() -> Result<()> {
+    fn a_row_gets_the_same_bits_alone_and_in_any_batch_on_every_instruction_set() -> Result<()> {
         // Widths below, at and past the 32 lanes, with a tail; batches that fill the register
-        // blocks and leave rows and weight rows over.
-        for k in [7, 32, 100, 773] {
-            let w = seeded(&[11, k], k as u64)?;
-            for rows in [2, 5, 13, GEMV_MAX_ROWS_F32] {
-                let x = seeded(&[rows, k], (rows * 31 + k) as u64)?;
-                let batch = gemv_cpu(&x, &w)?.ok_or(Error::Input("declined".into()))?;
-                for r in 0..rows {
-                    let row = x.narrow(0, r, 1)?;
-                    let alone = gemv_cpu(&row, &w)?.ok_or(Error::Input("declined".into()))?;
-                    let (a, b): (Vec<f32>, Vec<f32>) = (
-                        batch.narrow(0, r, 1)?.flatten_all()?.to_vec1()?,
-                        alone.flatten_all()?.to_vec1()?,
+        // blocks and leave rows and weight rows over; every instruction set this CPU has.
+        for isa in Isa::supported() {
+            for k in [7, 32, 100, 256, 773] {
+                let w = seeded(&[11, k], k as u64)?;
+                let alone: Vec<Vec<f32>> = (0..GEMV_MAX_ROWS_F32)
+                    .map(|r| {
+                        let row = seeded(&[GEMV_MAX_ROWS_F32, k], k as u64 + 1)?.narrow(0, r, 1)?;
+                        let y = gemv_with(isa, &row, &w)?.ok_or(Error::Input("declined".into()))?;
+                        Ok(y.flatten_all()?.to_vec1()?)
+                    })
+                    .collect::<Result<_>>()?;
+                for rows in (1..=9).chain([13, GEMV_MAX_ROWS_F32]) {
+                    let x = seeded(&[GEMV_MAX_ROWS_F32, k], k as u64 + 1)?.narrow(0, 0, rows)?;
+                    let batch = gemv_with(isa, &x, &w)?.ok_or(Error::Input("declined".into()))?;
+                    let naive = naive(&x, &w)?;
+                    let got: Vec<f32> = batch.flatten_all()?.to_vec1()?;
+                    assert!(
+                        max_diff(&got, &naive) <= 1e-5 * (k as f32).sqrt(),
+                        "{isa:?}"
                     );
-                    let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
-                    assert!(same, "k {k}, {rows} rows, row {r}");
+                    for (r, alone) in alone.iter().enumerate().take(rows) {
+                        let mine = &got[r * 11..(r + 1) * 11];
+                        assert_eq!(
+                            bits(mine),
+                            bits(alone),
+                            "{isa:?} k {k}, {rows} rows, row {r}"
+                        );
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
     fn every_register_blocked_kernel_equals_its_own_single_dot_bit_for_bit() -> Result<()> {
-        // `dots` takes the best kernel this CPU has; call each one it has directly, against
-        // the same kernel one pair at a time (what `dot` runs on such a CPU), and against the
-        // naive product.
+        // `dots` on each instruction set this CPU has, against the same set's `dot` one pair at
+        // a time and against the naive product; the SIMD sets against each other (the same
+        // fused chain per lane, so the same bits).
         let (n, rows) = (7, 9);
-        for k in [5, 64, 101] {
+        for k in [5, 64, 101, 256, 300] {
             let x: Vec<f32> = seeded(&[rows, k], 1)?.flatten_all()?.to_vec1()?;
             let w: Vec<f32> = seeded(&[n, k], 2)?.flatten_all()?.to_vec1()?;
             let naive = naive(
                 &Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu)?,
                 &Tensor::from_vec(w.clone(), (n, k), &Device::Cpu)?,
             )?;
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            let check = |blocked: &dyn Fn(&mut [f32]), single: &dyn Fn(&[f32], &[f32]) -> f32| {
+            let mut simd_bits = Vec::new();
+            for isa in Isa::supported() {
                 let mut got = vec![f32::NAN; n * rows];
-                blocked(&mut got);
+                dots(isa, &x, &w, k, &mut got);
                 let mut want = vec![0f32; n * rows];
                 for i in 0..n {
                     for r in 0..rows {
-                        want[i * rows + r] = single(&x[r * k..(r + 1) * k], &w[i * k..(i + 1) * k]);
+                        want[i * rows + r] =
+                            dot_with(isa, &x[r * k..(r + 1) * k], &w[i * k..(i + 1) * k]);
                     }
                 }
-                assert_eq!(bits(&got), bits(&want), "k {k}");
+                assert_eq!(bits(&got), bits(&want), "{isa:?} k {k}");
                 let by_row: Vec<f32> = (0..rows * n).map(|j| got[(j % n) * rows + j / n]).collect();
-                assert!(max_diff(&by_row, &naive) <= 1e-5 * (k as f32).sqrt());
-            };
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY (both closures): the CPU has AVX-512F (checked just above).
-                check(
-                    &|out| {
-                        dots_by::<2, 4>(&x, &w, k, out, |ws, xs| unsafe {
-                            x86::block_avx512(ws, xs)
-                        })
-                    },
-                    &|a, b| unsafe { x86::block_avx512::<1, 1>([b], [a])[0][0] },
+                assert!(
+                    max_diff(&by_row, &naive) <= 1e-5 * (k as f32).sqrt(),
+                    "{isa:?}"
                 );
+                if isa.level() != Level::Portable {
+                    simd_bits.push(bits(&got));
+                }
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY (both closures): the CPU has AVX2 and FMA (checked just above).
-                check(
-                    &|out| {
-                        dots_by::<1, 2>(&x, &w, k, out, |ws, xs| unsafe { x86::block_avx2(ws, xs) })
-                    },
-                    &|a, b| unsafe { x86::block_avx2::<1, 1>([b], [a])[0][0] },
-                );
-            }
-            check(
-                &|out| dots_by::<1, 1>(&x, &w, k, out, |[w], [x]| [[dot_plain(x, w)]]),
-                &dot_plain,
-            );
+            assert!(simd_bits.windows(2).all(|p| p[0] == p[1]), "k {k}");
         }
         Ok(())
     }

@@ -2,6 +2,9 @@
 //! of documented shapes and returns `None` where its case does not apply (another device, another
 //! dtype, a shape it does not serve), so the caller falls back to candle's portable ops.
 //!
+//! * `isa`: which instruction set the kernels run on (the CPU's best, or one forced lower by
+//!   `YOCO_CPU_ISA=avx2` or `=portable`, read once, so that an AVX-512 machine also tests the
+//!   AVX2 forms);
 //! * `gemv`: decode projections over f32 weights, and the `dot` every kernel shares;
 //! * `quantized`: the same over candle's quantized blocks, and dequantization;
 //! * `attention`: decode attention in tiles, and the window's band attention for prefill;
@@ -12,6 +15,7 @@
 pub(crate) mod attention;
 pub(crate) mod fused;
 pub(crate) mod gemv;
+pub(crate) mod isa;
 pub(crate) mod quantized;
 pub(crate) mod scan;
 

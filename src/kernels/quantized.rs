@@ -19,6 +19,11 @@
 //! sums once per call, converts four rows' scales in one instruction and runs four rows per
 //! input block, with candle's integer sums and f32 operations in candle's order (the same
 //! results, bit for bit).
+//!
+//! Which of these run is decided by [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA`
+//! lowers it (`portable` takes candle's dot products everywhere). On AVX-512 CPUs with VNNI,
+//! Q8_0 sums each block's products with one `vpdpbusd` where AVX2 takes `maddubs` and `madd`
+//! (the same exact i32 lanes, so the same bits; 20% more throughput on one core from cache).
 
 use std::sync::Arc;
 
@@ -31,6 +36,7 @@ use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::gemv::{slice, GEMV_MAX_ROWS};
+use super::isa::Isa;
 use crate::Result;
 
 /// `x W^T` on CPU for f32 `x: (..., k)` with at most [`GEMV_MAX_ROWS`] rows and quantized CPU
@@ -38,6 +44,19 @@ use crate::Result;
 /// takes bands of output features (never across a piece) and streams their weight rows once.
 /// `None` when the case is not this one (device, dtype, rows, a format without a kernel).
 pub(crate) fn qgemv_cpu(x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Tensor>> {
+    let rows = x
+        .dims()
+        .split_last()
+        .map_or(0, |(_, lead)| lead.iter().product());
+    if rows > GEMV_MAX_ROWS {
+        return Ok(None);
+    }
+    qgemv_with(Isa::active(), x, pieces)
+}
+
+/// [`qgemv_cpu`] on the instruction set `isa`, for any number of rows (tests run every set the
+/// CPU has).
+fn qgemv_with(isa: Isa, x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Tensor>> {
     if !matches!(x.device(), Device::Cpu)
         || x.dtype() != DType::F32
         || pieces.iter().any(|q| !q.device().is_cpu())
@@ -49,7 +68,7 @@ pub(crate) fn qgemv_cpu(x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Te
         return Ok(None);
     };
     let rows: usize = lead.iter().product();
-    if rows == 0 || rows > GEMV_MAX_ROWS || k == 0 {
+    if rows == 0 || k == 0 {
         return Ok(None);
     }
     let mut widths = Vec::with_capacity(pieces.len());
@@ -73,7 +92,7 @@ pub(crate) fn qgemv_cpu(x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Te
         .collect::<candle_core::Result<Vec<_>>>()?;
     let mut kernels: Vec<Box<dyn BandKernel + '_>> = Vec::with_capacity(pieces.len());
     for ((q, bytes), &n) in pieces.iter().zip(&data).zip(&widths) {
-        match band_kernel(q.dtype(), bytes, n, k, xd, rows) {
+        match band_kernel(isa, q.dtype(), bytes, n, k, xd, rows) {
             Some(kernel) => kernels.push(kernel),
             None => return Ok(None),
         }
@@ -209,6 +228,7 @@ trait BandKernel: Sync {
 /// The kernel of a piece stored as `bytes` in `format`, `(n, k)`, with the input `x` (`rows`
 /// rows of `k`) quantized for it; `None` for a format without one or blocks that do not fit.
 fn band_kernel<'a>(
+    isa: Isa,
     format: GgmlDType,
     bytes: &'a [u8],
     n: usize,
@@ -217,20 +237,20 @@ fn band_kernel<'a>(
     rows: usize,
 ) -> Option<Box<dyn BandKernel + 'a>> {
     #[cfg(target_arch = "x86_64")]
-    if let Some(kernel) = x86::kernel(format, bytes, n, k, x, rows) {
+    if let Some(kernel) = x86::kernel(isa, format, bytes, n, k, x, rows) {
         return Some(Box::new(kernel));
     }
     #[cfg(target_arch = "x86_64")]
     if format == GgmlDType::Q4K {
-        if let Some(kernel) = x86::q4k_kernel(bytes, n, k, x, rows) {
+        if let Some(kernel) = x86::q4k_kernel(isa, bytes, n, k, x, rows) {
             return Some(Box::new(kernel));
         }
     }
     if needs_even_blocks(format, k) {
         return match format {
-            GgmlDType::Q4_1 => Dequantized::<BlockQ4_1>::boxed(bytes, n, k, x, rows),
-            GgmlDType::Q5_0 => Dequantized::<BlockQ5_0>::boxed(bytes, n, k, x, rows),
-            _ => Dequantized::<BlockQ5_1>::boxed(bytes, n, k, x, rows),
+            GgmlDType::Q4_1 => Dequantized::<BlockQ4_1>::boxed(isa, bytes, n, k, x, rows),
+            GgmlDType::Q5_0 => Dequantized::<BlockQ5_0>::boxed(isa, bytes, n, k, x, rows),
+            _ => Dequantized::<BlockQ5_1>::boxed(isa, bytes, n, k, x, rows),
         };
     }
     match format {
@@ -260,6 +280,7 @@ pub(crate) fn needs_even_blocks(format: GgmlDType, k: usize) -> bool {
 /// Weights dequantized a row at a time and dotted with the float input (for the rows
 /// [`needs_even_blocks`] keeps from candle's dot products).
 struct Dequantized<'a, T: GgmlType> {
+    isa: Isa,
     weight: &'a [T],
     input: Vec<f32>,
     k: usize,
@@ -268,6 +289,7 @@ struct Dequantized<'a, T: GgmlType> {
 
 impl<'a, T: GgmlType + 'a> Dequantized<'a, T> {
     fn boxed(
+        isa: Isa,
         bytes: &'a [u8],
         n: usize,
         k: usize,
@@ -279,6 +301,7 @@ impl<'a, T: GgmlType + 'a> Dequantized<'a, T> {
         }
         let weight = blocks::<T>(bytes).filter(|w| w.len() == n * (k / T::BLCK_SIZE))?;
         Some(Box::new(Dequantized {
+            isa,
             weight,
             input: x.to_vec(),
             k,
@@ -297,7 +320,11 @@ impl<T: GgmlType> BandKernel for Dequantized<'_, T> {
                 &mut row,
             );
             for (r, y) in ys.iter_mut().enumerate() {
-                *y = super::gemv::dot(&row, &self.input[r * self.k..(r + 1) * self.k]);
+                *y = super::gemv::dot_with(
+                    self.isa,
+                    &row,
+                    &self.input[r * self.k..(r + 1) * self.k],
+                );
             }
         }
     }
@@ -422,21 +449,17 @@ fn blocks<T: GgmlType>(bytes: &[u8]) -> Option<&[T]> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
-    use std::sync::OnceLock;
 
     use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8K, BlockQ8_0, GgmlType};
     use candle_core::quantized::GgmlDType;
 
     use super::BandKernel;
+    use crate::kernels::isa::{Isa, Level};
 
-    /// Whether this CPU has what the kernels use (checked once).
-    fn available() -> bool {
-        static AVAILABLE: OnceLock<bool> = OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
+    /// Whether `isa` has what the kernels use (AVX2, FMA and F16C): an `Isa` is never above
+    /// what the CPU has.
+    fn available(isa: Isa) -> bool {
+        isa.level() >= Level::Avx2
     }
 
     /// How far ahead [`dot4`] prefetches, in groups of eight blocks.
@@ -457,10 +480,15 @@ mod x86 {
         /// The input rows as Q8_0 blocks, and their scales as f32.
         input: Vec<BlockQ8_0>,
         input_scales: Vec<f32>,
+        /// For Q8_0, `vpdpbusd` (the CPU has AVX-512 VNNI and VL) rather than `maddubs` and
+        /// `madd` (Q4_0 keeps them: its VNNI form, the nibbles' products less the input's `8 x`,
+        /// measured 5-8% slower on a Xeon with VNNI).
+        vnni: bool,
         rows: usize,
     }
 
     pub(super) fn kernel<'a>(
+        isa: Isa,
         format: GgmlDType,
         bytes: &'a [u8],
         n: usize,
@@ -473,7 +501,7 @@ mod x86 {
             GgmlDType::Q4_0 => (true, Q4_0_BYTES),
             _ => return None,
         };
-        if !available()
+        if !available(isa)
             || std::mem::size_of::<BlockQ8_0>() != Q8_0_BYTES
             || !k.is_multiple_of(32)
             || x.len() != rows * k
@@ -493,6 +521,7 @@ mod x86 {
             .chunks_exact(Q8_0_BYTES)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect();
+        let vnni = isa.vnni() && !nibbles;
         Some(Kernel {
             weight: bytes,
             nibbles,
@@ -500,6 +529,7 @@ mod x86 {
             kb,
             input,
             input_scales,
+            vnni,
             rows,
         })
     }
@@ -530,14 +560,15 @@ mod x86 {
                 while i < feats {
                     // Four weight rows per pass; past the band's end, repeat its last row.
                     let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
-                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), every weight row is
-                    // `kb` whole blocks of this format and the input row `kb` Q8_0 blocks with
-                    // `kb` scales (lengths checked by `kernel` and sliced above).
+                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), and AVX-512 VNNI
+                    // and VL where `vnni` (`Isa::vnni`); every weight row is `kb` whole blocks
+                    // of this format and the input row `kb` Q8_0 blocks with `kb` scales
+                    // (lengths checked by `kernel` and sliced above).
                     let dots = unsafe {
-                        if self.nibbles {
-                            dot4::<true>(self.kb, rows, xr, xs)
-                        } else {
-                            dot4::<false>(self.kb, rows, xr, xs)
+                        match (self.nibbles, self.vnni) {
+                            (true, _) => dot4::<true>(self.kb, rows, xr, xs),
+                            (false, true) => dot4_vnni::<false>(self.kb, rows, xr, xs),
+                            (false, false) => dot4::<false>(self.kb, rows, xr, xs),
                         }
                     };
                     for (j, d) in dots.iter().enumerate().take(feats - i) {
@@ -549,79 +580,119 @@ mod x86 {
         }
     }
 
-    /// Four weight rows (Q4_0 if `NIBBLES`, else Q8_0) dotted with one Q8_0 input row.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; each `w[r]` holds `kb` blocks of its format, `x` holds
-    /// `kb` Q8_0 blocks and `xs` their `kb` scales.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot4<const NIBBLES: bool>(
-        kb: usize,
-        w: [&[u8]; 4],
-        x: &[u8],
-        xs: &[f32],
-    ) -> [f32; 4] {
-        let block = if NIBBLES { Q4_0_BYTES } else { Q8_0_BYTES };
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        let eight = _mm256_set1_epi8(8);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut b = 0;
-        while b < kb {
-            let nb = (kb - b).min(8);
-            for (r, row) in w.iter().enumerate() {
-                // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row of `kb`
-                // blocks of `block` bytes; its scale is its first 2 bytes, its weights the next
-                // 32 (Q8_0) or 16 (Q4_0); the input block `b + j` is 34 bytes of `x`.
-                let base = unsafe { row.as_ptr().add(block * b) };
-                // Eight groups of eight blocks ahead (past this row's end, the rows that follow
-                // it in memory: a band's rows are consecutive), so that the reads are in flight
-                // long before they are used: 15% more throughput on one core, where the
-                // hardware's own prefetching alone leaves the core waiting.
-                let ahead = base.wrapping_add(block * 8 * PREFETCH_GROUPS);
-                for line in 0..(block * 8).div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
-                }
-                // The blocks' f16 scales, eight at a time, times the input's.
-                let mut halves = [0u16; 8];
-                for (j, h) in halves.iter_mut().enumerate().take(nb) {
-                    *h = unsafe { std::ptr::read_unaligned(base.add(block * j).cast::<u16>()) };
-                }
-                let scales = unsafe {
-                    _mm256_mul_ps(
-                        _mm256_cvtph_ps(_mm_loadu_si128(halves.as_ptr().cast())),
-                        _mm256_loadu_ps(padded(xs, b).as_ptr()),
-                    )
-                };
-                let mut d = [0f32; 8];
-                unsafe { _mm256_storeu_ps(d.as_mut_ptr(), scales) };
-                for (j, &dj) in d.iter().enumerate().take(nb) {
-                    let wq = unsafe { base.add(block * j + 2) };
-                    let wv = if NIBBLES {
-                        let packed = unsafe { _mm_loadu_si128(wq.cast()) };
-                        let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-                        _mm256_sub_epi8(_mm256_and_si256(both, low), eight)
-                    } else {
-                        unsafe { _mm256_loadu_si256(wq.cast()) }
+    /// Makes `$name`, [`dot4`]'s body with `$features`: with `$vnni`, each block's 32 products
+    /// (of `|w|` and `x` signed as `w`) are summed into four-byte lanes by one `vpdpbusd` where
+    /// AVX2 takes `maddubs` and `madd`: the same i32 lanes, exactly, so the same f32 sums.
+    macro_rules! dot4_fn {
+        ($name:ident, $features:literal, $vnni:literal) => {
+            /// Four weight rows (Q4_0 if `NIBBLES`, else Q8_0) dotted with one Q8_0 input row.
+            ///
+            /// # Safety
+            /// The CPU has AVX2, FMA and F16C (and AVX-512 VNNI and VL for the VNNI form); each
+            /// `w[r]` holds `kb` blocks of its format, `x` holds `kb` Q8_0 blocks and `xs` their
+            /// `kb` scales.
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const NIBBLES: bool>(
+                kb: usize,
+                w: [&[u8]; 4],
+                x: &[u8],
+                xs: &[f32],
+            ) -> [f32; 4] {
+                let block = if NIBBLES { Q4_0_BYTES } else { Q8_0_BYTES };
+                let ones = _mm256_set1_epi16(1);
+                let low = _mm256_set1_epi8(0x0F);
+                let eight = _mm256_set1_epi8(8);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut b = 0;
+                while b < kb {
+                    let nb = (kb - b).min(8);
+                    // Per row, its blocks' scales times the input's, then the blocks in
+                    // order with the four rows' chains of multiply-adds interleaved (one
+                    // row's chain alone waits on each add's latency).
+                    let mut d = [[0f32; 8]; 4];
+                    let mut bases = [std::ptr::null::<u8>(); 4];
+                    // Loaded in place where eight are left: the padded copy, of variable
+                    // length, compiles to a call of `memcpy`.
+                    let xsv = unsafe {
+                        if b + 8 <= xs.len() {
+                            _mm256_loadu_ps(xs.as_ptr().add(b))
+                        } else {
+                            _mm256_loadu_ps(padded(xs, b).as_ptr())
+                        }
                     };
-                    let xv = unsafe {
-                        _mm256_loadu_si256(x.as_ptr().add(Q8_0_BYTES * (b + j) + 2).cast())
-                    };
-                    let sums = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)),
-                        ones,
-                    );
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dj), _mm256_cvtepi32_ps(sums), acc[r]);
+                    for (r, row) in w.iter().enumerate() {
+                        // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row
+                        // of `kb` blocks of `block` bytes; its scale is its first 2 bytes, its
+                        // weights the next 32 (Q8_0) or 16 (Q4_0); the input block `b + j` is
+                        // 34 bytes of `x`.
+                        let base = unsafe { row.as_ptr().add(block * b) };
+                        bases[r] = base;
+                        // Eight groups of eight blocks ahead (past this row's end, the rows
+                        // that follow it in memory: a band's rows are consecutive), so that the
+                        // reads are in flight long before they are used: 15% more throughput
+                        // on one core, where the hardware's own prefetching alone leaves the
+                        // core waiting.
+                        let ahead = base.wrapping_add(block * 8 * PREFETCH_GROUPS);
+                        for line in 0..(block * 8).div_ceil(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+                        }
+                        // The blocks' f16 scales, eight at a time, times the input's.
+                        let mut halves = [0u16; 8];
+                        for (j, h) in halves.iter_mut().enumerate().take(nb) {
+                            *h = unsafe {
+                                std::ptr::read_unaligned(base.add(block * j).cast::<u16>())
+                            };
+                        }
+                        let scales = unsafe {
+                            _mm256_mul_ps(
+                                _mm256_cvtph_ps(_mm_loadu_si128(halves.as_ptr().cast())),
+                                xsv,
+                            )
+                        };
+                        unsafe { _mm256_storeu_ps(d[r].as_mut_ptr(), scales) };
+                    }
+                    for j in 0..nb {
+                        let xv = unsafe {
+                            _mm256_loadu_si256(x.as_ptr().add(Q8_0_BYTES * (b + j) + 2).cast())
+                        };
+                        for r in 0..4 {
+                            let wq = unsafe { bases[r].add(block * j + 2) };
+                            let wv = if NIBBLES {
+                                let packed = unsafe { _mm_loadu_si128(wq.cast()) };
+                                let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+                                _mm256_sub_epi8(_mm256_and_si256(both, low), eight)
+                            } else {
+                                unsafe { _mm256_loadu_si256(wq.cast()) }
+                            };
+                            // VNNI sums each lane's four products in one instruction; the
+                            // pairs `maddubs` makes never saturate (at most 2 * 128 * 127),
+                            // so both give the same exact i32 lanes.
+                            let (wa, xb) = (_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                            let sums = if $vnni {
+                                _mm256_dpbusd_epi32(_mm256_setzero_si256(), wa, xb)
+                            } else {
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xb), ones)
+                            };
+                            acc[r] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(d[r][j]),
+                                _mm256_cvtepi32_ps(sums),
+                                acc[r],
+                            );
+                        }
+                    }
+                    b += 8;
                 }
+                acc.map(|v| {
+                    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+                })
             }
-            b += 8;
-        }
-        acc.map(|v| {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-        })
+        };
     }
+
+    dot4_fn!(dot4, "avx2,fma,f16c", false);
+    dot4_fn!(dot4_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
     /// Eight input scales from block `b` on, zero past the end.
     #[inline]
@@ -673,13 +744,14 @@ mod x86 {
     /// rows of `k`) quantized to Q8_K; `None` if the CPU lacks the instructions or the blocks do
     /// not fit.
     pub(super) fn q4k_kernel<'a>(
+        isa: Isa,
         bytes: &'a [u8],
         n: usize,
         k: usize,
         x: &[f32],
         rows: usize,
     ) -> Option<Q4kKernel<'a>> {
-        if !available()
+        if !available(isa)
             || std::mem::size_of::<BlockQ4K>() != Q4K_BYTES
             || std::mem::size_of::<BlockQ8K>() != Q8K_BYTES
             || !k.is_multiple_of(256)
@@ -916,11 +988,109 @@ mod tests {
         Ok(out)
     }
 
+    /// The reference for rows of width `k` of `format`: candle's matmul, or nothing where the
+    /// kernel dequantizes rows (candle's dot would assert).
+    fn candle_reference(
+        format: GgmlDType,
+        xs: &[f32],
+        q: &QTensor,
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        let k = q.shape().dims2()?.1;
+        match format {
+            GgmlDType::Q8_0 => candle_matmul::<BlockQ8_0>(xs, q, rows),
+            GgmlDType::Q4_0 => candle_matmul::<BlockQ4_0>(xs, q, rows),
+            GgmlDType::Q5_0 if needs_even_blocks(format, k) => Ok(Vec::new()),
+            GgmlDType::Q5_0 => candle_matmul::<BlockQ5_0>(xs, q, rows),
+            _ => candle_matmul::<BlockQ4K>(xs, q, rows),
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// Checks `got` (`rows` rows of the fused pieces' outputs) against candle's matmul and
+    /// against the dequantized weights times the float input in f64.
+    fn check_against_references(
+        format: GgmlDType,
+        isa: Isa,
+        xs: &[f32],
+        pieces: &[Arc<QTensor>],
+        rows: usize,
+        got: &[f32],
+    ) -> Result<()> {
+        let total: usize = pieces.iter().map(|q| q.shape().dims()[0]).sum();
+        let mut offset = 0;
+        for q in pieces {
+            let (n, k) = q.shape().dims2()?;
+            let want = candle_reference(format, xs, q, rows)?;
+            // The input's own quantization (8 bits per block) is all that separates the kernel
+            // from the dequantized product.
+            let w: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            for r in 0..rows {
+                for j in 0..n {
+                    let g = got[r * total + offset + j];
+                    let exact: f64 = (0..k)
+                        .map(|t| w[j * k + t] as f64 * xs[r * k + t] as f64)
+                        .sum();
+                    let scale: f64 = (0..k).map(|t| (w[j * k + t] as f64).abs()).sum();
+                    if want.is_empty() {
+                        assert!((g as f64 - exact).abs() <= 1e-5 * scale + 1e-6);
+                        continue;
+                    }
+                    let c = want[r * n + j];
+                    if format == GgmlDType::Q4K {
+                        // No tolerance: the same integer sums, converted, scaled and added by
+                        // the same f32 operations in the same order as candle's (its own dot
+                        // product on the portable path).
+                        assert_eq!(
+                            g.to_bits(),
+                            c.to_bits(),
+                            "{isa:?} {format:?} k {k}: {g} {c}"
+                        );
+                    }
+                    assert!(
+                        (g - c).abs() <= 1e-5 * (1.0 + c.abs()),
+                        "{isa:?} {format:?} k {k}: {g} {c}"
+                    );
+                    assert!(
+                        (g as f64 - exact).abs() <= 0.01 * scale + 1e-6,
+                        "{isa:?} {format:?} k {k}: {g} {exact}"
+                    );
+                }
+            }
+            offset += n;
+        }
+        Ok(())
+    }
+
+    fn quantized_pieces(
+        format: GgmlDType,
+        k: usize,
+        widths: &[usize],
+    ) -> Result<Vec<Arc<QTensor>>> {
+        widths
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let w = (seeded(&[n, k], (7 * n + i + k) as u64)? * 0.05)?;
+                Ok(Arc::new(QTensor::quantize(&w, format)?))
+            })
+            .collect()
+    }
+
     #[test]
-    fn the_decode_kernel_equals_candles_matmul_and_the_dequantized_product() -> Result<()> {
+    fn every_instruction_set_equals_candle_and_the_dequantized_product_alone_and_batched(
+    ) -> Result<()> {
         for (format, k) in [
+            // Widths that are not multiples of 256 (odd numbers of blocks too), and that are.
             (GgmlDType::Q8_0, 96),
+            (GgmlDType::Q8_0, 2080),
+            (GgmlDType::Q8_0, 512),
+            (GgmlDType::Q4_0, 32),
             (GgmlDType::Q4_0, 320),
+            (GgmlDType::Q4_0, 2560),
             (GgmlDType::Q5_0, 64),
             // An odd number of blocks: dequantized rows (candle's dot would assert).
             (GgmlDType::Q5_0, 96),
@@ -930,77 +1100,121 @@ mod tests {
             (GgmlDType::Q4K, 768),
             (GgmlDType::Q4K, 2048),
         ] {
-            // Widths that are and are not multiples of the four rows and of the bands; one to
-            // eight input rows; two pieces fused.
-            for (rows, n0, n1) in [
-                (1, 37, 5),
-                (1, 4096, 3),
-                (2, 6, 7),
-                (3, 64, 130),
-                (4, 21, 3),
-                (5, 3, 10),
-                (6, 1, 2),
-                (7, 18, 5),
-                (8, 9, 16),
-            ] {
-                let x = seeded(&[rows, k], (rows + n0 + k) as u64)?;
-                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                let pieces = [n0, n1]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &n)| {
-                        let w = (seeded(&[n, k], (7 * n + i) as u64)? * 0.05)?;
-                        Ok(Arc::new(QTensor::quantize(&w, format)?))
-                    })
+            // Two pieces fused, of widths that are not multiples of the four rows a kernel
+            // takes at a time.
+            let pieces = quantized_pieces(format, k, &[37, 6])?;
+            let x = seeded(&[9, k], (k + 3) as u64)?;
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let mut simd_outputs = Vec::new();
+            for isa in Isa::supported() {
+                let run = |x: &Tensor| -> Result<Vec<f32>> {
+                    let y = qgemv_with(isa, x, &pieces)?
+                        .ok_or_else(|| crate::Error::Input("the kernel must apply".into()))?;
+                    assert_eq!(y.dims(), &[x.dims()[0], 43]);
+                    Ok(y.flatten_all()?.to_vec1()?)
+                };
+                let alone = (0..9)
+                    .map(|r| run(&x.narrow(0, r, 1)?))
                     .collect::<Result<Vec<_>>>()?;
-                let y = qgemv_cpu(&x, &pieces)?
-                    .ok_or_else(|| crate::Error::Input("the kernel must apply".into()))?;
-                assert_eq!(y.dims(), &[rows, n0 + n1]);
-                let got: Vec<Vec<f32>> = y.to_vec2()?;
-                for (i, q) in pieces.iter().enumerate() {
-                    let want = match format {
-                        GgmlDType::Q8_0 => candle_matmul::<BlockQ8_0>(&xs, q, rows)?,
-                        GgmlDType::Q4_0 => candle_matmul::<BlockQ4_0>(&xs, q, rows)?,
-                        // Dequantized rows: the f64 product below is the reference.
-                        GgmlDType::Q5_0 if needs_even_blocks(format, k) => Vec::new(),
-                        GgmlDType::Q5_0 => candle_matmul::<BlockQ5_0>(&xs, q, rows)?,
-                        _ => candle_matmul::<BlockQ4K>(&xs, q, rows)?,
-                    };
-                    // The dequantized weight times the float input, in f64: the input's own
-                    // quantization (8 bits per block) is all that separates them.
-                    let w: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-                    let n = [n0, n1][i];
-                    let offset = if i == 0 { 0 } else { n0 };
-                    for r in 0..rows {
-                        for j in 0..n {
-                            let g = got[r][offset + j];
-                            let exact: f64 = (0..k)
-                                .map(|t| w[j * k + t] as f64 * xs[r * k + t] as f64)
-                                .sum();
-                            let scale: f64 = (0..k).map(|t| (w[j * k + t] as f64).abs()).sum();
-                            if want.is_empty() {
-                                assert!((g as f64 - exact).abs() <= 1e-5 * scale + 1e-6);
-                                continue;
-                            }
-                            let c = want[r * n + j];
-                            if format == GgmlDType::Q4K {
-                                // No tolerance: the same integer sums, converted, scaled and
-                                // added by the same f32 operations in the same order as
-                                // candle's (its own dot product where AVX2 is missing).
-                                assert_eq!(g.to_bits(), c.to_bits(), "{format:?} k {k}: {g} {c}");
-                            }
-                            assert!(
-                                (g - c).abs() <= 1e-5 * (1.0 + c.abs()),
-                                "{format:?} {g} {c}"
-                            );
-                            assert!(
-                                (g as f64 - exact).abs() <= 0.01 * scale + 1e-6,
-                                "{format:?} {g} {exact}"
-                            );
-                        }
+                // One to nine input rows: every row gets its bits alone.
+                for rows in 1..=9 {
+                    let got = run(&x.narrow(0, 0, rows)?)?;
+                    for (r, alone) in alone.iter().enumerate().take(rows) {
+                        let mine = &got[r * 43..(r + 1) * 43];
+                        assert_eq!(bits(mine), bits(alone), "{isa:?} {format:?} {rows} rows");
                     }
                 }
+                check_against_references(format, isa, &xs, &pieces, 9, &alone.concat())?;
+                if isa.level() != crate::kernels::isa::Level::Portable {
+                    simd_outputs.push(bits(&alone.concat()));
+                }
             }
+            // AVX2 and AVX-512 (VNNI where the CPU has it) sum the same i32 lanes exactly, then
+            // scale and add them alike: the same bits.
+            assert!(
+                simd_outputs.windows(2).all(|p| p[0] == p[1]),
+                "{format:?} k {k}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn many_bands_over_the_threads_equal_candle() -> Result<()> {
+        // Widths of many bands (and not a multiple of four rows), one and three input rows.
+        for (format, k) in [
+            (GgmlDType::Q8_0, 256),
+            (GgmlDType::Q4_0, 256),
+            (GgmlDType::Q4K, 256),
+        ] {
+            let pieces = quantized_pieces(format, k, &[4097, 3])?;
+            for isa in Isa::supported() {
+                for rows in [1, 3] {
+                    let x = seeded(&[rows, k], rows as u64)?;
+                    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                    let y = qgemv_with(isa, &x, &pieces)?
+                        .ok_or_else(|| crate::Error::Input("the kernel must apply".into()))?;
+                    let got: Vec<f32> = y.flatten_all()?.to_vec1()?;
+                    check_against_references(format, isa, &xs, &pieces, rows, &got)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A fixed amount of decode work for timing whole processes, old binary against new:
+    /// `cargo test --release --lib decode_projection_throughput -- --ignored --nocapture`
+    /// (`YOCO_CPU_ISA` picks the kernels, `YOCO_BENCH_FORMAT=q4_0` one format). Prints GB/s of
+    /// weights read.
+    #[test]
+    #[ignore]
+    fn decode_projection_throughput() -> Result<()> {
+        let var = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        // Rows, copies cycled through (1 GB by default: from memory) and calls.
+        let (k, n) = (2560, var("YOCO_BENCH_N", 10240));
+        let (copies, calls) = (var("YOCO_BENCH_COPIES", 40), var("YOCO_BENCH_CALLS", 300));
+        let only = std::env::var("YOCO_BENCH_FORMAT").unwrap_or_default();
+        for (name, format) in [
+            ("q8_0", GgmlDType::Q8_0),
+            ("q4_0", GgmlDType::Q4_0),
+            ("q4_k", GgmlDType::Q4K),
+        ] {
+            if !only.is_empty() && only != name {
+                continue;
+            }
+            let q = quantized_pieces(format, k, &[256])?.remove(0);
+            let src = q.data()?;
+            let copies = (0..copies)
+                .map(|_| {
+                    let mut bytes = Vec::with_capacity(src.len() * n / 256);
+                    for _ in 0..n / 256 {
+                        bytes.extend_from_slice(&src);
+                    }
+                    let storage = candle_core::quantized::QStorage::from_data(
+                        std::borrow::Cow::Owned(bytes),
+                        &Device::Cpu,
+                        format,
+                    )?;
+                    Ok(Arc::new(QTensor::new(storage, (n, k))?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let x = seeded(&[1, k], 1)?;
+            let t0 = std::time::Instant::now();
+            for c in 0..calls {
+                qgemv_cpu(&x, std::slice::from_ref(&copies[c % copies.len()]))?;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let bytes = copies[0].storage_size_in_bytes() * calls;
+            println!(
+                "{format:?} {:?}: {:.2} GB/s",
+                Isa::active(),
+                bytes as f64 / secs / 1e9
+            );
         }
         Ok(())
     }
@@ -1047,11 +1261,14 @@ mod tests {
             let cpu = is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
-            assert_eq!(x86::q4k_kernel(&bytes, 6, 512, &x, 2).is_some(), cpu);
-            assert!(x86::q4k_kernel(&bytes, 5, 512, &x, 2).is_none());
-            assert!(x86::q4k_kernel(&bytes, 8, 384, &x[..768], 2).is_none());
-            assert!(x86::q4k_kernel(&bytes, 6, 512, &x[..500], 1).is_none());
-            assert!(x86::q4k_kernel(&bytes[1..], 6, 512, &x, 2).is_none());
+            let isa = Isa::cpu();
+            assert_eq!(x86::q4k_kernel(isa, &bytes, 6, 512, &x, 2).is_some(), cpu);
+            let portable = isa.at_most(crate::kernels::isa::Level::Portable);
+            assert!(x86::q4k_kernel(portable, &bytes, 6, 512, &x, 2).is_none());
+            assert!(x86::q4k_kernel(isa, &bytes, 5, 512, &x, 2).is_none());
+            assert!(x86::q4k_kernel(isa, &bytes, 8, 384, &x[..768], 2).is_none());
+            assert!(x86::q4k_kernel(isa, &bytes, 6, 512, &x[..500], 1).is_none());
+            assert!(x86::q4k_kernel(isa, &bytes[1..], 6, 512, &x, 2).is_none());
         }
         Ok(())
     }

@@ -1,0 +1,161 @@
+//! Which x86 instruction set the CPU kernels run on, decided at run time.
+//!
+//! Every kernel in [`super`] that has SIMD forms takes an [`Isa`] and matches on its
+//! [`Level`]; the model's path passes [`Isa::active`]: the best this CPU has, lowered by the
+//! environment variable `YOCO_CPU_ISA` if it is set when the first kernel runs (read once):
+//!
+//! * `avx512`: AVX-512 where the CPU has it (the default: the CPU's best);
+//! * `avx2`: the AVX2 (with FMA and F16C) forms even on an AVX-512 CPU, so that one machine can
+//!   test and measure the kernels an AVX2-only CPU runs;
+//! * `portable`: no SIMD intrinsics of this crate (candle's own dot products and plain Rust).
+//!
+//! A level above what the CPU has is lowered to what it has. Tests do not set the variable:
+//! they take every level of [`Isa::supported`] and pass each to the kernels' internal entry
+//! points, so that parallel tests cannot race on a global.
+//!
+//! An [`Isa`] can only be made here, never above what the CPU has, so the kernels' unsafe SIMD
+//! calls may rely on its level.
+
+use std::sync::OnceLock;
+
+/// An instruction-set level, from least to most capable.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub(crate) enum Level {
+    /// No SIMD intrinsics of this crate.
+    Portable,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// AVX-512F and AVX-512BW, with everything of [`Level::Avx2`].
+    Avx512,
+}
+
+impl Level {
+    /// The level named by `YOCO_CPU_ISA`'s value, `None` for anything else.
+    fn parse(name: &str) -> Option<Level> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "avx512" | "avx-512" => Some(Level::Avx512),
+            "avx2" => Some(Level::Avx2),
+            "portable" | "none" | "scalar" => Some(Level::Portable),
+            _ => None,
+        }
+    }
+}
+
+/// A [`Level`] this CPU has: proof, for the kernels' unsafe calls, that its instructions run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Isa(Level);
+
+impl Isa {
+    /// The level, to dispatch on.
+    pub(crate) fn level(self) -> Level {
+        self.0
+    }
+
+    /// The best level this CPU has (checked once).
+    pub(crate) fn cpu() -> Isa {
+        static CPU: OnceLock<Level> = OnceLock::new();
+        Isa(*CPU.get_or_init(detect))
+    }
+
+    /// What the kernels use: [`Isa::cpu`], lowered by `YOCO_CPU_ISA` (read once).
+    pub(crate) fn active() -> Isa {
+        static ACTIVE: OnceLock<Isa> = OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            let cpu = Isa::cpu();
+            match std::env::var("YOCO_CPU_ISA") {
+                Ok(name) if !name.trim().is_empty() && name.trim() != "native" => {
+                    match Level::parse(&name) {
+                        Some(level) => cpu.at_most(level),
+                        None => {
+                            // A typo must not silently test the wrong kernels.
+                            eprintln!(
+                                "yoco: YOCO_CPU_ISA={name:?} is not avx512, avx2 or portable; \
+                                 using {:?}",
+                                cpu.level()
+                            );
+                            cpu
+                        }
+                    }
+                }
+                _ => cpu,
+            }
+        })
+    }
+
+    /// Whether this is [`Level::Avx512`] on a CPU with AVX-512 VNNI and VL (`vpdpbusd` on 256-bit
+    /// registers: a byte dot product in one instruction where AVX2 takes two).
+    pub(crate) fn vnni(self) -> bool {
+        static VNNI: OnceLock<bool> = OnceLock::new();
+        self.0 == Level::Avx512
+            && *VNNI.get_or_init(|| {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    std::arch::is_x86_feature_detected!("avx512vnni")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                false
+            })
+    }
+
+    /// This level, or `level` if that is lower (always one the CPU has).
+    pub(crate) fn at_most(self, level: Level) -> Isa {
+        Isa(self.0.min(level))
+    }
+
+    /// Every level this CPU has, lowest first (for tests and benchmarks of each kernel).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn supported() -> Vec<Isa> {
+        let cpu = Isa::cpu().level();
+        [Level::Portable, Level::Avx2, Level::Avx512]
+            .into_iter()
+            .filter(|&l| l <= cpu)
+            .map(Isa)
+            .collect()
+    }
+}
+
+/// The best level of this CPU.
+fn detect() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+        if avx2 && has!("avx512f") && has!("avx512bw") {
+            Level::Avx512
+        } else if avx2 {
+            Level::Avx2
+        } else {
+            Level::Portable
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Level::Portable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_parse_and_never_exceed_the_cpu() {
+        assert_eq!(Level::parse("AVX2"), Some(Level::Avx2));
+        assert_eq!(Level::parse(" avx512 "), Some(Level::Avx512));
+        assert_eq!(Level::parse("portable"), Some(Level::Portable));
+        assert_eq!(Level::parse("sse9"), None);
+        let cpu = Isa::cpu();
+        assert!(Isa::active().level() <= cpu.level());
+        assert_eq!(cpu.at_most(Level::Avx512), cpu);
+        assert_eq!(cpu.at_most(Level::Portable).level(), Level::Portable);
+        let all = Isa::supported();
+        assert_eq!(all.first().map(|i| i.level()), Some(Level::Portable));
+        assert_eq!(all.last(), Some(&cpu));
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            all.iter().any(|i| i.level() == Level::Avx2),
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        );
+    }
+}
