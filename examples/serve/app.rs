@@ -112,6 +112,42 @@ impl AppState {
         }
     }
 
+    /// A 503 while the server shuts down (counted as rejected); `None` otherwise.
+    fn unavailable(&self) -> Option<Response> {
+        if !self.shutting_down.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.metrics.count("rejected");
+        let e = ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            message: "the server is shutting down".into(),
+            param: None,
+        };
+        Some(e.into_response())
+    }
+
+    /// Submits `request` to the engine, its events observed by the metrics and sent into the
+    /// returned channel (unbounded: the engine's thread never waits for a client).
+    fn submit(
+        &self,
+        request: Request,
+    ) -> (mpsc::UnboundedReceiver<Event>, yoco::Result<Canceller>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (observer, mut clock) = (self.metrics.clone(), metrics::RequestClock::start());
+        let submitted = self.engine.submit_with(request, move |event| {
+            observer.observe(&event, &mut clock);
+            match tx.send(event) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        });
+        if let Err(yoco::Error::Busy(_)) = &submitted {
+            self.metrics.count("rejected");
+        }
+        (rx, submitted)
+    }
+
     /// Cancels requests still running after `timeout` (`None`: never).
     pub fn set_request_timeout(&self, timeout: Option<std::time::Duration>) {
         if let Ok(mut t) = self.request_timeout.lock() {
@@ -1026,38 +1062,17 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
 /// them), each prompt scored (with echo and logprobs) chunk by chunk on a blocking thread, then
 /// one choice per prompt in order.
 async fn several(state: Arc<AppState>, requests: Vec<Request>, job: Job, id: String) -> Response {
-    if state.shutting_down.load(Ordering::SeqCst) {
-        state.metrics.count("rejected");
-        return ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "server_error",
-            message: "the server is shutting down".into(),
-            param: None,
-        }
-        .into_response();
+    if let Some(refused) = state.unavailable() {
+        return refused;
     }
     let mut pending = Vec::with_capacity(requests.len());
     for request in requests {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (observer, mut clock) = (state.metrics.clone(), metrics::RequestClock::start());
-        let submitted = state.engine.submit_with(request, move |event| {
-            observer.observe(&event, &mut clock);
-            match tx.send(event) {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(_) => ControlFlow::Break(()),
-            }
-        });
-        match submitted {
-            Ok(canceller) => {
+        match state.submit(request) {
+            (rx, Ok(canceller)) => {
                 state.arm_timeout(&canceller);
                 pending.push((rx, CancelOnDrop(canceller, None)))
             }
-            Err(e) => {
-                if matches!(e, yoco::Error::Busy(_)) {
-                    state.metrics.count("rejected");
-                }
-                return engine_error(e).into_response();
-            }
+            (_, Err(e)) => return engine_error(e).into_response(),
         }
     }
     let scored = if job.echo && job.logprobs {
@@ -1184,29 +1199,10 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
 
 /// Submits a checked request and answers it, whole or streamed.
 async fn respond(state: Arc<AppState>, request: Request, job: Job, id: String) -> Response {
-    if state.shutting_down.load(Ordering::SeqCst) {
-        state.metrics.count("rejected");
-        return ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "server_error",
-            message: "the server is shutting down".into(),
-            param: None,
-        }
-        .into_response();
+    if let Some(refused) = state.unavailable() {
+        return refused;
     }
-    // The engine's thread sends into an unbounded channel: it never waits for a client.
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (observer, mut clock) = (state.metrics.clone(), metrics::RequestClock::start());
-    let submitted = state.engine.submit_with(request, move |event| {
-        observer.observe(&event, &mut clock);
-        match tx.send(event) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
-        }
-    });
-    if let Err(yoco::Error::Busy(_)) = &submitted {
-        state.metrics.count("rejected");
-    }
+    let (rx, submitted) = state.submit(request);
     let guard = match submitted {
         Ok(canceller) => {
             state.arm_timeout(&canceller);

@@ -550,10 +550,7 @@ mod tests {
     use candle_core::Device;
 
     fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
-        let mut rng = crate::kernels::TestRng::new(seed);
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.next_f32() * 4.0 - 2.0).collect();
-        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+        crate::kernels::testing::uniform(shape, seed, 2.0)
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

@@ -318,36 +318,12 @@ mod tests {
     use super::*;
 
     fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
-        let mut rng = crate::kernels::TestRng::new(seed);
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+        crate::kernels::testing::uniform(shape, seed, 1.0)
     }
 
-    /// `x W^T` summed in f64, one output at a time: the naive definition.
-    fn naive(x: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
-        let (n, k) = w.dims2()?;
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let ws: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let rows = xs.len() / k;
-        let mut out = Vec::with_capacity(rows * n);
-        for r in 0..rows {
-            for j in 0..n {
-                let s: f64 = (0..k)
-                    .map(|i| xs[r * k + i] as f64 * ws[j * k + i] as f64)
-                    .sum();
-                out.push(s as f32);
-            }
-        }
-        Ok(out)
-    }
+    use crate::kernels::testing::naive_product as naive;
 
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
+    use crate::kernels::testing::max_diff;
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|f| f.to_bits()).collect()

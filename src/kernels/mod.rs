@@ -41,3 +41,48 @@ impl TestRng {
         (z >> 40) as f32 / (1u64 << 24) as f32
     }
 }
+
+/// Inputs and references the kernels' tests (and the layers' that check them) share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor};
+
+    use super::TestRng;
+    use crate::Result;
+
+    /// A `shape` tensor of floats uniform in `[-scale, scale)`, the same for the same seed.
+    pub(crate) fn uniform(shape: &[usize], seed: u64, scale: f32) -> Result<Tensor> {
+        let mut rng = TestRng::new(seed);
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+            .collect();
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+
+    /// `x W^T` summed in f64, one output at a time: the naive definition.
+    pub(crate) fn naive_product(x: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
+        let (n, k) = w.dims2()?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let ws: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let rows = xs.len() / k;
+        let mut out = Vec::with_capacity(rows * n);
+        for r in 0..rows {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|i| f64::from(xs[r * k + i]) * f64::from(ws[j * k + i]))
+                    .sum();
+                out.push(s as f32);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The largest |a - b|.
+    pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+}

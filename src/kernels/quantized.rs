@@ -971,10 +971,7 @@ mod tests {
     use candle_core::quantized::k_quants;
 
     fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
-        let mut rng = crate::kernels::TestRng::new(seed);
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+        crate::kernels::testing::uniform(shape, seed, 1.0)
     }
 
     /// candle's own quantized matmul over the same blocks (its generic path, which never takes
