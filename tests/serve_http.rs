@@ -934,6 +934,8 @@ fn n_and_best_of_are_the_separate_requests_they_stand_for() {
     let body = json!({"prompt": "ROMEO.\n", "max_tokens": 10, "seed": 40, "n": 3});
     let (status, r) = post(&server, "/v1/completions", &body.to_string());
     assert_eq!(status, 200, "{r}");
+    // One prefill: the second and third samples start from the first's kept prompt state.
+    assert_eq!(health(&server)["prefix_hits"], 2);
     for j in 0..3 {
         assert_eq!(
             r["choices"][j]["text"],
