@@ -304,7 +304,8 @@ impl Model {
                 options.quant.is_some(),
             )?;
             let mut w = Weights::new(opened.vb, options.kernels == Kernels::Native)
-                .quantized(options.quant);
+                .quantized(options.quant)
+                .with_bands(opened.bands);
             if let Some(gguf) = opened.gguf {
                 w = w.with_gguf(gguf);
             }
@@ -316,8 +317,9 @@ impl Model {
             &options.device,
             options.quant.is_some(),
         )?;
-        let mut w =
-            Weights::new(opened.vb, options.kernels == Kernels::Native).quantized(options.quant);
+        let mut w = Weights::new(opened.vb, options.kernels == Kernels::Native)
+            .quantized(options.quant)
+            .with_bands(opened.bands);
         if let Some(gguf) = opened.gguf {
             w = w.with_gguf(gguf);
         }

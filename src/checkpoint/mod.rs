@@ -49,15 +49,13 @@ pub(crate) fn open_checked(
     dtype: DType,
     device: &Device,
     streamed: bool,
-) -> Result<VarBuilder<'static>> {
+) -> Result<(VarBuilder<'static>, Option<Bands>)> {
     match files {
         WeightFiles::Safetensors(paths) => {
             let found = headers(&paths)?;
             let prefix = check_tensors(params, &found)?;
-            Ok(rooted(
-                safetensors_vb(&paths, dtype, device, streamed)?,
-                prefix,
-            ))
+            let (vb, bands) = safetensors_vb(&paths, dtype, device, streamed)?;
+            Ok((rooted(vb, prefix), bands.map(|b| b.rooted(prefix))))
         }
         WeightFiles::Pth(path) => {
             // Parsed once, through the guard (candle's `from_pth` would parse it unguarded).
@@ -74,10 +72,8 @@ pub(crate) fn open_checked(
                 })
                 .collect();
             let prefix = check_tensors(params, &found)?;
-            Ok(rooted(
-                VarBuilder::from_backend(Box::new(pth), dtype, device.clone()),
-                prefix,
-            ))
+            let vb = VarBuilder::from_backend(Box::new(pth), dtype, device.clone());
+            Ok((rooted(vb, prefix), None))
         }
         WeightFiles::Gguf(path) => Err(Error::Checkpoint(format!(
             "{}: a GGUF file is opened with its config",
@@ -103,29 +99,63 @@ pub(crate) fn headers(paths: &[PathBuf]) -> Result<BTreeMap<String, TensorEntry>
 }
 
 /// A `VarBuilder` over safetensors files whose headers were checked: memory-mapped, or read
-/// one tensor at a time when `streamed`.
+/// one tensor at a time when `streamed` (then with the same files' [`Bands`]).
 pub(crate) fn safetensors_vb(
     paths: &[PathBuf],
     dtype: DType,
     device: &Device,
     streamed: bool,
-) -> Result<VarBuilder<'static>> {
+) -> Result<(VarBuilder<'static>, Option<Bands>)> {
     if streamed {
         let backend = safetensors::Streamed::new(paths)?;
-        return Ok(VarBuilder::from_backend(
-            Box::new(backend),
-            dtype,
-            device.clone(),
-        ));
+        let bands = Bands {
+            files: backend.clone(),
+            prefix: String::new(),
+        };
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+        return Ok((vb, Some(bands)));
     }
     // Opening re-parses the headers (candle's checks are stricter than ours, e.g. the tensors
     // must tile the data section): a failure here is a corrupt checkpoint.
     // SAFETY: the files are memory-mapped read-only; as with every mmap-based loader, they must
     // not be modified while the model loads (the tensors are copied out).
-    unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }.map_err(|e| {
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }.map_err(|e| {
         let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
         Error::Checkpoint(format!("cannot open {}: {e}", names.join(", ")))
-    })
+    })?;
+    Ok((vb, None))
+}
+
+/// The float tensors of checked safetensors files, read a band of rows at a time by their
+/// catalogue names: what quantize-at-load reads a large weight from, so that a 200064-row
+/// embedding is never held whole in f32 (2 GB at Phi-4-mini-flash's shape) beside its
+/// quantized copy.
+#[derive(Clone)]
+pub(crate) struct Bands {
+    files: safetensors::Streamed,
+    /// What the names in the files carry before the catalogue's names.
+    prefix: String,
+}
+
+impl Bands {
+    fn rooted(self, prefix: &str) -> Self {
+        Bands {
+            prefix: format!("{}{prefix}", self.prefix),
+            ..self
+        }
+    }
+
+    /// Rows `start..start + count` of parameter `name` in f32, `None` when the files do not
+    /// hold them.
+    pub(crate) fn rows_f32(
+        &self,
+        name: &str,
+        start: usize,
+        count: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        self.files
+            .rows_f32(&format!("{}{name}", self.prefix), start, count)
+    }
 }
 
 pub(crate) fn rooted(mut vb: VarBuilder<'static>, prefix: &str) -> VarBuilder<'static> {

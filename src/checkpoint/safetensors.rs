@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -120,9 +121,10 @@ pub(crate) fn index(path: &Path) -> Result<BTreeMap<String, (TensorEntry, u64)>>
 /// when asked for (one positioned read), instead of mapping the files: a model quantized as it
 /// loads then never holds more than one float tensor beside what it keeps (mapped pages count in
 /// the resident set until the whole load is over).
+#[derive(Clone)]
 pub(crate) struct Streamed {
-    /// Tensor name -> (file, dtype and shape, absolute offset).
-    tensors: HashMap<String, (PathBuf, TensorEntry, u64)>,
+    /// Tensor name -> (file, dtype and shape, absolute offset); shared by the clones.
+    tensors: Arc<HashMap<String, (PathBuf, TensorEntry, u64)>>,
 }
 
 impl Streamed {
@@ -134,7 +136,55 @@ impl Streamed {
                 tensors.insert(name, (path.clone(), entry, start));
             }
         }
-        Ok(Streamed { tensors })
+        Ok(Streamed {
+            tensors: Arc::new(tensors),
+        })
+    }
+
+    /// Rows `start..start + count` of tensor `name` (its first dimension is the row), in f32;
+    /// `None` when there is no such tensor or the rows are not in it. One positioned read of
+    /// just those rows: what lets a large tensor be quantized a band at a time.
+    pub(crate) fn rows_f32(
+        &self,
+        name: &str,
+        start: usize,
+        count: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        let Some((path, entry, offset)) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let Some((&rows, rest)) = entry.shape.split_first() else {
+            return Ok(None);
+        };
+        if start.checked_add(count).is_none_or(|end| end > rows) {
+            return Ok(None);
+        }
+        let size = entry.dtype.size_in_bytes();
+        let row_bytes = rest.iter().product::<usize>() * size;
+        let mut bytes = vec![0u8; count * row_bytes];
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        file.seek(SeekFrom::Start(offset + (start * row_bytes) as u64))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .map_err(|e| Error::io(path, e))?;
+        let words = bytes.chunks_exact(size);
+        let values = match entry.dtype {
+            DType::F32 => words
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            DType::BF16 => words
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::F16 => words
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::F64 => words
+                .map(|b| {
+                    f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+                })
+                .collect(),
+            _ => return Ok(None),
+        };
+        Ok(Some(values))
     }
 }
 
@@ -164,13 +214,15 @@ impl SimpleBackend for Streamed {
         };
         // The range was checked against the file by `index`.
         let len = entry.shape.iter().product::<usize>() * entry.dtype.size_in_bytes();
-        let mut bytes = vec![0u8; len];
-        let mut file = std::fs::File::open(path)?;
-        file.seek(SeekFrom::Start(*start))?;
-        file.read_exact(&mut bytes)?;
-        Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(dev)
+        let stored = {
+            let mut bytes = vec![0u8; len];
+            let mut file = std::fs::File::open(path)?;
+            file.seek(SeekFrom::Start(*start))?;
+            file.read_exact(&mut bytes)?;
+            Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, &Device::Cpu)?
+        };
+        // The file's bytes are gone before the conversion makes its copy.
+        stored.to_dtype(dtype)?.to_device(dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

@@ -1217,30 +1217,6 @@ mod tests {
     }
 
     #[test]
-    fn parallel_quantization_writes_candles_bytes() -> Result<()> {
-        // Many rows (several tasks) of widths that fit each format.
-        for (format, k) in [
-            (GgmlDType::Q8_0, 96),
-            (GgmlDType::Q4_0, 64),
-            (GgmlDType::Q5_0, 160),
-            (GgmlDType::Q4K, 512),
-            (GgmlDType::Q6K, 256),
-        ] {
-            let w = seeded(&[300, k], k as u64)?;
-            let ours = crate::layers::quantize(&w, format, &Device::Cpu)?;
-            let candle = QTensor::quantize(&w, format)?;
-            assert_eq!(ours.dtype(), format);
-            assert_eq!(ours.shape(), candle.shape());
-            assert!(ours.data()? == candle.data()?, "{format:?}");
-        }
-        // A width that is not whole blocks is an error, not a panic.
-        assert!(
-            crate::layers::quantize(&seeded(&[4, 48], 1)?, GgmlDType::Q8_0, &Device::Cpu).is_err()
-        );
-        Ok(())
-    }
-
-    #[test]
     fn other_cases_decline() -> Result<()> {
         let q = Arc::new(QTensor::quantize(&seeded(&[8, 64], 1)?, GgmlDType::Q8_0)?);
         // Too many rows, the wrong width, another dtype: the caller's general path.

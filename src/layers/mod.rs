@@ -14,6 +14,7 @@ pub(crate) mod norm;
 pub(crate) mod rope;
 pub(crate) mod window_kv;
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ use candle_nn::VarBuilder;
 
 use crate::checkpoint::catalogue::{BlockSpec, Group, LinearSpec, Parameter};
 use crate::checkpoint::gguf::GgufFile;
+use crate::checkpoint::Bands;
 use crate::kernels::fused::Op;
 use crate::quant::{Quant, WeightFormat, WeightInfo};
 use crate::{Error, Result};
@@ -38,6 +40,9 @@ pub(crate) struct Weights<'a> {
     gguf: Option<Arc<GgufFile>>,
     /// Quantize float projections to this format (or its fallback) as they load.
     quant: Option<Quant>,
+    /// The float weights by bands of rows (safetensors read as the model loads), so that a
+    /// weight quantized at load is read and quantized a band at a time.
+    bands: Option<Bands>,
     /// May layers use the CPU-only kernels (decode projections and attention over raw slices)
     /// where the device is the CPU? When false, every layer runs only the portable tensor ops that
     /// every device has: the path CUDA takes, testable on a CPU.
@@ -60,6 +65,7 @@ impl<'a> Weights<'a> {
             vb,
             gguf: None,
             quant: None,
+            bands: None,
             native_kernels,
             loaded: RefCell::new(Vec::new()),
         }
@@ -68,6 +74,11 @@ impl<'a> Weights<'a> {
     /// Quantize float projections to `quant` as they load (`None`: keep them float).
     pub(crate) fn quantized(self, quant: Option<Quant>) -> Self {
         Weights { quant, ..self }
+    }
+
+    /// Read the weights to quantize at load from `bands` a band of rows at a time.
+    pub(crate) fn with_bands(self, bands: Option<Bands>) -> Self {
+        Weights { bands, ..self }
     }
 
     /// Read the quantized tensors of this GGUF file as they are stored.
@@ -142,9 +153,21 @@ impl<'a> Weights<'a> {
         let pieces = spec
             .iter()
             .map(|p| {
-                let t = f32_cpu.get(p.shape.as_slice(), &p.name)?;
-                let q = quantize(&t, format, self.device())?;
-                drop(t);
+                let q = match (&self.bands, p.shape.as_slice()) {
+                    (Some(bands), &[n, k]) => {
+                        // About 64 MB of f32 at a time.
+                        let band = (FLOATS_PER_BAND / k.max(1)).clamp(1, n.max(1));
+                        let read = |start: usize, rows: usize| {
+                            let rows = bands.rows_f32(&p.name, start, rows)?;
+                            rows.map(Cow::Owned).ok_or_else(|| {
+                                Error::Checkpoint(format!("cannot read rows of `{}`", p.name))
+                            })
+                        };
+                        quantize_bands(n, k, band, format, &read)?
+                    }
+                    _ => quantize_cpu(&f32_cpu.get(p.shape.as_slice(), &p.name)?, format)?,
+                };
+                let q = to_device(q, self.device())?;
                 self.record(
                     p,
                     WeightFormat::Quantized(format),
@@ -212,15 +235,14 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// A float weight `(out, in)` quantized to `format` on `device`: the same bytes for the same
-/// floats wherever it runs (quantize-at-load and the GGUF writer both call this). Rows are
-/// quantized in parallel on the CPU (every block is quantized on its own, so the bytes are
-/// candle's `QTensor::quantize`'s), then moved to `device`.
-pub(crate) fn quantize(t: &Tensor, format: GgmlDType, device: &Device) -> Result<QTensor> {
-    use candle_core::quantized::k_quants::{
-        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
-        BlockQ6K, BlockQ8_0,
-    };
+/// Floats read at a time when a weight is quantized by bands (64 MB of f32).
+const FLOATS_PER_BAND: usize = 16 << 20;
+
+/// A float weight `(out, in)` quantized to `format` on the CPU: the same bytes for the same
+/// floats wherever the model runs (quantize-at-load and the GGUF writer both come here). Rows
+/// are quantized in parallel (every block is quantized on its own, so the bytes are candle's
+/// `QTensor::quantize`'s).
+fn quantize_cpu(t: &Tensor, format: GgmlDType) -> Result<QTensor> {
     let (n, k) = t.dims2()?;
     let t = t
         .to_device(&Device::Cpu)?
@@ -233,53 +255,86 @@ pub(crate) fn quantize(t: &Tensor, format: GgmlDType, device: &Device) -> Result
         ));
     };
     let data = crate::kernels::gemv::slice(cpu.as_slice::<f32>()?, layout.start_offset(), n * k)?;
+    // One band: the whole weight is already in memory.
+    let read = |start: usize, rows: usize| Ok(Cow::Borrowed(&data[start * k..(start + rows) * k]));
+    quantize_bands(n, k, n.max(1), format, &read)
+}
+
+/// An `(n, k)` weight quantized to `format` on the CPU from bands of `band` rows that `read`
+/// gives in f32 (`read(start, rows)`): only one band of floats is held at a time.
+fn quantize_bands<'a>(
+    n: usize,
+    k: usize,
+    band: usize,
+    format: GgmlDType,
+    read: &dyn Fn(usize, usize) -> Result<Cow<'a, [f32]>>,
+) -> Result<QTensor> {
+    use candle_core::quantized::k_quants::{
+        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+        BlockQ6K, BlockQ8_0,
+    };
     let blocks = match format {
-        GgmlDType::Q4_0 => quantize_rows::<BlockQ4_0>(data, k),
-        GgmlDType::Q4_1 => quantize_rows::<BlockQ4_1>(data, k),
-        GgmlDType::Q5_0 => quantize_rows::<BlockQ5_0>(data, k),
-        GgmlDType::Q5_1 => quantize_rows::<BlockQ5_1>(data, k),
-        GgmlDType::Q8_0 => quantize_rows::<BlockQ8_0>(data, k),
-        GgmlDType::Q2K => quantize_rows::<BlockQ2K>(data, k),
-        GgmlDType::Q3K => quantize_rows::<BlockQ3K>(data, k),
-        GgmlDType::Q4K => quantize_rows::<BlockQ4K>(data, k),
-        GgmlDType::Q5K => quantize_rows::<BlockQ5K>(data, k),
-        GgmlDType::Q6K => quantize_rows::<BlockQ6K>(data, k),
+        GgmlDType::Q4_0 => quantize_rows::<BlockQ4_0>(n, k, band, read)?,
+        GgmlDType::Q4_1 => quantize_rows::<BlockQ4_1>(n, k, band, read)?,
+        GgmlDType::Q5_0 => quantize_rows::<BlockQ5_0>(n, k, band, read)?,
+        GgmlDType::Q5_1 => quantize_rows::<BlockQ5_1>(n, k, band, read)?,
+        GgmlDType::Q8_0 => quantize_rows::<BlockQ8_0>(n, k, band, read)?,
+        GgmlDType::Q2K => quantize_rows::<BlockQ2K>(n, k, band, read)?,
+        GgmlDType::Q3K => quantize_rows::<BlockQ3K>(n, k, band, read)?,
+        GgmlDType::Q4K => quantize_rows::<BlockQ4K>(n, k, band, read)?,
+        GgmlDType::Q5K => quantize_rows::<BlockQ5K>(n, k, band, read)?,
+        GgmlDType::Q6K => quantize_rows::<BlockQ6K>(n, k, band, read)?,
         _ => None,
     };
-    drop(storage);
     let Some(blocks) = blocks else {
         return Err(Error::Config(format!(
             "cannot quantize a ({n}, {k}) weight to {}",
             crate::quant::ggml_name(format)
         )));
     };
-    let q = QTensor::new(QStorage::Cpu(blocks), (n, k))?;
+    Ok(QTensor::new(QStorage::Cpu(blocks), (n, k))?)
+}
+
+/// A CPU tensor moved to `device` (its bytes as they are).
+fn to_device(q: QTensor, device: &Device) -> Result<QTensor> {
     if device.is_cpu() {
         return Ok(q);
     }
+    let (format, shape) = (q.dtype(), q.shape().clone());
     let storage = QStorage::from_data(q.data()?, device, format)?;
-    Ok(QTensor::new(storage, (n, k))?)
+    Ok(QTensor::new(storage, shape)?)
 }
 
-/// Rows of `k` floats quantized to blocks of `T`, a band of rows per task; `None` if `k` is not
-/// whole blocks.
-fn quantize_rows<T: GgmlType + Send + Sync + 'static>(
-    data: &[f32],
+/// `n` rows of `k` floats quantized to blocks of `T`, read a band of `band` rows at a time, the
+/// rows of a band quantized in parallel; `None` if `k` is not whole blocks.
+fn quantize_rows<'a, T: GgmlType + Send + Sync + 'static>(
+    n: usize,
     k: usize,
-) -> Option<Box<dyn QuantizedType>> {
+    band: usize,
+    read: &dyn Fn(usize, usize) -> Result<Cow<'a, [f32]>>,
+) -> Result<Option<Box<dyn QuantizedType>>> {
     use rayon::prelude::*;
-    if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) || !data.len().is_multiple_of(k) {
-        return None;
+    if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) {
+        return Ok(None);
     }
     let kb = k / T::BLCK_SIZE;
-    let mut blocks = vec![T::zeros(); data.len() / k * kb];
+    let mut blocks = vec![T::zeros(); n * kb];
     // About 64K weights per task: enough work to be worth a task, many tasks per weight.
     let rows = (65536 / k).max(1);
-    blocks
-        .par_chunks_mut(rows * kb)
-        .zip(data.par_chunks(rows * k))
-        .for_each(|(b, x)| T::from_float(x, b));
-    Some(Box::new(blocks))
+    for (i, out) in blocks.chunks_mut(band.max(1) * kb).enumerate() {
+        let (start, count) = (i * band.max(1), out.len() / kb);
+        let data = read(start, count)?;
+        if data.len() != count * k {
+            return Err(Error::Checkpoint(format!(
+                "a band of {count} rows of {k} gave {} floats",
+                data.len()
+            )));
+        }
+        out.par_chunks_mut(rows * kb)
+            .zip(data.par_chunks(rows * k))
+            .for_each(|(b, x)| T::from_float(x, b));
+    }
+    Ok(Some(Box::new(blocks)))
 }
 
 /// `(B, C, H * d) -> (B, H, C, d)`, contiguous: one head per matrix for attention and retention.
@@ -337,5 +392,59 @@ impl<M> Block<M> {
         let h = crate::kernels::fused::apply(x, &mixed, Op::Add, self.native)?;
         let ffn = self.ffn.forward(&self.final_layer_norm.forward(&h)?)?;
         crate::kernels::fused::apply(&h, &ffn, Op::Add, self.native)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A weight quantized a few rows at a time (a last band shorter than the others) has
+    /// candle's own quantization's bytes, in every format quantize-at-load uses.
+    #[test]
+    fn quantizing_by_bands_gives_candles_bytes() -> Result<()> {
+        let (n, k) = (11, 512);
+        let t = crate::kernels::testing::uniform(&[n, k], 9, 1.0)?;
+        let x: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        for format in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let want = QTensor::quantize(&t, format)?.data()?.to_vec();
+            for band in [1, 3, 4, n] {
+                let read = |start: usize, rows: usize| {
+                    Ok(Cow::Owned(x[start * k..(start + rows) * k].to_vec()))
+                };
+                let got = quantize_bands(n, k, band, format, &read)?;
+                assert_eq!(got.shape().dims(), &[n, k]);
+                assert!(
+                    got.data()?.as_ref() == want.as_slice(),
+                    "{format:?}, bands of {band}"
+                );
+            }
+        }
+        // Many rows (several parallel tasks) of widths that fit each format, whole.
+        for (format, k) in [
+            (GgmlDType::Q8_0, 96),
+            (GgmlDType::Q4_0, 64),
+            (GgmlDType::Q5_0, 160),
+            (GgmlDType::Q4K, 512),
+            (GgmlDType::Q6K, 256),
+        ] {
+            let w = crate::kernels::testing::uniform(&[300, k], k as u64, 1.0)?;
+            let ours = quantize_cpu(&w, format)?;
+            let candle = QTensor::quantize(&w, format)?;
+            assert_eq!((ours.dtype(), ours.shape()), (format, candle.shape()));
+            assert!(ours.data()? == candle.data()?, "{format:?}");
+        }
+        // A width that is not whole blocks is an error, not a panic.
+        let odd = crate::kernels::testing::uniform(&[4, 48], 1, 1.0)?;
+        assert!(quantize_cpu(&odd, GgmlDType::Q8_0).is_err());
+        // A band that comes back short is an error, not a short tensor.
+        let short = |_: usize, rows: usize| Ok(Cow::Owned(vec![0.5; rows * k - 1]));
+        assert!(quantize_bands(n, k, 4, GgmlDType::Q8_0, &short).is_err());
+        Ok(())
     }
 }

@@ -21,7 +21,9 @@ use crate::Result;
 pub(crate) fn write(dir: &Path, out: &Path, quant: Option<Quant>) -> Result<Vec<WeightInfo>> {
     let opened = open(dir, DType::F32, &Device::Cpu, true)?;
     let cat = Catalogue::new(&opened.cfg, opened.head_form);
-    let mut w = Weights::new(opened.vb, true).quantized(quant);
+    let mut w = Weights::new(opened.vb, true)
+        .quantized(quant)
+        .with_bands(opened.bands);
     if let Some(gguf) = opened.gguf {
         w = w.with_gguf(gguf);
     }

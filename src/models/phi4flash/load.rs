@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::gguf::{GgufBackend, GgufFile};
-use crate::checkpoint::{check_tensors, find_weights, headers, safetensors_vb, WeightFiles};
+use crate::checkpoint::{check_tensors, find_weights, headers, safetensors_vb, Bands, WeightFiles};
 use crate::models::phi4flash::catalogue::{Catalogue, HeadForm};
 use crate::models::phi4flash::config::{
     read_limited, stop_ids_from_generation_config, stop_ids_from_json, Phi4FlashConfig,
@@ -32,6 +32,8 @@ pub(crate) struct Opened {
     pub head_form: HeadForm,
     pub vb: VarBuilder<'static>,
     pub gguf: Option<Arc<GgufFile>>,
+    /// The float weights by bands of rows, when they are streamed from safetensors files.
+    pub bands: Option<Bands>,
     pub config_json: String,
     pub generation_json: Option<String>,
 }
@@ -88,11 +90,11 @@ pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, streamed: bool) ->
             .map_err(|e| Error::Checkpoint(format!("{GENERATION_KEY}: {e}")))?;
     }
     let gguf = gguf.map(Arc::new);
-    let (found, vb) = match (weights, &gguf) {
+    let (found, (vb, bands)) = match (weights, &gguf) {
         (_, Some(file)) => {
             let backend = GgufBackend(file.clone());
             let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-            (file.entries(), vb)
+            (file.entries(), (vb, None))
         }
         (WeightFiles::Safetensors(paths), None) => (
             headers(&paths)?,
@@ -118,6 +120,7 @@ pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, streamed: bool) ->
         head_form,
         vb,
         gguf,
+        bands,
         config_json,
         generation_json,
     })

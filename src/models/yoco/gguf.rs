@@ -22,7 +22,9 @@ pub(crate) fn write(
 ) -> Result<Vec<crate::WeightInfo>> {
     let opened = super::load::open(dir, DType::F32, &Device::Cpu, true)?;
     let cfg = opened.cfg;
-    let mut w = Weights::new(opened.vb, true).quantized(quant);
+    let mut w = Weights::new(opened.vb, true)
+        .quantized(quant)
+        .with_bands(opened.bands);
     if let Some(gguf) = opened.gguf {
         w = w.with_gguf(gguf);
     }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::gguf::{GgufBackend, GgufFile};
-use crate::checkpoint::{check_tensors, find_weights, open_checked, rooted, WeightFiles};
+use crate::checkpoint::{check_tensors, find_weights, open_checked, rooted, Bands, WeightFiles};
 use crate::models::yoco::config::Config;
 use crate::{Error, Result};
 
@@ -48,6 +48,8 @@ pub(crate) struct Opened {
     pub cfg: Config,
     pub vb: VarBuilder<'static>,
     pub gguf: Option<Arc<GgufFile>>,
+    /// The float weights by bands of rows, when they are streamed from safetensors files.
+    pub bands: Option<Bands>,
 }
 
 /// Opens a model directory. `streamed`: read safetensors tensors one at a time from the files
@@ -58,11 +60,12 @@ pub(crate) fn open(dir: &Path, dtype: DType, device: &Device, streamed: bool) ->
         return open_gguf(dir, path, dtype, device);
     }
     let cfg = Config::from_file(dir.join("params.json"))?;
-    let vb = open_checked(weights?, &cfg.parameters(), dtype, device, streamed)?;
+    let (vb, bands) = open_checked(weights?, &cfg.parameters(), dtype, device, streamed)?;
     Ok(Opened {
         cfg,
         vb,
         gguf: None,
+        bands,
     })
 }
 
@@ -94,6 +97,7 @@ fn open_gguf(dir: &Path, path: &Path, dtype: DType, device: &Device) -> Result<O
         cfg,
         vb,
         gguf: Some(file),
+        bands: None,
     })
 }
 
