@@ -72,6 +72,10 @@ struct Args {
     /// Weight dtype: f32, bf16 or f16
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = common::dtype)]
     dtype: DType,
+    /// Keep the global K/V cache in this dtype (f16 or bf16 halve what long-context decoding
+    /// reads) [default: the weights' dtype]
+    #[arg(long, value_name = "DTYPE", value_parser = common::dtype)]
+    kv_dtype: Option<DType>,
 }
 
 /// `temperature` and `top_p` of a `generation_config.json`, where given.
@@ -105,6 +109,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         device: args.device.clone(),
         dtype: args.dtype,
         quant: args.quant.0,
+        kv_dtype: args.kv_dtype,
         ..yoco::LoadOptions::default()
     };
     let model = Model::load_with(&dir, &options)?;

@@ -73,6 +73,10 @@ struct Args {
     /// Weight dtype: f32, bf16 or f16
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = common::dtype)]
     dtype: DType,
+    /// Keep the global K/V cache in this dtype (f16 or bf16 halve what long-context decoding
+    /// reads) [default: the weights' dtype]
+    #[arg(long, value_name = "DTYPE", value_parser = common::dtype)]
+    kv_dtype: Option<DType>,
     /// Quantize the projections as the model loads: q8_0, q4_0 or q4_k (none: as stored)
     #[arg(long, value_name = "Q", default_value = "none", value_parser = common::quant)]
     quant: common::Quant,
@@ -125,6 +129,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         device: args.device.clone(),
         dtype: args.dtype,
         quant: args.quant.0,
+        kv_dtype: args.kv_dtype,
         ..yoco::LoadOptions::default()
     };
     let model = Model::load_with(&model_dir, &options)?;

@@ -147,12 +147,22 @@ impl Cache {
     /// An empty cache for `batch` sequences of a model with config `cfg`, whose K/V are stored
     /// in `dtype` on `device` (retention state is always f32).
     pub fn new(cfg: &Config, batch: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Cache::with_dtypes(cfg, batch, (dtype, dtype), device)
+    }
+
+    /// [`Cache::new`] with the global K/V in its own dtype: `(dtype, global_dtype)`.
+    pub(crate) fn with_dtypes(
+        cfg: &Config,
+        batch: usize,
+        (dtype, global_dtype): (DType, DType),
+        device: &Device,
+    ) -> Result<Self> {
         if batch == 0 {
             return Err(Error::Input("batch size must be at least 1".into()));
         }
         Ok(Cache {
             state: FamilyState::Yoco(SelfDecoderState::new(cfg, batch, dtype, device)?),
-            global: new_global_kv(cfg, batch, dtype, device)?,
+            global: new_global_kv(cfg, batch, global_dtype, device)?,
         })
     }
 
@@ -285,10 +295,20 @@ impl Cache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        Cache::load_with(path.as_ref(), |file, batch| {
+        Cache::load_dtypes(path.as_ref(), cfg, (dtype, dtype), device)
+    }
+
+    /// [`Cache::load`] with the global K/V in its own dtype: `(dtype, global_dtype)`.
+    pub(crate) fn load_dtypes(
+        path: &Path,
+        cfg: &Config,
+        (dtype, global_dtype): (DType, DType),
+        device: &Device,
+    ) -> Result<Self> {
+        Cache::load_with(path, |file, batch| {
             Ok((
                 FamilyState::Yoco(SelfDecoderState::load(file, cfg, batch, dtype, device)?),
-                load_global_kv(file, cfg, batch, dtype, device)?,
+                load_global_kv(file, cfg, batch, global_dtype, device)?,
             ))
         })
     }

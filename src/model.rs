@@ -61,6 +61,11 @@ pub struct LoadOptions {
     /// Tensors a GGUF file already stores quantized are kept as they are. Default: `None`, the
     /// weights as the checkpoint stores them, converted to `dtype`.
     pub quant: Option<Quant>,
+    /// The dtype the global K/V cache is kept in: `F16` or `BF16` halve what a long-context
+    /// decode step reads (the one cache is most of what such a step reads beside the weights);
+    /// attention still computes in the model's dtype (f32 on the CPU), widening each key and
+    /// value as it reads it. Default: `None`, the weights' dtype.
+    pub kv_dtype: Option<DType>,
 }
 
 impl Default for LoadOptions {
@@ -70,6 +75,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             kernels: Kernels::Native,
             quant: None,
+            kv_dtype: None,
         }
     }
 }
@@ -157,6 +163,8 @@ pub struct Model {
     /// Masks that depend only on a chunk's shape, built once.
     consts: Constants,
     dtype: DType,
+    /// The dtype of the global K/V cache (see [`LoadOptions::kv_dtype`]).
+    kv_dtype: DType,
     device: Device,
     /// Every weight tensor and the format it got.
     weights: Arc<[WeightInfo]>,
@@ -309,7 +317,9 @@ impl Model {
             if let Some(gguf) = opened.gguf {
                 w = w.with_gguf(gguf);
             }
-            return Model::build_phi4flash(opened.cfg, w, opened.head_form).map_err(from_file);
+            return Model::build_phi4flash(opened.cfg, w, opened.head_form)
+                .map_err(from_file)?
+                .with_kv_dtype(options.kv_dtype);
         }
         let opened = crate::models::yoco::load::open(
             dir,
@@ -324,7 +334,9 @@ impl Model {
             w = w.with_gguf(gguf);
         }
         // The headers were checked; an error now comes from the tensor data itself.
-        Model::build(opened.cfg, w).map_err(from_file)
+        Model::build(opened.cfg, w)
+            .map_err(from_file)?
+            .with_kv_dtype(options.kv_dtype)
     }
 
     /// Builds a model from a config and a `VarBuilder` that yields the official parameter names
@@ -343,6 +355,7 @@ impl Model {
             weights: w.take_loaded().into(),
             consts: Constants::default(),
             dtype,
+            kv_dtype: dtype,
             device,
         })
     }
@@ -357,8 +370,20 @@ impl Model {
             weights: w.take_loaded().into(),
             consts: Constants::default(),
             dtype,
+            kv_dtype: dtype,
             device,
         })
+    }
+
+    /// The model with its global K/V kept in `kv_dtype` (`None`: the weights' dtype).
+    fn with_kv_dtype(self, kv_dtype: Option<DType>) -> Result<Self> {
+        let kv_dtype = kv_dtype.unwrap_or(self.dtype);
+        if !matches!(kv_dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::Config(format!(
+                "the global K/V's dtype must be f32, f16 or bf16, got {kv_dtype:?}"
+            )));
+        }
+        Ok(Model { kv_dtype, ..self })
     }
 
     /// The weights' dtype and device; only float dtypes are accepted.
@@ -400,7 +425,7 @@ impl Model {
             options.device.clone(),
         );
         let w = Weights::new(vb, options.kernels == Kernels::Native).quantized(options.quant);
-        Model::build(cfg.clone(), w)
+        Model::build(cfg.clone(), w)?.with_kv_dtype(options.kv_dtype)
     }
 
     /// A Phi-4-mini-flash model of shape `cfg` with random weights drawn as each layer is built
@@ -413,7 +438,7 @@ impl Model {
             options.device.clone(),
         );
         let w = Weights::new(vb, options.kernels == Kernels::Native).quantized(options.quant);
-        Model::build_phi4flash(cfg.clone(), w, HeadForm::Tied)
+        Model::build_phi4flash(cfg.clone(), w, HeadForm::Tied)?.with_kv_dtype(options.kv_dtype)
     }
 
     /// Every weight tensor of the model (official names, in the catalogue's order) and the
@@ -446,12 +471,15 @@ impl Model {
     /// An empty cache for `batch` sequences.
     pub fn new_cache(&self, batch: usize) -> Result<Cache> {
         match &self.family {
-            Family::Yoco(m) => Cache::new(&m.cfg, batch, self.dtype, &self.device),
+            Family::Yoco(m) => {
+                Cache::with_dtypes(&m.cfg, batch, (self.dtype, self.kv_dtype), &self.device)
+            }
             Family::Phi4Flash(m) => {
                 if batch == 0 {
                     return Err(Error::Input("batch size must be at least 1".into()));
                 }
-                let (state, global) = m.new_state(batch, self.dtype, &self.device)?;
+                let dtypes = (self.dtype, self.kv_dtype);
+                let (state, global) = m.new_state(batch, dtypes, &self.device)?;
                 Ok(Cache {
                     state: FamilyState::Phi4Flash(state),
                     global,
@@ -464,12 +492,18 @@ impl Model {
     /// checked against the model's shapes.
     pub fn load_cache(&self, path: impl AsRef<Path>) -> Result<Cache> {
         match &self.family {
-            Family::Yoco(m) => Cache::load(path, &m.cfg, self.dtype, &self.device),
+            Family::Yoco(m) => Cache::load_dtypes(
+                path.as_ref(),
+                &m.cfg,
+                (self.dtype, self.kv_dtype),
+                &self.device,
+            ),
             Family::Phi4Flash(m) => {
                 let cfg = m.config();
                 let pairs = (cfg.num_key_value_heads / 2, 2 * cfg.head_dim());
                 Cache::load_with(path.as_ref(), |file, batch| {
-                    let (like, _) = m.new_state(batch, self.dtype, &self.device)?;
+                    let dtypes = (self.dtype, self.kv_dtype);
+                    let (like, _) = m.new_state(batch, dtypes, &self.device)?;
                     let window = (
                         like.window.n_layers(),
                         (batch, pairs.0, pairs.1),
@@ -485,7 +519,7 @@ impl Model {
                     let global = crate::layers::global_kv::GlobalKv::load(
                         file,
                         (batch, pairs.0, pairs.1),
-                        self.dtype,
+                        self.kv_dtype,
                         &self.device,
                     )?;
                     Ok((FamilyState::Phi4Flash(state), global))

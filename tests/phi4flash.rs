@@ -463,6 +463,67 @@ fn bf16_weights_on_the_portable_path_stay_within_the_reference_bf16_tolerance() 
     }
 }
 
+/// The global K/V kept in f16 or bf16 (`LoadOptions::kv_dtype`), a chunked prefill then steps:
+/// the logits move from the reference's by less than the format's unit roundoff (relative rmse;
+/// the weights and everything else stay f32), the CPU kernels and the portable ops agree as
+/// closely (they can round a key differently only when their f32 projections differ in the last
+/// bit), and the cache's K/V take half the bytes of f32's.
+#[test]
+fn a_half_precision_global_kv_is_exact_to_its_rounding_and_half_the_bytes() {
+    for name in CASES {
+        let c = case(name, Kernels::Native);
+        let f32_bytes = {
+            let mut cache = c.model.new_cache(1).unwrap();
+            c.model.prefill(&ids(&c.tokens), &mut cache).unwrap();
+            cache.size_bytes()
+        };
+        for kv_dtype in [DType::F16, DType::BF16] {
+            let run = |kernels: Kernels| {
+                let options = LoadOptions {
+                    kernels,
+                    kv_dtype: Some(kv_dtype),
+                    ..LoadOptions::default()
+                };
+                let model = Model::load_with(dir(name), &options).unwrap();
+                let mut cache = model.new_cache(1).unwrap();
+                let mut logits = vec![model
+                    .prefill_chunked(&ids(&c.tokens[..c.prompt_len]), &mut cache, 5)
+                    .unwrap()];
+                for &tok in &c.tokens[c.prompt_len..] {
+                    logits.push(step(&model, tok, &mut cache));
+                }
+                (Tensor::cat(&logits, 0).unwrap(), cache)
+            };
+            let (native, cache) = run(Kernels::Native);
+            let (portable, _) = run(Kernels::Portable);
+            // Rounding a value to the format moves it by at most this, relatively.
+            let unit = match kv_dtype {
+                DType::F16 => 2f32.powi(-11),
+                _ => 2f32.powi(-8),
+            };
+            let want = c.logits.narrow(0, c.prompt_len - 1, native.dim(0).unwrap());
+            let want = want.unwrap();
+            let (rel, between) = (rel_rmse(&native, &want), rel_rmse(&portable, &native));
+            eprintln!(
+                "{name} {kv_dtype:?} K/V: rmse(diff) / rmse(logits) = {rel:.2e} from the \
+                 reference, {between:.2e} between the kernels and the portable ops"
+            );
+            assert!(rel <= unit, "{name} {kv_dtype:?}: {rel}");
+            assert!(between <= unit, "{name} {kv_dtype:?}: {between}");
+            // The state besides the K/V stays f32: the saving is exactly half the K/V's bytes.
+            let ModelConfig::Phi4Flash(cfg) = c.model.config() else {
+                unreachable!()
+            };
+            let kv_f32 = 2 * c.tokens.len() * cfg.num_key_value_heads * cfg.head_dim() * 4;
+            assert_eq!(
+                f32_bytes - cache.size_bytes(),
+                kv_f32 / 2,
+                "{name} {kv_dtype:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_gguf_written_from_a_phi4flash_directory_loads_back_as_quantizing_at_load() {
     let tmp = std::env::temp_dir().join(format!("yoco-phi4flash-gguf-{}", std::process::id()));

@@ -76,6 +76,10 @@ struct Args {
     /// Weight dtype: f32, bf16 or f16
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = common::dtype)]
     dtype: DType,
+    /// Keep the global K/V cache in this dtype (f16 or bf16 halve what long-context decoding
+    /// reads) [default: the weights' dtype]
+    #[arg(long, value_name = "DTYPE", value_parser = common::dtype)]
+    kv_dtype: Option<DType>,
     /// Quantize the projections as they load: none, q8_0, q4_0, q4_k
     #[arg(long, value_name = "Q", default_value = "none", value_parser = common::quant)]
     quant: common::Quant,
@@ -106,6 +110,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         device: args.device,
         dtype: args.dtype,
         quant: args.quant.0,
+        kv_dtype: args.kv_dtype,
         ..LoadOptions::default()
     };
     let model = Arc::new(Model::load_with(&dir, &options)?);

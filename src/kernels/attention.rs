@@ -13,13 +13,42 @@ use crate::Result;
 /// loop the compiler vectorises) and rescale the accumulated values once per tile, not per key.
 pub(crate) const DECODE_TILE: usize = 128;
 
-/// One decode query per head on CPU (`q: (B, H, 1, d)`, `k, v: (B, H_kv, L, d)` f32, any row
-/// stride, and an optional additive mask of one row of `L` per batch row): the `G` query heads
-/// that share a K/V head walk its rows *once*, together, with an online softmax. At long context
-/// decode is bound by reading the global K/V, and a kernel that reads it once per query head (G
-/// times per K/V head) is G times slower. Masked (-inf) slots are skipped, so a row of a
-/// right-aligned batch computes exactly what it computes alone. Returns `None` when the layout is
-/// not one it handles (the caller falls back).
+/// The element types [`decode_grouped_cpu`] reads keys and values in: f32, or f16/bf16 (half
+/// the bytes for a long-context decode to read, widened to f32 a row at a time).
+trait KvElem: Copy + Send + Sync + candle_core::WithDType {
+    /// `src` as f32: itself, or widened into `buf` (of `src`'s length).
+    fn widen<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+}
+
+impl KvElem for f32 {
+    fn widen<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvElem for half::f16 {
+    fn widen<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(buf);
+        buf
+    }
+}
+
+impl KvElem for half::bf16 {
+    fn widen<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(buf);
+        buf
+    }
+}
+
+/// One decode query per head on CPU (`q: (B, H, 1, d)` f32, `k, v: (B, H_kv, L, d)` in f32, f16
+/// or bf16 (both the same), any row stride, and an optional additive mask of one row of `L` per
+/// batch row): the `G` query heads that share a K/V head walk its rows *once*, together, with an
+/// online softmax. At long context decode is bound by reading the global K/V, and a kernel that
+/// reads it once per query head (G times per K/V head) is G times slower. Masked (-inf) slots
+/// are skipped, so a row of a right-aligned batch computes exactly what it computes alone.
+/// Returns `None` when the layout is not one it handles (the caller falls back).
 pub(crate) fn decode_grouped_cpu(
     q: &Tensor,
     k: &Tensor,
@@ -30,7 +59,6 @@ pub(crate) fn decode_grouped_cpu(
     use candle_core::Storage;
     let (b, h, _, d) = q.dims4()?;
     let (_, h_kv, l, _) = k.dims4()?;
-    let g = h / h_kv;
     let q = q.contiguous()?;
     let mask: Option<Vec<f32>> = match mask {
         Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
@@ -42,93 +70,124 @@ pub(crate) fn decode_grouped_cpu(
     let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
         return Ok(None);
     };
-    let (qd, kd, vd) = (
-        qs.as_slice::<f32>()?,
-        ks.as_slice::<f32>()?,
-        vs.as_slice::<f32>()?,
-    );
     let (kst, vst) = (kl.stride(), vl.stride());
-    if kst[3] != 1 || vst[3] != 1 || l == 0 {
+    if kst[3] != 1 || vst[3] != 1 || l == 0 || h_kv == 0 || h % h_kv != 0 {
         return Ok(None);
     }
-    let qd = &qd[ql.start_offset()..];
-    let (k0, v0) = (kl.start_offset(), vl.start_offset());
-    let mut out = vec![0f32; b * h * d];
-    // One task per (row, K/V head) (rayon's pool, shared with candle's matmul).
-    out.par_chunks_mut(g * d)
-        .enumerate()
-        .for_each(|(task, out_kv)| {
-            let (row, kv) = (task / h_kv, task % h_kv);
-            let qh = &qd[task * g * d..(task + 1) * g * d];
-            let row_mask = mask.as_ref().map(|m| &m[row * l..(row + 1) * l]);
-            let (kb, vb) = (
-                k0 + row * kst[0] + kv * kst[1],
-                v0 + row * vst[0] + kv * vst[1],
-            );
-            // A right-aligned row's real keys start after its masked ones; tiles are counted
-            // from there, so the row computes exactly what it computes alone.
-            let first = row_mask.map_or(0, |m| {
-                m.iter().take_while(|&&x| x == f32::NEG_INFINITY).count()
-            });
-            let mut max = vec![f32::NEG_INFINITY; g];
-            let mut sum = vec![0f32; g];
-            let mut scores = vec![0f32; g * DECODE_TILE];
-            for t0 in (first..l).step_by(DECODE_TILE) {
-                let t = DECODE_TILE.min(l - t0);
-                for j in 0..t {
-                    let bias = row_mask.map_or(0.0, |m| m[t0 + j]);
-                    let kr = &kd[kb + (t0 + j) * kst[2]..][..d];
+    let qd = &qs.as_slice::<f32>()?[ql.start_offset()..];
+    let walk = Walk {
+        shape: (b, h, h_kv, l, d),
+        k: (kl.start_offset(), kst[0], kst[1], kst[2]),
+        v: (vl.start_offset(), vst[0], vst[1], vst[2]),
+        mask: mask.as_deref(),
+        scale,
+    };
+    let out = match (k.dtype(), v.dtype()) {
+        (DType::F32, DType::F32) => walk.run(qd, ks.as_slice::<f32>()?, vs.as_slice::<f32>()?),
+        (DType::F16, DType::F16) => {
+            walk.run(qd, ks.as_slice::<half::f16>()?, vs.as_slice::<half::f16>()?)
+        }
+        (DType::BF16, DType::BF16) => walk.run(
+            qd,
+            ks.as_slice::<half::bf16>()?,
+            vs.as_slice::<half::bf16>()?,
+        ),
+        _ => return Ok(None),
+    };
+    Ok(Some(Tensor::from_vec(out, (b, h, 1, d), q.device())?))
+}
+
+/// What one [`decode_grouped_cpu`] call walks: `(B, H, H_kv, L, d)`, the keys' and values'
+/// (start, row, head, position) strides, the mask rows and the scale.
+struct Walk<'m> {
+    shape: (usize, usize, usize, usize, usize),
+    k: (usize, usize, usize, usize),
+    v: (usize, usize, usize, usize),
+    mask: Option<&'m [f32]>,
+    scale: f32,
+}
+
+impl Walk<'_> {
+    fn run<T: KvElem>(&self, qd: &[f32], kd: &[T], vd: &[T]) -> Vec<f32> {
+        let (b, h, h_kv, l, d) = self.shape;
+        let g = h / h_kv;
+        let (k0, kst0, kst1, kst2) = self.k;
+        let (v0, vst0, vst1, vst2) = self.v;
+        let mut out = vec![0f32; b * h * d];
+        // One task per (row, K/V head) (rayon's pool, shared with candle's matmul).
+        out.par_chunks_mut(g * d)
+            .enumerate()
+            .for_each(|(task, out_kv)| {
+                let (row, kv) = (task / h_kv, task % h_kv);
+                let qh = &qd[task * g * d..(task + 1) * g * d];
+                let row_mask = self.mask.map(|m| &m[row * l..(row + 1) * l]);
+                let (kb, vb) = (k0 + row * kst0 + kv * kst1, v0 + row * vst0 + kv * vst1);
+                // A right-aligned row's real keys start after its masked ones; tiles are counted
+                // from there, so the row computes exactly what it computes alone.
+                let first = row_mask.map_or(0, |m| {
+                    m.iter().take_while(|&&x| x == f32::NEG_INFINITY).count()
+                });
+                let mut max = vec![f32::NEG_INFINITY; g];
+                let mut sum = vec![0f32; g];
+                let mut scores = vec![0f32; g * DECODE_TILE];
+                let mut wide = vec![0f32; d];
+                for t0 in (first..l).step_by(DECODE_TILE) {
+                    let t = DECODE_TILE.min(l - t0);
+                    for j in 0..t {
+                        let bias = row_mask.map_or(0.0, |m| m[t0 + j]);
+                        let kr = T::widen(&kd[kb + (t0 + j) * kst2..][..d], &mut wide);
+                        for gi in 0..g {
+                            scores[gi * DECODE_TILE + j] = if bias == f32::NEG_INFINITY {
+                                f32::NEG_INFINITY
+                            } else {
+                                dot(&qh[gi * d..(gi + 1) * d], kr) * self.scale + bias
+                            };
+                        }
+                    }
+                    // Online softmax, a tile at a time: rescale what was accumulated when the
+                    // tile raises the running max, then weight the tile's values.
                     for gi in 0..g {
-                        scores[gi * DECODE_TILE + j] = if bias == f32::NEG_INFINITY {
-                            f32::NEG_INFINITY
-                        } else {
-                            dot(&qh[gi * d..(gi + 1) * d], kr) * scale + bias
-                        };
-                    }
-                }
-                // Online softmax, a tile at a time: rescale what was accumulated when the
-                // tile raises the running max, then weight the tile's values.
-                for gi in 0..g {
-                    let s = &mut scores[gi * DECODE_TILE..gi * DECODE_TILE + t];
-                    let tile_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    if tile_max == f32::NEG_INFINITY {
-                        s.fill(0.0);
-                        continue;
-                    }
-                    let new_max = max[gi].max(tile_max);
-                    if new_max > max[gi] {
-                        // exp(-inf) = 0 on the first tile, when nothing is accumulated yet.
-                        let rescale = (max[gi] - new_max).exp();
-                        sum[gi] *= rescale;
-                        out_kv[gi * d..(gi + 1) * d]
-                            .iter_mut()
-                            .for_each(|a| *a *= rescale);
-                        max[gi] = new_max;
-                    }
-                    fused::exp_shifted(s, new_max);
-                    sum[gi] += s.iter().sum::<f32>();
-                }
-                for j in 0..t {
-                    let vr = &vd[vb + (t0 + j) * vst[2]..][..d];
-                    for gi in 0..g {
-                        let p = scores[gi * DECODE_TILE + j];
-                        if p != 0.0 {
+                        let s = &mut scores[gi * DECODE_TILE..gi * DECODE_TILE + t];
+                        let tile_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        if tile_max == f32::NEG_INFINITY {
+                            s.fill(0.0);
+                            continue;
+                        }
+                        let new_max = max[gi].max(tile_max);
+                        if new_max > max[gi] {
+                            // exp(-inf) = 0 on the first tile, when nothing is accumulated yet.
+                            let rescale = (max[gi] - new_max).exp();
+                            sum[gi] *= rescale;
                             out_kv[gi * d..(gi + 1) * d]
                                 .iter_mut()
-                                .zip(vr)
-                                .for_each(|(a, x)| *a += p * x);
+                                .for_each(|a| *a *= rescale);
+                            max[gi] = new_max;
+                        }
+                        fused::exp_shifted(s, new_max);
+                        sum[gi] += s.iter().sum::<f32>();
+                    }
+                    for j in 0..t {
+                        let vr = T::widen(&vd[vb + (t0 + j) * vst2..][..d], &mut wide);
+                        for gi in 0..g {
+                            let p = scores[gi * DECODE_TILE + j];
+                            if p != 0.0 {
+                                out_kv[gi * d..(gi + 1) * d]
+                                    .iter_mut()
+                                    .zip(vr)
+                                    .for_each(|(a, x)| *a += p * x);
+                            }
                         }
                     }
                 }
-            }
-            for gi in 0..g {
-                let inv = 1.0 / sum[gi];
-                out_kv[gi * d..(gi + 1) * d]
-                    .iter_mut()
-                    .for_each(|x| *x *= inv);
-            }
-        });
-    Ok(Some(Tensor::from_vec(out, (b, h, 1, d), q.device())?))
+                for gi in 0..g {
+                    let inv = 1.0 / sum[gi];
+                    out_kv[gi * d..(gi + 1) * d]
+                        .iter_mut()
+                        .for_each(|x| *x *= inv);
+                }
+            });
+        out
+    }
 }
 
 /// Query rows per task of [`band_attention_cpu`]: with the window's `W - 1` earlier keys each

@@ -25,7 +25,7 @@ pub(crate) struct KeyBlock {
 ///   mask shared by all rows, or `(B, 1, 1, C, L)` for one per row; `None` = every key visible.
 ///
 /// `q k^T` is multiplied in the inputs' dtype, then scaled, masked and softmaxed in f32; the
-/// result has `v`'s dtype, shape `(B, H, C, d)`. One decode query per head on CPU in f32 takes
+/// result has `q`'s dtype (K/V kept in another are widened), shape `(B, H, C, d)`. One decode query per head on CPU in f32 takes
 /// a kernel that reads each K/V head once for all its query heads.
 pub(crate) fn attention(
     q: &Tensor,
@@ -37,7 +37,9 @@ pub(crate) fn attention(
 ) -> Result<Tensor> {
     let (b, h, c, d) = q.dims4()?;
     let (_, h_kv, l, _) = k.dims4()?;
-    let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32;
+    // The kernel reads f32 queries over f32, f16 or bf16 keys and values (a global K/V kept in
+    // half precision to halve what a long-context step reads).
+    let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32;
     // One query per row: the kernel, also for a batch of rows with one mask row each (rows of a
     // right-aligned batch, `(B, 1, 1, 1, L)`).
     let row_mask = mask.is_none_or(|m| m.dims() == [b, 1, 1, 1, l] && m.dtype() == DType::F32);
@@ -46,6 +48,9 @@ pub(crate) fn attention(
             return Ok(out);
         }
     }
+    // Elsewhere K/V kept in another dtype than the queries' are widened (a prompt chunk's many
+    // queries make the copy a small part of the work).
+    let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
     let g = h / h_kv;
     // (B, H, C, d) -> (B, H_kv, G*C, d): head h = kv * G + g reads kv head h / G.
     let q = q.contiguous()?.reshape((b, h_kv, g * c, d))?;
@@ -97,9 +102,10 @@ pub(crate) fn attention_over_blocks(
     let mut acc: Option<(Tensor, Tensor, Tensor)> = None;
     for block in blocks {
         let n = block.keys.len();
+        // K/V kept in another dtype than the queries' are widened a block at a time.
         let (kb, vb) = (
-            k.narrow(2, block.keys.start, n)?,
-            v.narrow(2, block.keys.start, n)?,
+            k.narrow(2, block.keys.start, n)?.to_dtype(q.dtype())?,
+            v.narrow(2, block.keys.start, n)?.to_dtype(q.dtype())?,
         );
         let s = (q.matmul(&kb.t()?)?.to_dtype(DType::F32)? * scale)?;
         let s = match &block.mask {
@@ -116,7 +122,7 @@ pub(crate) fn attention_over_blocks(
         };
         let p = s.broadcast_sub(&max)?.exp()?;
         let sum = p.sum_keepdim(D::Minus1)?;
-        let pv = p.to_dtype(v.dtype())?.matmul(&vb)?.to_dtype(DType::F32)?;
+        let pv = p.to_dtype(vb.dtype())?.matmul(&vb)?.to_dtype(DType::F32)?;
         acc = Some(match acc {
             None => (max, sum, pv),
             Some((m, l, o)) => {
@@ -131,7 +137,7 @@ pub(crate) fn attention_over_blocks(
         return Err(crate::Error::Input("attention over no keys".into()));
     };
     Ok(o.broadcast_div(&l)?
-        .to_dtype(v.dtype())?
+        .to_dtype(q.dtype())?
         .reshape((b, h, c, d))?)
 }
 
@@ -240,6 +246,53 @@ mod tests {
         let slow = naive_attention(&q2, &k, &v, None, 0.3)?;
         let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    /// K/V kept in f16 or bf16 give what their exact f32 widening gives: bit for bit through
+    /// the decode kernel (which widens each row as it reads it), and through the general path
+    /// (several queries, blocks of keys, the portable ops) within float rounding of the naive
+    /// formula over the widened values.
+    #[test]
+    fn half_precision_kv_equals_its_f32_widening() -> Result<()> {
+        let dev = Device::Cpu;
+        let l = 2 * DECODE_TILE + 37;
+        let q1 = Tensor::randn(0f32, 1.0, (2, 6, 1, 16), &dev)?;
+        let q3 = Tensor::randn(0f32, 1.0, (2, 6, 3, 16), &dev)?;
+        let k_all = Tensor::randn(0f32, 1.0, (2, 2, l + 9, 16), &dev)?;
+        let v_all = Tensor::randn(0f32, 1.0, (2, 2, l + 9, 16), &dev)?;
+        let mask = right_aligned_mask(&[l, l - 100], l, &dev)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        for dtype in [DType::F16, DType::BF16] {
+            let half = |t: &Tensor| t.to_dtype(dtype)?.narrow(2, 5, l);
+            let (k, v) = (half(&k_all)?, half(&v_all)?);
+            let (kw, vw) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+            let got = attention(&q1, &k, &v, Some(&mask), 0.3, true)?;
+            assert_eq!(got.dtype(), DType::F32);
+            let want = attention(&q1, &kw, &vw, Some(&mask), 0.3, true)?;
+            assert_eq!(max_diff(&got, &want)?, 0.0, "{dtype:?} decode kernel");
+            let row_mask = mask.reshape((2, 1, 1, l))?;
+            let naive = naive_attention(&q1, &kw, &vw, Some(&row_mask), 0.3)?;
+            for native in [true, false] {
+                let got = attention(&q1, &k, &v, Some(&mask), 0.3, native)?;
+                assert!(max_diff(&got, &naive)? < 1e-5, "{dtype:?} native {native}");
+            }
+            let blocks = [
+                KeyBlock {
+                    keys: 100..l,
+                    mask: None,
+                },
+                KeyBlock {
+                    keys: 0..100,
+                    mask: None,
+                },
+            ];
+            let got = attention_over_blocks(&q3, &k, &v, &blocks, 0.3, true)?;
+            let naive = naive_attention(&q3, &kw, &vw, None, 0.3)?;
+            assert!(max_diff(&got, &naive)? < 1e-5, "{dtype:?} blocks");
+        }
         Ok(())
     }
 

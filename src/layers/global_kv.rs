@@ -40,6 +40,11 @@ impl GlobalKv {
         })
     }
 
+    /// The dtype its keys and values are kept in.
+    pub(crate) fn dtype(&self) -> Result<DType> {
+        Ok(self.buf.shape()?.1)
+    }
+
     /// Tokens each row has seen: the global K/V holds exactly one entry per token.
     pub(crate) fn positions(&self) -> &[usize] {
         self.buf.filled()
@@ -47,6 +52,9 @@ impl GlobalKv {
 
     /// Appends a chunk's `k, v: (B, H_kv, C, hd)` for every row.
     pub(crate) fn append(&mut self, (k, v): (Tensor, Tensor)) -> Result<()> {
+        // Kept in the dtype it was made with, which may be narrower than the model's.
+        let dtype = self.dtype()?;
+        let (k, v) = (k.to_dtype(dtype)?, v.to_dtype(dtype)?);
         let pending = self.buf.begin(k.dim(2)?, None)?;
         self.buf.write(&pending, 0, &k, &v)?;
         self.buf.commit(pending);

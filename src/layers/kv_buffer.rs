@@ -96,7 +96,7 @@ impl KvBuffer {
     }
 
     /// `(B, H, d)` of the pairs and their dtype.
-    fn shape(&self) -> Result<((usize, usize, usize), DType, Device)> {
+    pub(crate) fn shape(&self) -> Result<((usize, usize, usize), DType, Device)> {
         let (k, _) = self
             .layers
             .first()

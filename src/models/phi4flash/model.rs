@@ -218,11 +218,12 @@ impl Phi4Flash {
         &self.cfg
     }
 
-    /// The empty state of `batch` sequences, window K/V in `dtype`.
+    /// The empty state of `batch` sequences, window K/V in `dtype` and the global K/V in
+    /// `global_dtype`.
     pub(crate) fn new_state(
         &self,
         batch: usize,
-        dtype: DType,
+        (dtype, global_dtype): (DType, DType),
         device: &Device,
     ) -> Result<(Phi4FlashState, GlobalKv)> {
         let mamba = self
@@ -244,7 +245,7 @@ impl Phi4Flash {
             2 * self.cfg.head_dim(),
         );
         let window = WindowState::new(windowed, pairs, self.cfg.sliding_window, dtype, device)?;
-        let global = GlobalKv::with_shape(pairs, dtype, device)?;
+        let global = GlobalKv::with_shape(pairs, global_dtype, device)?;
         Ok((Phi4FlashState { mamba, window }, global))
     }
 
