@@ -138,41 +138,132 @@ fn qgemv_with(isa: Isa, x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Te
     Ok(Some(Tensor::from_vec(out, out_dims, x.device())?))
 }
 
-/// A quantized CPU weight `(n, k)` as f32, its rows dequantized in parallel (a prompt chunk
-/// multiplies by it through the float matmul). candle's `QTensor::dequantize` runs on one thread,
-/// which cost 10% of a 2K-token prefill.
+/// A quantized CPU weight `(n, k)` as f32, its rows dequantized in parallel. candle's
+/// `QTensor::dequantize` runs on one thread.
 pub(crate) fn dequantize_cpu(q: &QTensor) -> Result<Tensor> {
-    fn rows<T: GgmlType>(bytes: &[u8], n: usize, k: usize) -> Option<Vec<f32>> {
-        use rayon::prelude::*;
+    let (n, k) = q.shape().dims2()?;
+    let mut out = vec![0f32; n * k];
+    if dequantize_into(q.dtype(), &q.data()?, n, k, &mut out) {
+        return Ok(Tensor::from_vec(out, (n, k), &Device::Cpu)?);
+    }
+    Ok(q.dequantize(&Device::Cpu)?)
+}
+
+/// Largest weight (in floats) whose f32 rows a thread keeps for [`prefill_product_cpu`]: 256 MB,
+/// the widest projection of the models served (Phi-4-mini-flash's fused `fc1`, 210 MB). A wider
+/// weight (an output head multiplied by every position of a scored text) takes a fresh buffer.
+const SCRATCH_MAX_FLOATS: usize = 64 << 20;
+
+thread_local! {
+    /// The f32 rows of the last weight [`prefill_product_cpu`] dequantized on this thread: reused
+    /// by the next, so that its pages are not faulted in and zeroed anew for every projection of
+    /// every prompt chunk (that cost as much as the dequantization itself).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `x W^T` for a prompt chunk on the CPU: f32 `x: (m, k)` (contiguous rows) times a quantized
+/// CPU weight `W: (n, k)`, as `(m, n)` f32. The weight is dequantized in parallel into this
+/// thread's reused buffer, then multiplied by the float gemm candle's matmul runs (with the
+/// same arguments, so the same bits as dequantizing and calling `matmul`): hundreds of rows reuse
+/// every weight, which the float gemm does at f32's speed. `None` for a format this does not
+/// read.
+pub(crate) fn prefill_product_cpu(x: &[f32], m: usize, q: &QTensor) -> Result<Option<Vec<f32>>> {
+    let (n, k) = q.shape().dims2()?;
+    if x.len() != m * k {
+        return Err(crate::Error::Input(format!(
+            "{} inputs for {m} rows of {k}",
+            x.len()
+        )));
+    }
+    let data = q.data()?;
+    let multiply = |w: &mut [f32]| -> Result<Option<Vec<f32>>> {
+        if !dequantize_into(q.dtype(), &data, n, k, w) {
+            return Ok(None);
+        }
+        let mut y = vec![0f32; m * n];
+        let threads = rayon::current_num_threads();
+        let parallelism = match threads {
+            0 | 1 => gemm::Parallelism::None,
+            t => gemm::Parallelism::Rayon(t),
+        };
+        // SAFETY: `y` is `m x n` (row stride n), `x` is `m x k` (row stride k) and `w` holds
+        // `n x k` floats, read as the `k x n` matrix `W^T` (column stride k); every index the
+        // gemm touches lies inside these slices, which outlive the call.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        };
+        Ok(Some(y))
+    };
+    let floats = n * k;
+    if floats <= SCRATCH_MAX_FLOATS {
+        // A thread that is already inside (a rayon worker that took another chunk's task while
+        // waiting) takes a fresh buffer instead.
+        let reused = SCRATCH.with(|cell| {
+            let mut buf = cell.try_borrow_mut().ok()?;
+            if buf.len() < floats {
+                buf.resize(floats, 0.0);
+            }
+            Some(multiply(&mut buf[..floats]))
+        });
+        if let Some(out) = reused {
+            return out;
+        }
+    }
+    multiply(&mut vec![0f32; floats])
+}
+
+/// Dequantizes the `(n, k)` blocks `bytes` of `format` into `out` (`n * k` floats), rows in
+/// parallel; false for a format this does not read.
+fn dequantize_into(format: GgmlDType, bytes: &[u8], n: usize, k: usize, out: &mut [f32]) -> bool {
+    fn rows<T: GgmlType>(bytes: &[u8], n: usize, k: usize, out: &mut [f32]) -> bool {
         let kb = k / T::BLCK_SIZE;
-        let weight =
-            blocks::<T>(bytes).filter(|w| k.is_multiple_of(T::BLCK_SIZE) && w.len() == n * kb)?;
-        let mut out = vec![0f32; n * k];
+        let Some(weight) =
+            blocks::<T>(bytes).filter(|w| k.is_multiple_of(T::BLCK_SIZE) && w.len() == n * kb)
+        else {
+            return false;
+        };
+        if out.len() != n * k {
+            return false;
+        }
         // About 64K weights per task.
         let band = (65536 / k).max(1);
         out.par_chunks_mut(band * k)
             .zip(weight.par_chunks(band * kb))
             .for_each(|(ys, xs)| T::to_float(xs, ys));
-        Some(out)
+        true
     }
-    let (n, k) = q.shape().dims2()?;
-    let data = q.data()?;
-    let out = match q.dtype() {
-        GgmlDType::Q4_0 => rows::<BlockQ4_0>(&data, n, k),
-        GgmlDType::Q4_1 => rows::<BlockQ4_1>(&data, n, k),
-        GgmlDType::Q5_0 => rows::<BlockQ5_0>(&data, n, k),
-        GgmlDType::Q5_1 => rows::<BlockQ5_1>(&data, n, k),
-        GgmlDType::Q8_0 => rows::<BlockQ8_0>(&data, n, k),
-        GgmlDType::Q2K => rows::<BlockQ2K>(&data, n, k),
-        GgmlDType::Q3K => rows::<BlockQ3K>(&data, n, k),
-        GgmlDType::Q4K => rows::<BlockQ4K>(&data, n, k),
-        GgmlDType::Q5K => rows::<BlockQ5K>(&data, n, k),
-        GgmlDType::Q6K => rows::<BlockQ6K>(&data, n, k),
-        _ => None,
-    };
-    match out {
-        Some(out) => Ok(Tensor::from_vec(out, (n, k), &Device::Cpu)?),
-        None => Ok(q.dequantize(&Device::Cpu)?),
+    match format {
+        GgmlDType::Q4_0 => rows::<BlockQ4_0>(bytes, n, k, out),
+        GgmlDType::Q4_1 => rows::<BlockQ4_1>(bytes, n, k, out),
+        GgmlDType::Q5_0 => rows::<BlockQ5_0>(bytes, n, k, out),
+        GgmlDType::Q5_1 => rows::<BlockQ5_1>(bytes, n, k, out),
+        GgmlDType::Q8_0 => rows::<BlockQ8_0>(bytes, n, k, out),
+        GgmlDType::Q2K => rows::<BlockQ2K>(bytes, n, k, out),
+        GgmlDType::Q3K => rows::<BlockQ3K>(bytes, n, k, out),
+        GgmlDType::Q4K => rows::<BlockQ4K>(bytes, n, k, out),
+        GgmlDType::Q5K => rows::<BlockQ5K>(bytes, n, k, out),
+        GgmlDType::Q6K => rows::<BlockQ6K>(bytes, n, k, out),
+        _ => false,
     }
 }
 
@@ -1213,6 +1304,36 @@ mod tests {
                 bytes as f64 / secs / 1e9
             );
         }
+        Ok(())
+    }
+
+    /// A prompt chunk's product gives what dequantizing the whole weight and calling candle's
+    /// matmul gives, bit for bit, for every format, whatever the buffer the thread reuses held
+    /// before (a larger weight, then a smaller one, then one of another width).
+    #[test]
+    fn the_prefill_product_equals_dequantizing_and_matmul() -> Result<()> {
+        for (format, n, k, m) in [
+            (GgmlDType::Q8_0, 300, 96, 17),
+            (GgmlDType::Q4_0, 40, 64, 130),
+            (GgmlDType::Q4K, 70, 512, 9),
+            (GgmlDType::Q5_0, 33, 160, 64),
+            (GgmlDType::Q6K, 12, 256, 1),
+        ] {
+            let q = QTensor::quantize(&seeded(&[n, k], k as u64)?, format)?;
+            let x = seeded(&[m, k], 7)?;
+            let want = x.matmul(&dequantize_cpu(&q)?.t()?)?;
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let got = prefill_product_cpu(&xs, m, &q)?
+                .ok_or_else(|| crate::Error::Input(format!("{format:?} declined")))?;
+            let want: Vec<f32> = want.flatten_all()?.to_vec1()?;
+            assert!(got == want, "{format:?} ({n}, {k}) x {m} rows");
+        }
+        assert!(prefill_product_cpu(
+            &[0.0; 5],
+            1,
+            &QTensor::quantize(&seeded(&[4, 32], 1)?, GgmlDType::Q8_0)?
+        )
+        .is_err());
         Ok(())
     }
 

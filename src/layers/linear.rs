@@ -203,11 +203,31 @@ impl Linear {
     }
 
     /// `x q^T` for one quantized piece, when the decode kernel did not apply: on the CPU with
-    /// native kernels, the dequantized weight through the float matmul (prefill: hundreds of rows
-    /// reuse every weight, which the float gemm does at f32's speed; see the module docs);
-    /// otherwise candle's quantized matmul op (CUDA's kernels; on the CPU, the portable path).
+    /// native kernels, the weight dequantized into a reused buffer and multiplied by the float
+    /// gemm (prefill: hundreds of rows reuse every weight, which the float gemm does at f32's
+    /// speed; see the module docs); otherwise candle's quantized matmul op (CUDA's kernels; on
+    /// the CPU, the portable path).
     fn quantized_product(&self, x: &Tensor, q: &QTensor) -> Result<Tensor> {
         let width = x.dims().last().copied().unwrap_or(0);
+        let rows = x.dims().iter().rev().skip(1).product::<usize>();
+        let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32 && q.device().is_cpu();
+        if self.native && f32_cpu && rows > 0 {
+            let dims = x.dims();
+            let x2 = x.contiguous()?;
+            let (xs, xl) = x2.storage_and_layout();
+            if let candle_core::Storage::Cpu(xs) = &*xs {
+                let xd = crate::kernels::gemv::slice(
+                    xs.as_slice::<f32>()?,
+                    xl.start_offset(),
+                    rows * width,
+                )?;
+                if let Some(y) = crate::kernels::quantized::prefill_product_cpu(xd, rows, q)? {
+                    let mut out_dims = dims[..dims.len().saturating_sub(1)].to_vec();
+                    out_dims.push(q.shape().dims2()?.0);
+                    return Ok(Tensor::from_vec(y, out_dims, x.device())?);
+                }
+            }
+        }
         if x.device().is_cpu()
             && (self.native || crate::kernels::quantized::needs_even_blocks(q.dtype(), width))
         {
