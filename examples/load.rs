@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example load -- [--model DIR | --shape bench-160m] [--clients 1,8,32]
-//!     [--prompt-tokens 1024-4096] [--new-tokens 128] [--prefill-chunk 512] [--json]
+//!     [--prompt-tokens 1024-4096] [--new-tokens 128] [--prefill-chunk 512] [--quant q8_0] [--json]
 //! ```
 //!
 //! Prompts are random token ids (a length drawn per client from the range); every request asks
@@ -29,7 +29,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
 use clap::Parser;
 use serde_json::{json, Value};
 use yoco::{Engine, EngineConfig, Model, Tokenizer};
@@ -63,6 +62,9 @@ struct Args {
     /// Print one JSON object per round instead of the table
     #[arg(long)]
     json: bool,
+    /// Quantize the projections as the model loads: q8_0, q4_0 or q4_k (none: float)
+    #[arg(long, value_name = "Q", default_value = "none", value_parser = common::quant)]
+    quant: common::Quant,
 }
 
 /// `MIN-MAX` or `N` token counts.
@@ -211,7 +213,11 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 "tiny" => common::TINY,
                 other => return Err(format!("unknown shape `{other}` (bench-160m, tiny)").into()),
             };
-            let model = Model::random(&s.yoco(None), DType::F32, &Device::Cpu)?;
+            let options = yoco::LoadOptions {
+                quant: args.quant.0,
+                ..yoco::LoadOptions::default()
+            };
+            let model = Model::random_with(&s.yoco(None), &options)?;
             (model, word_tokenizer(s.vocab)?, s.name.to_string())
         }
         None => {
@@ -219,7 +225,11 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 .model
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
-            let model = Model::load(&dir, &Device::Cpu, DType::F32)?;
+            let options = yoco::LoadOptions {
+                quant: args.quant.0,
+                ..yoco::LoadOptions::default()
+            };
+            let model = Model::load_with(&dir, &options)?;
             let name = dir
                 .file_name()
                 .map_or("model".into(), |n| n.to_string_lossy().into_owned());

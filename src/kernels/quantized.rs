@@ -644,13 +644,16 @@ mod x86 {
                 let start = (first + i) * self.row_bytes;
                 &self.weight[start..start + self.row_bytes]
             };
-            for r in 0..self.rows {
-                let xr = &x[r * x_row..(r + 1) * x_row];
-                let xs = &self.input_scales[r * self.kb..(r + 1) * self.kb];
-                let mut i = 0;
-                while i < feats {
-                    // Four weight rows per pass; past the band's end, repeat its last row.
-                    let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
+            // Four weight rows at a time, dotted with every input row while they are in the
+            // nearest cache (a band's rows are megabytes: input row by input row, a batch read
+            // them from memory once per row).
+            let mut i = 0;
+            while i < feats {
+                // Past the band's end, repeat its last row.
+                let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
+                for r in 0..self.rows {
+                    let xr = &x[r * x_row..(r + 1) * x_row];
+                    let xs = &self.input_scales[r * self.kb..(r + 1) * self.kb];
                     // SAFETY: the CPU has AVX2, FMA and F16C (`available`), and AVX-512 VNNI
                     // and VL where `vnni` (`Isa::vnni`); every weight row is `kb` whole blocks
                     // of this format and the input row `kb` Q8_0 blocks with `kb` scales
@@ -665,8 +668,8 @@ mod x86 {
                     for (j, d) in dots.iter().enumerate().take(feats - i) {
                         out[(i + j) * self.rows + r] = *d;
                     }
-                    i += 4;
                 }
+                i += 4;
             }
         }
     }
@@ -903,14 +906,16 @@ mod x86 {
                 let start = (first + i) * self.row_bytes;
                 &self.weight[start..start + self.row_bytes]
             };
-            for r in 0..self.rows {
-                let xr = &x[r * x_row..(r + 1) * x_row];
-                let xd = &self.input_scales[r * kb..(r + 1) * kb];
-                let xs = &self.input_sums[r * kb..(r + 1) * kb];
-                let mut i = 0;
-                while i < feats {
-                    // Four weight rows per pass; past the band's end, repeat its last row.
-                    let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
+            // Four weight rows at a time, dotted with every input row while they are in the
+            // nearest cache (as the Q8_0 kernel).
+            let mut i = 0;
+            while i < feats {
+                // Past the band's end, repeat its last row.
+                let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
+                for r in 0..self.rows {
+                    let xr = &x[r * x_row..(r + 1) * x_row];
+                    let xd = &self.input_scales[r * kb..(r + 1) * kb];
+                    let xs = &self.input_sums[r * kb..(r + 1) * kb];
                     // SAFETY: the CPU has AVX2, FMA and F16C (`available`), every weight row is
                     // `kb` Q4_K blocks and the input row `kb` Q8_K blocks with `kb` scales and
                     // `kb` pair sums (lengths checked by `q4k_kernel` and sliced above).
@@ -918,8 +923,8 @@ mod x86 {
                     for (j, d) in dots.iter().enumerate().take(feats - i) {
                         out[(i + j) * self.rows + r] = *d;
                     }
-                    i += 4;
                 }
+                i += 4;
             }
         }
     }
@@ -1341,7 +1346,8 @@ mod tests {
     fn other_cases_decline() -> Result<()> {
         let q = Arc::new(QTensor::quantize(&seeded(&[8, 64], 1)?, GgmlDType::Q8_0)?);
         // Too many rows, the wrong width, another dtype: the caller's general path.
-        assert!(qgemv_cpu(&seeded(&[9, 64], 2)?, std::slice::from_ref(&q))?.is_none());
+        let too_many = seeded(&[GEMV_MAX_ROWS + 1, 64], 2)?;
+        assert!(qgemv_cpu(&too_many, std::slice::from_ref(&q))?.is_none());
         assert!(qgemv_cpu(&seeded(&[1, 32], 2)?, std::slice::from_ref(&q))?.is_none());
         let half = seeded(&[1, 64], 2)?.to_dtype(DType::F16)?;
         assert!(qgemv_cpu(&half, &[q])?.is_none());
