@@ -10,7 +10,7 @@ use crate::kernels::isa::{Isa, Level};
 use crate::Result;
 
 /// `x W^T` through the CPU decode kernel of quantized projections (what a quantized linear
-/// layer runs for up to eight rows), on the instruction set the kernels run on (see
+/// layer runs for up to 64 rows), on the instruction set the kernels run on (see
 /// [`active_isa`]); `None` where that kernel declines the case.
 pub fn quantized_decode(x: &Tensor, w: &Arc<QTensor>) -> Result<Option<Tensor>> {
     crate::kernels::quantized::qgemv_cpu(x, std::slice::from_ref(w))
