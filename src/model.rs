@@ -468,7 +468,9 @@ impl Model {
         &self.device
     }
 
-    /// An empty cache for `batch` sequences.
+    /// An empty cache for `batch` sequences: its global K/V in [`LoadOptions::kv_dtype`] (the
+    /// weights' dtype by default), the rest of the state in the weights' dtype (recurrent
+    /// states in f32).
     pub fn new_cache(&self, batch: usize) -> Result<Cache> {
         match &self.family {
             Family::Yoco(m) => {
