@@ -732,3 +732,53 @@ fn plot(
     }
     s + "</svg>\n"
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{gguf_file, GgmlDType};
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::quantized_phi3;
+
+    use super::common::{Phi3Shape, Phi3Twin};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// The twin is candle-transformers' quantized Phi-3: its weights, written as a GGUF and loaded
+    /// by `quantized_phi3`, give the same logits for a prompt and for the steps after it (at a
+    /// shape that model accepts: every dimension of a head rotated).
+    #[test]
+    fn the_phi3_twin_computes_what_candle_quantized_phi3_computes() -> candle_core::Result<()> {
+        let shape = Phi3Shape {
+            dim: 256,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+            ffn: 512,
+            vocab: 300,
+            rope_dims: 64,
+            rms_eps: 1e-5,
+            rope_theta: 10000.0,
+        };
+        let dev = Device::Cpu;
+        let mut twin = Phi3Twin::random(shape, GgmlDType::Q4K, 64, &dev)?;
+        let path = std::env::temp_dir().join(format!("phi3-twin-{}.gguf", std::process::id()));
+        twin.write_gguf(&path, 64)?;
+        let mut file = std::fs::File::open(&path)?;
+        let content = gguf_file::Content::read(&mut file)?;
+        let theirs = quantized_phi3::ModelWeights::from_gguf(false, content, &mut file, &dev);
+        std::fs::remove_file(&path)?;
+        let mut theirs = theirs?;
+        let prompt = Tensor::new(&[[5u32, 17, 200, 3, 99]], &dev)?;
+        let d = max_diff(&twin.forward(&prompt, 0)?, &theirs.forward(&prompt, 0)?)?;
+        assert!(d < 1e-5, "prompt: {d}");
+        for (i, &tok) in [7u32, 250, 1].iter().enumerate() {
+            let x = Tensor::new(&[[tok]], &dev)?;
+            let d = max_diff(&twin.forward(&x, 5 + i)?, &theirs.forward(&x, 5 + i)?)?;
+            assert!(d < 1e-5, "step {i}: {d}");
+        }
+        Ok(())
+    }
+}

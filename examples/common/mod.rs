@@ -574,9 +574,69 @@ impl Phi3Twin {
         let cos = self.cos.narrow(0, index_pos, t)?;
         let sin = self.sin.narrow(0, index_pos, t)?;
         let dims = self.shape.rope_dims;
+        if dims == xs.dim(3)? {
+            // Every dimension rotated: quantized_phi3's own call.
+            return candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin);
+        }
         let rot =
             candle_nn::rotary_emb::rope(&xs.i((.., .., .., ..dims))?.contiguous()?, &cos, &sin)?;
         Tensor::cat(&[&rot, &xs.i((.., .., .., dims..))?], D::Minus1)?.contiguous()
+    }
+
+    /// Writes the weights as a GGUF that `quantized_phi3::ModelWeights::from_gguf` reads (the
+    /// tied table stored twice, as `token_embd` and `output`), with `context_length` positions:
+    /// what shows that the twin computes what that model computes, at a shape it accepts.
+    pub fn write_gguf(
+        &self,
+        path: &std::path::Path,
+        context_length: usize,
+    ) -> candle_core::Result<()> {
+        use candle_core::quantized::gguf_file::Value;
+        let s = self.shape;
+        let device = self.cos.device();
+        let q = |m: &QMatMul| match m {
+            QMatMul::QTensor(t) => Ok(t.clone()),
+            _ => Err(candle_core::Error::Msg("a float projection".into())),
+        };
+        let ones = Arc::new(QTensor::quantize(
+            &Tensor::ones(s.dim, DType::F32, device)?,
+            GgmlDType::F32,
+        )?);
+        let mut tensors: Vec<(String, Arc<QTensor>)> = vec![
+            ("token_embd.weight".into(), self.table.clone()),
+            ("output.weight".into(), self.table.clone()),
+            ("output_norm.weight".into(), ones.clone()),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let b = format!("blk.{i}");
+            tensors.push((format!("{b}.attn_qkv.weight"), q(&l.attn_qkv)?));
+            tensors.push((format!("{b}.attn_output.weight"), q(&l.attn_output)?));
+            tensors.push((format!("{b}.ffn_up.weight"), q(&l.ffn_up)?));
+            tensors.push((format!("{b}.ffn_down.weight"), q(&l.ffn_down)?));
+            tensors.push((format!("{b}.attn_norm.weight"), ones.clone()));
+            tensors.push((format!("{b}.ffn_norm.weight"), ones.clone()));
+        }
+        let u = |x: usize| Value::U32(x as u32);
+        let metadata = [
+            ("phi3.attention.head_count", u(s.n_heads)),
+            ("phi3.attention.head_count_kv", u(s.n_kv_heads)),
+            ("phi3.block_count", u(s.n_layers)),
+            ("phi3.embedding_length", u(s.dim)),
+            ("phi3.context_length", u(context_length)),
+            ("phi3.feed_forward_length", u(s.ffn)),
+            ("phi3.rope.dimension_count", u(s.rope_dims)),
+            (
+                "phi3.attention.layer_norm_rms_epsilon",
+                Value::F32(s.rms_eps as f32),
+            ),
+        ];
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let tensors: Vec<(&str, &QTensor)> = tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.as_ref()))
+            .collect();
+        let mut file = std::fs::File::create(path)?;
+        candle_core::quantized::gguf_file::write(&mut file, &metadata, &tensors)
     }
 
     /// Logits of the last position of `ids: (B, T)` at `index_pos`, as
