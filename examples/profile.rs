@@ -4,16 +4,28 @@
 //! cargo run --release --example profile -- [--contexts 1024,2048,...] [--models yoco,yoco-swa,llama]
 //!     [--decode-steps N] [--chunk N] [--quant none,q8_0,q4_0,q4_k] [--out DIR] [--limits]
 //! cargo run --release --example profile -- --shape phi4-flash --quant q4_k --contexts 1024
+//! cargo run --release --example profile -- --shape phi4-flash --models phi4-flash,phi3 \
+//!     --quant q4_k --contexts 32k --fill --decode-steps 8 --repeat 2
 //! ```
 //!
 //! Every (model, context) point runs in a fresh child process so that its peak RSS (`VmHWM`) is
-//! its own. The parent writes `DIR/profile.md` (a table) and `DIR/{memory,prefill,throughput}.svg`
+//! its own; the peak is started again once the random weights are built (see
+//! `common::reset_peak_rss`), so it is the inference's: the weights as held plus what prefill and
+//! decode add. With `--repeat N` every point runs N times, the models alternating within each
+//! context (so that each sees the same load on a busy machine), and a second table gives the
+//! medians. The parent writes `DIR/profile.md` (a table) and `DIR/{memory,prefill,throughput}.svg`
 //! (plots in the style of the paper's figures), and, with `--limits`, this machine's f32 matmul
 //! throughput and memory bandwidth, so every speed can be read as a fraction of its bound.
 //!
 //! Shapes: "bench-160m" (the paper's smallest scaling size): dim 768, 12 layers, FFN 2048,
 //! 3 retention heads, 12 attention heads, 4 KV heads, vocab 32000; the Llama twin: hidden 768,
 //! 12 layers, 12 heads, 4 KV heads, FFN 2048, vocab 32000.
+//!
+//! `--shape phi4-flash`: Phi-4-mini-flash-reasoning (random weights, quantized layer by layer),
+//! and with `--models phi4-flash,phi3` beside it the Transformer it was made to replace at the
+//! same size, Phi-4-mini, as candle-transformers' quantized Phi-3 runs it (`common::Phi3Twin`,
+//! same quantization). `--fill` decodes after a cache filled with random values of each
+//! context's size instead of a prompt (a 32K prompt takes many minutes on a small CPU).
 
 mod common;
 
@@ -36,15 +48,10 @@ struct Args {
     #[arg(long, value_name = "N,N,...", value_delimiter = ',', value_parser = common::tokens,
           default_value = "1024,2048,4096,8192,16384,32768,65536")]
     contexts: Vec<usize>,
-    /// Models, comma-separated
-    #[arg(
-        long,
-        value_name = "M,M,...",
-        value_delimiter = ',',
-        value_enum,
-        default_value = "yoco,yoco-swa,llama"
-    )]
-    models: Vec<Arch>,
+    /// Models, comma-separated [default: yoco,yoco-swa,llama; with --shape phi4-flash:
+    /// phi4-flash]
+    #[arg(long, value_name = "M,M,...", value_delimiter = ',', value_enum)]
+    models: Option<Vec<Arch>>,
     /// Decode steps after the prompt (the median step is reported)
     #[arg(long, value_name = "N", default_value_t = 16)]
     decode_steps: usize,
@@ -81,6 +88,14 @@ struct Args {
     /// 20 GB of memory)
     #[arg(long, value_name = "SHAPE")]
     shape: Option<Shape>,
+    /// Fill each cache with random values of the context's size instead of prefilling a prompt
+    /// (no prefill is timed): decode at long contexts in minutes (phi4-flash and phi3 only)
+    #[arg(long)]
+    fill: bool,
+    /// Runs of every point; the models alternate within each context, and a second table gives
+    /// the medians
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    repeat: usize,
 }
 
 /// A shape measured on its own (`--shape`).
@@ -101,6 +116,9 @@ enum Arch {
     Llama,
     /// Phi-4-mini-flash-reasoning's shape (SambaY), random weights
     Phi4Flash,
+    /// Phi-4-mini's shape (3.84B) as candle-transformers' quantized Phi-3 runs it, random weights
+    /// (`common::Phi3Twin`; needs --quant)
+    Phi3,
 }
 
 impl Arch {
@@ -110,29 +128,45 @@ impl Arch {
             Arch::YocoSwa => "yoco-swa",
             Arch::Llama => "llama",
             Arch::Phi4Flash => "phi4-flash",
+            Arch::Phi3 => "phi3",
         }
     }
 }
 
-/// One measurement in this process: prefill of `ctx` tokens, then `steps` decode steps fed
-/// from the same pseudo-random prompt; returns one JSON object.
+/// One measurement in this process: prefill of `ctx` tokens (or, with `fill`, a cache filled
+/// with random values of that size), then `steps` decode steps fed from the same pseudo-random
+/// prompt; returns one JSON object.
 fn single(
     arch: Arch,
     ctx: usize,
     steps: usize,
     chunk: usize,
     quant: Option<yoco::Quant>,
+    fill: bool,
 ) -> yoco::Result<serde_json::Value> {
     let dev = Device::Cpu;
     let vocab = match arch {
         Arch::Phi4Flash => yoco::Phi4FlashConfig::phi4_mini_flash().vocab_size,
+        Arch::Phi3 => common::PHI4_MINI.vocab,
         _ => BENCH_160M.vocab,
     };
+    if fill && !matches!(arch, Arch::Phi4Flash | Arch::Phi3) {
+        return Err(yoco::Error::Input(
+            "--fill is for phi4-flash and phi3".into(),
+        ));
+    }
     let ids = common::random_ids(ctx + steps, vocab, 12345);
     let prompt = Tensor::new(&ids[..ctx], &dev)?.unsqueeze(0)?;
     let base_rss = common::peak_rss_bytes();
     let mut bounds = None;
     let mut decode = Vec::new();
+    // Peak RSS of building the random weights (drawn in f32, then quantized), before the
+    // inference's own peak starts from what is resident once they are built.
+    let mut load_peak = 0;
+    let mut built = || {
+        load_peak = common::peak_rss_bytes();
+        common::reset_peak_rss()
+    };
     let (prefill_s, weights, cache_bytes) = match arch {
         Arch::Yoco | Arch::YocoSwa => {
             let cfg = BENCH_160M.yoco((arch == Arch::YocoSwa).then_some(1024));
@@ -146,7 +180,8 @@ fn single(
                 common::yoco_prefill_flops(&cfg),
                 common::model_decode_bytes(&m, ctx, 4),
             ));
-            run(&m, &prompt, &ids[ctx..], chunk, &mut decode)?
+            built();
+            run(&m, &prompt, &ids[ctx..], chunk, &mut decode, false)?
         }
         Arch::Phi4Flash => {
             let cfg = yoco::Phi4FlashConfig {
@@ -166,12 +201,34 @@ fn single(
                 .map(|w| w.shape.iter().product::<usize>())
                 .sum();
             bounds = Some((2.0 * linear as f64, common::model_decode_bytes(&m, ctx, 4)));
-            run(&m, &prompt, &ids[ctx..], chunk, &mut decode)?
+            built();
+            run(&m, &prompt, &ids[ctx..], chunk, &mut decode, fill)?
+        }
+        Arch::Phi3 => {
+            let format = quant
+                .and_then(|q| q.fallbacks().first().copied())
+                .ok_or_else(|| {
+                    yoco::Error::Input("phi3 needs --quant (q8_0, q4_0 or q4_k)".into())
+                })?;
+            let mut m = common::Phi3Twin::random(common::PHI4_MINI, format, ctx + steps, &dev)?;
+            built();
+            let prefill_s = if fill {
+                m.fill_cache(ctx)?;
+                f64::NAN
+            } else {
+                common::timed(&dev, || m.forward(&prompt, 0))?.1
+            };
+            for (i, &tok) in ids[ctx..].iter().enumerate() {
+                let x = Tensor::new(&[[tok]], &dev)?;
+                decode.push(common::timed(&dev, || m.forward(&x, ctx + i))?.1);
+            }
+            (prefill_s, m.weight_bytes(), m.cache_bytes())
         }
         Arch::Llama => {
             use candle_transformers::models::llama::Cache;
             let cfg = BENCH_160M.llama(ctx + steps + 256);
             let m = common::random_llama(&cfg, DType::F32, &dev)?;
+            built();
             let mut cache = Cache::new(true, DType::F32, &cfg, &dev)?;
             let (_, prefill_s) = common::timed(&dev, || m.forward(&prompt, 0, &mut cache))?;
             for (i, &tok) in ids[ctx..].iter().enumerate() {
@@ -189,17 +246,21 @@ fn single(
     let decode_s = common::median(decode);
     Ok(serde_json::json!({
         "model": label(arch, quant), "quant": common::quant_name(quant),
-        "context": ctx, "prefill_s": prefill_s,
-        "prefill_tokens_per_s": ctx as f64 / prefill_s,
+        "context": ctx, "filled": fill,
+        "prefill_s": (!fill).then_some(prefill_s),
+        "prefill_tokens_per_s": (!fill).then_some(ctx as f64 / prefill_s),
         "decode_ms": decode_s * 1e3, "decode_tokens_per_s": 1.0 / decode_s,
+        "decode_steps": steps,
         "peak_rss_bytes": common::peak_rss_bytes(), "base_rss_bytes": base_rss,
+        "load_peak_rss_bytes": load_peak,
         "weight_bytes": weights, "cache_bytes": cache_bytes,
         "prefill_flops_per_token": bounds.map(|b| b.0),
         "decode_bytes_per_token": bounds.map(|b| b.1),
     }))
 }
 
-/// Prefill of `prompt` in chunks of `chunk`, then one step per id of `steps` (each step's time
+/// Prefill of `prompt` in chunks of `chunk` (or, with `fill`, a cache filled with random values
+/// of its length: no prefill, NaN seconds), then one step per id of `steps` (each step's time
 /// into `decode`): the prefill's seconds, the weights' bytes and the cache's bytes at the end.
 fn run(
     m: &Model,
@@ -207,16 +268,102 @@ fn run(
     steps: &[u32],
     chunk: usize,
     decode: &mut Vec<f64>,
+    fill: bool,
 ) -> yoco::Result<(f64, usize, usize)> {
     let dev = m.device().clone();
     let mut cache = m.new_cache(1)?;
     cache.reserve(prompt.dim(1)? + steps.len())?;
-    let (_, prefill_s) = common::timed(&dev, || m.prefill_chunked(prompt, &mut cache, chunk))?;
+    let prefill_s = if fill {
+        yoco::bench_support::fill_phi4flash_cache(m, &mut cache, prompt.dim(1)?)?;
+        f64::NAN
+    } else {
+        common::timed(&dev, || m.prefill_chunked(prompt, &mut cache, chunk))?.1
+    };
     for &tok in steps {
         let x = Tensor::new(&[tok], &dev)?;
         decode.push(common::timed(&dev, || m.step(&x, &mut cache))?.1);
     }
     Ok((prefill_s, m.weight_bytes(), cache.size_bytes()))
+}
+
+/// One measured point as a table row, without its official columns and the line's end; the
+/// prefill columns say `filled` for a cache filled with random values. The fractions of this
+/// machine's bounds need `--limits` (and are given where the model has its bounds).
+fn table_row(v: &serde_json::Value, bounds: Option<(f64, f64)>) -> String {
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let pct = |x: f64| {
+        if x.is_finite() {
+            format!("{:.0}%", 100.0 * x)
+        } else {
+            String::new()
+        }
+    };
+    let (prefill_pct, decode_pct) = match bounds {
+        Some((gflops, gbs)) => (
+            pct(f("prefill_flops_per_token") * f("prefill_tokens_per_s") / (gflops * 1e9)),
+            pct(f("decode_bytes_per_token") * f("decode_tokens_per_s") / (gbs * 1e9)),
+        ),
+        None => (String::new(), String::new()),
+    };
+    let prefill = if v["filled"].as_bool() == Some(true) {
+        "filled |".to_string()
+    } else {
+        format!("{:.3} | {:.1}", f("prefill_s"), f("prefill_tokens_per_s"))
+    };
+    format!(
+        "| {} | {} | {prefill} | {prefill_pct} | {:.2} | {decode_pct} | {:.0} | {:.0} | {:.1} |",
+        v["model"].as_str().unwrap_or("?"),
+        v["context"],
+        f("decode_tokens_per_s"),
+        f("peak_rss_bytes") / 1e6,
+        f("weight_bytes") / 1e6,
+        f("cache_bytes") / 1e6
+    )
+}
+
+/// The median (the mean of the middle two of an even count); NaN for none.
+fn middle(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => xs[n / 2],
+        _ => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
+/// A second table: per model and context (in the order they first ran), the median of each
+/// measurement over its runs.
+fn medians(results: &[serde_json::Value], bounds: Option<(f64, f64)>, repeat: usize) -> String {
+    let mut md = format!("\nMedians of up to {repeat} runs:\n\n| model | context | prefill (s) | prefill tok/s | prefill % of matmul bound | decode tok/s | decode % of bandwidth bound | peak RSS (MB) | weights (MB) | cache (MB) | runs |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for r in results {
+        let key = (r["model"].to_string(), r["context"].to_string());
+        if seen.contains(&key) {
+            continue;
+        }
+        let runs: Vec<&serde_json::Value> = results
+            .iter()
+            .filter(|x| (x["model"].to_string(), x["context"].to_string()) == key)
+            .collect();
+        let mut v = r.clone();
+        for k in [
+            "prefill_s",
+            "decode_tokens_per_s",
+            "peak_rss_bytes",
+            "weight_bytes",
+            "cache_bytes",
+        ] {
+            let xs: Vec<f64> = runs.iter().filter_map(|x| x[k].as_f64()).collect();
+            v[k] = serde_json::json!(middle(xs));
+        }
+        let ctx = v["context"].as_f64().unwrap_or(f64::NAN);
+        v["prefill_tokens_per_s"] =
+            serde_json::json!(ctx / v["prefill_s"].as_f64().unwrap_or(f64::NAN));
+        md.push_str(&format!("{} {} |\n", table_row(&v, bounds), runs.len()));
+        seen.push(key);
+    }
+    md
 }
 
 /// A measured line's name: the model, and its quantization if any.
@@ -319,7 +466,7 @@ fn main() -> ExitCode {
     let (steps, chunk) = (args.decode_steps, args.chunk);
     if let (Some(arch), Some(ctx)) = (args.single, args.context) {
         let quant = args.quant.first().and_then(|q| q.0);
-        return match single(arch, ctx, steps, chunk, quant) {
+        return match single(arch, ctx, steps, chunk, quant, args.fill) {
             Ok(v) => {
                 println!("{v}");
                 ExitCode::SUCCESS
@@ -352,130 +499,110 @@ fn main() -> ExitCode {
             Err(e) => eprintln!("limits failed: {e}"),
         }
     }
-    md.push_str("| model | context | prefill (s) | prefill tok/s | prefill % of matmul bound | decode tok/s | decode % of bandwidth bound | peak RSS (MB) | cache (MB) |");
+    md.push_str("| model | context | prefill (s) | prefill tok/s | prefill % of matmul bound | decode tok/s | decode % of bandwidth bound | peak RSS (MB) | weights (MB) | cache (MB) |");
     if official.is_some() {
         md.push_str(
             " official prefill (s) | prefill speed-up | official decode tok/s | decode speed-up |",
         );
     }
-    md.push_str("\n|---|---|---|---|---|---|---|---|---|");
+    md.push_str("\n|---|---|---|---|---|---|---|---|---|---|");
     if official.is_some() {
         md.push_str("---|---|---|---|");
     }
     md.push('\n');
     let mut results: Vec<serde_json::Value> = Vec::new();
-    let models = match args.shape {
+    let models = args.models.clone().unwrap_or_else(|| match args.shape {
         Some(Shape::Phi4Flash) => vec![Arch::Phi4Flash],
-        None => args.models.clone(),
-    };
-    for &arch in &models {
-        // Quantization applies to YOCO (each context runs every choice in turn, side by side);
-        // the Llama twin runs once, in f32.
-        let quants = match arch {
-            Arch::Llama => vec![None],
-            _ => args.quant.iter().map(|q| q.0).collect(),
-        };
-        let points: Vec<(usize, usize)> = args
-            .contexts
-            .iter()
-            .flat_map(|&ctx| (0..quants.len()).map(move |q| (ctx, q)))
-            .collect();
-        let mut failed = vec![false; quants.len()];
-        for &(ctx, qi) in &points {
-            if failed[qi] {
-                continue;
-            }
-            let quant = quants[qi];
-            let model = label(arch, quant);
-            eprintln!("{model} @ {ctx} ...");
-            let out = Command::new(&exe)
-                .args([
-                    "--single",
-                    arch.name(),
-                    "--context",
-                    &ctx.to_string(),
-                    "--decode-steps",
-                    &steps.to_string(),
-                    "--chunk",
-                    &chunk.to_string(),
-                    "--quant",
-                    common::quant_name(quant),
-                ])
-                .output();
-            let row = match out {
-                Ok(o) if o.status.success() => {
-                    serde_json::from_slice::<serde_json::Value>(&o.stdout).ok()
-                }
-                Ok(o) => {
-                    eprintln!(
-                        "  failed ({}): {}",
-                        o.status,
-                        String::from_utf8_lossy(&o.stderr).trim()
-                    );
-                    None
-                }
-                Err(e) => {
-                    eprintln!("  could not start: {e}");
-                    None
-                }
-            };
-            match row {
-                Some(v) => {
-                    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-                    // Fractions of this machine's bounds (yoco only: see `common::yoco_prefill_flops`
-                    // and `common::yoco_decode_bytes`).
-                    let pct = |x: f64| {
-                        if x.is_finite() {
-                            format!("{:.0}%", 100.0 * x)
-                        } else {
-                            String::new()
-                        }
-                    };
-                    let (prefill_pct, decode_pct) = match bounds {
-                        Some((gflops, gbs)) => (
-                            pct(f("prefill_flops_per_token") * f("prefill_tokens_per_s")
-                                / (gflops * 1e9)),
-                            pct(f("decode_bytes_per_token") * f("decode_tokens_per_s")
-                                / (gbs * 1e9)),
-                        ),
-                        None => (String::new(), String::new()),
-                    };
-                    md.push_str(&format!(
-                        "| {model} | {ctx} | {:.3} | {:.0} | {prefill_pct} | {:.1} | {decode_pct} | {:.0} | {:.1} |",
-                        f("prefill_s"),
-                        f("prefill_tokens_per_s"),
-                        f("decode_tokens_per_s"),
-                        f("peak_rss_bytes") / 1e6,
-                        f("cache_bytes") / 1e6
-                    ));
-                    if let Some(official) = &official {
-                        // The official point of the same context and self-decoder.
-                        let window = (arch == Arch::YocoSwa).then_some(1024);
-                        let o = official.iter().find(|o| o.ctx == ctx && o.window == window);
-                        md.push_str(&match (arch, o) {
-                            (Arch::Llama, _) | (_, None) => " | | | |".to_string(),
-                            (_, Some(o)) => format!(
-                                " {:.3} | {:.2}x | {:.1} | {:.2}x |",
-                                o.prefill_s,
-                                o.prefill_s / f("prefill_s"),
-                                o.decode_tok_s,
-                                f("decode_tokens_per_s") / o.decode_tok_s
-                            ),
-                        });
+        None => vec![Arch::Yoco, Arch::YocoSwa, Arch::Llama],
+    });
+    // The order points run in: every run of every context and quantization, the models in turn
+    // (so that on a busy machine each sees the same load). Quantization applies to every model
+    // but the Llama twin, which runs once per context, in f32.
+    let mut points: Vec<(Arch, usize, Option<yoco::Quant>)> = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        for &ctx in &args.contexts {
+            for (qi, q) in args.quant.iter().enumerate() {
+                for &arch in &models {
+                    match arch {
+                        Arch::Llama if qi == 0 => points.push((arch, ctx, None)),
+                        Arch::Llama => {}
+                        _ => points.push((arch, ctx, q.0)),
                     }
-                    md.push('\n');
-                    eprintln!("  {v}");
-                    results.push(v);
-                }
-                None => {
-                    md.push_str(&format!(
-                        "| {model} | {ctx} | failed (out of memory?) | | | | | | |\n"
-                    ));
-                    // Longer contexts only get worse for a model that failed.
-                    failed[qi] = true;
                 }
             }
         }
+    }
+    // Models (with their quantization) that failed at some context: longer ones only get worse.
+    let mut failed: Vec<String> = Vec::new();
+    for (arch, ctx, quant) in points {
+        let model = label(arch, quant);
+        if failed.contains(&model) {
+            continue;
+        }
+        eprintln!("{model} @ {ctx} ...");
+        let mut child = Command::new(&exe);
+        child.args([
+            "--single",
+            arch.name(),
+            "--context",
+            &ctx.to_string(),
+            "--decode-steps",
+            &steps.to_string(),
+            "--chunk",
+            &chunk.to_string(),
+            "--quant",
+            common::quant_name(quant),
+        ]);
+        if args.fill {
+            child.arg("--fill");
+        }
+        let row = match child.output() {
+            Ok(o) if o.status.success() => {
+                serde_json::from_slice::<serde_json::Value>(&o.stdout).ok()
+            }
+            Ok(o) => {
+                eprintln!(
+                    "  failed ({}): {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("  could not start: {e}");
+                None
+            }
+        };
+        let Some(v) = row else {
+            md.push_str(&format!(
+                "| {model} | {ctx} | failed (out of memory?) | | | | | | | |\n"
+            ));
+            failed.push(model);
+            continue;
+        };
+        md.push_str(&table_row(&v, bounds));
+        if let Some(official) = &official {
+            // The official point of the same context and self-decoder.
+            let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            let window = (arch == Arch::YocoSwa).then_some(1024);
+            let o = official.iter().find(|o| o.ctx == ctx && o.window == window);
+            md.push_str(&match (arch, o) {
+                (Arch::Llama | Arch::Phi3, _) | (_, None) => " | | | |".to_string(),
+                (_, Some(o)) => format!(
+                    " {:.3} | {:.2}x | {:.1} | {:.2}x |",
+                    o.prefill_s,
+                    o.prefill_s / f("prefill_s"),
+                    o.decode_tok_s,
+                    f("decode_tokens_per_s") / o.decode_tok_s
+                ),
+            });
+        }
+        md.push('\n');
+        eprintln!("  {v}");
+        results.push(v);
+    }
+    if args.repeat > 1 {
+        md.push_str(&medians(&results, bounds, args.repeat));
     }
     print!("{md}");
     let _ = std::fs::write(out_dir.join("profile.md"), &md);
@@ -604,4 +731,54 @@ fn plot(
         );
     }
     s + "</svg>\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{gguf_file, GgmlDType};
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::quantized_phi3;
+
+    use super::common::{Phi3Shape, Phi3Twin};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// The twin is candle-transformers' quantized Phi-3: its weights, written as a GGUF and loaded
+    /// by `quantized_phi3`, give the same logits for a prompt and for the steps after it (at a
+    /// shape that model accepts: every dimension of a head rotated).
+    #[test]
+    fn the_phi3_twin_computes_what_candle_quantized_phi3_computes() -> candle_core::Result<()> {
+        let shape = Phi3Shape {
+            dim: 256,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+            ffn: 512,
+            vocab: 300,
+            rope_dims: 64,
+            rms_eps: 1e-5,
+            rope_theta: 10000.0,
+        };
+        let dev = Device::Cpu;
+        let mut twin = Phi3Twin::random(shape, GgmlDType::Q4K, 64, &dev)?;
+        let path = std::env::temp_dir().join(format!("phi3-twin-{}.gguf", std::process::id()));
+        twin.write_gguf(&path, 64)?;
+        let mut file = std::fs::File::open(&path)?;
+        let content = gguf_file::Content::read(&mut file)?;
+        let theirs = quantized_phi3::ModelWeights::from_gguf(false, content, &mut file, &dev);
+        std::fs::remove_file(&path)?;
+        let mut theirs = theirs?;
+        let prompt = Tensor::new(&[[5u32, 17, 200, 3, 99]], &dev)?;
+        let d = max_diff(&twin.forward(&prompt, 0)?, &theirs.forward(&prompt, 0)?)?;
+        assert!(d < 1e-5, "prompt: {d}");
+        for (i, &tok) in [7u32, 250, 1].iter().enumerate() {
+            let x = Tensor::new(&[[tok]], &dev)?;
+            let d = max_diff(&twin.forward(&x, 5 + i)?, &theirs.forward(&x, 5 + i)?)?;
+            assert!(d < 1e-5, "step {i}: {d}");
+        }
+        Ok(())
+    }
 }

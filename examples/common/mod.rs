@@ -4,10 +4,13 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_core::quantized::{ggml_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::{RmsNorm, VarBuilder};
 use candle_transformers::models::llama;
 use yoco::Config;
 
@@ -340,7 +343,383 @@ pub fn rss_bytes() -> u64 {
     proc_status_bytes("VmRSS")
 }
 
-/// This process's peak resident memory so far.
+/// This process's peak resident memory so far (since the start, or the last
+/// [`reset_peak_rss`]).
 pub fn peak_rss_bytes() -> u64 {
     proc_status_bytes("VmHWM")
+}
+
+/// Starts the peak resident memory again from what is resident now (Linux: `5` into
+/// `/proc/self/clear_refs`), so that a peak read later is the inference's, not that of drawing
+/// and quantizing random weights (a transient no checkpoint load has). False where it cannot.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// candle-transformers' Phi-3 at Phi-4-mini's shape, with a cache that can be filled
+
+/// Phi-4-mini's shape, llama.cpp's and candle's `phi3` architecture (3.84B parameters).
+#[derive(Clone, Copy, Debug)]
+pub struct Phi3Shape {
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    /// Rotated dimensions of each head (Phi-4-mini: `partial_rotary_factor` 0.75 of 128).
+    pub rope_dims: usize,
+    pub rms_eps: f64,
+    pub rope_theta: f32,
+}
+
+/// microsoft/Phi-4-mini-instruct: dim 3072, 32 layers, 24 query heads over 8 KV heads of 128,
+/// FFN 8192, vocab 200064, tied embedding.
+pub const PHI4_MINI: Phi3Shape = Phi3Shape {
+    dim: 3072,
+    n_layers: 32,
+    n_heads: 24,
+    n_kv_heads: 8,
+    head_dim: 128,
+    ffn: 8192,
+    vocab: 200064,
+    rope_dims: 96,
+    rms_eps: 1e-5,
+    rope_theta: 10000.0,
+};
+
+/// candle-transformers 0.11.1's `models::quantized_phi3`, its forward op for op (fused QKV and
+/// gate|up `QMatMul`s, `RmsNorm`, `candle_nn::kv_cache::KvCache` along the sequence, K/V in f32,
+/// `utils::repeat_kv`, `matmul` + `softmax_last_dim` attention), at Phi-4-mini's shape with
+/// random quantized weights. Why a twin and not that model itself:
+/// * its K/V caches are private fields of private layers: nothing outside can fill them, and a
+///   32K prompt takes hours at its prefill speed; the twin holds the same `KvCache` and fills it
+///   through `KvCache::append` ([`Phi3Twin::fill_cache`]);
+/// * it rotates every dimension of a head, so it rejects Phi-4-mini (96 of 128 rotated: rope's
+///   shape check fails); the twin rotates the first `rope_dims` as `models::phi3` does;
+/// * it needs an `output.weight` (Phi-4-mini ties its head to the embedding) and dequantizes the
+///   embedding to a 2.46 GB f32 table; the twin holds the table once, quantized, as the head,
+///   and dequantizes the rows it looks up (as llama.cpp and yoco do).
+pub struct Phi3Twin {
+    shape: Phi3Shape,
+    /// The tied table `(vocab, dim)`: the head, and the embedding's rows.
+    table: Arc<QTensor>,
+    head: QMatMul,
+    layers: Vec<Phi3Layer>,
+    output_norm: RmsNorm,
+    cos: Tensor,
+    sin: Tensor,
+    neg_inf: Tensor,
+    masks: HashMap<(usize, usize), Tensor>,
+}
+
+struct Phi3Layer {
+    attn_qkv: QMatMul,
+    attn_output: QMatMul,
+    attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    ffn_up: QMatMul,
+    ffn_down: QMatMul,
+    kv_cache: KvCache,
+}
+
+/// A random `(rows, cols)` weight (std 0.02) quantized to `format`, drawn and quantized a few
+/// rows at a time so that no f32 copy of a large tensor (the 200064-row table) is ever held.
+pub fn random_qtensor(
+    rows: usize,
+    cols: usize,
+    format: GgmlDType,
+    device: &Device,
+) -> candle_core::Result<Arc<QTensor>> {
+    let step = ((16 << 20) / cols).max(1);
+    let mut bytes = Vec::new();
+    for start in (0..rows).step_by(step) {
+        let n = step.min(rows - start);
+        let part = Tensor::randn(0f32, 0.02, (n, cols), device)?;
+        bytes.extend_from_slice(&QTensor::quantize(&part, format)?.data()?);
+    }
+    Ok(Arc::new(ggml_file::qtensor_from_ggml(
+        format,
+        &bytes,
+        vec![rows, cols],
+        device,
+    )?))
+}
+
+impl Phi3Twin {
+    /// The twin of `shape` with random weights in `format` (norm gains 1), room for
+    /// `max_positions` in each layer's cache (`quantized_phi3` sizes it from the GGUF's context
+    /// length).
+    pub fn random(
+        shape: Phi3Shape,
+        format: GgmlDType,
+        max_positions: usize,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let (d, kv) = (shape.dim, shape.n_kv_heads * shape.head_dim);
+        let q = |rows, cols| -> candle_core::Result<QMatMul> {
+            QMatMul::from_arc(random_qtensor(rows, cols, format, device)?)
+        };
+        let norm = || -> candle_core::Result<RmsNorm> {
+            Ok(RmsNorm::new(
+                Tensor::ones(d, DType::F32, device)?,
+                shape.rms_eps,
+            ))
+        };
+        let layers = (0..shape.n_layers)
+            .map(|_| {
+                Ok(Phi3Layer {
+                    attn_qkv: q(d + 2 * kv, d)?,
+                    attn_output: q(d, d)?,
+                    attn_norm: norm()?,
+                    ffn_norm: norm()?,
+                    ffn_up: q(2 * shape.ffn, d)?,
+                    ffn_down: q(d, shape.ffn)?,
+                    kv_cache: KvCache::new(2, max_positions),
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let table = random_qtensor(shape.vocab, d, format, device)?;
+        // quantized_phi3's `precomput_freqs_cis`, over the rotated dimensions.
+        let theta: Vec<f32> = (0..shape.rope_dims)
+            .step_by(2)
+            .map(|i| 1f32 / shape.rope_theta.powf(i as f32 / shape.rope_dims as f32))
+            .collect();
+        let theta = Tensor::new(theta.as_slice(), device)?;
+        let freqs = Tensor::arange(0, max_positions as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_positions, 1))?
+            .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+        Ok(Phi3Twin {
+            shape,
+            head: QMatMul::from_arc(table.clone())?,
+            table,
+            layers,
+            output_norm: norm()?,
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            neg_inf: Tensor::new(f32::NEG_INFINITY, device)?,
+            masks: HashMap::new(),
+        })
+    }
+
+    /// Bytes of the weights as held (quantized projections and table; f32 norm gains).
+    pub fn weight_bytes(&self) -> usize {
+        let s = self.shape;
+        let (d, kv) = (s.dim, s.n_kv_heads * s.head_dim);
+        let per_layer = [(d + 2 * kv, d), (d, d), (2 * s.ffn, d), (d, s.ffn)];
+        let format = self.table.dtype();
+        let q = |(r, c): (usize, usize)| r * c / format.block_size() * format.type_size();
+        s.n_layers * (per_layer.iter().map(|&x| q(x)).sum::<usize>() + 2 * d * 4)
+            + q((s.vocab, d))
+            + d * 4
+    }
+
+    /// Bytes of K/V written so far (f32, every layer).
+    pub fn cache_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                2 * l.kv_cache.current_seq_len() * self.shape.n_kv_heads * self.shape.head_dim * 4
+            })
+            .sum()
+    }
+
+    /// Fills every layer's cache with `len` positions of random keys and values (appended in
+    /// chunks, as a prefill appends them), in place of a prompt of `len` tokens.
+    pub fn fill_cache(&mut self, len: usize) -> candle_core::Result<()> {
+        let (h, hd) = (self.shape.n_kv_heads, self.shape.head_dim);
+        let device = self.cos.device().clone();
+        for layer in &mut self.layers {
+            let mut filled = 0;
+            while filled < len {
+                let c = 512.min(len - filled);
+                let k = Tensor::randn(0f32, 1.0, (1, h, c, hd), &device)?;
+                let v = Tensor::randn(0f32, 1.0, (1, h, c, hd), &device)?;
+                layer.kv_cache.append(&k, &v)?;
+                filled += c;
+            }
+        }
+        Ok(())
+    }
+
+    /// The embedding of `ids: (B, T)`: rows of the quantized table, dequantized.
+    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let d = self.shape.dim;
+        let format = self.table.dtype();
+        let row_bytes = d / format.block_size() * format.type_size();
+        let data = self.table.data()?;
+        let device = self.cos.device();
+        let rows = ids
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|id| {
+                let start = id as usize * row_bytes;
+                let bytes = data
+                    .get(start..start + row_bytes)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("token {id} out of range")))?;
+                ggml_file::qtensor_from_ggml(format, bytes, vec![1, d], device)?.dequantize(device)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&rows, 0)?.reshape((b, t, d))
+    }
+
+    /// `models::phi3`'s partial rotary embedding of `xs: (B, H, T, hd)` at `index_pos`.
+    fn rope(&self, xs: &Tensor, index_pos: usize) -> candle_core::Result<Tensor> {
+        let t = xs.dim(2)?;
+        let cos = self.cos.narrow(0, index_pos, t)?;
+        let sin = self.sin.narrow(0, index_pos, t)?;
+        let dims = self.shape.rope_dims;
+        if dims == xs.dim(3)? {
+            // Every dimension rotated: quantized_phi3's own call.
+            return candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin);
+        }
+        let rot =
+            candle_nn::rotary_emb::rope(&xs.i((.., .., .., ..dims))?.contiguous()?, &cos, &sin)?;
+        Tensor::cat(&[&rot, &xs.i((.., .., .., dims..))?], D::Minus1)?.contiguous()
+    }
+
+    /// Writes the weights as a GGUF that `quantized_phi3::ModelWeights::from_gguf` reads (the
+    /// tied table stored twice, as `token_embd` and `output`), with `context_length` positions:
+    /// what shows that the twin computes what that model computes, at a shape it accepts.
+    pub fn write_gguf(
+        &self,
+        path: &std::path::Path,
+        context_length: usize,
+    ) -> candle_core::Result<()> {
+        use candle_core::quantized::gguf_file::Value;
+        let s = self.shape;
+        let device = self.cos.device();
+        let q = |m: &QMatMul| match m {
+            QMatMul::QTensor(t) => Ok(t.clone()),
+            _ => Err(candle_core::Error::Msg("a float projection".into())),
+        };
+        let ones = Arc::new(QTensor::quantize(
+            &Tensor::ones(s.dim, DType::F32, device)?,
+            GgmlDType::F32,
+        )?);
+        let mut tensors: Vec<(String, Arc<QTensor>)> = vec![
+            ("token_embd.weight".into(), self.table.clone()),
+            ("output.weight".into(), self.table.clone()),
+            ("output_norm.weight".into(), ones.clone()),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let b = format!("blk.{i}");
+            tensors.push((format!("{b}.attn_qkv.weight"), q(&l.attn_qkv)?));
+            tensors.push((format!("{b}.attn_output.weight"), q(&l.attn_output)?));
+            tensors.push((format!("{b}.ffn_up.weight"), q(&l.ffn_up)?));
+            tensors.push((format!("{b}.ffn_down.weight"), q(&l.ffn_down)?));
+            tensors.push((format!("{b}.attn_norm.weight"), ones.clone()));
+            tensors.push((format!("{b}.ffn_norm.weight"), ones.clone()));
+        }
+        let u = |x: usize| Value::U32(x as u32);
+        let metadata = [
+            ("phi3.attention.head_count", u(s.n_heads)),
+            ("phi3.attention.head_count_kv", u(s.n_kv_heads)),
+            ("phi3.block_count", u(s.n_layers)),
+            ("phi3.embedding_length", u(s.dim)),
+            ("phi3.context_length", u(context_length)),
+            ("phi3.feed_forward_length", u(s.ffn)),
+            ("phi3.rope.dimension_count", u(s.rope_dims)),
+            (
+                "phi3.attention.layer_norm_rms_epsilon",
+                Value::F32(s.rms_eps as f32),
+            ),
+        ];
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let tensors: Vec<(&str, &QTensor)> = tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.as_ref()))
+            .collect();
+        let mut file = std::fs::File::create(path)?;
+        candle_core::quantized::gguf_file::write(&mut file, &metadata, &tensors)
+    }
+
+    /// Logits of the last position of `ids: (B, T)` at `index_pos`, as
+    /// `quantized_phi3::ModelWeights::forward`.
+    pub fn forward(&mut self, ids: &Tensor, index_pos: usize) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let s = self.shape;
+        let mask = if t == 1 {
+            None
+        } else {
+            let kv_len = index_pos + t;
+            let device = ids.device().clone();
+            let mask = match self.masks.get(&(t, kv_len)) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = candle_transformers::utils::build_causal_mask(t, index_pos, &device)?;
+                    self.masks.insert((t, kv_len), m.clone());
+                    m
+                }
+            };
+            Some(mask)
+        };
+        let mut xs = self.embed(ids)?;
+        for i in 0..self.layers.len() {
+            let residual = &xs;
+            let ys = xs.apply(&self.layers[i].attn_norm)?;
+            let ys = self.attention(i, &ys, mask.as_ref(), index_pos)?;
+            let ys = (ys + residual)?;
+            let layer = &self.layers[i];
+            let residual = &ys;
+            let up = ys.apply(&layer.ffn_norm)?.apply(&layer.ffn_up)?;
+            let gate = up.narrow(D::Minus1, 0, s.ffn)?;
+            let up = (up.narrow(D::Minus1, s.ffn, s.ffn)? * gate.silu()?)?;
+            xs = (up.apply(&layer.ffn_down)? + residual)?;
+        }
+        let xs = xs.apply(&self.output_norm)?.i((.., t - 1, ..))?;
+        self.head.forward(&xs)
+    }
+
+    /// `quantized_phi3::LayerWeights::forward_attn` (without flash attention) of layer `i`.
+    fn attention(
+        &mut self,
+        i: usize,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        index_pos: usize,
+    ) -> candle_core::Result<Tensor> {
+        let s = self.shape;
+        let (b, t, d) = x.dims3()?;
+        let qkv = self.layers[i].attn_qkv.forward(x)?;
+        let q_len = s.n_heads * s.head_dim;
+        let kv_len = s.n_kv_heads * s.head_dim;
+        let q = qkv.narrow(D::Minus1, 0, q_len)?;
+        let k = qkv.narrow(D::Minus1, q_len, kv_len)?;
+        let v = qkv.narrow(D::Minus1, q_len + kv_len, kv_len)?;
+        let q = q.reshape((b, t, s.n_heads, s.head_dim))?.transpose(1, 2)?;
+        let k = k
+            .reshape((b, t, s.n_kv_heads, s.head_dim))?
+            .transpose(1, 2)?;
+        let v = v
+            .reshape((b, t, s.n_kv_heads, s.head_dim))?
+            .transpose(1, 2)?;
+        let q = self.rope(&q, index_pos)?.contiguous()?;
+        let k = self.rope(&k, index_pos)?;
+        let layer = &mut self.layers[i];
+        if index_pos == 0 {
+            layer.kv_cache.reset();
+        }
+        let (k, v) = layer.kv_cache.append(&k.contiguous()?, &v.contiguous()?)?;
+        let n_rep = s.n_heads / s.n_kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, n_rep)?;
+        let v = candle_transformers::utils::repeat_kv(v, n_rep)?;
+        let att = (q.matmul(&k.t()?)? / (s.head_dim as f64).sqrt())?;
+        let att = match mask {
+            None => att,
+            Some(mask) => {
+                let mask = mask.broadcast_as(att.shape())?;
+                mask.where_cond(&self.neg_inf.broadcast_as(mask.dims())?, &att)?
+            }
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?;
+        let y = y.transpose(1, 2)?.reshape(&[b, t, d])?;
+        layer.attn_output.forward(&y)
+    }
 }
