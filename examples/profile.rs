@@ -96,6 +96,10 @@ struct Args {
     /// the medians
     #[arg(long, value_name = "N", default_value_t = 1)]
     repeat: usize,
+    /// Keep YOCO's and Phi-4-mini-flash's global K/V in this dtype (f16 or bf16: half the bytes
+    /// a long-context step reads) [default: f32, the weights']
+    #[arg(long, value_name = "DTYPE", value_parser = common::dtype)]
+    kv_dtype: Option<DType>,
 }
 
 /// A shape measured on its own (`--shape`).
@@ -143,7 +147,9 @@ fn single(
     chunk: usize,
     quant: Option<yoco::Quant>,
     fill: bool,
+    kv_dtype: Option<DType>,
 ) -> yoco::Result<serde_json::Value> {
+    let kv_bytes = kv_dtype.map_or(4, |d| d.size_in_bytes());
     let dev = Device::Cpu;
     let vocab = match arch {
         Arch::Phi4Flash => yoco::Phi4FlashConfig::phi4_mini_flash().vocab_size,
@@ -173,12 +179,13 @@ fn single(
             // Drawn layer by layer, quantized as it is built when `quant` is set.
             let options = yoco::LoadOptions {
                 quant,
+                kv_dtype,
                 ..yoco::LoadOptions::default()
             };
             let m = Model::random_with(&cfg, &options)?;
             bounds = Some((
                 common::yoco_prefill_flops(&cfg),
-                common::model_decode_bytes(&m, ctx, 4),
+                common::model_decode_bytes(&m, ctx, kv_bytes),
             ));
             built();
             run(&m, &prompt, &ids[ctx..], chunk, &mut decode, false)?
@@ -190,6 +197,7 @@ fn single(
             };
             let options = yoco::LoadOptions {
                 quant,
+                kv_dtype,
                 ..yoco::LoadOptions::default()
             };
             let m = Model::random_phi4flash(&cfg, &options)?;
@@ -200,7 +208,10 @@ fn single(
                 .filter(|w| w.shape.len() == 2 && w.part != yoco::Part::Embedding)
                 .map(|w| w.shape.iter().product::<usize>())
                 .sum();
-            bounds = Some((2.0 * linear as f64, common::model_decode_bytes(&m, ctx, 4)));
+            bounds = Some((
+                2.0 * linear as f64,
+                common::model_decode_bytes(&m, ctx, kv_bytes),
+            ));
             built();
             run(&m, &prompt, &ids[ctx..], chunk, &mut decode, fill)?
         }
@@ -247,6 +258,7 @@ fn single(
     Ok(serde_json::json!({
         "model": label(arch, quant), "quant": common::quant_name(quant),
         "context": ctx, "filled": fill,
+        "kv_dtype": kv_dtype.map(|d| d.as_str()),
         "prefill_s": (!fill).then_some(prefill_s),
         "prefill_tokens_per_s": (!fill).then_some(ctx as f64 / prefill_s),
         "decode_ms": decode_s * 1e3, "decode_tokens_per_s": 1.0 / decode_s,
@@ -466,7 +478,7 @@ fn main() -> ExitCode {
     let (steps, chunk) = (args.decode_steps, args.chunk);
     if let (Some(arch), Some(ctx)) = (args.single, args.context) {
         let quant = args.quant.first().and_then(|q| q.0);
-        return match single(arch, ctx, steps, chunk, quant, args.fill) {
+        return match single(arch, ctx, steps, chunk, quant, args.fill, args.kv_dtype) {
             Ok(v) => {
                 println!("{v}");
                 ExitCode::SUCCESS
@@ -555,6 +567,9 @@ fn main() -> ExitCode {
         ]);
         if args.fill {
             child.arg("--fill");
+        }
+        if let Some(dtype) = args.kv_dtype {
+            child.args(["--kv-dtype", dtype.as_str()]);
         }
         let row = match child.output() {
             Ok(o) if o.status.success() => {

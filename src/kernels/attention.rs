@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::kernels::fused;
 use crate::kernels::gemv::dot;
+use crate::kernels::isa::{Isa, Level};
 use crate::Result;
 
 /// Keys per tile of [`decode_grouped_cpu`]: the scores of a tile are exponentiated together (a
@@ -109,6 +110,7 @@ struct Walk<'m> {
 
 impl Walk<'_> {
     fn run<T: KvElem>(&self, qd: &[f32], kd: &[T], vd: &[T]) -> Vec<f32> {
+        let isa = Isa::active();
         let (b, h, h_kv, l, d) = self.shape;
         let g = h / h_kv;
         let (k0, kst0, kst1, kst2) = self.k;
@@ -131,17 +133,21 @@ impl Walk<'_> {
                 let mut sum = vec![0f32; g];
                 let mut scores = vec![0f32; g * DECODE_TILE];
                 let mut wide = vec![0f32; d];
+                let mut dots_g = vec![0f32; g];
                 for t0 in (first..l).step_by(DECODE_TILE) {
                     let t = DECODE_TILE.min(l - t0);
                     for j in 0..t {
                         let bias = row_mask.map_or(0.0, |m| m[t0 + j]);
                         let kr = T::widen(&kd[kb + (t0 + j) * kst2..][..d], &mut wide);
-                        for gi in 0..g {
-                            scores[gi * DECODE_TILE + j] = if bias == f32::NEG_INFINITY {
-                                f32::NEG_INFINITY
-                            } else {
-                                dot(&qh[gi * d..(gi + 1) * d], kr) * self.scale + bias
-                            };
+                        if bias == f32::NEG_INFINITY {
+                            for gi in 0..g {
+                                scores[gi * DECODE_TILE + j] = f32::NEG_INFINITY;
+                            }
+                        } else {
+                            query_dots(isa, qh, kr, &mut dots_g);
+                            for gi in 0..g {
+                                scores[gi * DECODE_TILE + j] = dots_g[gi] * self.scale + bias;
+                            }
                         }
                     }
                     // Online softmax, a tile at a time: rescale what was accumulated when the
@@ -167,16 +173,14 @@ impl Walk<'_> {
                         sum[gi] += s.iter().sum::<f32>();
                     }
                     for j in 0..t {
-                        let vr = T::widen(&vd[vb + (t0 + j) * vst2..][..d], &mut wide);
                         for gi in 0..g {
-                            let p = scores[gi * DECODE_TILE + j];
-                            if p != 0.0 {
-                                out_kv[gi * d..(gi + 1) * d]
-                                    .iter_mut()
-                                    .zip(vr)
-                                    .for_each(|(a, x)| *a += p * x);
-                            }
+                            dots_g[gi] = scores[gi * DECODE_TILE + j];
                         }
+                        if dots_g.iter().all(|&p| p == 0.0) {
+                            continue;
+                        }
+                        let vr = T::widen(&vd[vb + (t0 + j) * vst2..][..d], &mut wide);
+                        add_weighted(isa, out_kv, vr, &dots_g);
                     }
                 }
                 for gi in 0..g {
@@ -187,6 +191,106 @@ impl Walk<'_> {
                 }
             });
         out
+    }
+}
+
+/// `out[i] = q_i . k` for the query heads `q` (`out.len()` rows of `k.len()`) that share one key
+/// row: the key is loaded once for all of them, and each dot product is a few registers summed
+/// once (a head is 64-128 wide, and [`dot`]'s 32 lanes, summed one by one, cost more than the
+/// multiplications).
+fn query_dots(isa: Isa, q: &[f32], k: &[f32], out: &mut [f32]) {
+    let d = k.len();
+    match isa.level() {
+        // SAFETY: an `Isa` is never above what the CPU has; the lengths are checked by `x86`.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 if d.is_multiple_of(16) && d <= 256 && q.len() == out.len() * d => unsafe {
+            x86::query_dots_avx512(q, k, out)
+        },
+        _ => {
+            for (o, qi) in out.iter_mut().zip(q.chunks_exact(d.max(1))) {
+                *o = dot(qi, k);
+            }
+        }
+    }
+}
+
+/// `out_i += p_i v` for the query heads' accumulators `out` (`p.len()` rows of `v.len()`): the
+/// value row is loaded once for all of them.
+fn add_weighted(isa: Isa, out: &mut [f32], v: &[f32], p: &[f32]) {
+    let d = v.len();
+    match isa.level() {
+        // SAFETY: as in `query_dots`.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 if d.is_multiple_of(16) && d <= 256 && out.len() == p.len() * d => unsafe {
+            x86::add_weighted_avx512(out, v, p)
+        },
+        _ => {
+            for (o, &pi) in out.chunks_exact_mut(d.max(1)).zip(p) {
+                if pi != 0.0 {
+                    o.iter_mut().zip(v).for_each(|(a, x)| *a += pi * x);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`super::query_dots`] with AVX-512: the key in up to 16 registers, one accumulator per
+    /// head, reduced once.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `k.len()` is a multiple of 16 and at most 256, and `q` holds
+    /// `out.len()` rows of it.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn query_dots_avx512(q: &[f32], k: &[f32], out: &mut [f32]) {
+        let d = k.len();
+        let n = d / 16;
+        let mut kv = [_mm512_setzero_ps(); 16];
+        for (c, r) in kv.iter_mut().enumerate().take(n) {
+            // SAFETY: 16 (c + 1) <= d floats of `k`.
+            *r = unsafe { _mm512_loadu_ps(k.as_ptr().add(16 * c)) };
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            let mut acc = _mm512_setzero_ps();
+            for (c, r) in kv.iter().enumerate().take(n) {
+                // SAFETY: row i of `q` holds d floats at i d.
+                let qv = unsafe { _mm512_loadu_ps(q.as_ptr().add(i * d + 16 * c)) };
+                acc = _mm512_fmadd_ps(qv, *r, acc);
+            }
+            *o = _mm512_reduce_add_ps(acc);
+        }
+    }
+
+    /// [`super::add_weighted`] with AVX-512.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `v.len()` is a multiple of 16 and at most 256, and `out` holds
+    /// `p.len()` rows of it.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn add_weighted_avx512(out: &mut [f32], v: &[f32], p: &[f32]) {
+        let d = v.len();
+        let n = d / 16;
+        let mut vv = [_mm512_setzero_ps(); 16];
+        for (c, r) in vv.iter_mut().enumerate().take(n) {
+            // SAFETY: 16 (c + 1) <= d floats of `v`.
+            *r = unsafe { _mm512_loadu_ps(v.as_ptr().add(16 * c)) };
+        }
+        for (i, &pi) in p.iter().enumerate() {
+            if pi == 0.0 {
+                continue;
+            }
+            let pv = _mm512_set1_ps(pi);
+            for (c, r) in vv.iter().enumerate().take(n) {
+                // SAFETY: row i of `out` holds d floats at i d.
+                unsafe {
+                    let at = out.as_mut_ptr().add(i * d + 16 * c);
+                    _mm512_storeu_ps(at, _mm512_fmadd_ps(pv, *r, _mm512_loadu_ps(at)));
+                }
+            }
+        }
     }
 }
 

@@ -9,11 +9,11 @@ use rayon::prelude::*;
 use super::isa::{Isa, Level};
 use crate::{Error, Result};
 
-/// At most this many input rows take the row-streaming CPU kernel for quantized weights (a
-/// decode step of a batch of sequences: each group of weight rows is dotted with every input
-/// row while it is in cache; at Phi-4-mini-flash's FFN width, 64 rows take half the time of
-/// dequantizing the weight for the float gemm, 16 rows a sixth); more dequantize the weight
-/// and take the float gemm, which wins for a prompt chunk's hundreds of rows.
+/// At most this many sequences of a decode step take the row-streaming CPU kernel for quantized
+/// weights (each group of weight rows is dotted with every input row while it is in cache; at
+/// Phi-4-mini-flash's FFN width, 64 rows take half the time of dequantizing the weight for the
+/// float gemm, 16 rows a sixth); more dequantize the weight and take the float gemm, as a
+/// prompt chunk does.
 pub(crate) const GEMV_MAX_ROWS: usize = 64;
 
 /// At most this many input rows take the row-streaming CPU kernel for f32 weights (a decode step

@@ -39,16 +39,28 @@ use super::gemv::{slice, GEMV_MAX_ROWS};
 use super::isa::Isa;
 use crate::Result;
 
-/// `x W^T` on CPU for f32 `x: (..., k)` with at most [`GEMV_MAX_ROWS`] rows and quantized CPU
-/// pieces `W_i: (n_i, k)`, fused: the output is `(..., sum n_i)`, pieces in order. Each thread
-/// takes bands of output features (never across a piece) and streams their weight rows once.
-/// `None` when the case is not this one (device, dtype, rows, a format without a kernel).
+/// At most this many rows of a prompt chunk take the quantized decode kernel. The kernel
+/// quantizes its input to 8 bits (as every decode step does); a prompt's rows keep f32 inputs
+/// through the dequantized weight, so a chunk's logits do not depend on how it was cut.
+const PROMPT_MAX_ROWS: usize = 8;
+
+/// `x W^T` on CPU for f32 `x: (..., k)` and quantized CPU pieces `W_i: (n_i, k)`, fused: the
+/// output is `(..., sum n_i)`, pieces in order. Each thread takes bands of output features (never
+/// across a piece) and streams their weight rows once. Takes a decode step of up to
+/// [`GEMV_MAX_ROWS`] sequences (`x: (B, 1, k)`) and other inputs of up to [`PROMPT_MAX_ROWS`]
+/// rows. `None` when the case is not this one (device, dtype, rows, a format without a kernel).
 pub(crate) fn qgemv_cpu(x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Tensor>> {
-    let rows = x
-        .dims()
+    let dims = x.dims();
+    let rows = dims
         .split_last()
         .map_or(0, |(_, lead)| lead.iter().product());
-    if rows > GEMV_MAX_ROWS {
+    let one_per_sequence = dims.len() >= 3 && dims[dims.len() - 2] == 1;
+    let most = if one_per_sequence {
+        GEMV_MAX_ROWS
+    } else {
+        PROMPT_MAX_ROWS
+    };
+    if rows > most {
         return Ok(None);
     }
     qgemv_with(Isa::active(), x, pieces)
@@ -1346,8 +1358,14 @@ mod tests {
     fn other_cases_decline() -> Result<()> {
         let q = Arc::new(QTensor::quantize(&seeded(&[8, 64], 1)?, GgmlDType::Q8_0)?);
         // Too many rows, the wrong width, another dtype: the caller's general path.
-        let too_many = seeded(&[GEMV_MAX_ROWS + 1, 64], 2)?;
+        // A decode step of many sequences takes the kernel; a prompt chunk of as many rows
+        // does not.
+        let step = seeded(&[GEMV_MAX_ROWS, 1, 64], 2)?;
+        assert!(qgemv_cpu(&step, std::slice::from_ref(&q))?.is_some());
+        let too_many = seeded(&[GEMV_MAX_ROWS + 1, 1, 64], 2)?;
         assert!(qgemv_cpu(&too_many, std::slice::from_ref(&q))?.is_none());
+        let prompt = seeded(&[1, PROMPT_MAX_ROWS + 1, 64], 2)?;
+        assert!(qgemv_cpu(&prompt, std::slice::from_ref(&q))?.is_none());
         assert!(qgemv_cpu(&seeded(&[1, 32], 2)?, std::slice::from_ref(&q))?.is_none());
         let half = seeded(&[1, 64], 2)?.to_dtype(DType::F16)?;
         assert!(qgemv_cpu(&half, &[q])?.is_none());
