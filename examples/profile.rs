@@ -323,7 +323,7 @@ fn table_row(v: &serde_json::Value, bounds: Option<(f64, f64)>) -> String {
         format!("{:.3} | {:.1}", f("prefill_s"), f("prefill_tokens_per_s"))
     };
     format!(
-        "| {} | {} | {prefill} | {prefill_pct} | {:.2} | {decode_pct} | {:.0} | {:.0} | {:.1} |",
+        "| {} | {} | {prefill} | {prefill_pct} | {:.3} | {decode_pct} | {:.0} | {:.0} | {:.1} |",
         v["model"].as_str().unwrap_or("?"),
         v["context"],
         f("decode_tokens_per_s"),
