@@ -206,6 +206,11 @@ fn query_dots(isa: Isa, q: &[f32], k: &[f32], out: &mut [f32]) {
         Level::Avx512 if d.is_multiple_of(16) && d <= 256 && q.len() == out.len() * d => unsafe {
             x86::query_dots_avx512(q, k, out)
         },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 if d.is_multiple_of(8) && out.len() <= 8 && q.len() == out.len() * d => unsafe {
+            x86::query_dots_avx2(q, k, out)
+        },
         _ => {
             for (o, qi) in out.iter_mut().zip(q.chunks_exact(d.max(1))) {
                 *o = dot(qi, k);
@@ -223,6 +228,11 @@ fn add_weighted(isa: Isa, out: &mut [f32], v: &[f32], p: &[f32]) {
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 if d.is_multiple_of(16) && d <= 256 && out.len() == p.len() * d => unsafe {
             x86::add_weighted_avx512(out, v, p)
+        },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 if d.is_multiple_of(8) && out.len() == p.len() * d => unsafe {
+            x86::add_weighted_avx2(out, v, p)
         },
         _ => {
             for (o, &pi) in out.chunks_exact_mut(d.max(1)).zip(p) {
@@ -261,6 +271,57 @@ mod x86 {
                 acc = _mm512_fmadd_ps(qv, *r, acc);
             }
             *o = _mm512_reduce_add_ps(acc);
+        }
+    }
+
+    /// [`super::query_dots`] with AVX2 and FMA: eight of the key's values at a time, loaded once
+    /// for every head's accumulator (at most eight heads), each reduced once.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `k.len()` is a multiple of 8, `out.len() <= 8`, and `q` holds
+    /// `out.len()` rows of `k.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn query_dots_avx2(q: &[f32], k: &[f32], out: &mut [f32]) {
+        let d = k.len();
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..d).step_by(8) {
+            // SAFETY: c + 8 <= d floats of `k`, and of row i of `q` at i d.
+            unsafe {
+                let kv = _mm256_loadu_ps(k.as_ptr().add(c));
+                for (i, a) in acc.iter_mut().enumerate().take(out.len()) {
+                    let qv = _mm256_loadu_ps(q.as_ptr().add(i * d + c));
+                    *a = _mm256_fmadd_ps(qv, kv, *a);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            *o = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+        }
+    }
+
+    /// [`super::add_weighted`] with AVX2 and FMA: eight of the value's floats at a time, loaded
+    /// once for every head.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `v.len()` is a multiple of 8 and `out` holds `p.len()` rows of
+    /// it.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn add_weighted_avx2(out: &mut [f32], v: &[f32], p: &[f32]) {
+        let d = v.len();
+        for c in (0..d).step_by(8) {
+            // SAFETY: c + 8 <= d floats of `v`, and of row i of `out` at i d.
+            unsafe {
+                let vv = _mm256_loadu_ps(v.as_ptr().add(c));
+                for (i, &pi) in p.iter().enumerate() {
+                    if pi != 0.0 {
+                        let at = out.as_mut_ptr().add(i * d + c);
+                        let sum = _mm256_fmadd_ps(_mm256_set1_ps(pi), vv, _mm256_loadu_ps(at));
+                        _mm256_storeu_ps(at, sum);
+                    }
+                }
+            }
         }
     }
 
@@ -409,4 +470,45 @@ pub(crate) fn band_attention_cpu(
                 })
         })?;
     Ok(Some(Tensor::from_vec(out, (b, h, c, d), q.device())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-key helpers of the decode kernel on every instruction set this CPU has, against
+    /// plain loops: head widths that take the SIMD forms and one that does not, up to eight and
+    /// more heads, and zero weights skipped.
+    #[test]
+    fn the_key_and_value_helpers_equal_plain_loops_on_every_instruction_set() {
+        let mut rng = crate::kernels::TestRng::new(3);
+        for (d, g) in [(64, 4), (128, 2), (128, 8), (96, 12), (20, 3)] {
+            let q: Vec<f32> = (0..g * d).map(|_| rng.next_f32() - 0.5).collect();
+            let k: Vec<f32> = (0..d).map(|_| rng.next_f32() - 0.5).collect();
+            let mut p: Vec<f32> = (0..g).map(|_| rng.next_f32()).collect();
+            p[0] = 0.0;
+            let start: Vec<f32> = (0..g * d).map(|_| rng.next_f32()).collect();
+            let want_dots: Vec<f32> = q
+                .chunks(d)
+                .map(|qi| qi.iter().zip(&k).map(|(a, b)| a * b).sum())
+                .collect();
+            let mut want_out = start.clone();
+            for (o, &pi) in want_out.chunks_mut(d).zip(&p) {
+                o.iter_mut().zip(&k).for_each(|(a, x)| *a += pi * x);
+            }
+            for isa in Isa::supported() {
+                let mut dots = vec![0f32; g];
+                query_dots(isa, &q, &k, &mut dots);
+                for (a, b) in dots.iter().zip(&want_dots) {
+                    assert!((a - b).abs() <= 1e-5, "{isa:?} d {d} g {g}: {a} vs {b}");
+                }
+                let mut out = start.clone();
+                add_weighted(isa, &mut out, &k, &p);
+                for (a, b) in out.iter().zip(&want_out) {
+                    assert!((a - b).abs() <= 1e-5, "{isa:?} d {d} g {g}");
+                }
+                assert_eq!(out[..d], start[..d], "a zero weight leaves its head alone");
+            }
+        }
+    }
 }
