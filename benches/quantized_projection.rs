@@ -4,6 +4,8 @@
 //! this machine's memory read bandwidth measured the way `profile --limits` does (f32 summed
 //! on every core), so that each figure reads as a fraction of its bound.
 //!
+//! A third group times a prompt chunk's product (512 rows), quantized against f32, in FLOP/s.
+//!
 //! `cargo bench --bench quantized_projection` (the CPU's best instruction set), and
 //! `YOCO_CPU_ISA=avx2 cargo bench --bench quantized_projection` for the AVX2 kernels on an
 //! AVX-512 CPU.
@@ -117,5 +119,36 @@ fn bandwidth(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bandwidth, projection);
+/// A prompt chunk's product (512 rows) at bench-160m's FFN widths (768 x 4096 fused, 2048 x
+/// 768), quantized against the f32 weight through candle's matmul: what a quantized prefill
+/// costs against a float one.
+fn prefill(c: &mut Criterion) {
+    const ROWS: usize = 512;
+    let mut group = c.benchmark_group("prefill product, 512 rows");
+    group.sample_size(20);
+    for (k, n) in [(768, 4096), (2048, 768)] {
+        let w = Tensor::from_vec(seeded(n * k, k as u64), (n, k), &Device::Cpu).unwrap();
+        let w = (w * 0.05).unwrap();
+        let xs = seeded(ROWS * k, 2);
+        let x = Tensor::from_vec(xs.clone(), (ROWS, k), &Device::Cpu).unwrap();
+        group.throughput(Throughput::Elements((2 * ROWS * n * k) as u64));
+        let wt = w.t().unwrap();
+        group.bench_function(BenchmarkId::new("f32", format!("{k}x{n}")), |b| {
+            b.iter(|| x.matmul(&wt).unwrap())
+        });
+        for (name, format) in [("q8_0", GgmlDType::Q8_0), ("q4_k", GgmlDType::Q4K)] {
+            let q = Arc::new(QTensor::quantize(&w, format).unwrap());
+            group.bench_function(BenchmarkId::new(name, format!("{k}x{n}")), |b| {
+                b.iter(|| {
+                    yoco::bench_support::quantized_prefill(&xs, ROWS, &q)
+                        .unwrap()
+                        .unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bandwidth, projection, prefill);
 criterion_main!(benches);

@@ -94,6 +94,17 @@ pub fn fill_phi4flash_cache(model: &Model, cache: &mut Cache, len: usize) -> Res
     Ok(())
 }
 
+/// `x W^T` for a prompt chunk (`x: (m, k)` f32 rows) through the CPU path of a quantized linear
+/// layer past the decode kernel's rows; `None` for a format that path does not read.
+pub fn quantized_prefill(x: &[f32], m: usize, w: &Arc<QTensor>) -> Result<Option<Vec<f32>>> {
+    crate::kernels::quantized::prefill_product_cpu(x, m, std::slice::from_ref(w))
+}
+
+/// A quantized CPU weight `(n, k)` as f32 (in parallel), as a prompt chunk's product reads it.
+pub fn dequantize(w: &QTensor) -> Result<Tensor> {
+    crate::kernels::quantized::dequantize_cpu(w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -248,6 +248,33 @@ fn add_weighted(isa: Isa, out: &mut [f32], v: &[f32], p: &[f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// Calls `$f::<N>($args)` for `N = $n` in 1..=16: a register array of a constant length
+    /// stays in registers, where one of a run-time length lives on the stack (zeroed and filled
+    /// by a call of `memcpy` per key, which cost more than the key's arithmetic).
+    macro_rules! by_registers {
+        ($n:expr, $f:ident, $($args:expr),*) => {
+            match $n {
+                1 => $f::<1>($($args),*),
+                2 => $f::<2>($($args),*),
+                3 => $f::<3>($($args),*),
+                4 => $f::<4>($($args),*),
+                5 => $f::<5>($($args),*),
+                6 => $f::<6>($($args),*),
+                7 => $f::<7>($($args),*),
+                8 => $f::<8>($($args),*),
+                9 => $f::<9>($($args),*),
+                10 => $f::<10>($($args),*),
+                11 => $f::<11>($($args),*),
+                12 => $f::<12>($($args),*),
+                13 => $f::<13>($($args),*),
+                14 => $f::<14>($($args),*),
+                15 => $f::<15>($($args),*),
+                16 => $f::<16>($($args),*),
+                _ => {}
+            }
+        };
+    }
+
     /// [`super::query_dots`] with AVX-512: the key in up to 16 registers, one accumulator per
     /// head, reduced once.
     ///
@@ -256,16 +283,24 @@ mod x86 {
     /// `out.len()` rows of it.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn query_dots_avx512(q: &[f32], k: &[f32], out: &mut [f32]) {
-        let d = k.len();
-        let n = d / 16;
-        let mut kv = [_mm512_setzero_ps(); 16];
-        for (c, r) in kv.iter_mut().enumerate().take(n) {
-            // SAFETY: 16 (c + 1) <= d floats of `k`.
-            *r = unsafe { _mm512_loadu_ps(k.as_ptr().add(16 * c)) };
-        }
+        // SAFETY: as this function's.
+        unsafe { by_registers!(k.len() / 16, query_dots_n, q, k, out) }
+    }
+
+    /// [`query_dots_avx512`] for keys of `16 N` floats.
+    ///
+    /// # Safety
+    /// As [`query_dots_avx512`], with `k.len() == 16 N`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn query_dots_n<const N: usize>(q: &[f32], k: &[f32], out: &mut [f32]) {
+        let d = 16 * N;
+        // SAFETY: 16 (c + 1) <= d floats of `k`.
+        let kv: [__m512; N] =
+            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(k.as_ptr().add(16 * c)) });
         for (i, o) in out.iter_mut().enumerate() {
             let mut acc = _mm512_setzero_ps();
-            for (c, r) in kv.iter().enumerate().take(n) {
+            for (c, r) in kv.iter().enumerate() {
                 // SAFETY: row i of `q` holds d floats at i d.
                 let qv = unsafe { _mm512_loadu_ps(q.as_ptr().add(i * d + 16 * c)) };
                 acc = _mm512_fmadd_ps(qv, *r, acc);
@@ -325,26 +360,34 @@ mod x86 {
         }
     }
 
-    /// [`super::add_weighted`] with AVX-512.
+    /// [`super::add_weighted`] with AVX-512: the value in up to 16 registers.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `v.len()` is a multiple of 16 and at most 256, and `out` holds
     /// `p.len()` rows of it.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn add_weighted_avx512(out: &mut [f32], v: &[f32], p: &[f32]) {
-        let d = v.len();
-        let n = d / 16;
-        let mut vv = [_mm512_setzero_ps(); 16];
-        for (c, r) in vv.iter_mut().enumerate().take(n) {
-            // SAFETY: 16 (c + 1) <= d floats of `v`.
-            *r = unsafe { _mm512_loadu_ps(v.as_ptr().add(16 * c)) };
-        }
+        // SAFETY: as this function's.
+        unsafe { by_registers!(v.len() / 16, add_weighted_n, out, v, p) }
+    }
+
+    /// [`add_weighted_avx512`] for values of `16 N` floats.
+    ///
+    /// # Safety
+    /// As [`add_weighted_avx512`], with `v.len() == 16 N`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_weighted_n<const N: usize>(out: &mut [f32], v: &[f32], p: &[f32]) {
+        let d = 16 * N;
+        // SAFETY: 16 (c + 1) <= d floats of `v`.
+        let vv: [__m512; N] =
+            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(v.as_ptr().add(16 * c)) });
         for (i, &pi) in p.iter().enumerate() {
             if pi == 0.0 {
                 continue;
             }
             let pv = _mm512_set1_ps(pi);
-            for (c, r) in vv.iter().enumerate().take(n) {
+            for (c, r) in vv.iter().enumerate() {
                 // SAFETY: row i of `out` holds d floats at i d.
                 unsafe {
                     let at = out.as_mut_ptr().add(i * d + 16 * c);

@@ -155,7 +155,7 @@ fn qgemv_with(isa: Isa, x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Te
 pub(crate) fn dequantize_cpu(q: &QTensor) -> Result<Tensor> {
     let (n, k) = q.shape().dims2()?;
     let mut out = vec![0f32; n * k];
-    if dequantize_into(q.dtype(), &q.data()?, n, k, &mut out) {
+    if dequantize_into(Isa::active(), q.dtype(), &q.data()?, n, k, &mut out) {
         return Ok(Tensor::from_vec(out, (n, k), &Device::Cpu)?);
     }
     Ok(q.dequantize(&Device::Cpu)?)
@@ -173,24 +173,46 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `x W^T` for a prompt chunk on the CPU: f32 `x: (m, k)` (contiguous rows) times a quantized
-/// CPU weight `W: (n, k)`, as `(m, n)` f32. The weight is dequantized in parallel into this
-/// thread's reused buffer, then multiplied by the float gemm candle's matmul runs (with the
-/// same arguments, so the same bits as dequantizing and calling `matmul`): hundreds of rows reuse
-/// every weight, which the float gemm does at f32's speed. `None` for a format this does not
-/// read.
-pub(crate) fn prefill_product_cpu(x: &[f32], m: usize, q: &QTensor) -> Result<Option<Vec<f32>>> {
-    let (n, k) = q.shape().dims2()?;
+/// `x W^T` for a prompt chunk on the CPU: f32 `x: (m, k)` (contiguous rows) times the quantized
+/// CPU pieces `W_i: (n_i, k)` of a fused weight, as `(m, sum n_i)` f32, pieces in order. The
+/// pieces are dequantized in parallel, one after another, into this thread's reused buffer,
+/// then multiplied by the float gemm candle's matmul runs (with the same arguments, so the same
+/// bits as dequantizing, concatenating and calling `matmul`): hundreds of rows reuse every
+/// weight, which the float gemm does at f32's speed. `None` for a format this does not read.
+pub(crate) fn prefill_product_cpu(
+    x: &[f32],
+    m: usize,
+    pieces: &[Arc<QTensor>],
+) -> Result<Option<Vec<f32>>> {
+    let mut shapes = Vec::with_capacity(pieces.len());
+    for q in pieces {
+        shapes.push(q.shape().dims2()?);
+    }
+    let Some(&(_, k)) = shapes.first() else {
+        return Ok(None);
+    };
+    if shapes.iter().any(|&(_, qk)| qk != k) {
+        return Ok(None);
+    }
+    let n: usize = shapes.iter().map(|&(n, _)| n).sum();
     if x.len() != m * k {
         return Err(crate::Error::Input(format!(
             "{} inputs for {m} rows of {k}",
             x.len()
         )));
     }
-    let data = q.data()?;
+    let data = pieces
+        .iter()
+        .map(|q| q.data())
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let multiply = |w: &mut [f32]| -> Result<Option<Vec<f32>>> {
-        if !dequantize_into(q.dtype(), &data, n, k, w) {
-            return Ok(None);
+        let mut rest = &mut w[..];
+        for ((q, bytes), &(rows, _)) in pieces.iter().zip(&data).zip(&shapes) {
+            let (mine, tail) = rest.split_at_mut(rows * k);
+            if !dequantize_into(Isa::active(), q.dtype(), bytes, rows, k, mine) {
+                return Ok(None);
+            }
+            rest = tail;
         }
         let mut y = vec![0f32; m * n];
         let threads = rayon::current_num_threads();
@@ -245,8 +267,18 @@ pub(crate) fn prefill_product_cpu(x: &[f32], m: usize, q: &QTensor) -> Result<Op
 }
 
 /// Dequantizes the `(n, k)` blocks `bytes` of `format` into `out` (`n * k` floats), rows in
-/// parallel; false for a format this does not read.
-fn dequantize_into(format: GgmlDType, bytes: &[u8], n: usize, k: usize, out: &mut [f32]) -> bool {
+/// parallel; false for a format this does not read. Q8_0, Q4_0 and Q4_K take [`x86`]'s
+/// vectorised forms where `isa` allows (candle's `to_float` converts each block's f16 scale
+/// through a function call and runs its loops in SSE2: the dequantization was a tenth of a
+/// prompt chunk's product), with candle's arithmetic, so the same floats.
+fn dequantize_into(
+    isa: Isa,
+    format: GgmlDType,
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+) -> bool {
     fn rows<T: GgmlType>(bytes: &[u8], n: usize, k: usize, out: &mut [f32]) -> bool {
         let kb = k / T::BLCK_SIZE;
         let Some(weight) =
@@ -264,6 +296,24 @@ fn dequantize_into(format: GgmlDType, bytes: &[u8], n: usize, k: usize, out: &mu
             .for_each(|(ys, xs)| T::to_float(xs, ys));
         true
     }
+    #[cfg(target_arch = "x86_64")]
+    if let Some((block_bytes, block)) = x86::dequantizes(isa, format) {
+        if !k.is_multiple_of(block) || bytes.len() != n * (k / block) * block_bytes {
+            return false;
+        }
+        if out.len() != n * k {
+            return false;
+        }
+        let band = (65536 / k).max(1);
+        out.par_chunks_mut(band * k)
+            .zip(bytes.par_chunks(band * (k / block) * block_bytes))
+            // SAFETY: `dequantizes` said the CPU has the instructions for this format; each
+            // piece of `bytes` is whole blocks and its piece of `out` their floats.
+            .for_each(|(ys, xs)| unsafe { x86::dequantize(format, xs, ys) });
+        return true;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     match format {
         GgmlDType::Q4_0 => rows::<BlockQ4_0>(bytes, n, k, out),
         GgmlDType::Q4_1 => rows::<BlockQ4_1>(bytes, n, k, out),
@@ -810,6 +860,110 @@ mod x86 {
         out
     }
 
+    /// `(bytes per block, weights per block)` of `format` where [`dequantize`] reads it on
+    /// `isa`.
+    pub(super) fn dequantizes(isa: Isa, format: GgmlDType) -> Option<(usize, usize)> {
+        if !available(isa) {
+            return None;
+        }
+        match format {
+            GgmlDType::Q8_0 => Some((Q8_0_BYTES, 32)),
+            GgmlDType::Q4_0 => Some((Q4_0_BYTES, 32)),
+            GgmlDType::Q4K if std::mem::size_of::<BlockQ4K>() == Q4K_BYTES => {
+                Some((Q4K_BYTES, 256))
+            }
+            _ => None,
+        }
+    }
+
+    /// candle's `to_float` for Q8_0, Q4_0 or Q4_K blocks `bytes` into `out`, with the same
+    /// operations on each weight (an f32 product, and for Q4_K a difference), eight at a time.
+    ///
+    /// # Safety
+    /// [`dequantizes`] gave `Some` for `format` on this CPU; `bytes` is whole blocks of it and
+    /// `out` holds their weights.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize(format: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+        /// An f16's bits as f32 (exact).
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn widen(lo: u8, hi: u8) -> f32 {
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                u16::from_le_bytes([lo, hi]),
+            ))))
+        }
+        /// The low eight bytes of `q` as f32, times `d`, less `m` when given.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn eight(q: __m128i, d: __m256, m: Option<__m256>, out: &mut [f32]) {
+            let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+            let y = _mm256_mul_ps(d, f);
+            let y = match m {
+                Some(m) => _mm256_sub_ps(y, m),
+                None => y,
+            };
+            // SAFETY: the callers pass eight floats.
+            unsafe { _mm256_storeu_ps(out[..8].as_mut_ptr(), y) };
+        }
+        let low = _mm_set1_epi8(0x0F);
+        match format {
+            GgmlDType::Q8_0 => {
+                for (b, y) in bytes.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(32)) {
+                    let d = _mm256_set1_ps(widen(b[0], b[1]));
+                    for (c, y) in y.chunks_exact_mut(8).enumerate() {
+                        // SAFETY: bytes 2 + 8c .. 10 + 8c of the 34-byte block.
+                        let q = unsafe { _mm_loadl_epi64(b.as_ptr().add(2 + 8 * c).cast()) };
+                        eight(q, d, None, y);
+                    }
+                }
+            }
+            GgmlDType::Q4_0 => {
+                let eights = _mm_set1_epi8(8);
+                for (b, y) in bytes.chunks_exact(Q4_0_BYTES).zip(out.chunks_exact_mut(32)) {
+                    let d = _mm256_set1_ps(widen(b[0], b[1]));
+                    // SAFETY: bytes 2..18 of the 18-byte block.
+                    let packed = unsafe { _mm_loadu_si128(b.as_ptr().add(2).cast()) };
+                    // The first 16 weights in the low halves, the last 16 in the high; each
+                    // less 8, as an i8.
+                    let lo = _mm_sub_epi8(_mm_and_si128(packed, low), eights);
+                    let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(packed, 4), low), eights);
+                    let (y0, y1) = y.split_at_mut(16);
+                    for (q, y) in [(lo, y0), (hi, y1)] {
+                        eight(q, d, None, &mut y[..8]);
+                        eight(_mm_srli_si128(q, 8), d, None, &mut y[8..]);
+                    }
+                }
+            }
+            GgmlDType::Q4K => {
+                for (b, y) in bytes.chunks_exact(Q4K_BYTES).zip(out.chunks_exact_mut(256)) {
+                    let (d, dmin) = (widen(b[0], b[1]), widen(b[2], b[3]));
+                    let sm = scales_and_mins(&b[4..16]);
+                    for (j, y) in y.chunks_exact_mut(64).enumerate() {
+                        // Sub-block 2j in the low halves of the 32 bytes, 2j + 1 in the high.
+                        for (half, y) in y.chunks_exact_mut(32).enumerate() {
+                            let s = 2 * j + half;
+                            let dv = _mm256_set1_ps(d * f32::from(sm[s]));
+                            let mv = _mm256_set1_ps(dmin * f32::from(sm[8 + s]));
+                            for (c, y) in y.chunks_exact_mut(16).enumerate() {
+                                let at = 16 + 32 * j + 16 * c;
+                                // SAFETY: bytes `at..at + 16` of the 144-byte block.
+                                let packed = unsafe { _mm_loadu_si128(b.as_ptr().add(at).cast()) };
+                                let q = if half == 0 {
+                                    _mm_and_si128(packed, low)
+                                } else {
+                                    _mm_and_si128(_mm_srli_epi16(packed, 4), low)
+                                };
+                                eight(q, dv, Some(mv), &mut y[..8]);
+                                eight(_mm_srli_si128(q, 8), dv, Some(mv), &mut y[8..]);
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Bytes of a Q4_K block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales and mins for
     /// its eight sub-blocks of 32, then 128 bytes of nibbles (sub-block `2j` in the low halves of
     /// bytes `32j..32j + 32`, sub-block `2j + 1` in their high halves).
@@ -1324,33 +1478,85 @@ mod tests {
         Ok(())
     }
 
-    /// A prompt chunk's product gives what dequantizing the whole weight and calling candle's
-    /// matmul gives, bit for bit, for every format, whatever the buffer the thread reuses held
-    /// before (a larger weight, then a smaller one, then one of another width).
+    /// The weights a prompt chunk multiplies are candle's `to_float`'s, bit for bit, on every
+    /// instruction set (the vectorised forms of Q8_0, Q4_0 and Q4_K, candle's for the rest),
+    /// over rows that span several of the parallel bands; blocks of the wrong length decline.
     #[test]
-    fn the_prefill_product_equals_dequantizing_and_matmul() -> Result<()> {
-        for (format, n, k, m) in [
-            (GgmlDType::Q8_0, 300, 96, 17),
-            (GgmlDType::Q4_0, 40, 64, 130),
-            (GgmlDType::Q4K, 70, 512, 9),
-            (GgmlDType::Q5_0, 33, 160, 64),
-            (GgmlDType::Q6K, 12, 256, 1),
+    fn dequantized_rows_equal_candles_on_every_instruction_set() -> Result<()> {
+        for (format, n, k) in [
+            (GgmlDType::Q8_0, 100, 32 * 70),
+            (GgmlDType::Q4_0, 90, 32 * 75),
+            (GgmlDType::Q4K, 80, 256 * 9),
+            (GgmlDType::Q6K, 3, 256),
         ] {
             let q = QTensor::quantize(&seeded(&[n, k], k as u64)?, format)?;
-            let x = seeded(&[m, k], 7)?;
-            let want = x.matmul(&dequantize_cpu(&q)?.t()?)?;
-            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let got = prefill_product_cpu(&xs, m, &q)?
-                .ok_or_else(|| crate::Error::Input(format!("{format:?} declined")))?;
-            let want: Vec<f32> = want.flatten_all()?.to_vec1()?;
-            assert!(got == want, "{format:?} ({n}, {k}) x {m} rows");
+            let want: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            let data = q.data()?;
+            for isa in Isa::supported() {
+                let mut got = vec![f32::NAN; n * k];
+                assert!(dequantize_into(isa, format, &data, n, k, &mut got));
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{format:?} on {isa:?}");
+                assert!(!dequantize_into(isa, format, &data[1..], n, k, &mut got));
+            }
         }
-        assert!(prefill_product_cpu(
-            &[0.0; 5],
-            1,
-            &QTensor::quantize(&seeded(&[4, 32], 1)?, GgmlDType::Q8_0)?
-        )
-        .is_err());
+        Ok(())
+    }
+
+    /// A prompt chunk's product gives what dequantizing the whole weight and calling candle's
+    /// matmul gives, bit for bit, for every format, whatever the buffer the thread reuses held
+    /// before (a larger weight, then a smaller one, then one of another width); fused pieces
+    /// (of different formats) give the product with their dequantized rows stacked.
+    #[test]
+    fn the_prefill_product_equals_dequantizing_and_matmul() -> Result<()> {
+        type Pieces<'a> = &'a [(GgmlDType, usize)];
+        let cases: [(Pieces, usize, usize); 6] = [
+            (&[(GgmlDType::Q8_0, 300)], 96, 17),
+            (&[(GgmlDType::Q4_0, 40)], 64, 130),
+            (&[(GgmlDType::Q4K, 70)], 512, 9),
+            (&[(GgmlDType::Q5_0, 33)], 160, 64),
+            (&[(GgmlDType::Q6K, 12)], 256, 1),
+            (
+                &[
+                    (GgmlDType::Q8_0, 24),
+                    (GgmlDType::Q4K, 9),
+                    (GgmlDType::Q8_0, 5),
+                ],
+                256,
+                33,
+            ),
+        ];
+        for (pieces, k, m) in cases {
+            let qs = pieces
+                .iter()
+                .enumerate()
+                .map(|(i, &(format, n))| {
+                    Ok(Arc::new(QTensor::quantize(
+                        &seeded(&[n, k], (k + i) as u64)?,
+                        format,
+                    )?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let x = seeded(&[m, k], 7)?;
+            let stacked = qs
+                .iter()
+                .map(|q| dequantize_cpu(q))
+                .collect::<Result<Vec<_>>>()?;
+            let want = x.matmul(&Tensor::cat(&stacked, 0)?.t()?)?;
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let got = prefill_product_cpu(&xs, m, &qs)?
+                .ok_or_else(|| crate::Error::Input(format!("{pieces:?} declined")))?;
+            let want: Vec<f32> = want.flatten_all()?.to_vec1()?;
+            assert!(got == want, "{pieces:?} x {k}, {m} rows");
+        }
+        let q = Arc::new(QTensor::quantize(&seeded(&[4, 32], 1)?, GgmlDType::Q8_0)?);
+        assert!(prefill_product_cpu(&[0.0; 5], 1, std::slice::from_ref(&q)).is_err());
+        // Pieces of different input widths are not one weight.
+        let other = Arc::new(QTensor::quantize(&seeded(&[4, 64], 1)?, GgmlDType::Q8_0)?);
+        assert!(prefill_product_cpu(&[0.0; 64], 1, &[q, other])?.is_none());
         Ok(())
     }
 

@@ -179,6 +179,9 @@ impl Linear {
         match &self.weight {
             Weight::Float(w) => matmul(x, w),
             Weight::Quantized(pieces) => {
+                if let Some(y) = self.dequantized_product(x, pieces)? {
+                    return Ok(y);
+                }
                 let ys = pieces
                     .iter()
                     .map(|q| self.quantized_product(x, q))
@@ -202,32 +205,44 @@ impl Linear {
         }
     }
 
-    /// `x q^T` for one quantized piece, when the decode kernel did not apply: on the CPU with
-    /// native kernels, the weight dequantized into a reused buffer and multiplied by the float
-    /// gemm (prefill: hundreds of rows reuse every weight, which the float gemm does at f32's
-    /// speed; see the module docs); otherwise candle's quantized matmul op (CUDA's kernels; on
-    /// the CPU, the portable path).
-    fn quantized_product(&self, x: &Tensor, q: &QTensor) -> Result<Tensor> {
+    /// `x W^T` for the quantized pieces of a fused weight, when the decode kernel did not apply,
+    /// on the CPU with native kernels: the pieces dequantized one after another into a reused
+    /// buffer and multiplied by the float gemm as one weight (prefill: hundreds of rows reuse
+    /// every weight, which the float gemm does at f32's speed; one product over the fused width
+    /// is faster than a product per piece and their concatenation, as for float weights).
+    /// `None` where this does not apply.
+    fn dequantized_product(&self, x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Tensor>> {
         let width = x.dims().last().copied().unwrap_or(0);
         let rows = x.dims().iter().rev().skip(1).product::<usize>();
-        let f32_cpu = x.device().is_cpu() && x.dtype() == DType::F32 && q.device().is_cpu();
-        if self.native && f32_cpu && rows > 0 {
-            let dims = x.dims();
-            let x2 = x.contiguous()?;
-            let (xs, xl) = x2.storage_and_layout();
-            if let candle_core::Storage::Cpu(xs) = &*xs {
-                let xd = crate::kernels::gemv::slice(
-                    xs.as_slice::<f32>()?,
-                    xl.start_offset(),
-                    rows * width,
-                )?;
-                if let Some(y) = crate::kernels::quantized::prefill_product_cpu(xd, rows, q)? {
-                    let mut out_dims = dims[..dims.len().saturating_sub(1)].to_vec();
-                    out_dims.push(q.shape().dims2()?.0);
-                    return Ok(Tensor::from_vec(y, out_dims, x.device())?);
-                }
-            }
+        let f32_cpu = x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && pieces.iter().all(|q| q.device().is_cpu());
+        if !self.native || !f32_cpu || rows == 0 {
+            return Ok(None);
         }
+        let dims = x.dims();
+        let x2 = x.contiguous()?;
+        let (xs, xl) = x2.storage_and_layout();
+        let candle_core::Storage::Cpu(xs) = &*xs else {
+            return Ok(None);
+        };
+        let xd =
+            crate::kernels::gemv::slice(xs.as_slice::<f32>()?, xl.start_offset(), rows * width)?;
+        let Some(y) = crate::kernels::quantized::prefill_product_cpu(xd, rows, pieces)? else {
+            return Ok(None);
+        };
+        let mut out_dims = dims[..dims.len().saturating_sub(1)].to_vec();
+        out_dims.push(y.len() / rows);
+        Ok(Some(Tensor::from_vec(y, out_dims, x.device())?))
+    }
+
+    /// `x q^T` for one quantized piece, when neither the decode kernel nor
+    /// [`Linear::dequantized_product`] applied: on the CPU, the weight dequantized and
+    /// multiplied in f32 (rows whose blocks candle's dot products refuse, see
+    /// [`crate::kernels::quantized::needs_even_blocks`]); otherwise candle's quantized matmul op
+    /// (CUDA's kernels; on the CPU, the portable path).
+    fn quantized_product(&self, x: &Tensor, q: &QTensor) -> Result<Tensor> {
+        let width = x.dims().last().copied().unwrap_or(0);
         if x.device().is_cpu()
             && (self.native || crate::kernels::quantized::needs_even_blocks(q.dtype(), width))
         {
