@@ -5,7 +5,9 @@
 
 use std::ops::ControlFlow;
 
-use super::row::Row;
+use rayon::prelude::*;
+
+use super::row::{Drawn, Row};
 use super::tokenizer::Tokenizer;
 use super::{StopReason, Token};
 use crate::cache::Cache;
@@ -94,8 +96,23 @@ impl DecodeBatch {
     ) -> Result<()> {
         let mut next = Vec::with_capacity(self.rows.len());
         let mut leaving = Vec::new();
-        for (slot, (id, row)) in self.rows.iter_mut().enumerate() {
-            match row.choose(tokenizer, |t| report(*id, t)) {
+        // Rows draw in parallel (each its own sampler and logits: the same tokens as one by
+        // one; a vocabulary's softmax per row adds up over a batch), then report in order.
+        let draws: Vec<Result<Option<Drawn>>> = if self.rows.len() > 1 {
+            self.rows
+                .par_iter_mut()
+                .map(|(_, row)| row.draw())
+                .collect()
+        } else {
+            self.rows.iter_mut().map(|(_, row)| row.draw()).collect()
+        };
+        for (slot, ((id, row), drawn)) in self.rows.iter_mut().zip(draws).enumerate() {
+            let chosen = match drawn {
+                Ok(Some(drawn)) => row.accept(drawn, tokenizer, |t| report(*id, t)),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match chosen {
                 Ok(Some(tok)) => next.push(tok),
                 Ok(None) => leaving.push((slot, None)),
                 Err(e) => leaving.push((slot, Some(e))),

@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use super::sampling::Sampler;
 use super::stop::StopText;
 use super::tokenizer::{DecodeState, Tokenizer};
-use super::{Generation, GenerationConfig, StopReason, Token};
+use super::{Generation, GenerationConfig, StopReason, Token, TokenLogprobs};
 use crate::cache::Cache;
 use crate::model::Model;
 use crate::{Error, Result};
@@ -98,6 +98,9 @@ pub(crate) fn flat(logits: &Tensor) -> Result<Vec<f32>> {
     Ok(logits.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// A token [`Row::draw`] chose, with its log-probabilities when they were asked for.
+pub(crate) type Drawn = (u32, Option<TokenLogprobs>);
+
 /// One decoding sequence: what chooses its tokens and decides when it ends.
 pub(crate) struct Row {
     cfg: GenerationConfig,
@@ -159,17 +162,14 @@ impl Row {
         self.logits = logits;
     }
 
-    /// Chooses the next token and reports it; `Some` when the row goes on and must be fed that
-    /// token, `None` when it has finished (its stop reason recorded).
-    pub(crate) fn choose(
-        &mut self,
-        tokenizer: Option<&Tokenizer>,
-        report: impl FnOnce(&Token) -> ControlFlow<()>,
-    ) -> Result<Option<u32>> {
+    /// Draws the next token, touching nothing but this row (rows of a batch draw in parallel):
+    /// the token and its log-probabilities when asked for, or `None` when the row has all its
+    /// tokens (then [`Row::accept`] is not called).
+    pub(crate) fn draw(&mut self) -> Result<Option<Drawn>> {
         if self.out.tokens.len() >= self.cfg.max_new_tokens {
             return Ok(None);
         }
-        let (id, logprobs) = match self.cfg.logprobs {
+        Ok(Some(match self.cfg.logprobs {
             Some(top) => {
                 let (id, lp) =
                     self.sampler
@@ -177,7 +177,17 @@ impl Row {
                 (id, Some(lp))
             }
             None => (self.sampler.sample(&mut self.logits, &self.history)?, None),
-        };
+        }))
+    }
+
+    /// Records and reports the token [`Row::draw`] gave; `Some` when the row goes on and must
+    /// be fed that token, `None` when it has finished (its stop reason recorded).
+    pub(crate) fn accept(
+        &mut self,
+        (id, logprobs): Drawn,
+        tokenizer: Option<&Tokenizer>,
+        report: impl FnOnce(&Token) -> ControlFlow<()>,
+    ) -> Result<Option<u32>> {
         if self.cfg.stop_tokens.contains(&id) {
             self.out.stop_reason = StopReason::StopToken(id);
             return Ok(None);

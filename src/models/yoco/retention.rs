@@ -459,27 +459,20 @@ fn recurrent_step_cpu(
     // bench-160m that was 75 MB of stores (and fresh pages) per step for nothing.
     let mut s_new = Box::<[f32]>::new_uninit_slice(b * h * d * d);
     let mut out = vec![0f32; b * h * d];
+    let isa = crate::kernels::isa::Isa::active();
     s_new
         .par_chunks_mut(d * d)
         .zip(out.par_chunks_mut(d))
         .enumerate()
         .for_each(|(bh, (s_new, o))| {
-            let decay = lgd[bh].exp();
+            let qkv = (&qd[bh * d..][..d], &kd[bh * d..][..d], &vd[bh * d..][..d]);
             let s_old = &sd[bh * d * d..][..d * d];
-            let (qh, kh, vh) = (&qd[bh * d..][..d], &kd[bh * d..][..d], &vd[bh * d..][..d]);
-            for i in 0..d {
-                let (old, new) = (&s_old[i * d..][..d], &mut s_new[i * d..][..d]);
-                let (ki, qi) = (kh[i], qh[i]);
-                for j in 0..d {
-                    let x = old[j] * decay + ki * vh[j];
-                    new[j].write(x);
-                    o[j] += qi * x;
-                }
-            }
+            fused::decayed_state_step(isa, s_old, lgd[bh].exp(), qkv, s_new, o);
         });
     drop(slices);
     // SAFETY: the chunks of `d * d` cover `s_new` exactly (its length is `b * h` of them), and
-    // every element of every chunk is written in the loop above.
+    // `decayed_state_step` writes every element of a chunk given `d * d` old values and `d` of
+    // each of q, k and v.
     let s_new = unsafe { s_new.assume_init() }.into_vec();
     let device = state.device();
     Ok(Some((
