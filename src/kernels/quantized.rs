@@ -615,10 +615,10 @@ mod x86 {
         isa.level() >= Level::Avx2
     }
 
-    /// How far ahead [`dot4`] prefetches, in groups of eight blocks.
+    /// How far ahead within a long row the kernels prefetch, in groups of eight blocks.
     const PREFETCH_GROUPS: usize = 8;
 
-    /// How far ahead of a block [`dot4x`] prefetches its weight row, in bytes, for rows of `kb`
+    /// How far ahead of a block the kernels prefetch its weight row, in bytes, for rows of `kb`
     /// blocks of `block` bytes: the same block of the row four on (the next pass's, as a band's
     /// rows are consecutive) where four rows are short, else [`PREFETCH_GROUPS`] groups on in
     /// the row. Prefetching within a short row mostly fetches the start of the next, which the
@@ -647,17 +647,16 @@ mod x86 {
         row_bytes: usize,
         /// Blocks per row.
         kb: usize,
-        /// The input rows as Q8_0 blocks, and their scales as f32.
-        input: Vec<BlockQ8_0>,
+        /// The input rows' Q8_0 scales as f32.
         input_scales: Vec<f32>,
-        /// `vpdpbusd` (the CPU has AVX-512 VNNI and VL): [`dot4x`] over [`Kernel::unsigned`]
-        /// and [`Kernel::offsets`], several input rows per pass.
+        /// `vpdpbusd` (the CPU has AVX-512 VNNI and VL): [`dot4x_vnni`] rather than
+        /// [`dot4x_avx2`].
         vnni: bool,
-        /// With `vnni`, each input block's 32 bytes as the unsigned operand (Q8_0: `x + 128`)
-        /// or the signed one (Q4_0: `x`), scales apart.
-        unsigned: Vec<u8>,
-        /// With `vnni`, for Q4_0, each input block's eight lanes of `-8` times the sum of its
-        /// four bytes: what the unsigned nibbles (`w + 8`) add to the lanes, taken back.
+        /// Each input block's 32 bytes as the kernels take them, scales apart: `x + 128` (the
+        /// unsigned operand) for Q8_0 with VNNI, else `x`.
+        operand: Vec<u8>,
+        /// For Q4_0, each input block's eight lanes of `-8` times the sum of its four bytes:
+        /// what the unsigned nibbles (`w + 8`) add to the lanes, taken back.
         offsets: Vec<[i32; 8]>,
         rows: usize,
     }
@@ -697,21 +696,21 @@ mod x86 {
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect();
         let vnni = isa.vnni();
-        let (mut unsigned, mut offsets) = (Vec::new(), Vec::new());
-        if vnni {
-            for b in as_bytes(&input).chunks_exact(Q8_0_BYTES) {
-                let q = &b[2..];
-                if nibbles {
-                    unsigned.extend_from_slice(q);
-                    offsets.push(std::array::from_fn(|l| {
-                        -8 * q[4 * l..4 * l + 4]
-                            .iter()
-                            .map(|&v| i32::from(v as i8))
-                            .sum::<i32>()
-                    }));
-                } else {
-                    unsigned.extend(q.iter().map(|&v| v ^ 0x80));
-                }
+        let (mut operand, mut offsets) = (Vec::with_capacity(rows * k), Vec::new());
+        for b in as_bytes(&input).chunks_exact(Q8_0_BYTES) {
+            let q = &b[2..];
+            if nibbles {
+                offsets.push(std::array::from_fn(|l| {
+                    -8 * q[4 * l..4 * l + 4]
+                        .iter()
+                        .map(|&v| i32::from(v as i8))
+                        .sum::<i32>()
+                }));
+            }
+            if vnni && !nibbles {
+                operand.extend(q.iter().map(|&v| v ^ 0x80));
+            } else {
+                operand.extend_from_slice(q);
             }
         }
         Some(Kernel {
@@ -719,10 +718,9 @@ mod x86 {
             nibbles,
             row_bytes,
             kb,
-            input,
             input_scales,
             vnni,
-            unsigned,
+            operand,
             offsets,
             rows,
         })
@@ -818,52 +816,12 @@ mod x86 {
     }
 
     impl BandKernel for Kernel<'_> {
+        /// Four weight rows at a time against up to four input rows (two without VNNI, whose
+        /// sixteen registers hold no more accumulators) per pass of [`dot4x_vnni`] or
+        /// [`dot4x_avx2`]: each weight block is loaded, and what it alone decides made, once
+        /// for them, while it is in the nearest cache (a band's rows are megabytes: input row
+        /// by input row, a batch read them from memory once per row).
         fn run(&self, first: usize, out: &mut [f32]) {
-            let x = as_bytes(&self.input);
-            let x_row = self.kb * Q8_0_BYTES;
-            let feats = out.len() / self.rows.max(1);
-            let w_row = |i: usize| {
-                let start = (first + i) * self.row_bytes;
-                &self.weight[start..start + self.row_bytes]
-            };
-            if self.vnni {
-                self.run_vnni(first, out);
-                return;
-            }
-            // Four weight rows at a time, dotted with every input row while they are in the
-            // nearest cache (a band's rows are megabytes: input row by input row, a batch read
-            // them from memory once per row).
-            let mut i = 0;
-            while i < feats {
-                // Past the band's end, repeat its last row.
-                let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
-                for r in 0..self.rows {
-                    let xr = &x[r * x_row..(r + 1) * x_row];
-                    let xs = &self.input_scales[r * self.kb..(r + 1) * self.kb];
-                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), and AVX-512 VNNI
-                    // and VL where `vnni` (`Isa::vnni`); every weight row is `kb` whole blocks
-                    // of this format and the input row `kb` Q8_0 blocks with `kb` scales
-                    // (lengths checked by `kernel` and sliced above).
-                    let dots = unsafe {
-                        if self.nibbles {
-                            dot4::<true>(self.kb, rows, xr, xs)
-                        } else {
-                            dot4::<false>(self.kb, rows, xr, xs)
-                        }
-                    };
-                    for (j, d) in dots.iter().enumerate().take(feats - i) {
-                        out[(i + j) * self.rows + r] = *d;
-                    }
-                }
-                i += 4;
-            }
-        }
-    }
-
-    impl Kernel<'_> {
-        /// [`BandKernel::run`] with VNNI: four weight rows against up to four input rows per
-        /// pass of [`dot4x`] (each weight block loaded, and its offset made, once for them).
-        fn run_vnni(&self, first: usize, out: &mut [f32]) {
             let feats = out.len() / self.rows.max(1);
             let w_row = |i: usize| {
                 let start = (first + i) * self.row_bytes;
@@ -871,17 +829,18 @@ mod x86 {
             };
             let x_row = self.kb * 32;
             let input = |r: usize| Input {
-                q: &self.unsigned[r * x_row..(r + 1) * x_row],
+                q: &self.operand[r * x_row..(r + 1) * x_row],
                 scales: &self.input_scales[r * self.kb..(r + 1) * self.kb],
                 offsets: self.offsets.get(r * self.kb..(r + 1) * self.kb),
             };
+            let most = if self.vnni { 4 } else { 2 };
             let mut i = 0;
             while i < feats {
                 // Past the band's end, repeat its last row.
                 let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
                 let mut r = 0;
                 while r < self.rows {
-                    let take = (self.rows - r).min(4);
+                    let take = (self.rows - r).min(most);
                     let mut put = |dots: &[[f32; 4]]| {
                         for (dr, d) in dots.iter().enumerate() {
                             for (j, v) in d.iter().enumerate().take(feats - i) {
@@ -889,40 +848,33 @@ mod x86 {
                             }
                         }
                     };
-                    // SAFETY: the CPU has AVX2, FMA, F16C, AVX-512 VNNI and VL (`vnni` is set
-                    // only then); every weight row is `kb` blocks of this format, and every
-                    // input row `kb` blocks of 32 bytes with `kb` scales (and `kb` offsets for
-                    // Q4_0), as `kernel` made them.
+                    macro_rules! call {
+                        ($f:ident, $nibbles:literal, $n:literal) => {
+                            put(&$f::<$nibbles, $n>(
+                                self.kb,
+                                rows,
+                                std::array::from_fn(|d| input(r + d)),
+                            ))
+                        };
+                    }
+                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), and AVX-512 VNNI and
+                    // VL where `vnni` is set (`Isa::vnni`); every weight row is `kb` blocks of
+                    // this format, and every input row `kb` blocks of 32 bytes with `kb` scales
+                    // (and `kb` offsets for Q4_0), as `kernel` made them.
                     unsafe {
-                        match (self.nibbles, take) {
-                            (true, 1) => put(&dot4x::<true, 1>(self.kb, rows, [input(r)])),
-                            (true, 2) => {
-                                put(&dot4x::<true, 2>(self.kb, rows, [input(r), input(r + 1)]))
-                            }
-                            (true, 3) => put(&dot4x::<true, 3>(
-                                self.kb,
-                                rows,
-                                [input(r), input(r + 1), input(r + 2)],
-                            )),
-                            (true, _) => put(&dot4x::<true, 4>(
-                                self.kb,
-                                rows,
-                                [input(r), input(r + 1), input(r + 2), input(r + 3)],
-                            )),
-                            (false, 1) => put(&dot4x::<false, 1>(self.kb, rows, [input(r)])),
-                            (false, 2) => {
-                                put(&dot4x::<false, 2>(self.kb, rows, [input(r), input(r + 1)]))
-                            }
-                            (false, 3) => put(&dot4x::<false, 3>(
-                                self.kb,
-                                rows,
-                                [input(r), input(r + 1), input(r + 2)],
-                            )),
-                            (false, _) => put(&dot4x::<false, 4>(
-                                self.kb,
-                                rows,
-                                [input(r), input(r + 1), input(r + 2), input(r + 3)],
-                            )),
+                        match (self.vnni, self.nibbles, take) {
+                            (true, true, 1) => call!(dot4x_vnni, true, 1),
+                            (true, true, 2) => call!(dot4x_vnni, true, 2),
+                            (true, true, 3) => call!(dot4x_vnni, true, 3),
+                            (true, true, _) => call!(dot4x_vnni, true, 4),
+                            (true, false, 1) => call!(dot4x_vnni, false, 1),
+                            (true, false, 2) => call!(dot4x_vnni, false, 2),
+                            (true, false, 3) => call!(dot4x_vnni, false, 3),
+                            (true, false, _) => call!(dot4x_vnni, false, 4),
+                            (false, true, 1) => call!(dot4x_avx2, true, 1),
+                            (false, true, _) => call!(dot4x_avx2, true, 2),
+                            (false, false, 1) => call!(dot4x_avx2, false, 1),
+                            (false, false, _) => call!(dot4x_avx2, false, 2),
                         }
                     }
                     r += take;
@@ -932,7 +884,7 @@ mod x86 {
         }
     }
 
-    /// One input row as [`dot4x`] reads it.
+    /// One input row as [`dot4x_vnni`] and [`dot4x_avx2`] read it.
     #[derive(Clone, Copy)]
     struct Input<'a> {
         /// `kb` blocks of 32 bytes: `x + 128` (Q8_0 weights) or `x` (Q4_0 weights).
@@ -943,7 +895,7 @@ mod x86 {
         offsets: Option<&'a [[i32; 8]]>,
     }
 
-    /// The sum of a vector's eight lanes, in the order [`dot4`] and candle sum them.
+    /// The sum of a vector's eight lanes, in the order candle sums them.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn lanes_sum(v: __m256) -> f32 {
@@ -952,218 +904,162 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// Four weight rows (Q4_0 if `NIBBLES`, else Q8_0) dotted with `R` input rows, one
-    /// `vpdpbusd` per block and pair of rows, with the same i32 lanes as [`dot4`] (so the same
-    /// sums, bit for bit, whatever `R`):
+    /// Makes `$name`: four weight rows (Q4_0 if `NIBBLES`, else Q8_0) dotted with `R` input
+    /// rows, with `$features`. Each block's products are summed into eight exact i32 lanes
+    /// (lane `l` the products of bytes `4l..4l + 4`), converted to f32 and accumulated with the
+    /// product of the two scales, block after block, then the lanes summed: candle's
+    /// arithmetic in candle's order, so its bits, whatever `R` and the instruction set.
     ///
-    /// * Q8_0: the input is the unsigned operand, `x + 128`, and each weight block's lanes
-    ///   start from `-128` times the sums of its four bytes (made once for the `R` rows):
-    ///   `sum (x + 128) w - 128 sum w = sum x w`, exactly.
-    /// * Q4_0: the nibbles are the unsigned operand as they are stored, `w + 8`, and each input
-    ///   block's lanes start from its offsets, `-8` times its sums of four: `sum (w + 8) x -
-    ///   8 sum x = sum w x`, exactly.
-    ///
-    /// [`dot4`] spends two sign instructions per block and row on top (and, on Q4_0,
-    /// `maddubs` and `madd` where VNNI takes one instruction), and converts the weights'
-    /// scales once per input row.
+    /// * VNNI (`$vnni`), Q8_0: one `vpdpbusd` per block and pair of rows, the input biased to
+    ///   the unsigned operand, `x + 128`, and each weight block's lanes starting from `-128`
+    ///   times its sums of four (made once for the `R` rows): `sum (x + 128) w - 128 sum w`.
+    /// * VNNI, Q4_0: the stored nibbles (`w + 8`) are the unsigned operand as they are, and
+    ///   each input block's lanes start from its offsets, `-8` times its sums of four.
+    /// * AVX2, Q8_0: `maddubs` on `|w|` (made once for the `R` rows) and `x` with `w`'s sign,
+    ///   then `madd` (the pairs never saturate: at most `2 * 128 * 127`).
+    /// * AVX2, Q4_0: `maddubs` on the nibbles and `x` (at most `2 * 15 * 128`), `madd`, plus the
+    ///   input's offsets.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA, F16C, AVX-512 VNNI and VL; each `w[r]` holds `kb` blocks of its
-    /// format, each input `kb` blocks of 32 bytes and `kb` scales (and `kb` offsets for Q4_0).
-    // `j` indexes the scales of four rows and the blocks of several slices at once.
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn dot4x<const NIBBLES: bool, const R: usize>(
-        kb: usize,
-        w: [&[u8]; 4],
-        x: [Input; R],
-    ) -> [[f32; 4]; R] {
-        let block = if NIBBLES { Q4_0_BYTES } else { Q8_0_BYTES };
-        let low = _mm256_set1_epi8(0x0F);
-        let bias = _mm256_set1_epi8(-128);
-        let zero = _mm256_setzero_si256();
-        let mut acc = [[_mm256_setzero_ps(); R]; 4];
-        let mut b = 0;
-        while b < kb {
-            let nb = (kb - b).min(8);
-            // Each (weight row, input row)'s block scales, eight blocks at a time.
-            let mut d = [[[0f32; 8]; R]; 4];
-            let mut bases = [std::ptr::null::<u8>(); 4];
-            let xs: [__m256; R] = std::array::from_fn(|r| {
-                let xs = x[r].scales;
-                // SAFETY: eight scales from `b` on where there are; else a padded copy.
-                unsafe {
-                    if b + 8 <= xs.len() {
-                        _mm256_loadu_ps(xs.as_ptr().add(b))
-                    } else {
-                        _mm256_loadu_ps(padded(xs, b).as_ptr())
-                    }
-                }
-            });
-            for (wr, row) in w.iter().enumerate() {
-                // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row of `kb`
-                // blocks of `block` bytes, its scale in its first 2 bytes, its weights in the
-                // next 32 (Q8_0) or 16 (Q4_0); input block `b + j` is 32 bytes of `x[r].q`.
-                let base = unsafe { row.as_ptr().add(block * b) };
-                bases[wr] = base;
-                let ahead = base.wrapping_add(prefetch_ahead(block, kb));
-                for line in 0..(block * 8).div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
-                }
-                let mut halves = [0i16; 8];
-                for (j, h) in halves.iter_mut().enumerate().take(nb) {
-                    *h = unsafe { std::ptr::read_unaligned(base.add(block * j).cast::<i16>()) };
-                }
-                let ws = _mm256_cvtph_ps(_mm_set_epi16(
-                    halves[7], halves[6], halves[5], halves[4], halves[3], halves[2], halves[1],
-                    halves[0],
-                ));
-                for r in 0..R {
-                    // SAFETY: eight floats.
-                    unsafe { _mm256_storeu_ps(d[wr][r].as_mut_ptr(), _mm256_mul_ps(ws, xs[r])) };
-                }
-            }
-            for j in 0..nb {
-                let xq: [__m256i; R] = std::array::from_fn(|r| unsafe {
-                    _mm256_loadu_si256(x[r].q.as_ptr().add(32 * (b + j)).cast())
-                });
-                // Q4_0: the lanes start from the input's offsets.
-                let xo: [__m256i; R] = std::array::from_fn(|r| match x[r].offsets {
-                    Some(o) if NIBBLES => unsafe {
-                        _mm256_loadu_si256(o.as_ptr().add(b + j).cast())
-                    },
-                    _ => zero,
-                });
-                for wr in 0..4 {
-                    let wq = unsafe { bases[wr].add(block * j + 2) };
-                    if NIBBLES {
-                        let packed = unsafe { _mm_loadu_si128(wq.cast()) };
-                        let nib = _mm256_and_si256(
-                            _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
-                            low,
-                        );
-                        for r in 0..R {
-                            let lanes = _mm256_dpbusd_epi32(xo[r], nib, xq[r]);
-                            acc[wr][r] = _mm256_fmadd_ps(
-                                _mm256_set1_ps(d[wr][r][j]),
-                                _mm256_cvtepi32_ps(lanes),
-                                acc[wr][r],
-                            );
+    /// The CPU has `$features`; each `w[r]` holds `kb` blocks of its format, each input `kb`
+    /// blocks of 32 bytes (`x + 128` for Q8_0 with VNNI, else `x`) and `kb` scales (and `kb`
+    /// offsets for Q4_0).
+    macro_rules! dot4x_fn {
+        ($name:ident, $features:literal, $vnni:literal) => {
+            // `j` indexes the scales of four rows and the blocks of several slices at once.
+            #[allow(clippy::needless_range_loop)]
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const NIBBLES: bool, const R: usize>(
+                kb: usize,
+                w: [&[u8]; 4],
+                x: [Input; R],
+            ) -> [[f32; 4]; R] {
+                let block = if NIBBLES { Q4_0_BYTES } else { Q8_0_BYTES };
+                let low = _mm256_set1_epi8(0x0F);
+                let bias = _mm256_set1_epi8(-128);
+                let ones = _mm256_set1_epi16(1);
+                let zero = _mm256_setzero_si256();
+                let mut acc = [[_mm256_setzero_ps(); R]; 4];
+                let mut b = 0;
+                while b < kb {
+                    let nb = (kb - b).min(8);
+                    // Each (weight row, input row)'s block scales, eight blocks at a time.
+                    let mut d = [[[0f32; 8]; R]; 4];
+                    let mut bases = [std::ptr::null::<u8>(); 4];
+                    let xs: [__m256; R] = std::array::from_fn(|r| {
+                        let xs = x[r].scales;
+                        // SAFETY: eight scales from `b` on where there are; else a padded
+                        // copy.
+                        unsafe {
+                            if b + 8 <= xs.len() {
+                                _mm256_loadu_ps(xs.as_ptr().add(b))
+                            } else {
+                                _mm256_loadu_ps(padded(xs, b).as_ptr())
+                            }
                         }
-                    } else {
-                        let wv = unsafe { _mm256_loadu_si256(wq.cast()) };
-                        // -128 times the sums of four weights: (-128) as u8 is 128.
-                        let start = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, bias, wv));
+                    });
+                    for (wr, row) in w.iter().enumerate() {
+                        // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row
+                        // of `kb` blocks of `block` bytes, its scale in its first 2 bytes, its
+                        // weights in the next 32 (Q8_0) or 16 (Q4_0); input block `b + j` is
+                        // 32 bytes of `x[r].q`, its offsets entry `b + j`.
+                        let base = unsafe { row.as_ptr().add(block * b) };
+                        bases[wr] = base;
+                        let ahead = base.wrapping_add(prefetch_ahead(block, kb));
+                        for line in 0..(block * 8).div_ceil(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+                        }
+                        let mut halves = [0i16; 8];
+                        for (j, h) in halves.iter_mut().enumerate().take(nb) {
+                            *h = unsafe {
+                                std::ptr::read_unaligned(base.add(block * j).cast::<i16>())
+                            };
+                        }
+                        let ws = _mm256_cvtph_ps(_mm_set_epi16(
+                            halves[7], halves[6], halves[5], halves[4], halves[3], halves[2],
+                            halves[1], halves[0],
+                        ));
                         for r in 0..R {
-                            let lanes = _mm256_dpbusd_epi32(start, xq[r], wv);
-                            acc[wr][r] = _mm256_fmadd_ps(
-                                _mm256_set1_ps(d[wr][r][j]),
-                                _mm256_cvtepi32_ps(lanes),
-                                acc[wr][r],
-                            );
+                            // SAFETY: eight floats.
+                            unsafe {
+                                _mm256_storeu_ps(d[wr][r].as_mut_ptr(), _mm256_mul_ps(ws, xs[r]))
+                            };
                         }
                     }
+                    for j in 0..nb {
+                        let xq: [__m256i; R] = std::array::from_fn(|r| unsafe {
+                            _mm256_loadu_si256(x[r].q.as_ptr().add(32 * (b + j)).cast())
+                        });
+                        // Q4_0: the lanes start from the input's offsets.
+                        let xo: [__m256i; R] = std::array::from_fn(|r| match x[r].offsets {
+                            Some(o) if NIBBLES => unsafe {
+                                _mm256_loadu_si256(o.as_ptr().add(b + j).cast())
+                            },
+                            _ => zero,
+                        });
+                        for wr in 0..4 {
+                            let wq = unsafe { bases[wr].add(block * j + 2) };
+                            let mut add = |r: usize, lanes: __m256i| {
+                                acc[wr][r] = _mm256_fmadd_ps(
+                                    _mm256_set1_ps(d[wr][r][j]),
+                                    _mm256_cvtepi32_ps(lanes),
+                                    acc[wr][r],
+                                );
+                            };
+                            if NIBBLES {
+                                let packed = unsafe { _mm_loadu_si128(wq.cast()) };
+                                let nib = _mm256_and_si256(
+                                    _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+                                    low,
+                                );
+                                for r in 0..R {
+                                    add(
+                                        r,
+                                        if $vnni {
+                                            _mm256_dpbusd_epi32(xo[r], nib, xq[r])
+                                        } else {
+                                            _mm256_add_epi32(
+                                                _mm256_madd_epi16(
+                                                    _mm256_maddubs_epi16(nib, xq[r]),
+                                                    ones,
+                                                ),
+                                                xo[r],
+                                            )
+                                        },
+                                    );
+                                }
+                            } else {
+                                let wv = unsafe { _mm256_loadu_si256(wq.cast()) };
+                                if $vnni {
+                                    // -128 times the sums of four weights ((-128) as u8 is
+                                    // 128).
+                                    let start =
+                                        _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, bias, wv));
+                                    for r in 0..R {
+                                        add(r, _mm256_dpbusd_epi32(start, xq[r], wv));
+                                    }
+                                } else {
+                                    let wa = _mm256_sign_epi8(wv, wv);
+                                    for r in 0..R {
+                                        let xb = _mm256_sign_epi8(xq[r], wv);
+                                        add(
+                                            r,
+                                            _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xb), ones),
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    b += 8;
                 }
+                std::array::from_fn(|r| std::array::from_fn(|wr| lanes_sum(acc[wr][r])))
             }
-            b += 8;
-        }
-        std::array::from_fn(|r| std::array::from_fn(|wr| lanes_sum(acc[wr][r])))
+        };
     }
 
-    /// Four weight rows (Q4_0 if `NIBBLES`, else Q8_0) dotted with one Q8_0 input row.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; each
-    /// `w[r]` holds `kb` blocks of its format, `x` holds `kb` Q8_0 blocks and `xs` their
-    /// `kb` scales.
-    // `j` indexes the scales of four rows and the blocks of several slices at once.
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot4<const NIBBLES: bool>(
-        kb: usize,
-        w: [&[u8]; 4],
-        x: &[u8],
-        xs: &[f32],
-    ) -> [f32; 4] {
-        let block = if NIBBLES { Q4_0_BYTES } else { Q8_0_BYTES };
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        let eight = _mm256_set1_epi8(8);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut b = 0;
-        while b < kb {
-            let nb = (kb - b).min(8);
-            // Per row, its blocks' scales times the input's, then the blocks in
-            // order with the four rows' chains of multiply-adds interleaved (one
-            // row's chain alone waits on each add's latency).
-            let mut d = [[0f32; 8]; 4];
-            let mut bases = [std::ptr::null::<u8>(); 4];
-            // Loaded in place where eight are left: the padded copy, of variable
-            // length, compiles to a call of `memcpy`.
-            let xsv = unsafe {
-                if b + 8 <= xs.len() {
-                    _mm256_loadu_ps(xs.as_ptr().add(b))
-                } else {
-                    _mm256_loadu_ps(padded(xs, b).as_ptr())
-                }
-            };
-            for (r, row) in w.iter().enumerate() {
-                // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row
-                // of `kb` blocks of `block` bytes; its scale is its first 2 bytes, its
-                // weights the next 32 (Q8_0) or 16 (Q4_0); the input block `b + j` is
-                // 34 bytes of `x`.
-                let base = unsafe { row.as_ptr().add(block * b) };
-                bases[r] = base;
-                // Eight groups of eight blocks ahead (past this row's end, the rows
-                // that follow it in memory: a band's rows are consecutive), so that the
-                // reads are in flight long before they are used: 15% more throughput
-                // on one core, where the hardware's own prefetching alone leaves the
-                // core waiting.
-                let ahead = base.wrapping_add(block * 8 * PREFETCH_GROUPS);
-                for line in 0..(block * 8).div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
-                }
-                // The blocks' f16 scales, eight at a time, times the input's.
-                let mut halves = [0u16; 8];
-                for (j, h) in halves.iter_mut().enumerate().take(nb) {
-                    *h = unsafe { std::ptr::read_unaligned(base.add(block * j).cast::<u16>()) };
-                }
-                let scales = unsafe {
-                    _mm256_mul_ps(
-                        _mm256_cvtph_ps(_mm_loadu_si128(halves.as_ptr().cast())),
-                        xsv,
-                    )
-                };
-                unsafe { _mm256_storeu_ps(d[r].as_mut_ptr(), scales) };
-            }
-            for j in 0..nb {
-                let xv =
-                    unsafe { _mm256_loadu_si256(x.as_ptr().add(Q8_0_BYTES * (b + j) + 2).cast()) };
-                for r in 0..4 {
-                    let wq = unsafe { bases[r].add(block * j + 2) };
-                    let wv = if NIBBLES {
-                        let packed = unsafe { _mm_loadu_si128(wq.cast()) };
-                        let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-                        _mm256_sub_epi8(_mm256_and_si256(both, low), eight)
-                    } else {
-                        unsafe { _mm256_loadu_si256(wq.cast()) }
-                    };
-                    // The pairs `maddubs` makes never saturate (at most 2 * 128 * 127), so the
-                    // i32 lanes are exact.
-                    let (wa, xb) = (_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xb), ones);
-                    acc[r] =
-                        _mm256_fmadd_ps(_mm256_set1_ps(d[r][j]), _mm256_cvtepi32_ps(sums), acc[r]);
-                }
-            }
-            b += 8;
-        }
-        acc.map(|v| {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-        })
-    }
+    dot4x_fn!(dot4x_avx2, "avx2,fma,f16c", false);
+    dot4x_fn!(dot4x_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
     /// Eight input scales from block `b` on, zero past the end.
     #[inline]
