@@ -1283,27 +1283,56 @@ mod x86 {
                 let start = (first + i) * self.row_bytes;
                 &self.weight[start..start + self.row_bytes]
             };
-            // Four weight rows at a time, dotted with every input row while they are in the
-            // nearest cache (as the Q8_0 kernel).
+            // Four weight rows at a time against up to four input rows per pass (as the Q8_0
+            // kernel): what a weight block alone decides (its scales, mins and nibbles) is made
+            // once for them.
+            let input = |r: usize| Q8kRow {
+                q: &x[r * x_row..(r + 1) * x_row],
+                d: &self.input_scales[r * kb..(r + 1) * kb],
+                sums: &self.input_sums[r * kb..(r + 1) * kb],
+            };
             let mut i = 0;
             while i < feats {
                 // Past the band's end, repeat its last row.
                 let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
-                for r in 0..self.rows {
-                    let xr = &x[r * x_row..(r + 1) * x_row];
-                    let xd = &self.input_scales[r * kb..(r + 1) * kb];
-                    let xs = &self.input_sums[r * kb..(r + 1) * kb];
+                let mut r = 0;
+                while r < self.rows {
+                    let take = (self.rows - r).min(4);
+                    let mut put = |dots: &[[f32; 4]]| {
+                        for (dr, d) in dots.iter().enumerate() {
+                            for (j, v) in d.iter().enumerate().take(feats - i) {
+                                out[(i + j) * self.rows + r + dr] = *v;
+                            }
+                        }
+                    };
+                    let inputs = |d: usize| input(r + d);
                     // SAFETY: the CPU has AVX2, FMA and F16C (`available`), every weight row is
-                    // `kb` Q4_K blocks and the input row `kb` Q8_K blocks with `kb` scales and
+                    // `kb` Q4_K blocks and every input row `kb` Q8_K blocks with `kb` scales and
                     // `kb` pair sums (lengths checked by `q4k_kernel` and sliced above).
-                    let dots = unsafe { dot4_q4k(kb, rows, xr, xd, xs) };
-                    for (j, d) in dots.iter().enumerate().take(feats - i) {
-                        out[(i + j) * self.rows + r] = *d;
+                    unsafe {
+                        match take {
+                            1 => put(&dot4_q4k::<1>(kb, rows, std::array::from_fn(inputs))),
+                            2 => put(&dot4_q4k::<2>(kb, rows, std::array::from_fn(inputs))),
+                            3 => put(&dot4_q4k::<3>(kb, rows, std::array::from_fn(inputs))),
+                            _ => put(&dot4_q4k::<4>(kb, rows, std::array::from_fn(inputs))),
+                        }
                     }
+                    r += take;
                 }
                 i += 4;
             }
         }
+    }
+
+    /// One input row as [`dot4_q4k`] reads it.
+    #[derive(Clone, Copy)]
+    struct Q8kRow<'a> {
+        /// `kb` Q8_K blocks.
+        q: &'a [u8],
+        /// Their scales.
+        d: &'a [f32],
+        /// Their sums per sub-block of 32 (see [`Q4kKernel`]).
+        sums: &'a [[i16; 8]],
     }
 
     /// The eight 6-bit scales, then the eight 6-bit mins, of a Q4_K block, one per byte, from
@@ -1337,60 +1366,60 @@ mod x86 {
         out
     }
 
-    /// Four Q4_K weight rows dotted with one Q8_K input row.
+    /// Four Q4_K weight rows dotted with `R` Q8_K input rows.
     ///
-    /// Per row, candle's arithmetic in candle's order: for each block, the 256 products of
-    /// nibble and input in eight i32 lanes (lane `l` takes bytes `4l..4l + 4` of every 32, each
-    /// pair of products times its sub-block's scale), converted to f32 and accumulated with
-    /// `d` times the input's scale; the mins times the input's sums per sub-block in four i32
-    /// lanes, accumulated with `-dmin` times the input's scale; then the eight lanes summed
-    /// (halves, then pairs, then the last two), the four likewise, and the two sums added. The
-    /// integers are exact and every f32 operation is candle's, so the results are candle's.
+    /// Per (weight row, input row), candle's arithmetic in candle's order: for each block, the
+    /// 256 products of nibble and input in eight i32 lanes (lane `l` takes bytes `4l..4l + 4` of
+    /// every 32, each pair of products times its sub-block's scale), converted to f32 and
+    /// accumulated with `d` times the input's scale; the mins times the input's sums per
+    /// sub-block in four i32 lanes, accumulated with `-dmin` times the input's scale; then the
+    /// eight lanes summed (halves, then pairs, then the last two), the four likewise, and the
+    /// two sums added. The integers are exact and every f32 operation is candle's, so the
+    /// results are candle's, whatever `R`. A weight block's scales, mins and nibbles are
+    /// unpacked once for the `R` input rows.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C; each `w[r]` holds `kb` Q4_K blocks, `x` holds `kb` Q8_K
-    /// blocks, `xd` their `kb` scales and `xs` their `kb` pair sums.
+    /// The CPU has AVX2, FMA and F16C; each `w[r]` holds `kb` Q4_K blocks, and each input `kb`
+    /// Q8_K blocks with `kb` scales and `kb` pair sums.
+    // `wr` and `r` index accumulators and scales of several rows at once.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot4_q4k(
-        kb: usize,
-        w: [&[u8]; 4],
-        x: &[u8],
-        xd: &[f32],
-        xs: &[[i16; 8]],
-    ) -> [f32; 4] {
+    unsafe fn dot4_q4k<const R: usize>(kb: usize, w: [&[u8]; 4], x: [Q8kRow; R]) -> [[f32; 4]; R] {
         let low = _mm256_set1_epi8(0x0F);
         // Shuffles that spread sub-block `s`'s i16 scale over every pair of lanes.
         let spread: [__m256i; 8] =
             std::array::from_fn(|s| _mm256_set1_epi16((((2 * s + 1) << 8) | (2 * s)) as i16));
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut acc_m = [_mm_setzero_ps(); 4];
+        let mut acc = [[_mm256_setzero_ps(); R]; 4];
+        let mut acc_m = [[_mm_setzero_ps(); R]; 4];
         for b in 0..kb {
             // SAFETY (all pointer arithmetic below): block `b < kb` of rows of `kb` blocks of
-            // `Q4K_BYTES`, and of an input row of `kb` blocks of `Q8K_BYTES`; the offsets stay
+            // `Q4K_BYTES`, and of input rows of `kb` blocks of `Q8K_BYTES`; the offsets stay
             // inside those blocks (d, dmin at 0 and 2, packed scales at 4..16, nibbles at
             // 16..144; the input's i8 at 4..260).
             let bases = w.map(|row| unsafe { row.as_ptr().add(Q4K_BYTES * b) });
-            // The four blocks' d and dmin as f32 in one conversion, times the input's scale
+            // The four blocks' d and dmin as f32 in one conversion, times each input's scale
             // (`-` for dmin: candle's `-y.d * x.dmin`).
             let mut halves = [0u16; 8];
-            for (r, base) in bases.iter().enumerate() {
-                halves[2 * r] = unsafe { std::ptr::read_unaligned(base.cast::<u16>()) };
-                halves[2 * r + 1] = unsafe { std::ptr::read_unaligned(base.add(2).cast::<u16>()) };
+            for (wr, base) in bases.iter().enumerate() {
+                halves[2 * wr] = unsafe { std::ptr::read_unaligned(base.cast::<u16>()) };
+                halves[2 * wr + 1] = unsafe { std::ptr::read_unaligned(base.add(2).cast::<u16>()) };
             }
-            let yd = xd[b];
-            let mut dd = [0f32; 8];
-            unsafe {
-                _mm256_storeu_ps(
-                    dd.as_mut_ptr(),
-                    _mm256_mul_ps(
-                        _mm256_setr_ps(yd, -yd, yd, -yd, yd, -yd, yd, -yd),
-                        _mm256_cvtph_ps(_mm_loadu_si128(halves.as_ptr().cast())),
-                    ),
-                )
-            };
-            let sums = unsafe { _mm_loadu_si128(xs[b].as_ptr().cast()) };
-            let q8 = unsafe { x.as_ptr().add(Q8K_BYTES * b + 4) };
-            for (r, &base) in bases.iter().enumerate() {
+            let wd = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(halves.as_ptr().cast()) });
+            let mut dd = [[0f32; 8]; R];
+            for r in 0..R {
+                let yd = x[r].d[b];
+                unsafe {
+                    _mm256_storeu_ps(
+                        dd[r].as_mut_ptr(),
+                        _mm256_mul_ps(_mm256_setr_ps(yd, -yd, yd, -yd, yd, -yd, yd, -yd), wd),
+                    )
+                };
+            }
+            let sums: [__m128i; R] =
+                std::array::from_fn(|r| unsafe { _mm_loadu_si128(x[r].sums[b].as_ptr().cast()) });
+            let q8: [*const u8; R] =
+                std::array::from_fn(|r| unsafe { x[r].q.as_ptr().add(Q8K_BYTES * b + 4) });
+            for (wr, &base) in bases.iter().enumerate() {
                 // The same block of this row two passes on: in flight long before it is used.
                 let ahead = base.wrapping_add(Q4K_AHEAD_ROWS * Q4K_BYTES * kb);
                 for line in 0..Q4K_BYTES.div_ceil(64) {
@@ -1400,40 +1429,52 @@ mod x86 {
                     scales_and_mins(unsafe { std::slice::from_raw_parts(base.add(4), 12) });
                 let scales_mins =
                     _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(packed.as_ptr().cast()) });
-                let mins = _mm_madd_epi16(_mm256_extracti128_si256::<1>(scales_mins), sums);
-                acc_m[r] =
-                    _mm_fmadd_ps(_mm_set1_ps(dd[2 * r + 1]), _mm_cvtepi32_ps(mins), acc_m[r]);
+                let mins_w = _mm256_extracti128_si256::<1>(scales_mins);
+                for r in 0..R {
+                    let mins = _mm_madd_epi16(mins_w, sums[r]);
+                    acc_m[wr][r] = _mm_fmadd_ps(
+                        _mm_set1_ps(dd[r][2 * wr + 1]),
+                        _mm_cvtepi32_ps(mins),
+                        acc_m[wr][r],
+                    );
+                }
                 let scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(scales_mins));
-                let mut sumi = _mm256_setzero_si256();
+                let mut sumi = [_mm256_setzero_si256(); R];
                 for j in 0..4 {
                     let nibbles = unsafe { _mm256_loadu_si256(base.add(16 + 32 * j).cast()) };
                     let lo = _mm256_and_si256(nibbles, low);
                     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(nibbles), low);
-                    let x_lo = unsafe { _mm256_loadu_si256(q8.add(64 * j).cast()) };
-                    let x_hi = unsafe { _mm256_loadu_si256(q8.add(64 * j + 32).cast()) };
-                    let p_lo = _mm256_madd_epi16(
-                        _mm256_shuffle_epi8(scales, spread[2 * j]),
-                        _mm256_maddubs_epi16(lo, x_lo),
-                    );
-                    sumi = _mm256_add_epi32(sumi, p_lo);
-                    let p_hi = _mm256_madd_epi16(
-                        _mm256_shuffle_epi8(scales, spread[2 * j + 1]),
-                        _mm256_maddubs_epi16(hi, x_hi),
-                    );
-                    sumi = _mm256_add_epi32(sumi, p_hi);
+                    let sc_lo = _mm256_shuffle_epi8(scales, spread[2 * j]);
+                    let sc_hi = _mm256_shuffle_epi8(scales, spread[2 * j + 1]);
+                    for r in 0..R {
+                        let x_lo = unsafe { _mm256_loadu_si256(q8[r].add(64 * j).cast()) };
+                        let x_hi = unsafe { _mm256_loadu_si256(q8[r].add(64 * j + 32).cast()) };
+                        let p_lo = _mm256_madd_epi16(sc_lo, _mm256_maddubs_epi16(lo, x_lo));
+                        sumi[r] = _mm256_add_epi32(sumi[r], p_lo);
+                        let p_hi = _mm256_madd_epi16(sc_hi, _mm256_maddubs_epi16(hi, x_hi));
+                        sumi[r] = _mm256_add_epi32(sumi[r], p_hi);
+                    }
                 }
-                acc[r] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(dd[2 * r]), _mm256_cvtepi32_ps(sumi), acc[r]);
+                for r in 0..R {
+                    acc[wr][r] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dd[r][2 * wr]),
+                        _mm256_cvtepi32_ps(sumi[r]),
+                        acc[wr][r],
+                    );
+                }
             }
         }
         std::array::from_fn(|r| {
-            let v = acc[r];
-            let s = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            let m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r]));
-            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-            _mm_cvtss_f32(s) + _mm_cvtss_f32(m)
+            std::array::from_fn(|wr| {
+                let v = acc[wr][r];
+                let s = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                let m = acc_m[wr][r];
+                let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                _mm_cvtss_f32(s) + _mm_cvtss_f32(m)
+            })
         })
     }
 }
