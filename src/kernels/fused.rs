@@ -378,26 +378,23 @@ pub(crate) fn decayed_state_step(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f")]
-        fn avx512(
-            s_old: &[f32],
-            decay: f32,
-            qkv: (&[f32], &[f32], &[f32]),
-            s_new: &mut [std::mem::MaybeUninit<f32>],
-            o: &mut [f32],
-        ) {
-            body(s_old, decay, qkv, s_new, o)
+        /// `body` built for `$features`.
+        macro_rules! built_for {
+            ($name:ident, $features:literal) => {
+                #[target_feature(enable = $features)]
+                fn $name(
+                    s_old: &[f32],
+                    decay: f32,
+                    qkv: (&[f32], &[f32], &[f32]),
+                    s_new: &mut [std::mem::MaybeUninit<f32>],
+                    o: &mut [f32],
+                ) {
+                    body(s_old, decay, qkv, s_new, o)
+                }
+            };
         }
-        #[target_feature(enable = "avx2")]
-        fn avx2(
-            s_old: &[f32],
-            decay: f32,
-            qkv: (&[f32], &[f32], &[f32]),
-            s_new: &mut [std::mem::MaybeUninit<f32>],
-            o: &mut [f32],
-        ) {
-            body(s_old, decay, qkv, s_new, o)
-        }
+        built_for!(avx512, "avx512f");
+        built_for!(avx2, "avx2");
         use crate::kernels::isa::Level;
         match isa.level() {
             // SAFETY: an `Isa` is never above what the CPU has.
