@@ -1675,8 +1675,9 @@ mod tests {
 
     /// A fixed amount of decode work for timing whole processes, old binary against new:
     /// `cargo test --release --lib decode_projection_throughput -- --ignored --nocapture`
-    /// (`YOCO_CPU_ISA` picks the kernels, `YOCO_BENCH_FORMAT=q4_0` one format). Prints GB/s of
-    /// weights read.
+    /// (`YOCO_CPU_ISA` picks the kernels, `YOCO_BENCH_FORMAT=q4_0` one format,
+    /// `YOCO_BENCH_ROWS=16` a step of 16 sequences). Prints GB/s of weights read and the time
+    /// per block and input row.
     #[test]
     #[ignore]
     fn decode_projection_throughput() -> Result<()> {
@@ -1714,7 +1715,9 @@ mod tests {
                     Ok(Arc::new(QTensor::new(storage, (n, k))?))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let x = seeded(&[1, k], 1)?;
+            // A decode step of `rows` sequences.
+            let rows = var("YOCO_BENCH_ROWS", 1);
+            let x = seeded(&[rows, 1, k], 1)?;
             let t0 = std::time::Instant::now();
             for c in 0..calls {
                 qgemv_cpu(&x, std::slice::from_ref(&copies[c % copies.len()]))?;
@@ -1722,9 +1725,10 @@ mod tests {
             let secs = t0.elapsed().as_secs_f64();
             let bytes = copies[0].storage_size_in_bytes() * calls;
             println!(
-                "{format:?} {:?}: {:.2} GB/s",
+                "{format:?} {:?}, {rows} rows: {:.2} GB/s of weights, {:.2} ns per block and row",
                 Isa::active(),
-                bytes as f64 / secs / 1e9
+                bytes as f64 / secs / 1e9,
+                secs * 1e9 / (calls * rows * n * k / format.block_size()) as f64
             );
         }
         Ok(())
