@@ -4,8 +4,8 @@
 //! sequences:
 //! * the self-decoder's state, one per layer, owned and defined by its mixer: the gated-retention
 //!   matrix `S: (B, H, d, d)` (f32), or the last `W - 1` keys and values of the sliding window
-//!   ([`crate::self_decoder`]); constant in the sequence length;
-//! * the one global K/V every cross-decoder layer reads ([`crate::cross_decoder`]):
+//!   ([`crate::models::yoco::self_decoder`]); constant in the sequence length;
+//! * the one global K/V every cross-decoder layer reads ([`crate::models::yoco::cross_decoder`]):
 //!   `(B, H_kv, T, hd)` keys and values, the only part that grows with the sequence. It holds one
 //!   entry per token, so it also tells each sequence's position.
 //!

@@ -343,7 +343,7 @@ pub(crate) fn scan_states(
 /// One decode step of a decayed outer-product state (one head): `S' = decay S + k^T v` and
 /// `o = q S'`, for `S: (d, d)` row-major, `q, k, v: (d,)`. `s_new` (`d * d`) is written whole
 /// and `o` (`d`, zeroed by the caller) accumulated, each element by the same f32 operations in
-/// the same order whatever the instruction set: [`Isa`] picks a build of this loop for AVX-512
+/// the same order whatever the instruction set: `isa` picks a build of this loop for AVX-512
 /// or AVX2 (the crate is otherwise compiled for baseline x86-64, whose 4-wide SSE2 made this
 /// loop, over 75 MB of states at 16 sequences of bench-160m, bound by arithmetic).
 pub(crate) fn decayed_state_step(

@@ -1,29 +1,32 @@
 //! The CPU decode kernel of quantized projections: a few input rows times weights held in
 //! candle's GGML block formats.
 //!
-//! Decode is bound by reading the weights, so it runs as [`super::linear::gemv_cpu`] does for
+//! Decode is bound by reading the weights, so it runs as [`super::gemv::gemv_cpu`] does for
 //! f32: rayon threads take bands of output features and stream their weight rows once. A weight
 //! row is a run of blocks (a scale and 32 or 256 small integers); the input is quantized once per
 //! call to the block format's dot-product partner (`Q8_0` for the 32-blocks, `Q8_K` for the
 //! K-quants), and each block's integer dot product is scaled and summed in f32, as candle and
 //! llama.cpp do.
 //!
-//! The dot products are candle's (`GgmlType::vec_dot_4`), except for Q8_0 and Q4_0 on x86-64
-//! with AVX2, FMA and F16C, which take [`x86`]: candle's AVX2 code converts two f16 scales per
-//! 32-weight block through a function call, and that costs more than the block's arithmetic;
-//! [`x86`] converts eight scales in one instruction and dots four weight rows with each input
-//! block it loads (2.5x candle's throughput on one core, and the same sums: it adds the same
-//! terms in the same order). Q4_K takes [`x86`] too (`dot4_q4k`): on short rows (three blocks
-//! of 256 at width 768) candle's per-row call, with its scalar f16 conversions and its per-row
-//! pairing of the input's sums, costs more than the blocks' arithmetic; the kernel pairs the
-//! sums once per call, converts four rows' scales in one instruction and runs four rows per
-//! input block, with candle's integer sums and f32 operations in candle's order (the same
-//! results, bit for bit).
+//! The dot products are candle's (`GgmlType::vec_dot_4`), except for Q8_0, Q4_0 and Q4_K on
+//! x86-64 with AVX2, FMA and F16C, which take [`x86`]'s: candle converts two f16 scales per
+//! 32-weight block through a function call (more than the block's arithmetic) and takes one row
+//! at a time. [`x86`] converts eight scales in one instruction and dots four weight rows with up
+//! to four input rows per pass (two on AVX2), so that what a weight block alone decides (its
+//! scales, `|w|`, its nibbles, Q4_K's scales and mins) is made once for the rows of a batch. On
+//! AVX-512 CPUs with VNNI each block and pair of rows is one `vpdpbusd`: Q8_0's input biased to
+//! the unsigned operand with each weight block's lanes starting from -128 times its sums, Q4_0's
+//! stored nibbles unsigned with each input block's lanes starting from -8 times its sums. Every
+//! form sums the same exact i32 lanes and adds them with candle's f32 operations in candle's
+//! order: the same results as candle, bit for bit, alone or in a batch, on either instruction
+//! set.
 //!
 //! Which of these run is decided by [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA`
-//! lowers it (`portable` takes candle's dot products everywhere). On AVX-512 CPUs with VNNI,
-//! Q8_0 sums each block's products with one `vpdpbusd` where AVX2 takes `maddubs` and `madd`
-//! (the same exact i32 lanes, so the same bits; 20% more throughput on one core from cache).
+//! lowers it (`portable` takes candle's dot products everywhere).
+//!
+//! Prompt chunks (more rows) dequantize the weight into a reused buffer and take the float gemm
+//! ([`prefill_product_cpu`]); Q8_0, Q4_0 and Q4_K dequantize with AVX2, again with candle's
+//! operations.
 
 use std::sync::Arc;
 

@@ -150,8 +150,8 @@ type Band<'a> = (usize, Vec<&'a mut [f32]>, &'a mut [f32], [&'a [f32]; 2]);
 /// Shapes: `u`, `delta`: (C, E) row-major (time-major, channel contiguous).
 /// `a`: (E, N) = -exp(A_log), row-major. `b`, `c`: (C, N). `d`: (E,).
 /// `state`: (E, N), read as h_{-1} and overwritten with h_{C-1}. `y`: (C, E) output.
-/// h_t[e,n] = exp(delta[t,e] * a[e,n]) * h_{t-1}[e,n] + delta[t,e] * u[t,e] * b[t,n];
-/// y[t,e] = sum_n h_t[e,n] * c[t,n] + d[e] * u[t,e].
+/// `h_t[e,n] = exp(delta[t,e] * a[e,n]) * h_{t-1}[e,n] + delta[t,e] * u[t,e] * b[t,n]`;
+/// `y[t,e] = sum_n h_t[e,n] * c[t,n] + d[e] * u[t,e]`.
 ///
 /// One pass over time: bands of channels are rayon tasks; in a band, tiles of 64 channels
 /// walk over time, each channel's state row updated in place (vectorised over n; N = 16
@@ -258,7 +258,7 @@ fn step16(h: &mut [f32; 16], a2: &[f32; 16], bc: (&[f32; 16], &[f32; 16]), dt: f
 /// `x`: (C, E) raw inputs (time-major). `history`: (K-1, E) the K-1 raw inputs before
 /// this chunk, oldest first (zeros at the start of a sequence); overwritten with the last
 /// K-1 raw inputs of history ++ x. `weight`: (E, K) taps, `bias`: (E,).
-/// out[t,e] = silu(bias[e] + sum_k weight[e,k] * xx[t+k, e]) with xx = history ++ x, so
+/// `out[t,e] = silu(bias[e] + sum_k weight[e,k] * xx[t+k, e])` with `xx = history ++ x`, so
 /// tap K-1 multiplies the current input. Shifted multiply-adds over contiguous channel
 /// rows (vectorised over e), in blocks of 64 channels fused with the SiLU, parallel over
 /// time rows when large. `Err` if E = `bias.len()` or `k` is 0 or a length disagrees.
