@@ -1211,6 +1211,8 @@ mod x86 {
         /// Each input block's sums per sub-block of 32: its sums of 16 added in pairs, as i16
         /// (as candle's `hadd` pairs them; at most 32 * 128 in magnitude, so no wrapping).
         input_sums: Vec<[i16; 8]>,
+        /// `vpdpwssd` (the CPU has AVX-512 VNNI and VL): [`dot4_q4k_vnni`].
+        vnni: bool,
         rows: usize,
     }
 
@@ -1262,6 +1264,7 @@ mod x86 {
             input,
             input_scales,
             input_sums,
+            vnni: isa.vnni(),
             rows,
         })
     }
@@ -1312,12 +1315,22 @@ mod x86 {
                     // SAFETY: the CPU has AVX2, FMA and F16C (`available`), every weight row is
                     // `kb` Q4_K blocks and every input row `kb` Q8_K blocks with `kb` scales and
                     // `kb` pair sums (lengths checked by `q4k_kernel` and sliced above).
+                    // With VNNI (`Isa::vnni`), AVX-512 VNNI and VL as well.
                     unsafe {
-                        match take {
-                            1 => put(&dot4_q4k::<1>(kb, rows, std::array::from_fn(inputs))),
-                            2 => put(&dot4_q4k::<2>(kb, rows, std::array::from_fn(inputs))),
-                            3 => put(&dot4_q4k::<3>(kb, rows, std::array::from_fn(inputs))),
-                            _ => put(&dot4_q4k::<4>(kb, rows, std::array::from_fn(inputs))),
+                        macro_rules! call {
+                            ($f:ident) => {
+                                match take {
+                                    1 => put(&$f::<1>(kb, rows, std::array::from_fn(inputs))),
+                                    2 => put(&$f::<2>(kb, rows, std::array::from_fn(inputs))),
+                                    3 => put(&$f::<3>(kb, rows, std::array::from_fn(inputs))),
+                                    _ => put(&$f::<4>(kb, rows, std::array::from_fn(inputs))),
+                                }
+                            };
+                        }
+                        if self.vnni {
+                            call!(dot4_q4k_vnni)
+                        } else {
+                            call!(dot4_q4k)
                         }
                     }
                     r += take;
@@ -1369,117 +1382,152 @@ mod x86 {
         out
     }
 
-    /// Four Q4_K weight rows dotted with `R` Q8_K input rows.
-    ///
-    /// Per (weight row, input row), candle's arithmetic in candle's order: for each block, the
-    /// 256 products of nibble and input in eight i32 lanes (lane `l` takes bytes `4l..4l + 4` of
-    /// every 32, each pair of products times its sub-block's scale), converted to f32 and
-    /// accumulated with `d` times the input's scale; the mins times the input's sums per
-    /// sub-block in four i32 lanes, accumulated with `-dmin` times the input's scale; then the
-    /// eight lanes summed (halves, then pairs, then the last two), the four likewise, and the
-    /// two sums added. The integers are exact and every f32 operation is candle's, so the
-    /// results are candle's, whatever `R`. A weight block's scales, mins and nibbles are
-    /// unpacked once for the `R` input rows.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; each `w[r]` holds `kb` Q4_K blocks, and each input `kb`
-    /// Q8_K blocks with `kb` scales and `kb` pair sums.
-    // `wr` and `r` index accumulators and scales of several rows at once.
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot4_q4k<const R: usize>(kb: usize, w: [&[u8]; 4], x: [Q8kRow; R]) -> [[f32; 4]; R] {
-        let low = _mm256_set1_epi8(0x0F);
-        // Shuffles that spread sub-block `s`'s i16 scale over every pair of lanes.
-        let spread: [__m256i; 8] =
-            std::array::from_fn(|s| _mm256_set1_epi16((((2 * s + 1) << 8) | (2 * s)) as i16));
-        let mut acc = [[_mm256_setzero_ps(); R]; 4];
-        let mut acc_m = [[_mm_setzero_ps(); R]; 4];
-        for b in 0..kb {
-            // SAFETY (all pointer arithmetic below): block `b < kb` of rows of `kb` blocks of
-            // `Q4K_BYTES`, and of input rows of `kb` blocks of `Q8K_BYTES`; the offsets stay
-            // inside those blocks (d, dmin at 0 and 2, packed scales at 4..16, nibbles at
-            // 16..144; the input's i8 at 4..260).
-            let bases = w.map(|row| unsafe { row.as_ptr().add(Q4K_BYTES * b) });
-            // The four blocks' d and dmin as f32 in one conversion, times each input's scale
-            // (`-` for dmin: candle's `-y.d * x.dmin`).
-            let mut halves = [0u16; 8];
-            for (wr, base) in bases.iter().enumerate() {
-                halves[2 * wr] = unsafe { std::ptr::read_unaligned(base.cast::<u16>()) };
-                halves[2 * wr + 1] = unsafe { std::ptr::read_unaligned(base.add(2).cast::<u16>()) };
-            }
-            let wd = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(halves.as_ptr().cast()) });
-            let mut dd = [[0f32; 8]; R];
-            for r in 0..R {
-                let yd = x[r].d[b];
-                unsafe {
-                    _mm256_storeu_ps(
-                        dd[r].as_mut_ptr(),
-                        _mm256_mul_ps(_mm256_setr_ps(yd, -yd, yd, -yd, yd, -yd, yd, -yd), wd),
-                    )
-                };
-            }
-            let sums: [__m128i; R] =
-                std::array::from_fn(|r| unsafe { _mm_loadu_si128(x[r].sums[b].as_ptr().cast()) });
-            let q8: [*const u8; R] =
-                std::array::from_fn(|r| unsafe { x[r].q.as_ptr().add(Q8K_BYTES * b + 4) });
-            for (wr, &base) in bases.iter().enumerate() {
-                // The same block of this row two passes on: in flight long before it is used.
-                let ahead = base.wrapping_add(Q4K_AHEAD_ROWS * Q4K_BYTES * kb);
-                for line in 0..Q4K_BYTES.div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
-                }
-                let packed =
-                    scales_and_mins(unsafe { std::slice::from_raw_parts(base.add(4), 12) });
-                let scales_mins =
-                    _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(packed.as_ptr().cast()) });
-                let mins_w = _mm256_extracti128_si256::<1>(scales_mins);
-                for r in 0..R {
-                    let mins = _mm_madd_epi16(mins_w, sums[r]);
-                    acc_m[wr][r] = _mm_fmadd_ps(
-                        _mm_set1_ps(dd[r][2 * wr + 1]),
-                        _mm_cvtepi32_ps(mins),
-                        acc_m[wr][r],
-                    );
-                }
-                let scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(scales_mins));
-                let mut sumi = [_mm256_setzero_si256(); R];
-                for j in 0..4 {
-                    let nibbles = unsafe { _mm256_loadu_si256(base.add(16 + 32 * j).cast()) };
-                    let lo = _mm256_and_si256(nibbles, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(nibbles), low);
-                    let sc_lo = _mm256_shuffle_epi8(scales, spread[2 * j]);
-                    let sc_hi = _mm256_shuffle_epi8(scales, spread[2 * j + 1]);
+    /// Makes `$name`, [`dot4_q4k`]'s body with `$features`; with `$vnni`, `vpdpwssd` multiplies
+    /// each sub-block's pair sums by its scale and adds them in one instruction.
+    macro_rules! dot4_q4k_fn {
+        ($name:ident, $features:literal, $vnni:literal) => {
+            /// Four Q4_K weight rows dotted with `R` Q8_K input rows.
+            ///
+            /// Per (weight row, input row), candle's arithmetic in candle's order: for each block, the
+            /// 256 products of nibble and input in eight i32 lanes (lane `l` takes bytes `4l..4l + 4` of
+            /// every 32, each pair of products times its sub-block's scale), converted to f32 and
+            /// accumulated with `d` times the input's scale; the mins times the input's sums per
+            /// sub-block in four i32 lanes, accumulated with `-dmin` times the input's scale; then the
+            /// eight lanes summed (halves, then pairs, then the last two), the four likewise, and the
+            /// two sums added. The integers are exact and every f32 operation is candle's, so the
+            /// results are candle's, whatever `R`. A weight block's scales, mins and nibbles are
+            /// unpacked once for the `R` input rows.
+            ///
+            /// # Safety
+            /// The CPU has `$features`; each `w[r]` holds `kb` Q4_K blocks, and each input `kb`
+            /// Q8_K blocks with `kb` scales and `kb` pair sums.
+            // `wr` and `r` index accumulators and scales of several rows at once.
+            #[allow(clippy::needless_range_loop)]
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const R: usize>(
+                kb: usize,
+                w: [&[u8]; 4],
+                x: [Q8kRow; R],
+            ) -> [[f32; 4]; R] {
+                let low = _mm256_set1_epi8(0x0F);
+                // Shuffles that spread sub-block `s`'s i16 scale over every pair of lanes.
+                let spread: [__m256i; 8] = std::array::from_fn(|s| {
+                    _mm256_set1_epi16((((2 * s + 1) << 8) | (2 * s)) as i16)
+                });
+                let mut acc = [[_mm256_setzero_ps(); R]; 4];
+                let mut acc_m = [[_mm_setzero_ps(); R]; 4];
+                for b in 0..kb {
+                    // SAFETY (all pointer arithmetic below): block `b < kb` of rows of `kb` blocks of
+                    // `Q4K_BYTES`, and of input rows of `kb` blocks of `Q8K_BYTES`; the offsets stay
+                    // inside those blocks (d, dmin at 0 and 2, packed scales at 4..16, nibbles at
+                    // 16..144; the input's i8 at 4..260).
+                    let bases = w.map(|row| unsafe { row.as_ptr().add(Q4K_BYTES * b) });
+                    // The four blocks' d and dmin as f32 in one conversion, times each input's scale
+                    // (`-` for dmin: candle's `-y.d * x.dmin`).
+                    let mut halves = [0u16; 8];
+                    for (wr, base) in bases.iter().enumerate() {
+                        halves[2 * wr] = unsafe { std::ptr::read_unaligned(base.cast::<u16>()) };
+                        halves[2 * wr + 1] =
+                            unsafe { std::ptr::read_unaligned(base.add(2).cast::<u16>()) };
+                    }
+                    let wd = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(halves.as_ptr().cast()) });
+                    let mut dd = [[0f32; 8]; R];
                     for r in 0..R {
-                        let x_lo = unsafe { _mm256_loadu_si256(q8[r].add(64 * j).cast()) };
-                        let x_hi = unsafe { _mm256_loadu_si256(q8[r].add(64 * j + 32).cast()) };
-                        let p_lo = _mm256_madd_epi16(sc_lo, _mm256_maddubs_epi16(lo, x_lo));
-                        sumi[r] = _mm256_add_epi32(sumi[r], p_lo);
-                        let p_hi = _mm256_madd_epi16(sc_hi, _mm256_maddubs_epi16(hi, x_hi));
-                        sumi[r] = _mm256_add_epi32(sumi[r], p_hi);
+                        let yd = x[r].d[b];
+                        unsafe {
+                            _mm256_storeu_ps(
+                                dd[r].as_mut_ptr(),
+                                _mm256_mul_ps(
+                                    _mm256_setr_ps(yd, -yd, yd, -yd, yd, -yd, yd, -yd),
+                                    wd,
+                                ),
+                            )
+                        };
+                    }
+                    let sums: [__m128i; R] = std::array::from_fn(|r| unsafe {
+                        _mm_loadu_si128(x[r].sums[b].as_ptr().cast())
+                    });
+                    let q8: [*const u8; R] =
+                        std::array::from_fn(|r| unsafe { x[r].q.as_ptr().add(Q8K_BYTES * b + 4) });
+                    for (wr, &base) in bases.iter().enumerate() {
+                        // The same block of this row two passes on: in flight long before it is used.
+                        let ahead = base.wrapping_add(Q4K_AHEAD_ROWS * Q4K_BYTES * kb);
+                        for line in 0..Q4K_BYTES.div_ceil(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+                        }
+                        let packed =
+                            scales_and_mins(unsafe { std::slice::from_raw_parts(base.add(4), 12) });
+                        let scales_mins = _mm256_cvtepu8_epi16(unsafe {
+                            _mm_loadu_si128(packed.as_ptr().cast())
+                        });
+                        let mins_w = _mm256_extracti128_si256::<1>(scales_mins);
+                        for r in 0..R {
+                            let mins = _mm_madd_epi16(mins_w, sums[r]);
+                            acc_m[wr][r] = _mm_fmadd_ps(
+                                _mm_set1_ps(dd[r][2 * wr + 1]),
+                                _mm_cvtepi32_ps(mins),
+                                acc_m[wr][r],
+                            );
+                        }
+                        let scales =
+                            _mm256_broadcastsi128_si256(_mm256_castsi256_si128(scales_mins));
+                        let mut sumi = [_mm256_setzero_si256(); R];
+                        for j in 0..4 {
+                            let nibbles =
+                                unsafe { _mm256_loadu_si256(base.add(16 + 32 * j).cast()) };
+                            let lo = _mm256_and_si256(nibbles, low);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(nibbles), low);
+                            let sc_lo = _mm256_shuffle_epi8(scales, spread[2 * j]);
+                            let sc_hi = _mm256_shuffle_epi8(scales, spread[2 * j + 1]);
+                            for r in 0..R {
+                                let x_lo = unsafe { _mm256_loadu_si256(q8[r].add(64 * j).cast()) };
+                                let x_hi =
+                                    unsafe { _mm256_loadu_si256(q8[r].add(64 * j + 32).cast()) };
+                                let (q_lo, q_hi) = (
+                                    _mm256_maddubs_epi16(lo, x_lo),
+                                    _mm256_maddubs_epi16(hi, x_hi),
+                                );
+                                // VNNI: the pairs times their scales added in one instruction (the
+                                // same exact i32 sums as `madd` then `add`).
+                                if $vnni {
+                                    sumi[r] = _mm256_dpwssd_epi32(sumi[r], q_lo, sc_lo);
+                                    sumi[r] = _mm256_dpwssd_epi32(sumi[r], q_hi, sc_hi);
+                                } else {
+                                    sumi[r] =
+                                        _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc_lo, q_lo));
+                                    sumi[r] =
+                                        _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc_hi, q_hi));
+                                }
+                            }
+                        }
+                        for r in 0..R {
+                            acc[wr][r] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(dd[r][2 * wr]),
+                                _mm256_cvtepi32_ps(sumi[r]),
+                                acc[wr][r],
+                            );
+                        }
                     }
                 }
-                for r in 0..R {
-                    acc[wr][r] = _mm256_fmadd_ps(
-                        _mm256_set1_ps(dd[r][2 * wr]),
-                        _mm256_cvtepi32_ps(sumi[r]),
-                        acc[wr][r],
-                    );
-                }
+                std::array::from_fn(|r| {
+                    std::array::from_fn(|wr| {
+                        let v = acc[wr][r];
+                        let s =
+                            _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+                        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                        let m = acc_m[wr][r];
+                        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+                        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                        _mm_cvtss_f32(s) + _mm_cvtss_f32(m)
+                    })
+                })
             }
-        }
-        std::array::from_fn(|r| {
-            std::array::from_fn(|wr| {
-                let v = acc[wr][r];
-                let s = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                let m = acc_m[wr][r];
-                let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-                _mm_cvtss_f32(s) + _mm_cvtss_f32(m)
-            })
-        })
+        };
     }
+
+    dot4_q4k_fn!(dot4_q4k, "avx2,fma,f16c", false);
+    dot4_q4k_fn!(dot4_q4k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 }
 
 #[cfg(test)]
