@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the hot paths through the public API, at the bench-160m shape (f32, CPU):
 //! a decode step at 1K and 16K context (at 16K the cross-decoder's attention over the global
 //! K/V dominates), and one prefill chunk of 512 tokens for gated retention and for the sliding
-//! window (W = 1024).
+//! window (W = 1024); and a step of 16 sequences at once at 1K context, f32 and Q8_0 (the
+//! batched kernels, each sequence's retention state and attention).
 //!
 //! `cargo bench --bench hot_paths`
 
@@ -45,6 +46,28 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
+fn batched_decode(c: &mut Criterion) {
+    const ROWS: usize = 16;
+    let prompts: Vec<u32> = (0..ROWS).flat_map(|r| ids(1024 + r).split_off(r)).collect();
+    let prompts = Tensor::from_vec(prompts, (ROWS, 1024), &Device::Cpu).unwrap();
+    let next = Tensor::from_vec(vec![7u32; ROWS], (ROWS, 1), &Device::Cpu).unwrap();
+    let mut group = c.benchmark_group("decode step of 16 sequences at 1K (bench-160m)");
+    group.sample_size(20);
+    for (name, quant) in [("f32", None), ("q8_0", Some(yoco::Quant::Q8_0))] {
+        let options = yoco::LoadOptions {
+            quant,
+            ..yoco::LoadOptions::default()
+        };
+        let model = Model::random_with(&bench_config(None), &options).unwrap();
+        let mut cache = model.new_cache(ROWS).unwrap();
+        model.prefill(&prompts, &mut cache).unwrap();
+        // One cache stepped on, as a server's batch is: its context grows by a few hundred
+        // tokens over the run, and the step's buffers are reused rather than fresh pages.
+        group.bench_function(name, |b| b.iter(|| model.step(&next, &mut cache).unwrap()));
+    }
+    group.finish();
+}
+
 fn prefill(c: &mut Criterion) {
     let chunk = row(&ids(512));
     let mut group = c.benchmark_group("prefill chunk of 512 (bench-160m)");
@@ -64,5 +87,5 @@ fn prefill(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, prefill);
+criterion_group!(benches, decode, batched_decode, prefill);
 criterion_main!(benches);

@@ -15,31 +15,61 @@ use crate::Result;
 pub(crate) const DECODE_TILE: usize = 128;
 
 /// The element types [`decode_grouped_cpu`] reads keys and values in: f32, or f16/bf16 (half
-/// the bytes for a long-context decode to read, widened to f32 a row at a time).
+/// the bytes for a long-context decode to read, widened to f32 a tile at a time).
 trait KvElem: Copy + Send + Sync + candle_core::WithDType {
-    /// `src` as f32: itself, or widened into `buf` (of `src`'s length).
-    fn widen<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+    /// The `n` rows of `d` values at `src[start + j * stride..]` as f32 rows `stride` apart:
+    /// themselves, or widened into `buf` (rows `d` apart).
+    fn rows<'a>(
+        src: &'a [Self],
+        at: (usize, usize),
+        shape: (usize, usize),
+        buf: &'a mut Vec<f32>,
+    ) -> (&'a [f32], usize);
 }
 
 impl KvElem for f32 {
-    fn widen<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
-        src
+    fn rows<'a>(
+        src: &'a [f32],
+        (start, stride): (usize, usize),
+        _: (usize, usize),
+        _: &'a mut Vec<f32>,
+    ) -> (&'a [f32], usize) {
+        (&src[start..], stride)
     }
 }
 
+/// [`KvElem::rows`] of a half-precision type.
+fn widen_rows<'a, T: half::slice::HalfFloatSliceExt + ?Sized + 'a>(
+    src: impl Fn(usize) -> &'a T,
+    (n, d): (usize, usize),
+    buf: &'a mut Vec<f32>,
+) -> (&'a [f32], usize) {
+    buf.resize(n * d, 0.0);
+    for (j, row) in buf.chunks_exact_mut(d.max(1)).enumerate() {
+        src(j).convert_to_f32_slice(row);
+    }
+    (buf, d)
+}
+
 impl KvElem for half::f16 {
-    fn widen<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
-        use half::slice::HalfFloatSliceExt;
-        src.convert_to_f32_slice(buf);
-        buf
+    fn rows<'a>(
+        src: &'a [Self],
+        (start, stride): (usize, usize),
+        (n, d): (usize, usize),
+        buf: &'a mut Vec<f32>,
+    ) -> (&'a [f32], usize) {
+        widen_rows(|j| &src[start + j * stride..][..d], (n, d), buf)
     }
 }
 
 impl KvElem for half::bf16 {
-    fn widen<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
-        use half::slice::HalfFloatSliceExt;
-        src.convert_to_f32_slice(buf);
-        buf
+    fn rows<'a>(
+        src: &'a [Self],
+        (start, stride): (usize, usize),
+        (n, d): (usize, usize),
+        buf: &'a mut Vec<f32>,
+    ) -> (&'a [f32], usize) {
+        widen_rows(|j| &src[start + j * stride..][..d], (n, d), buf)
     }
 }
 
@@ -132,22 +162,23 @@ impl Walk<'_> {
                 let mut max = vec![f32::NEG_INFINITY; g];
                 let mut sum = vec![0f32; g];
                 let mut scores = vec![0f32; g * DECODE_TILE];
-                let mut wide = vec![0f32; d];
-                let mut dots_g = vec![0f32; g];
+                let (mut wide_k, mut wide_v) = (Vec::new(), Vec::new());
                 for t0 in (first..l).step_by(DECODE_TILE) {
                     let t = DECODE_TILE.min(l - t0);
-                    for j in 0..t {
-                        let bias = row_mask.map_or(0.0, |m| m[t0 + j]);
-                        let kr = T::widen(&kd[kb + (t0 + j) * kst2..][..d], &mut wide);
-                        if bias == f32::NEG_INFINITY {
-                            for gi in 0..g {
-                                scores[gi * DECODE_TILE + j] = f32::NEG_INFINITY;
-                            }
-                        } else {
-                            query_dots(isa, qh, kr, &mut dots_g);
-                            for gi in 0..g {
-                                scores[gi * DECODE_TILE + j] = dots_g[gi] * self.scale + bias;
-                            }
+                    let keys = T::rows(kd, (kb + t0 * kst2, kst2), (t, d), &mut wide_k);
+                    tile_dots(isa, qh, d, keys, t, (&mut scores, DECODE_TILE));
+                    for gi in 0..g {
+                        let s = &mut scores[gi * DECODE_TILE..gi * DECODE_TILE + t];
+                        match row_mask {
+                            Some(m) => s.iter_mut().zip(&m[t0..t0 + t]).for_each(|(x, &b)| {
+                                // A masked slot scores -inf whatever its key holds.
+                                *x = if b == f32::NEG_INFINITY {
+                                    b
+                                } else {
+                                    *x * self.scale + b
+                                }
+                            }),
+                            None => s.iter_mut().for_each(|x| *x *= self.scale),
                         }
                     }
                     // Online softmax, a tile at a time: rescale what was accumulated when the
@@ -172,16 +203,8 @@ impl Walk<'_> {
                         fused::exp_shifted(s, new_max);
                         sum[gi] += s.iter().sum::<f32>();
                     }
-                    for j in 0..t {
-                        for gi in 0..g {
-                            dots_g[gi] = scores[gi * DECODE_TILE + j];
-                        }
-                        if dots_g.iter().all(|&p| p == 0.0) {
-                            continue;
-                        }
-                        let vr = T::widen(&vd[vb + (t0 + j) * vst2..][..d], &mut wide);
-                        add_weighted(isa, out_kv, vr, &dots_g);
-                    }
+                    let values = T::rows(vd, (vb + t0 * vst2, vst2), (t, d), &mut wide_v);
+                    tile_add_weighted(isa, out_kv, d, values, t, (&scores, DECODE_TILE));
                 }
                 for gi in 0..g {
                     let inv = 1.0 / sum[gi];
@@ -191,6 +214,93 @@ impl Walk<'_> {
                 }
             });
         out
+    }
+}
+
+/// `scores[i * stride + j] = q_i . k_j` for the query heads `q` (rows of `d`) and a tile's `t`
+/// keys (rows of `d` in `keys.0`, `keys.1` apart). The keys go in blocks of 16 (AVX-512) or 8
+/// (AVX2) whose dot products are summed across lanes together, a transposing tree that leaves
+/// the block's sums in one register: summing each key's lanes on its own cost more than its
+/// multiplications. The keys after the last whole block take [`query_dots`].
+fn tile_dots(
+    isa: Isa,
+    q: &[f32],
+    d: usize,
+    (k, kst): (&[f32], usize),
+    t: usize,
+    (scores, stride): (&mut [f32], usize),
+) {
+    let g = q.len() / d.max(1);
+    if g == 0 || t == 0 {
+        return;
+    }
+    // What the SIMD forms index: every key row and every head's scores.
+    let fits =
+        q.len() == g * d && k.len() >= (t - 1) * kst + d && scores.len() >= (g - 1) * stride + t;
+    let done = match isa.level() {
+        // SAFETY: an `Isa` is never above what the CPU has; `fits` holds the lengths.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 if fits && d.is_multiple_of(16) && d <= 256 => unsafe {
+            x86::tile_dots_avx512(q, d, k, kst, t, scores, stride);
+            t - t % 16
+        },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 if fits && d.is_multiple_of(8) => unsafe {
+            x86::tile_dots_avx2(q, d, k, kst, t, scores, stride);
+            t - t % 8
+        },
+        _ => 0,
+    };
+    let mut dots = vec![0f32; if done < t { g } else { 0 }];
+    for j in done..t {
+        query_dots(isa, q, &k[j * kst..][..d], &mut dots);
+        for (i, &x) in dots.iter().enumerate() {
+            scores[i * stride + j] = x;
+        }
+    }
+}
+
+/// `out_i += p[i * stride + j] v_j` over a tile's `t` values (rows of `d` in `values.0`,
+/// `values.1` apart), key after key, for the query heads' accumulators `out` (rows of `d`); a
+/// zero weight adds nothing. The SIMD forms keep the accumulators in registers for the whole
+/// tile (loading and storing them per key was most of the work).
+fn tile_add_weighted(
+    isa: Isa,
+    out: &mut [f32],
+    d: usize,
+    (v, vst): (&[f32], usize),
+    t: usize,
+    (p, stride): (&[f32], usize),
+) {
+    let g = out.len() / d.max(1);
+    if g == 0 || t == 0 {
+        return;
+    }
+    let fits =
+        out.len() == g * d && v.len() >= (t - 1) * vst + d && p.len() >= (g - 1) * stride + t;
+    match isa.level() {
+        // SAFETY: an `Isa` is never above what the CPU has; `fits` holds the lengths.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 if fits && d.is_multiple_of(16) && d <= 256 => unsafe {
+            x86::tile_add_weighted_avx512(out, d, v, vst, t, p, stride)
+        },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 if fits && d.is_multiple_of(8) => unsafe {
+            x86::tile_add_weighted_avx2(out, d, v, vst, t, p, stride)
+        },
+        _ => {
+            let mut pj = vec![0f32; g];
+            for j in 0..t {
+                for (i, x) in pj.iter_mut().enumerate() {
+                    *x = p[i * stride + j];
+                }
+                if pj.iter().any(|&x| x != 0.0) {
+                    add_weighted(isa, out, &v[j * vst..][..d], &pj);
+                }
+            }
+        }
     }
 }
 
@@ -273,6 +383,273 @@ mod x86 {
                 _ => {}
             }
         };
+    }
+
+    /// The lane sums of 16 registers, in order, in one: pairs interleaved and added (each
+    /// 128-bit lane then holds half sums of two registers), then pairs of those (four whole
+    /// 128-bit lane sums), then 128-bit lanes exchanged twice.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn sum16(a: [__m512; 16]) -> __m512 {
+        let b: [__m512; 8] = std::array::from_fn(|i| {
+            let (x, y) = (a[2 * i], a[2 * i + 1]);
+            _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
+        });
+        let c: [__m512; 4] = std::array::from_fn(|i| {
+            let (x, y) = (b[2 * i], b[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(x, y),
+                _mm512_shuffle_ps::<0xEE>(x, y),
+            )
+        });
+        let e: [__m512; 2] = std::array::from_fn(|i| {
+            let (x, y) = (c[2 * i], c[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(x, y),
+                _mm512_shuffle_f32x4::<0xDD>(x, y),
+            )
+        });
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(e[0], e[1]),
+            _mm512_shuffle_f32x4::<0xDD>(e[0], e[1]),
+        )
+    }
+
+    /// [`super::tile_dots`] with AVX-512 for the whole blocks of 16 keys.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `q` holds rows of `d = 16 N <= 256`, `k` holds `t` rows of `d`
+    /// `kst` apart, and `scores` holds each head's `t` scores `stride` apart.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_dots_avx512(
+        q: &[f32],
+        d: usize,
+        k: &[f32],
+        kst: usize,
+        t: usize,
+        scores: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: as this function's.
+        unsafe { by_registers!(d / 16, tile_dots_n, q, k, kst, t, scores, stride) }
+    }
+
+    /// [`tile_dots_avx512`] for heads of `16 N` floats.
+    ///
+    /// # Safety
+    /// As [`tile_dots_avx512`], with `d == 16 N`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_dots_n<const N: usize>(
+        q: &[f32],
+        k: &[f32],
+        kst: usize,
+        t: usize,
+        scores: &mut [f32],
+        stride: usize,
+    ) {
+        let d = 16 * N;
+        for j0 in (0..t - t % 16).step_by(16) {
+            for (i, qi) in q.chunks_exact(d).enumerate() {
+                // SAFETY: 16 (c + 1) <= d floats of row i.
+                let qv: [__m512; N] =
+                    std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qi.as_ptr().add(16 * c)) });
+                let acc: [__m512; 16] = std::array::from_fn(|jj| {
+                    let mut a = _mm512_setzero_ps();
+                    for (c, qc) in qv.iter().enumerate() {
+                        // SAFETY: key j0 + jj < t starts at (j0 + jj) kst and holds d floats.
+                        let kc =
+                            unsafe { _mm512_loadu_ps(k.as_ptr().add((j0 + jj) * kst + 16 * c)) };
+                        a = _mm512_fmadd_ps(*qc, kc, a);
+                    }
+                    a
+                });
+                // SAFETY: head i's scores j0..j0 + 16 <= t.
+                unsafe { _mm512_storeu_ps(scores.as_mut_ptr().add(i * stride + j0), sum16(acc)) };
+            }
+        }
+    }
+
+    /// [`super::tile_add_weighted`] with AVX-512: the accumulators of as many heads as fill 16
+    /// registers stay in them over the tile.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `out` holds rows of `d = 16 N <= 256`, `v` holds `t` rows of `d`
+    /// `vst` apart, and `p` holds each head's `t` weights `stride` apart.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_add_weighted_avx512(
+        out: &mut [f32],
+        d: usize,
+        v: &[f32],
+        vst: usize,
+        t: usize,
+        p: &[f32],
+        stride: usize,
+    ) {
+        // SAFETY: as this function's.
+        unsafe { by_registers!(d / 16, tile_add_weighted_n, out, v, vst, t, p, stride) }
+    }
+
+    /// [`tile_add_weighted_avx512`] for heads of `16 N` floats.
+    ///
+    /// # Safety
+    /// As [`tile_add_weighted_avx512`], with `d == 16 N`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_add_weighted_n<const N: usize>(
+        out: &mut [f32],
+        v: &[f32],
+        vst: usize,
+        t: usize,
+        p: &[f32],
+        stride: usize,
+    ) {
+        let d = 16 * N;
+        // Heads per pass: their accumulators fill 16 registers (h N + c < 16 below).
+        let per_pass = (16 / N).max(1);
+        let heads = out.len() / d;
+        for h0 in (0..heads).step_by(per_pass) {
+            let here = per_pass.min(heads - h0);
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for h in 0..per_pass {
+                if h < here {
+                    for c in 0..N {
+                        // SAFETY: row h0 + h of `out` holds d floats.
+                        acc[h * N + c] =
+                            unsafe { _mm512_loadu_ps(out.as_ptr().add((h0 + h) * d + 16 * c)) };
+                    }
+                }
+            }
+            for j in 0..t {
+                // SAFETY: value j < t starts at j vst and holds d floats.
+                let vv: [__m512; N] = std::array::from_fn(|c| unsafe {
+                    _mm512_loadu_ps(v.as_ptr().add(j * vst + 16 * c))
+                });
+                for h in 0..per_pass {
+                    if h < here {
+                        let pj = p[(h0 + h) * stride + j];
+                        if pj != 0.0 {
+                            let pv = _mm512_set1_ps(pj);
+                            for (c, x) in vv.iter().enumerate() {
+                                acc[h * N + c] = _mm512_fmadd_ps(pv, *x, acc[h * N + c]);
+                            }
+                        }
+                    }
+                }
+            }
+            for h in 0..per_pass {
+                if h < here {
+                    for c in 0..N {
+                        // SAFETY: as the loads.
+                        unsafe {
+                            _mm512_storeu_ps(
+                                out.as_mut_ptr().add((h0 + h) * d + 16 * c),
+                                acc[h * N + c],
+                            )
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// The lane sums of 8 registers, in order, in one: [`sum16`]'s tree on 256 bits.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sum8(a: [__m256; 8]) -> __m256 {
+        let b: [__m256; 4] = std::array::from_fn(|i| {
+            let (x, y) = (a[2 * i], a[2 * i + 1]);
+            _mm256_add_ps(_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y))
+        });
+        let c: [__m256; 2] = std::array::from_fn(|i| {
+            let (x, y) = (b[2 * i], b[2 * i + 1]);
+            _mm256_add_ps(
+                _mm256_shuffle_ps::<0x44>(x, y),
+                _mm256_shuffle_ps::<0xEE>(x, y),
+            )
+        });
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(c[0], c[1]),
+            _mm256_permute2f128_ps::<0x31>(c[0], c[1]),
+        )
+    }
+
+    /// [`super::tile_dots`] with AVX2 and FMA for the whole blocks of 8 keys.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `q` holds rows of `d`, a multiple of 8, `k` holds `t` rows of
+    /// `d` `kst` apart, and `scores` holds each head's `t` scores `stride` apart.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_dots_avx2(
+        q: &[f32],
+        d: usize,
+        k: &[f32],
+        kst: usize,
+        t: usize,
+        scores: &mut [f32],
+        stride: usize,
+    ) {
+        for j0 in (0..t - t % 8).step_by(8) {
+            for (i, qi) in q.chunks_exact(d).enumerate() {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for c in (0..d).step_by(8) {
+                    // SAFETY: c + 8 <= d floats of row i and of keys j0..j0 + 8 <= t.
+                    unsafe {
+                        let qv = _mm256_loadu_ps(qi.as_ptr().add(c));
+                        for (jj, a) in acc.iter_mut().enumerate() {
+                            let kc = _mm256_loadu_ps(k.as_ptr().add((j0 + jj) * kst + c));
+                            *a = _mm256_fmadd_ps(qv, kc, *a);
+                        }
+                    }
+                }
+                // SAFETY: head i's scores j0..j0 + 8 <= t.
+                unsafe { _mm256_storeu_ps(scores.as_mut_ptr().add(i * stride + j0), sum8(acc)) };
+            }
+        }
+    }
+
+    /// [`super::tile_add_weighted`] with AVX2 and FMA: one head's accumulators, 64 floats of
+    /// them at a time, stay in 8 registers over the tile.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `out` holds rows of `d`, a multiple of 8, `v` holds `t` rows of
+    /// `d` `vst` apart, and `p` holds each head's `t` weights `stride` apart.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_add_weighted_avx2(
+        out: &mut [f32],
+        d: usize,
+        v: &[f32],
+        vst: usize,
+        t: usize,
+        p: &[f32],
+        stride: usize,
+    ) {
+        for (h, row) in out.chunks_exact_mut(d).enumerate() {
+            let ph = &p[h * stride..][..t];
+            for c0 in (0..d).step_by(64) {
+                let n = ((d - c0) / 8).min(8);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (c, a) in acc.iter_mut().enumerate().take(n) {
+                    // SAFETY: c0 + 8 (c + 1) <= d floats of the row.
+                    *a = unsafe { _mm256_loadu_ps(row.as_ptr().add(c0 + 8 * c)) };
+                }
+                for (j, &pj) in ph.iter().enumerate() {
+                    if pj == 0.0 {
+                        continue;
+                    }
+                    let pv = _mm256_set1_ps(pj);
+                    for (c, a) in acc.iter_mut().enumerate().take(n) {
+                        // SAFETY: value j < t starts at j vst and holds d floats.
+                        let x = unsafe { _mm256_loadu_ps(v.as_ptr().add(j * vst + c0 + 8 * c)) };
+                        *a = _mm256_fmadd_ps(pv, x, *a);
+                    }
+                }
+                for (c, a) in acc.iter().enumerate().take(n) {
+                    // SAFETY: as the loads.
+                    unsafe { _mm256_storeu_ps(row.as_mut_ptr().add(c0 + 8 * c), *a) };
+                }
+            }
+        }
     }
 
     /// [`super::query_dots`] with AVX-512: the key in up to 16 registers, one accumulator per
@@ -551,6 +928,73 @@ mod tests {
                     assert!((a - b).abs() <= 1e-5, "{isa:?} d {d} g {g}");
                 }
                 assert_eq!(out[..d], start[..d], "a zero weight leaves its head alone");
+            }
+        }
+    }
+
+    /// The tile forms on every instruction set: scores against plain loops (whole blocks of 16
+    /// and 8 keys, the keys after them, rows wider than a head), and the weighted values bit for
+    /// bit against the per-key helper on the same instruction set, with zero weights skipped (a
+    /// NaN value under them stays out).
+    #[test]
+    fn the_tile_forms_equal_plain_loops_on_every_instruction_set() {
+        let mut rng = crate::kernels::TestRng::new(5);
+        for (d, g, t, kst) in [
+            (64, 3, 128, 64),
+            (64, 3, 37, 80),
+            (128, 2, 40, 128),
+            (256, 1, 19, 256),
+            (48, 5, 23, 48),
+            (96, 4, 16, 96),
+            (20, 3, 17, 24),
+        ] {
+            let stride = t + 3;
+            let q: Vec<f32> = (0..g * d).map(|_| rng.next_f32() - 0.5).collect();
+            let mut k: Vec<f32> = (0..(t - 1) * kst + d)
+                .map(|_| rng.next_f32() - 0.5)
+                .collect();
+            let mut p: Vec<f32> = (0..g * stride).map(|_| rng.next_f32()).collect();
+            // Key 3's weight is zero for every head, and its value NaN; key 5's for head 0 only.
+            for i in 0..g {
+                p[i * stride + 3] = 0.0;
+            }
+            p[5] = 0.0;
+            let start: Vec<f32> = (0..g * d).map(|_| rng.next_f32()).collect();
+            let want: Vec<Vec<f32>> = q
+                .chunks(d)
+                .map(|qi| {
+                    (0..t)
+                        .map(|j| qi.iter().zip(&k[j * kst..][..d]).map(|(a, b)| a * b).sum())
+                        .collect()
+                })
+                .collect();
+            k[3 * kst..3 * kst + d].fill(f32::NAN);
+            for isa in Isa::supported() {
+                let mut scores = vec![0f32; g * stride];
+                let mut clean = k.clone();
+                clean[3 * kst..3 * kst + d].fill(0.5);
+                tile_dots(isa, &q, d, (&clean, kst), t, (&mut scores, stride));
+                for (i, row) in want.iter().enumerate() {
+                    for (j, w) in row.iter().enumerate().filter(|(j, _)| *j != 3) {
+                        let got = scores[i * stride + j];
+                        assert!(
+                            (got - w).abs() <= 1e-5,
+                            "{isa:?} d {d} g {g} t {t}: {got} vs {w}"
+                        );
+                    }
+                }
+                let mut out = start.clone();
+                tile_add_weighted(isa, &mut out, d, (&k, kst), t, (&p, stride));
+                let mut by_key = start.clone();
+                for j in (0..t).filter(|&j| j != 3) {
+                    let pj: Vec<f32> = (0..g).map(|i| p[i * stride + j]).collect();
+                    add_weighted(isa, &mut by_key, &k[j * kst..][..d], &pj);
+                }
+                assert!(
+                    out.iter().all(|x| x.is_finite()),
+                    "{isa:?}: a zero weight let NaN in"
+                );
+                assert_eq!(out, by_key, "{isa:?} d {d} g {g} t {t}");
             }
         }
     }
