@@ -340,39 +340,57 @@ pub(crate) fn scan_states(
     })
 }
 
+/// Where [`decayed_state_step`] writes a head's new state.
+pub(crate) enum StateStep<'a> {
+    /// Over the old state (a buffer no one else reads): one read and one write per element.
+    InPlace(&'a mut [f32]),
+    /// From the old state into a new buffer, written whole (the old one is shared).
+    Into(&'a [f32], &'a mut [std::mem::MaybeUninit<f32>]),
+}
+
 /// One decode step of a decayed outer-product state (one head): `S' = decay S + k^T v` and
-/// `o = q S'`, for `S: (d, d)` row-major, `q, k, v: (d,)`. `s_new` (`d * d`) is written whole
-/// and `o` (`d`, zeroed by the caller) accumulated, each element by the same f32 operations in
-/// the same order whatever the instruction set: `isa` picks a build of this loop for AVX-512
-/// or AVX2 (the crate is otherwise compiled for baseline x86-64, whose 4-wide SSE2 made this
-/// loop, over 75 MB of states at 16 sequences of bench-160m, bound by arithmetic).
+/// `o = q S'`, for `S: (d, d)` row-major, `q, k, v: (d,)`. `S'` is written in place or into a
+/// new buffer ([`StateStep`]) and `o` (`d`, zeroed by the caller) accumulated, each element by
+/// the same f32 operations in the same order whatever the instruction set and destination:
+/// `isa` picks a build of this loop for AVX-512 or AVX2 (the crate is otherwise compiled for
+/// baseline x86-64, whose 4-wide SSE2 made this loop, over 75 MB of states at 16 sequences of
+/// bench-160m, bound by arithmetic).
 pub(crate) fn decayed_state_step(
     isa: crate::kernels::isa::Isa,
-    s_old: &[f32],
+    state: StateStep<'_>,
     decay: f32,
     (q, k, v): (&[f32], &[f32], &[f32]),
-    s_new: &mut [std::mem::MaybeUninit<f32>],
     o: &mut [f32],
 ) {
     #[inline(always)]
-    fn body(
-        s_old: &[f32],
-        decay: f32,
-        (q, k, v): (&[f32], &[f32], &[f32]),
-        s_new: &mut [std::mem::MaybeUninit<f32>],
-        o: &mut [f32],
-    ) {
+    fn body(state: StateStep<'_>, decay: f32, (q, k, v): (&[f32], &[f32], &[f32]), o: &mut [f32]) {
         let d = v.len();
-        for (i, (old, new)) in s_old
-            .chunks_exact(d)
-            .zip(s_new.chunks_exact_mut(d))
-            .enumerate()
-        {
-            let (ki, qi) = (k[i], q[i]);
-            for (((old, new), vj), oj) in old.iter().zip(new.iter_mut()).zip(v).zip(o.iter_mut()) {
-                let x = old * decay + ki * vj;
-                new.write(x);
-                *oj += qi * x;
+        match state {
+            StateStep::InPlace(s) => {
+                for (i, row) in s.chunks_exact_mut(d).enumerate() {
+                    let (ki, qi) = (k[i], q[i]);
+                    for ((x, vj), oj) in row.iter_mut().zip(v).zip(o.iter_mut()) {
+                        let y = *x * decay + ki * vj;
+                        *x = y;
+                        *oj += qi * y;
+                    }
+                }
+            }
+            StateStep::Into(s_old, s_new) => {
+                for (i, (old, new)) in s_old
+                    .chunks_exact(d)
+                    .zip(s_new.chunks_exact_mut(d))
+                    .enumerate()
+                {
+                    let (ki, qi) = (k[i], q[i]);
+                    for (((old, new), vj), oj) in
+                        old.iter().zip(new.iter_mut()).zip(v).zip(o.iter_mut())
+                    {
+                        let y = old * decay + ki * vj;
+                        new.write(y);
+                        *oj += qi * y;
+                    }
+                }
             }
         }
     }
@@ -383,13 +401,12 @@ pub(crate) fn decayed_state_step(
             ($name:ident, $features:literal) => {
                 #[target_feature(enable = $features)]
                 fn $name(
-                    s_old: &[f32],
+                    state: StateStep<'_>,
                     decay: f32,
                     qkv: (&[f32], &[f32], &[f32]),
-                    s_new: &mut [std::mem::MaybeUninit<f32>],
                     o: &mut [f32],
                 ) {
-                    body(s_old, decay, qkv, s_new, o)
+                    body(state, decay, qkv, o)
                 }
             };
         }
@@ -398,14 +415,14 @@ pub(crate) fn decayed_state_step(
         use crate::kernels::isa::Level;
         match isa.level() {
             // SAFETY: an `Isa` is never above what the CPU has.
-            Level::Avx512 => return unsafe { avx512(s_old, decay, (q, k, v), s_new, o) },
+            Level::Avx512 => return unsafe { avx512(state, decay, (q, k, v), o) },
             // SAFETY: as above.
-            Level::Avx2 => return unsafe { avx2(s_old, decay, (q, k, v), s_new, o) },
+            Level::Avx2 => return unsafe { avx2(state, decay, (q, k, v), o) },
             Level::Portable => {}
         }
     }
     let _ = isa;
-    body(s_old, decay, (q, k, v), s_new, o)
+    body(state, decay, (q, k, v), o)
 }
 
 /// `softmax(scores * scale + mask)` over the last axis of `scores: (N, R, L)`, where `mask` is
@@ -618,7 +635,7 @@ mod tests {
 
     /// The decode step of a decayed state gives the plain loop's bits on every instruction set.
     #[test]
-    fn the_decayed_state_step_is_the_plain_loop_on_every_instruction_set() {
+    fn the_decayed_state_step_is_the_plain_loop_on_every_instruction_set_in_place_or_not() {
         let mut rng = crate::kernels::TestRng::new(11);
         for d in [1, 7, 64, 256] {
             let mut vals =
@@ -637,7 +654,18 @@ mod tests {
             for isa in crate::kernels::isa::Isa::supported() {
                 let mut s_new = vec![std::mem::MaybeUninit::new(f32::NAN); d * d];
                 let mut o = vec![0f32; d];
-                decayed_state_step(isa, &s_old, decay, (&q, &k, &v), &mut s_new, &mut o);
+                let into = StateStep::Into(&s_old, &mut s_new);
+                decayed_state_step(isa, into, decay, (&q, &k, &v), &mut o);
+                let mut in_place = s_old.clone();
+                let mut o_in_place = vec![0f32; d];
+                let over = StateStep::InPlace(&mut in_place);
+                decayed_state_step(isa, over, decay, (&q, &k, &v), &mut o_in_place);
+                assert_eq!(
+                    in_place.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    want_s.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    "{isa:?} d {d}, in place"
+                );
+                assert_eq!(o_in_place, o, "{isa:?} d {d}, in place");
                 // SAFETY: initialised above (and overwritten by the step).
                 let got: Vec<u32> = s_new
                     .iter()
