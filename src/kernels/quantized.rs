@@ -683,6 +683,9 @@ mod x86 {
         /// For Q4_0, each input block's eight lanes of `-8` times the sum of its four bytes:
         /// what the unsigned nibbles (`w + 8`) add to the lanes, taken back.
         offsets: Vec<[i32; 8]>,
+        /// For Q8_0 with VNNI and two or more input rows: `operand` of rows `2p` and `2p + 1`
+        /// block by block, 64 bytes per block, as [`dot4x_pairs`] loads them (empty otherwise).
+        pairs: Vec<u8>,
         rows: usize,
     }
 
@@ -738,6 +741,17 @@ mod x86 {
                 operand.extend_from_slice(q);
             }
         }
+        let mut pairs = Vec::new();
+        if vnni && !nibbles && rows >= 2 {
+            pairs.reserve(rows / 2 * 2 * k);
+            for two in operand.chunks_exact(2 * k) {
+                let (a, b) = two.split_at(k);
+                for (ba, bb) in a.chunks_exact(32).zip(b.chunks_exact(32)) {
+                    pairs.extend_from_slice(ba);
+                    pairs.extend_from_slice(bb);
+                }
+            }
+        }
         Some(Kernel {
             weight: bytes,
             nibbles,
@@ -747,6 +761,7 @@ mod x86 {
             vnni,
             operand,
             offsets,
+            pairs,
             rows,
         })
     }
@@ -843,9 +858,11 @@ mod x86 {
     impl BandKernel for Kernel<'_> {
         /// Four weight rows at a time against up to four input rows (two without VNNI, whose
         /// sixteen registers hold no more accumulators) per pass of [`dot4x_vnni`] or
-        /// [`dot4x_avx2`]: each weight block is loaded, and what it alone decides made, once
-        /// for them, while it is in the nearest cache (a band's rows are megabytes: input row
-        /// by input row, a batch read them from memory once per row).
+        /// [`dot4x_avx2`], or, for Q8_0 with VNNI, up to four pairs of input rows per pass of
+        /// [`dot4x_pairs`] (an odd last row goes alone): each weight block is loaded, and what
+        /// it alone decides made, once for them, while it is in the nearest cache (a band's
+        /// rows are megabytes: input row by input row, a batch read them from memory once per
+        /// row).
         fn run(&self, first: usize, out: &mut [f32]) {
             let feats = out.len() / self.rows.max(1);
             let w_row = |i: usize| {
@@ -859,11 +876,56 @@ mod x86 {
                 offsets: self.offsets.get(r * self.kb..(r + 1) * self.kb),
             };
             let most = if self.vnni { 4 } else { 2 };
+            let pair = |p: usize| Pair {
+                q: &self.pairs[p * 2 * x_row..(p + 1) * 2 * x_row],
+                scales: [
+                    &self.input_scales[2 * p * self.kb..(2 * p + 1) * self.kb],
+                    &self.input_scales[(2 * p + 1) * self.kb..(2 * p + 2) * self.kb],
+                ],
+            };
+            let paired = if self.pairs.is_empty() {
+                0
+            } else {
+                self.rows / 2 * 2
+            };
             let mut i = 0;
             while i < feats {
                 // Past the band's end, repeat its last row.
                 let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
                 let mut r = 0;
+                while r < paired {
+                    let take = ((paired - r) / 2).min(PAIRS_MOST);
+                    let mut put = |dots: &[[[f32; 4]; 2]]| {
+                        for (dp, two) in dots.iter().enumerate() {
+                            for (half, d) in two.iter().enumerate() {
+                                for (j, v) in d.iter().enumerate().take(feats - i) {
+                                    out[(i + j) * self.rows + r + 2 * dp + half] = *v;
+                                }
+                            }
+                        }
+                    };
+                    macro_rules! call {
+                        ($n:literal) => {
+                            put(&dot4x_pairs::<$n>(
+                                self.kb,
+                                rows,
+                                std::array::from_fn(|d| pair(r / 2 + d)),
+                            ))
+                        };
+                    }
+                    // SAFETY: `pairs` is made only where the CPU has AVX-512 VNNI and VL
+                    // (`Isa::vnni`, at `Level::Avx512`), for Q8_0 weight rows of `kb` blocks,
+                    // from input rows of `kb` blocks of 32 bytes and `kb` scales.
+                    unsafe {
+                        match take {
+                            1 => call!(1),
+                            2 => call!(2),
+                            3 => call!(3),
+                            _ => call!(4),
+                        }
+                    }
+                    r += 2 * take;
+                }
                 while r < self.rows {
                     let take = (self.rows - r).min(most);
                     let mut put = |dots: &[[f32; 4]]| {
@@ -907,6 +969,154 @@ mod x86 {
                 i += 4;
             }
         }
+    }
+
+    /// Most pairs of input rows per pass of [`dot4x_pairs`]: four weight rows by four pairs
+    /// fill 16 of the 32 registers with accumulators.
+    const PAIRS_MOST: usize = 4;
+
+    /// `a` in the lower eight lanes, `c` in the upper (AVX-512F alone: the f32x8 forms need DQ).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn halves_of(a: __m256, c: __m256) -> __m512 {
+        let wide = _mm512_castpd256_pd512(_mm256_castps_pd(a));
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(wide, _mm256_castps_pd(c)))
+    }
+
+    /// Two input rows as [`dot4x_pairs`] reads them.
+    #[derive(Clone, Copy)]
+    struct Pair<'a> {
+        /// `kb` blocks of 64 bytes: block `j` of the first row (`x + 128`), then of the second.
+        q: &'a [u8],
+        /// The two rows' block scales.
+        scales: [&'a [f32]; 2],
+    }
+
+    /// [`dot4x_vnni`] for Q8_0 weights against `P` pairs of input rows, one pair in each 512-bit
+    /// register: the lower eight lanes are one row's, the upper eight the other's, each block of
+    /// the weight row loaded into both halves. Every lane takes the same operations in the same
+    /// order as in [`dot4x_vnni`] (the same `vpdpbusd` from the same starting lanes, the scale
+    /// product `ws x xs` in f32, one fused multiply-add per block), so a row gets the same bits
+    /// paired or alone; one instruction does the work of two, and the block's scales reach
+    /// their half by one permutation rather than a broadcast per row.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX-512 VNNI and VL, AVX2, FMA and F16C; each `w[r]` holds `kb`
+    /// Q8_0 blocks, and each pair `kb` blocks of 64 bytes and `kb` scales per row.
+    // `j` indexes the scales of four rows and the blocks of several slices at once.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c")]
+    unsafe fn dot4x_pairs<const P: usize>(
+        kb: usize,
+        w: [&[u8]; 4],
+        x: [Pair; P],
+    ) -> [[[f32; 4]; 2]; P] {
+        let block = Q8_0_BYTES;
+        let bias = _mm512_set1_epi8(-128);
+        let zero = _mm512_setzero_si512();
+        let mut acc = [[_mm512_setzero_ps(); P]; 4];
+        let mut b = 0;
+        while b < kb {
+            let nb = (kb - b).min(8);
+            // Each (weight row, pair)'s scale products for eight blocks: the first row's in
+            // lanes 0..8, the second's in 8..16.
+            let mut d = [[[0f32; 16]; P]; 4];
+            let mut bases = [std::ptr::null::<u8>(); 4];
+            // (No closures here: they would not inherit this function's target features, and
+            // their intrinsics would become calls.)
+            let mut xs = [_mm512_setzero_ps(); P];
+            for p in 0..P {
+                let mut two = [_mm256_setzero_ps(); 2];
+                for (half, xs) in x[p].scales.iter().enumerate() {
+                    // SAFETY: eight scales from `b` on where there are; else a padded copy.
+                    two[half] = unsafe {
+                        if b + 8 <= xs.len() {
+                            _mm256_loadu_ps(xs.as_ptr().add(b))
+                        } else {
+                            _mm256_loadu_ps(padded(xs, b).as_ptr())
+                        }
+                    };
+                }
+                xs[p] = halves_of(two[0], two[1]);
+            }
+            for (wr, row) in w.iter().enumerate() {
+                // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row of `kb`
+                // blocks of `block` bytes, its scale in its first 2 bytes, its weights in the
+                // next 32; pair block `b + j` is 64 bytes of `x[p].q`.
+                let base = unsafe { row.as_ptr().add(block * b) };
+                bases[wr] = base;
+                let ahead = base.wrapping_add(prefetch_ahead(block, kb));
+                for line in 0..(block * 8).div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+                }
+                let mut halves = [0i16; 8];
+                for (j, h) in halves.iter_mut().enumerate().take(nb) {
+                    *h = unsafe { std::ptr::read_unaligned(base.add(block * j).cast::<i16>()) };
+                }
+                let ws = _mm256_cvtph_ps(_mm_set_epi16(
+                    halves[7], halves[6], halves[5], halves[4], halves[3], halves[2], halves[1],
+                    halves[0],
+                ));
+                let ws = halves_of(ws, ws);
+                for p in 0..P {
+                    // SAFETY: sixteen floats.
+                    unsafe { _mm512_storeu_ps(d[wr][p].as_mut_ptr(), _mm512_mul_ps(ws, xs[p])) };
+                }
+            }
+            for j in 0..nb {
+                // Lanes 0..8 take scale j of the first row, 8..16 scale j of the second.
+                let pick = _mm512_set_epi32(
+                    8 + j as i32,
+                    8 + j as i32,
+                    8 + j as i32,
+                    8 + j as i32,
+                    8 + j as i32,
+                    8 + j as i32,
+                    8 + j as i32,
+                    8 + j as i32,
+                    j as i32,
+                    j as i32,
+                    j as i32,
+                    j as i32,
+                    j as i32,
+                    j as i32,
+                    j as i32,
+                    j as i32,
+                );
+                let mut xq = [_mm512_setzero_si512(); P];
+                for p in 0..P {
+                    // SAFETY: pair block b + j.
+                    xq[p] = unsafe { _mm512_loadu_si512(x[p].q.as_ptr().add(64 * (b + j)).cast()) };
+                }
+                for wr in 0..4 {
+                    let wv = unsafe {
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                            bases[wr].add(block * j + 2).cast(),
+                        ))
+                    };
+                    // -128 times the sums of four weights ((-128) as u8 is 128).
+                    let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, wv));
+                    for p in 0..P {
+                        let lanes = _mm512_dpbusd_epi32(start, xq[p], wv);
+                        // SAFETY: sixteen floats.
+                        let dj = _mm512_permutexvar_ps(pick, unsafe {
+                            _mm512_loadu_ps(d[wr][p].as_ptr())
+                        });
+                        acc[wr][p] = _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(lanes), acc[wr][p]);
+                    }
+                }
+            }
+            b += 8;
+        }
+        let mut dots = [[[0f32; 4]; 2]; P];
+        for p in 0..P {
+            for wr in 0..4 {
+                let upper = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[wr][p]));
+                dots[p][0][wr] = lanes_sum(_mm512_castps512_ps256(acc[wr][p]));
+                dots[p][1][wr] = lanes_sum(_mm256_castpd_ps(upper));
+            }
+        }
+        dots
     }
 
     /// One input row as [`dot4x_vnni`] and [`dot4x_avx2`] read it.

@@ -503,7 +503,7 @@ fn recurrent_step_cpu(
                 return Ok(None);
             };
             let s_old = &cpu.as_slice::<f32>()?[layout.start_offset()..];
-            let (out, s_new) = step.into_new(s_old);
+            let (out, s_new) = step.to_new_buffer(s_old);
             drop(storage);
             state.s = Tensor::from_vec(s_new, (b, h, d, d), &device)?;
             state.own = Some(Arc::new(()));
@@ -549,7 +549,7 @@ impl HeadSteps<'_> {
 
     /// Steps the states `s_old` (at least `heads` of `d * d`) into a new buffer; returns `o`
     /// and the new states.
-    fn into_new(&self, s_old: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    fn to_new_buffer(&self, s_old: &[f32]) -> (Vec<f32>, Vec<f32>) {
         use rayon::prelude::*;
         let d = self.d;
         let mut out = vec![0f32; self.heads * d];
