@@ -11,6 +11,7 @@
 use std::cmp::Ordering;
 use std::fmt;
 
+use crate::kernels::fused;
 use crate::{Error, Result};
 
 /// How the next token is chosen from a row of logits.
@@ -209,6 +210,11 @@ fn scan(cands: &[Candidate], target: f64, inclusive: bool) -> Option<usize> {
     }
     None
 }
+
+/// Values exponentiated together (on the stack) by [`fused::exp_shifted`], whose loop the
+/// compiler vectorises: the standard library's `exp`, a call per value, was a third of drawing
+/// from a nearly flat 32K vocabulary.
+const EXP_CHUNK: usize = 256;
 
 /// Below this many candidates [`weighted_select`] just sorts: partitioning tiny ranges
 /// costs more than it saves.
@@ -542,12 +548,20 @@ impl Sampler {
         // every exponent <= 0, so a tiny temperature cannot overflow to inf - inf = NaN.
         // Tokens whose weight underflows to 0 can never be drawn; dropping them keeps later
         // passes short at low temperatures. The best token has weight exp(0) = 1 and stays.
-        for c in cands.iter_mut() {
-            c.weight = if max == f32::INFINITY {
-                1.0
-            } else {
-                ((c.logit - max) / temperature).exp()
-            };
+        if max == f32::INFINITY {
+            cands.iter_mut().for_each(|c| c.weight = 1.0);
+        } else {
+            for part in cands.chunks_mut(EXP_CHUNK) {
+                let mut w = [0f32; EXP_CHUNK];
+                let w = &mut w[..part.len()];
+                for (x, c) in w.iter_mut().zip(part.iter()) {
+                    *x = (c.logit - max) / temperature;
+                }
+                fused::exp_shifted(w, 0.0);
+                for (c, &x) in part.iter_mut().zip(w.iter()) {
+                    c.weight = x;
+                }
+            }
         }
         cands.retain(|c| c.weight > 0.0);
         if cands.is_empty() {
@@ -646,7 +660,20 @@ pub(crate) fn token_logprobs(
     let (log_total, n_inf) = if max == f32::INFINITY {
         (0.0, logits.iter().filter(|&&l| l == f32::INFINITY).count())
     } else {
-        let sum: f64 = logits.iter().map(|&l| logprob_of(l).exp()).sum();
+        let mut sum = 0f64;
+        if max.is_finite() {
+            // exp((l - max) / t) in f32, summed in f64: the f32 exponent's rounding (a few
+            // ulps) is far below what a reported log-probability resolves.
+            for part in logits.chunks(EXP_CHUNK) {
+                let mut w = [0f32; EXP_CHUNK];
+                let w = &mut w[..part.len()];
+                for (x, &l) in w.iter_mut().zip(part) {
+                    *x = (l - max) / temperature;
+                }
+                fused::exp_shifted(w, 0.0);
+                sum += w.iter().map(|&x| f64::from(x)).sum::<f64>();
+            }
+        }
         (sum.ln(), 0)
     };
     let value = |l: f32| -> f32 {
