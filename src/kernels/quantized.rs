@@ -1221,6 +1221,10 @@ mod x86 {
                             };
                         }
                     }
+                    // Each scale product is broadcast from memory (a load, no arithmetic): left
+                    // in registers, the compiler broadcast them with two shuffles per block
+                    // and row, on the port the kernel's other work needs.
+                    let dp: *const [[[f32; 8]; R]; 4] = std::hint::black_box(&d);
                     for j in 0..nb {
                         let xq: [__m256i; R] = std::array::from_fn(|r| unsafe {
                             _mm256_loadu_si256(x[r].q.as_ptr().add(32 * (b + j)).cast())
@@ -1235,11 +1239,10 @@ mod x86 {
                         for wr in 0..4 {
                             let wq = unsafe { bases[wr].add(block * j + 2) };
                             let mut add = |r: usize, lanes: __m256i| {
-                                acc[wr][r] = _mm256_fmadd_ps(
-                                    _mm256_set1_ps(d[wr][r][j]),
-                                    _mm256_cvtepi32_ps(lanes),
-                                    acc[wr][r],
-                                );
+                                // SAFETY: `dp` points at `d`, alive and unchanged.
+                                let dj = unsafe { _mm256_broadcast_ss(&(*dp)[wr][r][j]) };
+                                acc[wr][r] =
+                                    _mm256_fmadd_ps(dj, _mm256_cvtepi32_ps(lanes), acc[wr][r]);
                             };
                             if NIBBLES {
                                 let packed = unsafe { _mm_loadu_si128(wq.cast()) };
