@@ -971,6 +971,29 @@ mod x86 {
         }
     }
 
+    /// The scales of the `nb <= 8` blocks of `block` bytes from `base` on (the f16 in each
+    /// block's first two bytes; zero past `nb`), as f32, and the row prefetched ahead
+    /// ([`prefetch_ahead`], for rows of `kb` blocks).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `nb` blocks of `block` bytes are readable from `base`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_scales(base: *const u8, block: usize, kb: usize, nb: usize) -> __m256 {
+        let ahead = base.wrapping_add(prefetch_ahead(block, kb));
+        for line in 0..(block * 8).div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+        }
+        let mut halves = [0i16; 8];
+        for (j, h) in halves.iter_mut().enumerate().take(nb) {
+            // SAFETY: block j < nb starts at base + block j.
+            *h = unsafe { std::ptr::read_unaligned(base.add(block * j).cast::<i16>()) };
+        }
+        _mm256_cvtph_ps(_mm_set_epi16(
+            halves[7], halves[6], halves[5], halves[4], halves[3], halves[2], halves[1], halves[0],
+        ))
+    }
+
     /// Most pairs of input rows per pass of [`dot4x_pairs`]: four weight rows by four pairs
     /// fill 16 of the 32 registers with accumulators.
     const PAIRS_MOST: usize = 4;
@@ -1045,18 +1068,7 @@ mod x86 {
                 // next 32; pair block `b + j` is 64 bytes of `x[p].q`.
                 let base = unsafe { row.as_ptr().add(block * b) };
                 bases[wr] = base;
-                let ahead = base.wrapping_add(prefetch_ahead(block, kb));
-                for line in 0..(block * 8).div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
-                }
-                let mut halves = [0i16; 8];
-                for (j, h) in halves.iter_mut().enumerate().take(nb) {
-                    *h = unsafe { std::ptr::read_unaligned(base.add(block * j).cast::<i16>()) };
-                }
-                let ws = _mm256_cvtph_ps(_mm_set_epi16(
-                    halves[7], halves[6], halves[5], halves[4], halves[3], halves[2], halves[1],
-                    halves[0],
-                ));
+                let ws = unsafe { group_scales(base, block, kb, nb) };
                 let ws = halves_of(ws, ws);
                 for p in 0..P {
                     // SAFETY: sixteen floats.
@@ -1200,20 +1212,7 @@ mod x86 {
                         // 32 bytes of `x[r].q`, its offsets entry `b + j`.
                         let base = unsafe { row.as_ptr().add(block * b) };
                         bases[wr] = base;
-                        let ahead = base.wrapping_add(prefetch_ahead(block, kb));
-                        for line in 0..(block * 8).div_ceil(64) {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
-                        }
-                        let mut halves = [0i16; 8];
-                        for (j, h) in halves.iter_mut().enumerate().take(nb) {
-                            *h = unsafe {
-                                std::ptr::read_unaligned(base.add(block * j).cast::<i16>())
-                            };
-                        }
-                        let ws = _mm256_cvtph_ps(_mm_set_epi16(
-                            halves[7], halves[6], halves[5], halves[4], halves[3], halves[2],
-                            halves[1], halves[0],
-                        ));
+                        let ws = unsafe { group_scales(base, block, kb, nb) };
                         for r in 0..R {
                             // SAFETY: eight floats.
                             unsafe {
