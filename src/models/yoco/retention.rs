@@ -95,6 +95,10 @@ impl RetentionState {
 
     /// One batch of the rows of `parts`, in order.
     pub(crate) fn stack(parts: &[&RetentionState]) -> Result<Self> {
+        // candle's `cat` of one tensor shares its storage: so does the copy-on-write token.
+        if let [one] = parts {
+            return Ok((*one).clone());
+        }
         let states: Vec<&Tensor> = parts.iter().map(|p| &p.s).collect();
         Ok(RetentionState {
             s: Tensor::cat(&states, 0)?,
@@ -772,6 +776,12 @@ mod tests {
             Ok(v.iter().map(|x| x.to_bits()).collect())
         };
         assert_eq!(bits(&snapshot)?, bits(&s)?);
+        // A batch of one shares the state's buffer (candle's `cat` of one tensor): stepping
+        // the state must leave the batch alone too.
+        let batch = RetentionState::stack(&[&s])?;
+        let kept = bits(&batch)?;
+        step(&mut s, 0)?;
+        assert_eq!(bits(&batch)?, kept);
         Ok(())
     }
 
