@@ -683,9 +683,11 @@ mod x86 {
         /// For Q4_0, each input block's eight lanes of `-8` times the sum of its four bytes:
         /// what the unsigned nibbles (`w + 8`) add to the lanes, taken back.
         offsets: Vec<[i32; 8]>,
-        /// For Q8_0 with VNNI and two or more input rows: `operand` of rows `2p` and `2p + 1`
-        /// block by block, 64 bytes per block, as [`dot4x_pairs`] loads them (empty otherwise).
+        /// With VNNI and two or more input rows: `operand` of rows `2p` and `2p + 1` block by
+        /// block, 64 bytes per block, as [`dot4x_pairs`] loads them (empty otherwise).
         pairs: Vec<u8>,
+        /// For Q4_0 with `pairs`: `offsets` of the same two rows, block by block.
+        pair_offsets: Vec<[i32; 16]>,
         rows: usize,
     }
 
@@ -741,8 +743,8 @@ mod x86 {
                 operand.extend_from_slice(q);
             }
         }
-        let mut pairs = Vec::new();
-        if vnni && !nibbles && rows >= 2 {
+        let (mut pairs, mut pair_offsets) = (Vec::new(), Vec::new());
+        if vnni && rows >= 2 {
             pairs.reserve(rows / 2 * 2 * k);
             for two in operand.chunks_exact(2 * k) {
                 let (a, b) = two.split_at(k);
@@ -750,6 +752,12 @@ mod x86 {
                     pairs.extend_from_slice(ba);
                     pairs.extend_from_slice(bb);
                 }
+            }
+            for two in offsets.chunks_exact(2 * kb) {
+                let (a, b) = two.split_at(kb);
+                pair_offsets.extend(a.iter().zip(b).map(|(oa, ob)| {
+                    std::array::from_fn(|l| if l < 8 { oa[l] } else { ob[l - 8] })
+                }));
             }
         }
         Some(Kernel {
@@ -762,6 +770,7 @@ mod x86 {
             operand,
             offsets,
             pairs,
+            pair_offsets,
             rows,
         })
     }
@@ -858,7 +867,7 @@ mod x86 {
     impl BandKernel for Kernel<'_> {
         /// Four weight rows at a time against up to four input rows (two without VNNI, whose
         /// sixteen registers hold no more accumulators) per pass of [`dot4x_vnni`] or
-        /// [`dot4x_avx2`], or, for Q8_0 with VNNI, up to four pairs of input rows per pass of
+        /// [`dot4x_avx2`], or, with VNNI, up to four pairs of input rows per pass of
         /// [`dot4x_pairs`] (an odd last row goes alone): each weight block is loaded, and what
         /// it alone decides made, once for them, while it is in the nearest cache (a band's
         /// rows are megabytes: input row by input row, a batch read them from memory once per
@@ -878,6 +887,7 @@ mod x86 {
             let most = if self.vnni { 4 } else { 2 };
             let pair = |p: usize| Pair {
                 q: &self.pairs[p * 2 * x_row..(p + 1) * 2 * x_row],
+                offsets: self.pair_offsets.get(p * self.kb..(p + 1) * self.kb),
                 scales: [
                     &self.input_scales[2 * p * self.kb..(2 * p + 1) * self.kb],
                     &self.input_scales[(2 * p + 1) * self.kb..(2 * p + 2) * self.kb],
@@ -905,8 +915,8 @@ mod x86 {
                         }
                     };
                     macro_rules! call {
-                        ($n:literal) => {
-                            put(&dot4x_pairs::<$n>(
+                        ($nibbles:literal, $n:literal) => {
+                            put(&dot4x_pairs::<$nibbles, $n>(
                                 self.kb,
                                 rows,
                                 std::array::from_fn(|d| pair(r / 2 + d)),
@@ -914,14 +924,19 @@ mod x86 {
                         };
                     }
                     // SAFETY: `pairs` is made only where the CPU has AVX-512 VNNI and VL
-                    // (`Isa::vnni`, at `Level::Avx512`), for Q8_0 weight rows of `kb` blocks,
-                    // from input rows of `kb` blocks of 32 bytes and `kb` scales.
+                    // (`Isa::vnni`, at `Level::Avx512`), for weight rows of `kb` blocks of this
+                    // format, from input rows of `kb` blocks of 32 bytes and `kb` scales (and,
+                    // for Q4_0, `kb` pair offsets).
                     unsafe {
-                        match take {
-                            1 => call!(1),
-                            2 => call!(2),
-                            3 => call!(3),
-                            _ => call!(4),
+                        match (self.nibbles, take) {
+                            (true, 1) => call!(true, 1),
+                            (true, 2) => call!(true, 2),
+                            (true, 3) => call!(true, 3),
+                            (true, _) => call!(true, 4),
+                            (false, 1) => call!(false, 1),
+                            (false, 2) => call!(false, 2),
+                            (false, 3) => call!(false, 3),
+                            (false, _) => call!(false, 4),
                         }
                     }
                     r += 2 * take;
@@ -1009,15 +1024,18 @@ mod x86 {
     /// Two input rows as [`dot4x_pairs`] reads them.
     #[derive(Clone, Copy)]
     struct Pair<'a> {
-        /// `kb` blocks of 64 bytes: block `j` of the first row (`x + 128`), then of the second.
+        /// `kb` blocks of 64 bytes: block `j` of the first row, then of the second (`x + 128`
+        /// for Q8_0 weights, `x` for Q4_0).
         q: &'a [u8],
+        /// For Q4_0, the two rows' lane offsets, block by block.
+        offsets: Option<&'a [[i32; 16]]>,
         /// The two rows' block scales.
         scales: [&'a [f32]; 2],
     }
 
-    /// [`dot4x_vnni`] for Q8_0 weights against `P` pairs of input rows, one pair in each 512-bit
-    /// register: the lower eight lanes are one row's, the upper eight the other's, each block of
-    /// the weight row loaded into both halves. Every lane takes the same operations in the same
+    /// [`dot4x_vnni`] (Q4_0 weights if `NIBBLES`, else Q8_0) against `P` pairs of input rows,
+    /// one pair in each 512-bit register: the lower eight lanes are one row's, the upper eight
+    /// the other's, each block of the weight row (Q4_0: its unpacked nibbles) in both halves. Every lane takes the same operations in the same
     /// order as in [`dot4x_vnni`] (the same `vpdpbusd` from the same starting lanes, the scale
     /// product `ws x xs` in f32, one fused multiply-add per block), so a row gets the same bits
     /// paired or alone; one instruction does the work of two, and the block's scales reach
@@ -1025,16 +1043,18 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU has AVX-512F, AVX-512 VNNI and VL, AVX2, FMA and F16C; each `w[r]` holds `kb`
-    /// Q8_0 blocks, and each pair `kb` blocks of 64 bytes and `kb` scales per row.
+    /// blocks of its format, and each pair `kb` blocks of 64 bytes and `kb` scales per row (and,
+    /// for Q4_0, `kb` offsets).
     // `j` indexes the scales of four rows and the blocks of several slices at once.
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c")]
-    unsafe fn dot4x_pairs<const P: usize>(
+    unsafe fn dot4x_pairs<const NIBBLES: bool, const P: usize>(
         kb: usize,
         w: [&[u8]; 4],
         x: [Pair; P],
     ) -> [[[f32; 4]; 2]; P] {
-        let block = Q8_0_BYTES;
+        let block = if NIBBLES { Q4_0_BYTES } else { Q8_0_BYTES };
+        let low = _mm256_set1_epi8(0x0F);
         let bias = _mm512_set1_epi8(-128);
         let zero = _mm512_setzero_si512();
         let mut acc = [[_mm512_setzero_ps(); P]; 4];
@@ -1095,21 +1115,38 @@ mod x86 {
                     j as i32,
                     j as i32,
                 );
-                let mut xq = [_mm512_setzero_si512(); P];
+                let (mut xq, mut xo) = ([zero; P], [zero; P]);
                 for p in 0..P {
-                    // SAFETY: pair block b + j.
+                    // SAFETY: pair block b + j (and its offsets for Q4_0).
                     xq[p] = unsafe { _mm512_loadu_si512(x[p].q.as_ptr().add(64 * (b + j)).cast()) };
+                    if let (true, Some(o)) = (NIBBLES, x[p].offsets) {
+                        xo[p] = unsafe { _mm512_loadu_si512(o.as_ptr().add(b + j).cast()) };
+                    }
                 }
                 for wr in 0..4 {
-                    let wv = unsafe {
-                        _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                            bases[wr].add(block * j + 2).cast(),
-                        ))
+                    let wq = unsafe { bases[wr].add(block * j + 2) };
+                    let (wv, start) = if NIBBLES {
+                        // The stored nibbles (`w + 8`) are the unsigned operand.
+                        let packed = unsafe { _mm_loadu_si128(wq.cast()) };
+                        let nib = _mm256_and_si256(
+                            _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+                            low,
+                        );
+                        (_mm512_broadcast_i64x4(nib), zero)
+                    } else {
+                        let wv = _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(wq.cast()) });
+                        // -128 times the sums of four weights ((-128) as u8 is 128).
+                        (
+                            wv,
+                            _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, wv)),
+                        )
                     };
-                    // -128 times the sums of four weights ((-128) as u8 is 128).
-                    let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, wv));
                     for p in 0..P {
-                        let lanes = _mm512_dpbusd_epi32(start, xq[p], wv);
+                        let lanes = if NIBBLES {
+                            _mm512_dpbusd_epi32(xo[p], wv, xq[p])
+                        } else {
+                            _mm512_dpbusd_epi32(start, xq[p], wv)
+                        };
                         // SAFETY: sixteen floats.
                         let dj = _mm512_permutexvar_ps(pick, unsafe {
                             _mm512_loadu_ps(d[wr][p].as_ptr())
