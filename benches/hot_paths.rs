@@ -2,7 +2,10 @@
 //! a decode step at 1K and 16K context (at 16K the cross-decoder's attention over the global
 //! K/V dominates), and one prefill chunk of 512 tokens for gated retention and for the sliding
 //! window (W = 1024); and a step of 16 sequences at once at 1K context, f32 and Q8_0 (the
-//! batched kernels, each sequence's retention state and attention).
+//! batched kernels, each sequence's retention state and attention); and one draw from the
+//! random model's 32K logits as a server samples (temperature 0.8, top-p 0.95, with and
+//! without the chosen token's log-probability): a random model's distribution is nearly flat,
+//! the sampler's slowest case.
 //!
 //! `cargo bench --bench hot_paths`
 
@@ -87,5 +90,33 @@ fn prefill(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, batched_decode, prefill);
+fn sampling(c: &mut Criterion) {
+    let model = Model::random(&bench_config(None), DType::F32, &Device::Cpu).unwrap();
+    let mut cache = model.new_cache(1).unwrap();
+    let logits: Vec<f32> = model
+        .prefill(&row(&ids(64)), &mut cache)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut sampler = yoco::Sampler::new(yoco::Sampling::default(), 7, Vec::new()).unwrap();
+    let mut scratch = logits.clone();
+    let mut group = c.benchmark_group("draw from bench-160m's 32K logits");
+    group.bench_function("sample", |b| {
+        b.iter(|| {
+            scratch.copy_from_slice(&logits);
+            sampler.sample(&mut scratch, &[]).unwrap()
+        })
+    });
+    group.bench_function("sample with logprob", |b| {
+        b.iter(|| {
+            scratch.copy_from_slice(&logits);
+            sampler.sample_with_logprobs(&mut scratch, &[], 0).unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decode, batched_decode, prefill, sampling);
 criterion_main!(benches);

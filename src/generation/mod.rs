@@ -255,7 +255,7 @@ impl Model {
                 .to_dtype(candle_core::DType::F32)?
                 .to_vec2()?;
             for (row, &next) in logits.iter().zip(&ids[start + 1..=end]) {
-                out.push(Some(sampling::token_logprobs(row, 1.0, next, top)));
+                out.push(Some(sampling::token_logprobs(row, 1.0, next, top, None)));
             }
             start = end;
         }

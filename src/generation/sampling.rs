@@ -191,13 +191,6 @@ fn best_first(a: &Candidate, b: &Candidate) -> Ordering {
     b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
 }
 
-/// Sum of weights in f64, in the slice's current order. Callers only sum in orders that are
-/// fixed by the input (id order, best-first order, or the order [`weighted_select`] leaves,
-/// which depends only on its input), so the result is reproducible.
-fn total_weight(cands: &[Candidate]) -> f64 {
-    cands.iter().map(|c| f64::from(c.weight)).sum()
-}
-
 /// Index of the first candidate whose running weight passes `target` (`>=` when
 /// `inclusive`, `>` otherwise), scanning in the slice's order.
 fn scan(cands: &[Candidate], target: f64, inclusive: bool) -> Option<usize> {
@@ -229,13 +222,19 @@ const MAX_ROUNDS: u32 = 64;
 /// candidates (in no particular order) and returns `i`, the rank at which the running
 /// weight, accumulated best-first, first passes `target` (`>=` when `inclusive`, `>`
 /// otherwise). When rounding keeps the sum short of `target`, the least likely candidate
-/// is put at the end and taken.
+/// is put at the end and taken. Candidates worse than some that cannot pass may be dropped
+/// (`cands` is truncated, never below `i + 1`).
 ///
 /// Top-p and the final draw both need only this boundary. A full sort of a 100K vocabulary
-/// costs milliseconds per token, while this quickselect on cumulative weight is linear on
-/// average. The partition order depends only on the input order, so sums, and therefore
-/// results, are reproducible. `cands` must not be empty.
-fn weighted_select(cands: &mut [Candidate], target: f64, inclusive: bool) -> usize {
+/// costs milliseconds per token, while this selection on cumulative weight is linear. The
+/// order it leaves depends only on the input order, so sums, and therefore results, are
+/// reproducible. `cands` must not be empty; `sums` must be theirs ([`BucketSums::of`]).
+fn weighted_select(
+    cands: &mut Vec<Candidate>,
+    sums: &BucketSums,
+    target: f64,
+    inclusive: bool,
+) -> usize {
     let passes = |cum: f64| cum > target || (inclusive && cum >= target);
     // Invariant: cands[..lo] are better than cands[lo..hi], which are better than
     // cands[hi..]; `acc` is the weight of cands[..lo] and does not pass `target`.
@@ -243,16 +242,13 @@ fn weighted_select(cands: &mut [Candidate], target: f64, inclusive: bool) -> usi
     let mut acc = 0.0f64;
     let mut rounds = 0u32;
     if hi > SMALL_RANGE {
-        // First split by a fixed weight instead of a median pivot: a language model's mass
-        // sits on a few tokens, so the boundary is nearly always among the few candidates
-        // above the threshold and the rounds below then touch only those. Weight is
-        // non-decreasing in the logit, so the split respects the best-first order.
-        let (head, head_weight) = split_by_weight(cands, HEAD_MIN_WEIGHT);
-        if passes(head_weight) {
-            hi = head;
-        } else {
-            acc = head_weight;
-            lo = head;
+        // Narrow to one bucket of weights first (see `bucket_of`): a language model's mass
+        // sits on a few tokens, so the boundary is then among a handful of candidates; and a
+        // nearly flat distribution, where a quickselect would take a dozen passes over tens
+        // of thousands of candidates, takes one pass here and a few hundred after.
+        // Candidates of later buckets are dropped.
+        if let Some((start, end, before)) = narrow_to_bucket(cands, sums, &passes) {
+            (lo, hi, acc) = (start, end, before);
         }
     }
     while let Some(range) = cands.get_mut(lo..hi).filter(|r| !r.is_empty()) {
@@ -269,7 +265,8 @@ fn weighted_select(cands: &mut [Candidate], target: f64, inclusive: bool) -> usi
         }
         rounds += 1;
         let (p, better, pivot_weight) = partition(range);
-        if passes(acc + better) {
+        // With nothing better than the pivot, the pivot is the first that can pass.
+        if p > 0 && passes(acc + better) {
             hi = lo + p;
         } else if passes(acc + better + pivot_weight) {
             return lo + p;
@@ -295,24 +292,100 @@ fn weighted_select(cands: &mut [Candidate], target: f64, inclusive: bool) -> usi
     last
 }
 
-/// The weight (relative to the best token's 1.0) that [`weighted_select`] first splits at.
-const HEAD_MIN_WEIGHT: f32 = 1e-4;
+/// Buckets per octave of weight in [`bucket_of`]: 16, from the top 4 bits of the mantissa.
+const BUCKET_SHIFT: u32 = 19;
 
-/// Moves the candidates with weight >= `min_weight` to the front (keeping their relative
-/// order) and returns how many there are and their total weight.
-fn split_by_weight(cands: &mut [Candidate], min_weight: f32) -> (usize, f64) {
-    let mut store = 0usize;
-    let mut total = 0.0f64;
-    for j in 0..cands.len() {
-        if let Some(&c) = cands.get(j) {
-            if c.weight >= min_weight {
-                cands.swap(store, j);
-                total += f64::from(c.weight);
-                store += 1;
-            }
+/// The bit pattern of the weight 1.0, the best candidate's.
+const ONE_BITS: u32 = 0x3F80_0000;
+
+/// How many buckets [`bucket_of`] can return: weights span (0, 1].
+const BUCKETS: usize = (ONE_BITS >> BUCKET_SHIFT) as usize + 1;
+
+/// The bucket of a weight: 0 for 1.0, growing as the weight falls, 16 to an octave. Positive
+/// floats order as their bits do, so a better candidate (whose weight is never lower) never
+/// lands in a later bucket.
+fn bucket_of(weight: f32) -> usize {
+    ((ONE_BITS - weight.to_bits().min(ONE_BITS)) >> BUCKET_SHIFT) as usize
+}
+
+/// The candidates' weights summed per bucket of [`bucket_of`] (in f64, candidate by
+/// candidate in their order): their distribution at 16 steps to an octave, from which
+/// [`weighted_select`] finds the bucket that holds a boundary without a pass of its own.
+struct BucketSums([f64; BUCKETS]);
+
+impl BucketSums {
+    fn new() -> Self {
+        BucketSums([0.0; BUCKETS])
+    }
+
+    fn of(cands: &[Candidate]) -> Self {
+        let mut sums = Self::new();
+        cands.iter().for_each(|c| sums.add(c.weight));
+        sums
+    }
+
+    fn add(&mut self, weight: f32) {
+        if let Some(s) = self.0.get_mut(bucket_of(weight)) {
+            *s += f64::from(weight);
         }
     }
-    (store, total)
+
+    /// The buckets up to the last that holds a candidate (found here rather than tracked
+    /// by `add`, where it would be a dependency from each candidate to the next).
+    fn used(&self) -> &[f64] {
+        let end = self.0.iter().rposition(|&w| w != 0.0).map_or(0, |b| b + 1);
+        self.0.get(..end).unwrap_or(&self.0)
+    }
+
+    /// Every weight, summed bucket by bucket from the best.
+    fn total(&self) -> f64 {
+        self.used().iter().sum()
+    }
+
+    /// The first bucket in which the running weight passes, and the weight before it.
+    fn boundary(&self, passes: impl Fn(f64) -> bool) -> Option<(usize, f64)> {
+        let mut before = 0.0f64;
+        for (b, &w) in self.used().iter().enumerate() {
+            // An empty bucket cannot hold the boundary, even when `before` alone passes (a
+            // target of 0, inclusive, is passed by the best candidate, not by nothing).
+            if w > 0.0 && passes(before + w) {
+                return Some((b, before));
+            }
+            before += w;
+        }
+        None
+    }
+}
+
+/// Finds the bucket in which the running weight first passes; keeps the candidates of better
+/// buckets (at the front, in their order), then those of that bucket, and drops the rest.
+/// Returns where that bucket's candidates start and end and the weight before them; `None`
+/// (nothing dropped) when rounding keeps every bucket from passing.
+fn narrow_to_bucket(
+    cands: &mut Vec<Candidate>,
+    sums: &BucketSums,
+    passes: &impl Fn(f64) -> bool,
+) -> Option<(usize, usize, f64)> {
+    let (boundary, before) = sums.boundary(passes)?;
+    // One pass: better buckets compacted in place, each candidate copied to the front and
+    // kept there only if better (no branch to mispredict on a flat distribution, where
+    // better and worse interleave); the boundary's few set aside and appended.
+    let mut edge = Vec::new();
+    let mut front = 0usize;
+    for j in 0..cands.len() {
+        let Some(&c) = cands.get(j) else { break };
+        let b = bucket_of(c.weight);
+        if let Some(slot) = cands.get_mut(front) {
+            *slot = c;
+        }
+        front += usize::from(b < boundary);
+        if b == boundary {
+            edge.push(c);
+        }
+    }
+    cands.truncate(front);
+    cands.extend_from_slice(&edge);
+    Some((front, cands.len(), before))
 }
 
 /// Lomuto partition of `v` (at least 3 long) around a median-of-three pivot: returns the
@@ -369,6 +442,10 @@ pub struct Sampler {
     cands: Vec<Candidate>,
     /// Reused buffer for the distinct ids of the penalty window.
     recent: Vec<u32>,
+    /// The softmax's denominator (relative to the largest logit) of the last stochastic draw,
+    /// when it summed every token's weight: [`Sampler::sample_with_logprobs`] reuses it
+    /// instead of exponentiating the vocabulary a second time.
+    last_total: Option<f64>,
 }
 
 impl fmt::Debug for Sampler {
@@ -397,6 +474,7 @@ impl Sampler {
             suppress,
             cands: Vec::new(),
             recent: Vec::new(),
+            last_total: None,
         })
     }
 
@@ -421,6 +499,7 @@ impl Sampler {
     /// Errors are [`Error::Input`]: the row is empty, longer than u32 ids can address, or
     /// holds no token that can be chosen.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> Result<u32> {
+        self.last_total = None;
         if logits.is_empty() {
             return Err(Error::Input(
                 "cannot sample from an empty row of logits".into(),
@@ -467,7 +546,11 @@ impl Sampler {
         } else {
             self.sampling.temperature
         };
-        Ok((token, token_logprobs(logits, temperature, token, top)))
+        let known_total = self.last_total.take();
+        Ok((
+            token,
+            token_logprobs(logits, temperature, token, top, known_total),
+        ))
     }
 
     /// Divides positive logits and multiplies negative ones by the penalty, once per distinct
@@ -548,36 +631,55 @@ impl Sampler {
         // every exponent <= 0, so a tiny temperature cannot overflow to inf - inf = NaN.
         // Tokens whose weight underflows to 0 can never be drawn; dropping them keeps later
         // passes short at low temperatures. The best token has weight exp(0) = 1 and stays.
-        if max == f32::INFINITY {
-            cands.iter_mut().for_each(|c| c.weight = 1.0);
-        } else {
-            for part in cands.chunks_mut(EXP_CHUNK) {
-                let mut w = [0f32; EXP_CHUNK];
-                let w = &mut w[..part.len()];
-                for (x, c) in w.iter_mut().zip(part.iter()) {
+        // Their sums per bucket come in the same pass: totals and boundaries are read off them.
+        let mut sums = BucketSums::new();
+        let mut kept = 0usize;
+        for start in (0..cands.len()).step_by(EXP_CHUNK) {
+            let mut w = [0f32; EXP_CHUNK];
+            let Some(part) = cands.get(start..cands.len().min(start + EXP_CHUNK)) else {
+                break;
+            };
+            let w = &mut w[..part.len()];
+            if max == f32::INFINITY {
+                w.fill(1.0);
+            } else {
+                for (x, c) in w.iter_mut().zip(part) {
                     *x = (c.logit - max) / temperature;
                 }
                 fused::exp_shifted(w, 0.0);
-                for (c, &x) in part.iter_mut().zip(w.iter()) {
-                    c.weight = x;
+            }
+            for (j, &weight) in w.iter().enumerate() {
+                if weight > 0.0 {
+                    if let Some(&c) = cands.get(start + j) {
+                        if let Some(slot) = cands.get_mut(kept) {
+                            *slot = Candidate { weight, ..c };
+                        }
+                        kept += 1;
+                        sums.add(weight);
+                    }
                 }
             }
         }
-        cands.retain(|c| c.weight > 0.0);
+        cands.truncate(kept);
         if cands.is_empty() {
             return Err(no_candidate());
+        }
+        if !sorted && max.is_finite() {
+            // Every token weighed: the log-probabilities' denominator.
+            self.last_total = Some(sums.total());
         }
 
         if let Some(p) = s.top_p {
             if p < 1.0 {
-                let target = f64::from(p) * total_weight(cands);
+                let target = f64::from(p) * sums.total();
                 let last = if sorted {
                     scan(cands, target, true).unwrap_or(cands.len().saturating_sub(1))
                 } else {
-                    weighted_select(cands, target, true)
+                    weighted_select(cands, &sums, target, true)
                 };
                 // cands[..=last] is the nucleus (sorted only if it was before).
                 cands.truncate(last.saturating_add(1));
+                sums = BucketSums::of(cands);
             }
         }
 
@@ -588,19 +690,22 @@ impl Sampler {
             // candidate is tied at the top.
             if min_p > 0.0 && max.is_finite() {
                 let threshold = min_p.ln();
+                let before = cands.len();
                 cands.retain(|c| (c.logit - max) / temperature >= threshold);
+                if cands.len() < before {
+                    sums = BucketSums::of(cands);
+                }
             }
         }
 
         // Renormalise and draw: the token at which the best-first running weight passes
         // u * total. `u < 1`, so some token passes it unless rounding interferes, in which
         // case the least likely one is taken.
-        let total = total_weight(cands);
-        let target = f64::from(self.rng.next_f32()) * total;
+        let target = f64::from(self.rng.next_f32()) * sums.total();
         let index = if sorted {
             scan(cands, target, false).unwrap_or(cands.len().saturating_sub(1))
         } else {
-            weighted_select(cands, target, false)
+            weighted_select(cands, &sums, target, false)
         };
         cands.get(index).map(|c| c.id).ok_or_else(no_candidate)
     }
@@ -641,11 +746,14 @@ pub struct TokenLogprobs {
 
 /// `log_softmax(logits / temperature)` at `token` and at the `top` best ids, computed in f64.
 /// NaN counts as impossible (-inf); with +inf logits present, those share all the probability.
+/// `known_total`, when the sampler has it, is the sum over all tokens of `exp((l - max) / t)`
+/// (in f32, summed in f64), which is otherwise computed here.
 pub(crate) fn token_logprobs(
     logits: &[f32],
     temperature: f32,
     token: u32,
     top: usize,
+    known_total: Option<f64>,
 ) -> TokenLogprobs {
     let t = f64::from(temperature);
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -659,6 +767,8 @@ pub(crate) fn token_logprobs(
     };
     let (log_total, n_inf) = if max == f32::INFINITY {
         (0.0, logits.iter().filter(|&&l| l == f32::INFINITY).count())
+    } else if let Some(total) = known_total.filter(|_| max.is_finite()) {
+        (total.ln(), 0)
     } else {
         let mut sum = 0f64;
         if max.is_finite() {
@@ -802,37 +912,44 @@ mod tests {
     #[test]
     fn weighted_select_agrees_with_full_sort() {
         let mut rng = Rng::new(3);
+        // (candidates, levels, steps per level)
         let cases = [
-            (1usize, 3.0f32),
-            (2, 3.0),
-            (31, 3.0),
-            (33, 3.0),
-            (40, 20.0),
-            (5000, 8.0),
-            (5000, 20.0),
-            (5000, 1e6),
+            (1usize, 3.0f32, 1u32),
+            (2, 3.0, 1),
+            (31, 3.0, 1),
+            (33, 3.0, 1),
+            (40, 20.0, 1),
+            (5000, 8.0, 1),
+            (5000, 20.0, 1),
+            (5000, 1e6, 1),
+            (5000, 6.0, 64),
+            (30000, 12.0, 64),
         ];
-        for (n, levels) in cases {
+        for (n, levels, steps) in cases {
             // Integer logits (many ties) with weights 2^(logit - levels): every partial sum
             // is exact in f64, so any summation order must give the same answer as a full
-            // sort. With 20 levels many weights fall below HEAD_MIN_WEIGHT. The 1e6 case has
-            // (almost) distinct logits and weights that are exact but not monotone in the
-            // logit; all are >= 1, so the head split keeps them all and the order is still
-            // consistent.
+            // sort. With 20 levels the weights spread over 20 octaves of buckets. The 1e6
+            // case has (almost) distinct logits and weights that are exact but not monotone
+            // in the logit; all are >= 1, so they share the first bucket and the order is
+            // still consistent. With 64 steps a level, the weights (1 + step / 64) *
+            // 2^(level - levels) have 7 significant bits (sums still exact) and several
+            // distinct weights share each bucket of 16 to an octave.
             let cands: Vec<Candidate> = (0u32..n as u32)
                 .map(|id| {
-                    let logit = (rng.next_f32() * levels).floor();
+                    let k = (rng.next_f32() * levels * steps as f32).floor();
+                    let logit = k;
                     let weight = if levels > 100.0 {
                         1.0 + (logit as u32 % 64) as f32 / 64.0
                     } else {
-                        (logit - levels).exp2()
+                        let (level, step) = (k as u32 / steps, k as u32 % steps);
+                        (1.0 + step as f32 / steps as f32) * (level as f32 - levels).exp2()
                     };
                     Candidate { logit, weight, id }
                 })
                 .collect();
             let mut full = cands.clone();
             full.sort_unstable_by(best_first);
-            let total = total_weight(&cands);
+            let total: f64 = cands.iter().map(|c| f64::from(c.weight)).sum();
             let mut targets: Vec<f64> = [0.0, 0.01, 0.3, 0.5, 0.9, 0.999, 1.0]
                 .iter()
                 .map(|f| f * total)
@@ -848,7 +965,7 @@ mod tests {
             for &target in &targets {
                 for inclusive in [false, true] {
                     let mut c = cands.clone();
-                    let i = weighted_select(&mut c, target, inclusive);
+                    let i = weighted_select(&mut c, &BucketSums::of(&cands), target, inclusive);
                     let j = scan(&full, target, inclusive).unwrap_or(n - 1);
                     assert_eq!(i, j, "n {n} target {target} inclusive {inclusive}");
                     let mut ids: Vec<u32> = c[..=i].iter().map(|c| c.id).collect();
@@ -882,7 +999,7 @@ mod tests {
         for input in [asc, desc] {
             let mut c = input.clone();
             // Weight 1 each: passing 100.5 takes the 101 best, i.e. logits 19999..=19899.
-            let i = weighted_select(&mut c, 100.5, false);
+            let i = weighted_select(&mut c, &BucketSums::of(&input), 100.5, false);
             assert_eq!(i, 100);
             assert_eq!(c[i].id, 19_899);
         }

@@ -11,6 +11,7 @@
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::kernels::isa::{Isa, Level};
 use crate::{Error, Result};
 
 /// Rows handled by one task: enough work to amortise scheduling, small enough to balance.
@@ -481,7 +482,41 @@ pub(crate) fn scaled_masked_softmax(
 /// `x = n ln 2 + r`, `|r| <= ln 2 / 2`, and Cephes' degree-6 polynomial for `exp(r)`, within 2
 /// ulp of `f32::exp` on `[-87, 0]` (checked by a test); below -87 the result is 0 (exp is under
 /// 1.7e-38 there, a subnormal that cannot move a softmax).
+/// On the active instruction set: each element takes the same operations whatever the width
+/// (Rust never fuses a multiply and an add on its own), so every level gives the same bits.
 pub(crate) fn exp_shifted(s: &mut [f32], shift: f32) {
+    exp_shifted_on(Isa::active(), s, shift);
+}
+
+/// [`exp_shifted`] on a given level (tests take each).
+fn exp_shifted_on(isa: Isa, s: &mut [f32], shift: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn wide(s: &mut [f32], shift: f32) {
+            exp_shifted_body(s, shift);
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(s: &mut [f32], shift: f32) {
+            exp_shifted_body(s, shift);
+        }
+        match isa.level() {
+            // SAFETY: an `Isa` is never above what the CPU has.
+            Level::Avx512 => unsafe { wide(s, shift) },
+            // SAFETY: as above.
+            Level::Avx2 => unsafe { avx2(s, shift) },
+            Level::Portable => exp_shifted_body(s, shift),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        exp_shifted_body(s, shift);
+    }
+}
+
+#[inline(always)]
+fn exp_shifted_body(s: &mut [f32], shift: f32) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -716,6 +751,26 @@ mod tests {
         assert_eq!(s[0], 1.0);
         assert!((s[1] - (-2f32).exp()).abs() <= 2.0 * f32::EPSILON * s[1]);
         assert_eq!(&s[2..], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn exp_shifted_gives_the_same_bits_on_every_instruction_set() {
+        // Odd length: the vector loops' tails too.
+        let xs: Vec<f32> = (0..1001)
+            .map(|i| -90.0 * (i as f32 * 0.618_034).fract())
+            .chain([f32::NEG_INFINITY, 0.0, -0.0])
+            .collect();
+        let mut want = xs.clone();
+        exp_shifted_on(Isa::cpu().at_most(Level::Portable), &mut want, 0.5);
+        for isa in Isa::supported() {
+            let mut got = xs.clone();
+            exp_shifted_on(isa, &mut got, 0.5);
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{isa:?}");
+        }
     }
 
     #[test]
