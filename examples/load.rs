@@ -10,9 +10,11 @@
 //! Prompts are random token ids (a length drawn per client from the range); every request asks
 //! for exactly `--new-tokens` tokens (`ignore_eos`) with one streamed event per token. Per round
 //! it reports: requests complete in full (all tokens, `[DONE]`, usage agreeing), aggregate
-//! tokens/s (generated tokens over the round's wall time), decode tokens/s once every sequence
-//! is decoding, time to first token p50/p95, inter-token latency p50/p95, and the process's
-//! peak RSS so far (rounds run in the order given, so list them ascending).
+//! tokens/s (generated tokens over the round's wall time), decode tokens/s while every sequence
+//! is decoding (from the last first token to the first last token) and from then to the end
+//! (the tail, with fewer rows as sequences finish, included), time to first token p50/p95,
+//! inter-token latency p50/p95, and the process's peak RSS so far (rounds run in the order
+//! given, so list them ascending).
 //!
 //! `--shape bench-160m` serves random weights of that shape with a word-level tokenizer made up
 //! here (one word per id), since only speed matters; without it the model of `--model` (default:
@@ -269,8 +271,8 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             args.prompt_tokens.0, args.prompt_tokens.1, args.new_tokens, args.prefill_chunk
         );
         println!();
-        println!("| clients | complete | aggregate tok/s | decode tok/s (all decoding) | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 | peak RSS |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("| clients | complete | aggregate tok/s | decode tok/s (all decoding) | to the end | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 | peak RSS |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
     }
     let mut all_complete = true;
     for (round, &n) in args.clients.iter().enumerate() {
@@ -309,27 +311,37 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                     .map(|w| w[1].duration_since(w[0]).as_secs_f64())
             })
             .collect();
-        // Decode throughput once every sequence has its first token (nothing left to prefill).
+        // Decode throughput while every sequence decodes: from the last first token (nothing
+        // left to prefill) to the first last token (nobody finished yet). Counting on to the
+        // very last token would mix in the tail, where the sequences that started first have
+        // finished and fewer rows share each step; that rate is reported too, as `to the end`.
         let all_started = results
             .iter()
             .filter_map(|r| r.tokens.first())
             .max()
+            .copied();
+        let first_done = results
+            .iter()
+            .filter_map(|r| r.tokens.last())
+            .min()
             .copied();
         let last = results
             .iter()
             .filter_map(|r| r.tokens.last())
             .max()
             .copied();
-        let decode_rate = match (all_started, last) {
+        let rate_until = |end: Option<Instant>| match (all_started, end) {
             (Some(a), Some(b)) if b > a => {
-                let after: usize = results
+                let within: usize = results
                     .iter()
-                    .map(|r| r.tokens.iter().filter(|&&t| t > a).count())
+                    .map(|r| r.tokens.iter().filter(|&&t| t > a && t <= b).count())
                     .sum();
-                after as f64 / b.duration_since(a).as_secs_f64()
+                within as f64 / b.duration_since(a).as_secs_f64()
             }
             _ => f64::NAN,
         };
+        let decode_rate = rate_until(first_done);
+        let to_end_rate = rate_until(last);
         let prompt_total: usize = results.iter().map(|r| r.prompt_tokens).sum();
         let peak = common::peak_rss_bytes() as f64 / 1e6;
         let (t50, t95) = (
@@ -344,13 +356,13 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 json!({
                     "model": name, "clients": n, "complete": complete, "prompt_tokens": prompt_total,
                     "generated": generated, "wall_s": wall, "aggregate_tok_s": aggregate,
-                    "decode_tok_s": decode_rate, "ttft_ms": [t50, t95], "itl_ms": [i50, i95],
+                    "decode_tok_s": decode_rate, "decode_to_end_tok_s": to_end_rate, "ttft_ms": [t50, t95], "itl_ms": [i50, i95],
                     "peak_rss_mb": peak,
                 })
             );
         } else {
             println!(
-                "| {n} | {complete}/{n} | {aggregate:.1} | {decode_rate:.1} | {t50:.0} ms | {t95:.0} ms | {i50:.1} ms | {i95:.1} ms | {peak:.0} MB |"
+                "| {n} | {complete}/{n} | {aggregate:.1} | {decode_rate:.1} | {to_end_rate:.1} | {t50:.0} ms | {t95:.0} ms | {i50:.1} ms | {i95:.1} ms | {peak:.0} MB |"
             );
         }
     }
