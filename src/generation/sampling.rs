@@ -589,78 +589,78 @@ impl Sampler {
         }
         let temperature = s.temperature;
 
-        // Every token that can be chosen, in id order. With +inf logits present, those
-        // share all the probability (anything else would be inf - inf = NaN).
+        // Softmax numerators (see `weigh`): tokens whose weight is 0 can never be drawn, and
+        // dropping them keeps later passes short at low temperatures. Their sums per bucket
+        // come in the same pass: totals and boundaries are read off them. Without top-k the
+        // candidates are weighed as they are made, in id order, in one pass over the logits.
+        let mut sums = BucketSums::new();
         self.cands.clear();
-        for (i, &logit) in logits.iter().enumerate() {
-            // NaN compares false, so NaN and -inf never become candidates.
-            let possible = if max == f32::INFINITY {
-                logit == f32::INFINITY
-            } else {
-                logit > f32::NEG_INFINITY
-            };
-            if possible {
-                // `sample` checked that every index fits in a u32.
-                let id = i as u32;
-                self.cands.push(Candidate {
-                    logit,
-                    weight: 0.0,
-                    id,
-                });
-            }
-        }
         let cands = &mut self.cands;
         // True once `cands` is in best-first order; until then it is in id order.
         let mut sorted = false;
-
-        // Top-k first, before any exp: ranks by logit equal ranks by probability, and the
-        // probabilities are renormalised over the k survivors anyway, so the other tokens'
-        // weights are never needed. Linear-time selection, then a sort of only the k.
-        if let Some(k) = s.top_k {
-            if k < cands.len() {
-                if let Some(kth) = k.checked_sub(1) {
-                    cands.select_nth_unstable_by(kth, best_first);
-                }
-                cands.truncate(k);
-                cands.sort_unstable_by(best_first);
-                sorted = true;
-            }
-        }
-
-        // Softmax numerators. Subtracting the max *before* dividing by the temperature keeps
-        // every exponent <= 0, so a tiny temperature cannot overflow to inf - inf = NaN.
-        // Tokens whose weight underflows to 0 can never be drawn; dropping them keeps later
-        // passes short at low temperatures. The best token has weight exp(0) = 1 and stays.
-        // Their sums per bucket come in the same pass: totals and boundaries are read off them.
-        let mut sums = BucketSums::new();
-        let mut kept = 0usize;
-        for start in (0..cands.len()).step_by(EXP_CHUNK) {
-            let mut w = [0f32; EXP_CHUNK];
-            let Some(part) = cands.get(start..cands.len().min(start + EXP_CHUNK)) else {
-                break;
-            };
-            let w = &mut w[..part.len()];
-            if max == f32::INFINITY {
-                w.fill(1.0);
-            } else {
-                for (x, c) in w.iter_mut().zip(part) {
-                    *x = (c.logit - max) / temperature;
-                }
-                fused::exp_shifted(w, 0.0);
-            }
-            for (j, &weight) in w.iter().enumerate() {
-                if weight > 0.0 {
-                    if let Some(&c) = cands.get(start + j) {
-                        if let Some(slot) = cands.get_mut(kept) {
-                            *slot = Candidate { weight, ..c };
+        let mut w = [0f32; EXP_CHUNK];
+        match s.top_k {
+            None => {
+                for (chunk, part) in logits.chunks(EXP_CHUNK).enumerate() {
+                    let w = &mut w[..part.len()];
+                    weigh(part.iter().copied(), max, temperature, w);
+                    for (j, (&weight, &logit)) in w.iter().zip(part).enumerate() {
+                        if weight > 0.0 {
+                            // `sample` checked that every index fits in a u32.
+                            let id = (chunk * EXP_CHUNK + j) as u32;
+                            cands.push(Candidate { logit, weight, id });
+                            sums.add(weight);
                         }
-                        kept += 1;
-                        sums.add(weight);
                     }
                 }
             }
+            Some(k) => {
+                // Every token that can be chosen, in id order (NaN compares false, so NaN and
+                // -inf never become candidates; with +inf logits present, only those can).
+                for (i, &logit) in logits.iter().enumerate() {
+                    let possible = if max == f32::INFINITY {
+                        logit == f32::INFINITY
+                    } else {
+                        logit > f32::NEG_INFINITY
+                    };
+                    if possible {
+                        let id = i as u32;
+                        let weight = 0.0;
+                        cands.push(Candidate { logit, weight, id });
+                    }
+                }
+                // Top-k before any exp: ranks by logit equal ranks by probability, and the
+                // probabilities are renormalised over the k survivors anyway, so the other
+                // tokens' weights are never needed. Linear-time selection, then a sort of only
+                // the k.
+                if k < cands.len() {
+                    if let Some(kth) = k.checked_sub(1) {
+                        cands.select_nth_unstable_by(kth, best_first);
+                    }
+                    cands.truncate(k);
+                    cands.sort_unstable_by(best_first);
+                    sorted = true;
+                }
+                let mut kept = 0usize;
+                for start in (0..cands.len()).step_by(EXP_CHUNK) {
+                    let Some(part) = cands.get(start..cands.len().min(start + EXP_CHUNK)) else {
+                        break;
+                    };
+                    let w = &mut w[..part.len()];
+                    weigh(part.iter().map(|c| c.logit), max, temperature, w);
+                    for (j, &weight) in w.iter().enumerate() {
+                        if let Some(&c) = cands.get(start + j).filter(|_| weight > 0.0) {
+                            if let Some(slot) = cands.get_mut(kept) {
+                                *slot = Candidate { weight, ..c };
+                            }
+                            kept += 1;
+                            sums.add(weight);
+                        }
+                    }
+                }
+                cands.truncate(kept);
+            }
         }
-        cands.truncate(kept);
         if cands.is_empty() {
             return Err(no_candidate());
         }
@@ -708,6 +708,24 @@ impl Sampler {
             weighted_select(cands, &sums, target, false)
         };
         cands.get(index).map(|c| c.id).ok_or_else(no_candidate)
+    }
+}
+
+/// Softmax numerators `exp((l - max) / temperature)` of up to [`EXP_CHUNK`] logits into `w`.
+/// Subtracting the max *before* dividing by the temperature keeps every exponent <= 0, so a
+/// tiny temperature cannot overflow to inf - inf = NaN; the best token weighs exp(0) = 1.
+/// NaN, -inf and exponents below -87 weigh 0. With +inf logits present (`max` is +inf), those
+/// share all the probability: they weigh 1 and every other 0.
+fn weigh(logits: impl Iterator<Item = f32>, max: f32, temperature: f32, w: &mut [f32]) {
+    if max == f32::INFINITY {
+        for (x, l) in w.iter_mut().zip(logits) {
+            *x = if l == f32::INFINITY { 1.0 } else { 0.0 };
+        }
+    } else {
+        for (x, l) in w.iter_mut().zip(logits) {
+            *x = (l - max) / temperature;
+        }
+        fused::exp_shifted(w, 0.0);
     }
 }
 
