@@ -277,7 +277,7 @@ fn weighted_select(
     }
     // Only reached through rounding: everything before `hi` is better than everything
     // after it, so the least likely of them is the candidate meant. Put it last, at
-    // `hi - 1`, as the contract says (the head split leaves that prefix unordered).
+    // `hi - 1`, as the contract says (the bucket narrowing leaves that prefix unordered).
     let Some(head) = cands.get_mut(..hi) else {
         return 0;
     };
