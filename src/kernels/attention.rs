@@ -358,6 +358,8 @@ fn add_weighted(isa: Isa, out: &mut [f32], v: &[f32], p: &[f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
+    use crate::kernels::prefetch_line;
+
     /// Calls `$f::<N>($args)` for `N = $n` in 1..=16: a register array of a constant length
     /// stays in registers, where one of a run-time length lives on the stack (zeroed and filled
     /// by a call of `memcpy` per key, which cost more than the key's arithmetic).
@@ -450,6 +452,13 @@ mod x86 {
     ) {
         let d = 16 * N;
         for j0 in (0..t - t % 16).step_by(16) {
+            // The next block's keys, one hint per line: with one 64-byte load per line the
+            // hardware prefetcher alone keeps too few in flight (16 sequences' step 3-5% faster).
+            for jj in 0..16 {
+                for c in 0..N {
+                    prefetch_line(k.as_ptr().wrapping_add((j0 + 16 + jj) * kst + 16 * c));
+                }
+            }
             for (i, qi) in q.chunks_exact(d).enumerate() {
                 // SAFETY: 16 (c + 1) <= d floats of row i.
                 let qv: [__m512; N] =
@@ -521,6 +530,12 @@ mod x86 {
                 }
             }
             for j in 0..t {
+                // The value eight keys on, on the first pass (as the keys in `tile_dots_n`).
+                if h0 == 0 {
+                    for c in 0..N {
+                        prefetch_line(v.as_ptr().wrapping_add((j + 8) * vst + 16 * c));
+                    }
+                }
                 // SAFETY: value j < t starts at j vst and holds d floats.
                 let vv: [__m512; N] = std::array::from_fn(|c| unsafe {
                     _mm512_loadu_ps(v.as_ptr().add(j * vst + 16 * c))

@@ -19,6 +19,21 @@ pub(crate) mod isa;
 pub(crate) mod quantized;
 pub(crate) mod scan;
 
+/// Asks for the cache line holding `at` to be brought into the nearest cache: a hint, which
+/// never faults whatever the address (one past a slice's end included), and does nothing off
+/// x86-64. The streaming kernels issue it some way ahead of their loads where the hardware
+/// prefetcher alone keeps too few lines in flight.
+#[inline(always)]
+pub(crate) fn prefetch_line<T>(at: *const T) {
+    // SAFETY: a prefetch is only a hint; it reads nothing and never faults.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
 /// A seeded generator of test inputs (the crate's sampling `Rng` lives above the models; tests
 /// down here need only uniform floats).
 #[cfg(test)]

@@ -586,17 +586,9 @@ impl<T: GgmlType> BandKernel for Blocks<'_, T> {
 /// the pair (measured: faster than one per 64-byte line for Q4_K rows).
 #[inline]
 fn prefetch(at: *const u8, bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
     for line in 0..bytes.div_ceil(128) {
-        // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                at.wrapping_add(128 * line).cast(),
-            )
-        };
+        super::prefetch_line(at.wrapping_add(128 * line));
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (at, bytes);
 }
 
 /// candle's CPU storage of a quantized tensor (`QTensor::data`) seen as its blocks; `None` if
@@ -997,7 +989,7 @@ mod x86 {
     unsafe fn group_scales(base: *const u8, block: usize, kb: usize, nb: usize) -> __m256 {
         let ahead = base.wrapping_add(prefetch_ahead(block, kb));
         for line in 0..(block * 8).div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+            crate::kernels::prefetch_line(ahead.wrapping_add(64 * line));
         }
         let mut halves = [0i16; 8];
         for (j, h) in halves.iter_mut().enumerate().take(nb) {
@@ -1724,7 +1716,7 @@ mod x86 {
                         // The same block of this row two passes on: in flight long before it is used.
                         let ahead = base.wrapping_add(Q4K_AHEAD_ROWS * Q4K_BYTES * kb);
                         for line in 0..Q4K_BYTES.div_ceil(64) {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+                            crate::kernels::prefetch_line(ahead.wrapping_add(64 * line));
                         }
                         let packed =
                             scales_and_mins(unsafe { std::slice::from_raw_parts(base.add(4), 12) });
