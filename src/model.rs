@@ -627,7 +627,12 @@ impl Model {
     }
 
     fn last_logits(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
-        self.forward_chunk(ids, cache, Logits::Last)?
+        // The step runs on one of the pool's threads: each projection's bands are then pushed to
+        // that thread's own queue, where the other threads, still awake from the last one, take
+        // them. From outside the pool, every projection (~50 a step) was injected and the caller
+        // parked until woken: one sequence's decode was 1.17x slower in Q8_0, 1.26x in Q4_K and
+        // 1.04x in f32 (and no faster with a busy process beside it).
+        rayon::scope(|_| self.forward_chunk(ids, cache, Logits::Last))?
             .ok_or_else(|| Error::Input("no logits".into()))
     }
 
