@@ -588,7 +588,9 @@ impl Model {
     }
 
     /// Decodes one token per sequence: `ids: (B,)` or `(B, 1)`, returns `(B, vocab)` f32 logits.
-    /// Rows may be at different positions (a batch assembled with [`Cache::stack`]).
+    /// Rows may be at different positions (a batch assembled with [`Cache::stack`]). On the CPU
+    /// the step runs on rayon's global pool, the calling thread waiting for it (from one of the
+    /// pool's own threads, it runs there).
     pub fn step(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let ids = match ids.rank() {
             1 => ids.unsqueeze(1)?,
