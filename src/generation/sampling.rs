@@ -11,7 +11,7 @@
 use std::cmp::Ordering;
 use std::fmt;
 
-use crate::kernels::fused;
+use crate::kernels::{fused, max_of};
 use crate::{Error, Result};
 
 /// How the next token is chosen from a row of logits.
@@ -583,7 +583,7 @@ impl Sampler {
     fn sample_stochastic(&mut self, logits: &[f32]) -> Result<u32> {
         let s = &self.sampling;
         // f32::max ignores NaN, so NaN logits never become the reference point.
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = max_of(logits);
         if max == f32::NEG_INFINITY {
             return Err(no_candidate());
         }
@@ -774,7 +774,7 @@ pub(crate) fn token_logprobs(
     known_total: Option<f64>,
 ) -> TokenLogprobs {
     let t = f64::from(temperature);
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max_of(logits);
     let logprob_of = |l: f32| -> f64 {
         // With +inf logits present, `value` below gives those their share instead.
         if l.is_nan() || !max.is_finite() {

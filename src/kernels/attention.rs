@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use crate::kernels::fused;
 use crate::kernels::gemv::dot;
 use crate::kernels::isa::{Isa, Level};
+use crate::kernels::max_of;
 use crate::Result;
 
 /// Keys per tile of [`decode_grouped_cpu`]: the scores of a tile are exponentiated together (a
@@ -185,7 +186,7 @@ impl Walk<'_> {
                     // tile raises the running max, then weight the tile's values.
                     for gi in 0..g {
                         let s = &mut scores[gi * DECODE_TILE..gi * DECODE_TILE + t];
-                        let tile_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        let tile_max = max_of(s);
                         if tile_max == f32::NEG_INFINITY {
                             s.fill(0.0);
                             continue;
@@ -201,7 +202,7 @@ impl Walk<'_> {
                             max[gi] = new_max;
                         }
                         fused::exp_shifted(s, new_max);
-                        sum[gi] += s.iter().sum::<f32>();
+                        sum[gi] += lanes_sum(s);
                     }
                     let values = T::rows(vd, (vb + t0 * vst2, vst2), (t, d), &mut wide_v);
                     tile_add_weighted(isa, out_kv, d, values, t, (&scores, DECODE_TILE));
@@ -215,6 +216,21 @@ impl Walk<'_> {
             });
         out
     }
+}
+
+/// The sum of a tile's softmax numerators in 16 lanes, then the lanes: a sum one by one is a
+/// chain of dependent adds (with the max taken one by one too, 5-11% of the decode attention's
+/// time, at 1K and 4K context for 16 sequences and at 16K for one).
+fn lanes_sum(s: &[f32]) -> f32 {
+    let mut m = [0f32; 16];
+    let mut chunks = s.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &x) in m.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    m.iter().sum::<f32>() + tail
 }
 
 /// `scores[i * stride + j] = q_i . k_j` for the query heads `q` (rows of `d`) and a tile's `t`
@@ -874,9 +890,7 @@ pub(crate) fn band_attention_cpu(
                     for (i, s) in scores.chunks_mut(n).enumerate() {
                         let pos = offset + a + i;
                         let seen = first(pos) - lo..pos + 1 - lo;
-                        let max = s[seen.clone()]
-                            .iter()
-                            .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        let max = max_of(&s[seen.clone()]);
                         let mut sum = 0f32;
                         for x in &mut s[seen.clone()] {
                             *x = (*x - max).exp();

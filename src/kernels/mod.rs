@@ -34,6 +34,26 @@ pub(crate) fn prefetch_line<T>(at: *const T) {
     let _ = at;
 }
 
+/// The largest of `xs`, NaN ignored (as `f32::max` does); -inf when there is none. Kept in 16
+/// lanes: a fold one by one is a chain of dependent comparisons, and softmaxes (attention tiles,
+/// a vocabulary's logits) start with this.
+pub(crate) fn max_of(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            // A NaN compares false and is skipped.
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    lanes.iter().copied().fold(tail, f32::max)
+}
+
 /// A seeded generator of test inputs (the crate's sampling `Rng` lives above the models; tests
 /// down here need only uniform floats).
 #[cfg(test)]
@@ -99,5 +119,36 @@ pub(crate) mod testing {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `max_of` against the one-by-one fold: lengths around the 16 lanes, NaNs anywhere
+    /// (ignored), all -inf or NaN (-inf), +inf, and nothing at all.
+    #[test]
+    fn max_of_equals_the_plain_fold() {
+        let mut rng = TestRng::new(11);
+        for n in [0usize, 1, 5, 15, 16, 17, 31, 32, 33, 100, 128, 1000] {
+            let mut xs: Vec<f32> = (0..n).map(|_| rng.next_f32() * 200.0 - 100.0).collect();
+            let fold = |xs: &[f32]| xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(&xs), fold(&xs), "n {n}");
+            if n > 0 {
+                let at = n * 7 / 9;
+                xs[at] = f32::NAN;
+                xs[0] = f32::NAN;
+                assert_eq!(max_of(&xs), fold(&xs), "NaN, n {n}");
+                assert!(!max_of(&xs).is_nan());
+                xs[n / 2] = f32::INFINITY;
+                assert_eq!(max_of(&xs), f32::INFINITY, "+inf, n {n}");
+                let none = vec![f32::NEG_INFINITY; n];
+                assert_eq!(max_of(&none), f32::NEG_INFINITY);
+                let nans = vec![f32::NAN; n];
+                assert_eq!(max_of(&nans), f32::NEG_INFINITY);
+            }
+        }
+        assert_eq!(max_of(&[]), f32::NEG_INFINITY);
     }
 }
