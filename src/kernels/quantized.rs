@@ -14,12 +14,20 @@
 //! at a time. [`x86`] converts eight scales in one instruction and dots four weight rows with up
 //! to four input rows per pass (two on AVX2), so that what a weight block alone decides (its
 //! scales, `|w|`, its nibbles, Q4_K's scales and mins) is made once for the rows of a batch. On
-//! AVX-512 CPUs with VNNI each block and pair of rows is one `vpdpbusd`: Q8_0's input biased to
-//! the unsigned operand with each weight block's lanes starting from -128 times its sums, Q4_0's
-//! stored nibbles unsigned with each input block's lanes starting from -8 times its sums. Every
-//! form sums the same exact i32 lanes and adds them with candle's f32 operations in candle's
-//! order: the same results as candle, bit for bit, alone or in a batch, on either instruction
-//! set.
+//! AVX-512 CPUs with VNNI each Q4_0 block and pair of rows is one `vpdpbusd`, the stored nibbles
+//! unsigned with each input block's lanes starting from -8 times its sums. These forms sum the
+//! same exact i32 lanes and add them with candle's f32 operations in candle's order: the same
+//! results as candle, bit for bit, alone or in a batch, on either instruction set.
+//!
+//! Q8_0 with VNNI is the exception, for batches' sake: candle's arithmetic converts and
+//! multiply-adds eight partial sums per block and row, which bounds a batch's products by
+//! arithmetic. With VNNI each block's 32 products are summed exactly into one i32 per (input
+//! row, weight row), converted and added by one multiply-add with the product of the scales,
+//! block after block: a batch puts its input rows in the lanes ([`x86`]'s `dot4x_lanes`: 16
+//! rows of a step 1.7x faster than candle's lanes), up to four rows put eight weight rows in
+//! them (`dot8x_rows`); both give a row the same bits, alone or in any batch. The results
+//! differ from candle's (and from the AVX2 and portable paths') by f32 rounding only: the
+//! integer sums are exact either way, and the order of the additions is fixed.
 //!
 //! Which of these run is decided by [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA`
 //! lowers it (`portable` takes candle's dot products everywhere).
@@ -666,8 +674,8 @@ mod x86 {
         kb: usize,
         /// The input rows' Q8_0 scales as f32.
         input_scales: Vec<f32>,
-        /// `vpdpbusd` (the CPU has AVX-512 VNNI and VL): [`dot4x_vnni`] rather than
-        /// [`dot4x_avx2`].
+        /// `vpdpbusd` (the CPU has AVX-512 VNNI and VL): [`run_exact`](Kernel::run_exact) for
+        /// Q8_0, [`dot4x_vnni`] and [`dot4x_pairs`] for Q4_0, rather than [`dot4x_avx2`].
         vnni: bool,
         /// Each input block's 32 bytes as the kernels take them, scales apart: `x + 128` (the
         /// unsigned operand) for Q8_0 with VNNI, else `x`.
@@ -675,11 +683,26 @@ mod x86 {
         /// For Q4_0, each input block's eight lanes of `-8` times the sum of its four bytes:
         /// what the unsigned nibbles (`w + 8`) add to the lanes, taken back.
         offsets: Vec<[i32; 8]>,
-        /// With VNNI and two or more input rows: `operand` of rows `2p` and `2p + 1` block by
-        /// block, 64 bytes per block, as [`dot4x_pairs`] loads them (empty otherwise).
+        /// Q4_0 with VNNI and two or more input rows: `operand` of rows `2p` and `2p + 1` block
+        /// by block, 64 bytes per block, as [`dot4x_pairs`] loads them (empty otherwise).
         pairs: Vec<u8>,
         /// For Q4_0 with `pairs`: `offsets` of the same two rows, block by block.
         pair_offsets: Vec<[i32; 16]>,
+        /// Q8_0 with VNNI: the input rows in groups of 16, as [`dot4x_lanes`] reads them
+        /// ([`Lanes::q`], `512 kb` bytes a group; empty otherwise).
+        lanes: Vec<u8>,
+        /// With `lanes`: each group's block scales, `width` per block ([`Lanes::scales`]).
+        lane_scales: Vec<f32>,
+        /// Input rows per group of `lanes`: 8 (256-bit registers) for up to 8 rows, else 16;
+        /// 1 for up to [`ROW_FORM_MOST`] rows, which take [`dot8x_rows`] instead.
+        width: usize,
+        /// With width 1: each input block's 32 bytes as they are (signed), and `-128` times
+        /// their sum (what the biased weights add).
+        signed: Vec<u8>,
+        minus: Vec<i32>,
+        /// Q8_0 with VNNI: exact block sums ([`dot4x_lanes`], [`dot8x_rows`]) rather than
+        /// candle's lanes.
+        exact_sums: bool,
         rows: usize,
     }
 
@@ -713,7 +736,7 @@ mod x86 {
         for (xr, qr) in x.chunks_exact(k).zip(input.chunks_exact_mut(kb)) {
             quantize_q8_0(xr, qr);
         }
-        let input_scales = as_bytes(&input)
+        let input_scales: Vec<f32> = as_bytes(&input)
             .chunks_exact(Q8_0_BYTES)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect();
@@ -735,8 +758,38 @@ mod x86 {
                 operand.extend_from_slice(q);
             }
         }
+        let (mut lanes, mut lane_scales) = (Vec::new(), Vec::new());
+        let (mut signed, mut minus) = (Vec::new(), Vec::new());
+        let width = match rows {
+            r if r <= ROW_FORM_MOST => 1,
+            r if r <= 8 => 8,
+            _ => 16,
+        };
+        if vnni && !nibbles && width == 1 {
+            for b in as_bytes(&input).chunks_exact(Q8_0_BYTES) {
+                signed.extend_from_slice(&b[2..]);
+                minus.push(-128 * b[2..].iter().map(|&v| i32::from(v as i8)).sum::<i32>());
+            }
+        } else if vnni && !nibbles {
+            // Byte group g of every row's block b side by side, row m in lane m, `width` rows
+            // to a group; the lanes past the last row stay zero and are never read back.
+            let groups = rows.div_ceil(width);
+            lanes = vec![0u8; groups * kb * 32 * width];
+            lane_scales = vec![0f32; groups * kb * width];
+            for (r, row) in operand.chunks_exact(k).enumerate() {
+                let (group, m) = (r / width, r % width);
+                for (b, block) in row.chunks_exact(32).enumerate() {
+                    let at = (group * kb + b) * 32 * width + 4 * m;
+                    for (g, four) in block.chunks_exact(4).enumerate() {
+                        let at = at + 4 * width * g;
+                        lanes[at..at + 4].copy_from_slice(four);
+                    }
+                    lane_scales[(group * kb + b) * width + m] = input_scales[r * kb + b];
+                }
+            }
+        }
         let (mut pairs, mut pair_offsets) = (Vec::new(), Vec::new());
-        if vnni && rows >= 2 {
+        if vnni && nibbles && rows >= 2 {
             pairs.reserve(rows / 2 * 2 * k);
             for two in operand.chunks_exact(2 * k) {
                 let (a, b) = two.split_at(k);
@@ -763,6 +816,12 @@ mod x86 {
             offsets,
             pairs,
             pair_offsets,
+            lanes,
+            lane_scales,
+            width,
+            signed,
+            minus,
+            exact_sums: vnni && !nibbles,
             rows,
         })
     }
@@ -857,10 +916,11 @@ mod x86 {
     }
 
     impl BandKernel for Kernel<'_> {
-        /// Four weight rows at a time against up to four input rows (two without VNNI, whose
-        /// sixteen registers hold no more accumulators) per pass of [`dot4x_vnni`] or
-        /// [`dot4x_avx2`], or, with VNNI, up to four pairs of input rows per pass of
-        /// [`dot4x_pairs`] (an odd last row goes alone): each weight block is loaded, and what
+        /// Q8_0 with VNNI: [`Kernel::run_exact`]. Else four weight rows at a time against up
+        /// to four input rows (two without VNNI, whose sixteen registers hold no more
+        /// accumulators) per pass of [`dot4x_vnni`] or [`dot4x_avx2`], or, Q4_0 with VNNI, up
+        /// to four pairs of input rows per pass of [`dot4x_pairs`] (an odd last row goes
+        /// alone): each weight block is loaded, and what
         /// it alone decides made, once for them, while it is in the nearest cache (a band's
         /// rows are megabytes: input row by input row, a batch read them from memory once per
         /// row).
@@ -885,6 +945,10 @@ mod x86 {
                     &self.input_scales[(2 * p + 1) * self.kb..(2 * p + 2) * self.kb],
                 ],
             };
+            if self.exact_sums {
+                self.run_exact(first, out);
+                return;
+            }
             let paired = if self.pairs.is_empty() {
                 0
             } else {
@@ -907,8 +971,8 @@ mod x86 {
                         }
                     };
                     macro_rules! call {
-                        ($nibbles:literal, $n:literal) => {
-                            put(&dot4x_pairs::<$nibbles, $n>(
+                        ($n:literal) => {
+                            put(&dot4x_pairs::<$n>(
                                 self.kb,
                                 rows,
                                 std::array::from_fn(|d| pair(r / 2 + d)),
@@ -916,19 +980,15 @@ mod x86 {
                         };
                     }
                     // SAFETY: `pairs` is made only where the CPU has AVX-512 VNNI and VL
-                    // (`Isa::vnni`, at `Level::Avx512`), for weight rows of `kb` blocks of this
-                    // format, from input rows of `kb` blocks of 32 bytes and `kb` scales (and,
-                    // for Q4_0, `kb` pair offsets).
+                    // (`Isa::vnni`, at `Level::Avx512`), for Q4_0 weight rows of `kb` blocks,
+                    // from input rows of `kb` blocks of 32 bytes, `kb` scales and `kb` pair
+                    // offsets.
                     unsafe {
-                        match (self.nibbles, take) {
-                            (true, 1) => call!(true, 1),
-                            (true, 2) => call!(true, 2),
-                            (true, 3) => call!(true, 3),
-                            (true, _) => call!(true, 4),
-                            (false, 1) => call!(false, 1),
-                            (false, 2) => call!(false, 2),
-                            (false, 3) => call!(false, 3),
-                            (false, _) => call!(false, 4),
+                        match take {
+                            1 => call!(1),
+                            2 => call!(2),
+                            3 => call!(3),
+                            _ => call!(4),
                         }
                     }
                     r += 2 * take;
@@ -956,15 +1016,12 @@ mod x86 {
                     // this format, and every input row `kb` blocks of 32 bytes with `kb` scales
                     // (and `kb` offsets for Q4_0), as `kernel` made them.
                     unsafe {
+                        // With VNNI only Q4_0 comes here (Q8_0 takes `run_exact`).
                         match (self.vnni, self.nibbles, take) {
-                            (true, true, 1) => call!(dot4x_vnni, true, 1),
-                            (true, true, 2) => call!(dot4x_vnni, true, 2),
-                            (true, true, 3) => call!(dot4x_vnni, true, 3),
-                            (true, true, _) => call!(dot4x_vnni, true, 4),
-                            (true, false, 1) => call!(dot4x_vnni, false, 1),
-                            (true, false, 2) => call!(dot4x_vnni, false, 2),
-                            (true, false, 3) => call!(dot4x_vnni, false, 3),
-                            (true, false, _) => call!(dot4x_vnni, false, 4),
+                            (true, _, 1) => call!(dot4x_vnni, true, 1),
+                            (true, _, 2) => call!(dot4x_vnni, true, 2),
+                            (true, _, 3) => call!(dot4x_vnni, true, 3),
+                            (true, _, _) => call!(dot4x_vnni, true, 4),
                             (false, true, 1) => call!(dot4x_avx2, true, 1),
                             (false, true, _) => call!(dot4x_avx2, true, 2),
                             (false, false, 1) => call!(dot4x_avx2, false, 1),
@@ -978,6 +1035,345 @@ mod x86 {
         }
     }
 
+    impl Kernel<'_> {
+        /// [`BandKernel::run`] for Q8_0 with VNNI: up to [`ROW_FORM_MOST`] input rows one at a
+        /// time against eight weight rows ([`dot8x_rows`]), more in groups of 8 or 16 against
+        /// four weight rows ([`dot4x_lanes`]). Both sum each block exactly and add the sums
+        /// alike, so a row gets the same bits alone and in any batch.
+        fn run_exact(&self, first: usize, out: &mut [f32]) {
+            let feats = out.len() / self.rows.max(1);
+            let w_row = |i: usize| {
+                let start = (first + i) * self.row_bytes;
+                &self.weight[start..start + self.row_bytes]
+            };
+            let (width, kb) = (self.width, self.kb);
+            if width == 1 {
+                let mut i = 0;
+                while i < feats {
+                    // Past the band's end, repeat its last row.
+                    let rows: [&[u8]; 8] = std::array::from_fn(|j| w_row((i + j).min(feats - 1)));
+                    let input = |r: usize| RowInput {
+                        q: &self.signed[32 * kb * r..32 * kb * (r + 1)],
+                        minus: &self.minus[kb * r..kb * (r + 1)],
+                        scales: &self.input_scales[kb * r..kb * (r + 1)],
+                    };
+                    let mut put = |dots: &[[f32; 8]]| {
+                        for (r, d) in dots.iter().enumerate() {
+                            for (j, v) in d.iter().enumerate().take(feats - i) {
+                                out[(i + j) * self.rows + r] = *v;
+                            }
+                        }
+                    };
+                    macro_rules! call {
+                        ($n:literal) => {
+                            put(&dot8x_rows::<$n>(kb, rows, std::array::from_fn(input)))
+                        };
+                    }
+                    // SAFETY: `signed` is made only where the CPU has AVX-512 VNNI and VL
+                    // (`Isa::vnni`, at `Level::Avx512`), for Q8_0 weight rows of `kb` blocks,
+                    // `32 kb` bytes, `kb` sums and `kb` scales a row, for 1 to
+                    // `ROW_FORM_MOST` rows.
+                    unsafe {
+                        match self.rows {
+                            1 => call!(1),
+                            2 => call!(2),
+                            3 => call!(3),
+                            _ => call!(4),
+                        }
+                    }
+                    i += 8;
+                }
+                return;
+            }
+            let mut i = 0;
+            while i < feats {
+                // Past the band's end, repeat its last row.
+                let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
+                for (gi, q) in self.lanes.chunks_exact(32 * width * kb).enumerate() {
+                    let lanes = Lanes {
+                        q,
+                        scales: &self.lane_scales[width * kb * gi..width * kb * (gi + 1)],
+                    };
+                    let here = (self.rows - width * gi).min(width);
+                    let mut put = |dots: &[[f32; 16]; 4]| {
+                        for (j, d) in dots.iter().enumerate().take(feats - i) {
+                            let at = (i + j) * self.rows + width * gi;
+                            out[at..at + here].copy_from_slice(&d[..here]);
+                        }
+                    };
+                    // SAFETY: `lanes` is made only where the CPU has AVX-512 VNNI and VL
+                    // (`Isa::vnni`, at `Level::Avx512`), for Q8_0 weight rows of `kb` blocks,
+                    // `32 width kb` bytes and `width kb` scales a group.
+                    unsafe {
+                        if width == 8 {
+                            put(&dot4x_lanes::<8>(kb, rows, lanes))
+                        } else {
+                            put(&dot4x_lanes::<16>(kb, rows, lanes))
+                        }
+                    }
+                }
+                i += 4;
+            }
+        }
+    }
+
+    /// Most input rows that take [`dot8x_rows`]: it spends one `vpdpbusd` and a share of a
+    /// lane sum per block and row, where [`dot4x_lanes`] spends eight `vpdpbusd` per block for
+    /// up to 8 or 16 rows at once.
+    const ROW_FORM_MOST: usize = 4;
+
+    /// One input row of Q8_0 blocks as [`dot8x_rows`] reads it.
+    #[derive(Clone, Copy)]
+    struct RowInput<'a> {
+        /// `kb` blocks of 32 signed bytes.
+        q: &'a [u8],
+        /// Per block, `-128` times the sum of its bytes.
+        minus: &'a [i32],
+        /// The blocks' scales.
+        scales: &'a [f32],
+    }
+
+    /// Eight Q8_0 weight rows dotted with `R` input rows, one weight row per 32-bit lane, in
+    /// [`dot4x_lanes`]' arithmetic: each block's 32 products summed exactly (one `vpdpbusd` of
+    /// the biased weights, `w + 128`, made once for the `R` rows, and the signed input into
+    /// eight lanes; the lanes of eight weight rows summed together; the input's `-128` times
+    /// its sum added), converted to f32 and added with one multiply-add by the product of the
+    /// two scales, block after block: the same bits as [`dot4x_lanes`] for each row.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 VNNI and VL, AVX2, FMA and F16C; each `w[r]` holds `kb` Q8_0
+    /// blocks, each `x[r].q` `32 kb` bytes and its `minus` and `scales` `kb` values.
+    #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c")]
+    unsafe fn dot8x_rows<const R: usize>(
+        kb: usize,
+        w: [&[u8]; 8],
+        x: [RowInput; R],
+    ) -> [[f32; 8]; R] {
+        let flip = _mm256_set1_epi8(-128);
+        let mut acc = [_mm256_setzero_ps(); R];
+        // Eight rows a pass: the next pass's rows, where short (the other kernels' distance is
+        // for passes of four).
+        let distance = match prefetch_ahead(Q8_0_BYTES, kb) {
+            d if d <= 2 * 4 * Q8_0_BYTES * kb => 2 * d,
+            d => d,
+        };
+        let mut b = 0;
+        while b < kb {
+            let nb = (kb - b).min(8);
+            let mut bases = [std::ptr::null::<u8>(); 8];
+            // (No closures in these kernels: they would not inherit the function's target
+            // features, and their intrinsics would become calls.)
+            let mut by_row = [_mm256_setzero_ps(); 8];
+            for wr in 0..8 {
+                // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row of `kb`
+                // blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
+                // 32; input block `b + j` is 32 bytes of `x[r].q`.
+                let base = unsafe { w[wr].as_ptr().add(Q8_0_BYTES * b) };
+                bases[wr] = base;
+                by_row[wr] = unsafe { group_scales_ahead(base, Q8_0_BYTES, nb, distance) };
+            }
+            // Scales by block, then weight row.
+            let ws = transpose8(by_row);
+            for (j, ws) in ws.iter().enumerate().take(nb) {
+                // The eight weight blocks, biased, transposed: register g holds bytes
+                // 4g..4g + 4 of every row, row wr in lane wr.
+                let mut rows = [_mm256_setzero_ps(); 8];
+                for (wr, v) in rows.iter_mut().enumerate() {
+                    let at = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
+                    let biased = _mm256_xor_si256(unsafe { _mm256_loadu_si256(at.cast()) }, flip);
+                    *v = _mm256_castsi256_ps(biased);
+                }
+                let groups = transpose8(rows);
+                for (xr, acc) in x.iter().zip(acc.iter_mut()) {
+                    let xq = unsafe { xr.q.as_ptr().add(32 * (b + j)) };
+                    let mut sum = _mm256_set1_epi32(xr.minus[b + j]);
+                    for (g, wg) in groups.iter().enumerate() {
+                        let four = unsafe { std::ptr::read_unaligned(xq.add(4 * g).cast::<i32>()) };
+                        sum = _mm256_dpbusd_epi32(
+                            sum,
+                            _mm256_castps_si256(*wg),
+                            _mm256_set1_epi32(four),
+                        );
+                    }
+                    let d = _mm256_mul_ps(*ws, _mm256_set1_ps(xr.scales[b + j]));
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), *acc);
+                }
+            }
+            b += 8;
+        }
+        let mut dots = [[0f32; 8]; R];
+        for (d, a) in dots.iter_mut().zip(&acc) {
+            // SAFETY: eight floats.
+            unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
+        }
+        dots
+    }
+
+    /// Up to `W` (8 or 16) input rows of Q8_0 blocks as [`dot4x_lanes`] reads them.
+    #[derive(Clone, Copy)]
+    struct Lanes<'a> {
+        /// `kb` blocks of `32 W` bytes: for each four bytes `g` of a block, the rows' bytes
+        /// `4g..4g + 4` side by side (row `m` in 32-bit lane `m`), biased to the unsigned
+        /// operand (`x + 128`).
+        q: &'a [u8],
+        /// The rows' block scales, `W` per block.
+        scales: &'a [f32],
+    }
+
+    /// The 8 x 8 floats of `a` transposed: lane `i` of register `j` becomes lane `j` of
+    /// register `i`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transpose8(a: [__m256; 8]) -> [__m256; 8] {
+        let mut t = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            t[2 * i] = _mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]);
+        }
+        // u[4h..4h + 4] hold columns 0, 2, 1, 3 of rows 4h..4h + 4 (and 4, 6, 5, 7 in their
+        // upper halves).
+        let mut u = [_mm256_setzero_ps(); 8];
+        for h in 0..2 {
+            for i in 0..2 {
+                let (x, y) = (t[4 * h + i], t[4 * h + i + 2]);
+                u[4 * h + i] = _mm256_shuffle_ps::<0x44>(x, y);
+                u[4 * h + i + 2] = _mm256_shuffle_ps::<0xEE>(x, y);
+            }
+        }
+        let mut out = [_mm256_setzero_ps(); 8];
+        for (i, c) in [0, 2, 1, 3].into_iter().enumerate() {
+            out[i] = _mm256_permute2f128_ps::<0x20>(u[c], u[c + 4]);
+            out[i + 4] = _mm256_permute2f128_ps::<0x31>(u[c], u[c + 4]);
+        }
+        out
+    }
+
+    /// The sums of each of eight registers' eight i32 lanes, in one (register `j`'s in lane
+    /// `j`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lane_sums8(a: [__m256i; 8]) -> __m256i {
+        // In-lane interleaves (which more ports run than `hadd`'s shuffles), then the halves.
+        let mut p = [_mm256_setzero_si256(); 4];
+        for (i, p) in p.iter_mut().enumerate() {
+            let (x, y) = (a[2 * i], a[2 * i + 1]);
+            *p = _mm256_add_epi32(_mm256_unpacklo_epi32(x, y), _mm256_unpackhi_epi32(x, y));
+        }
+        let mut q = [_mm256_setzero_si256(); 2];
+        for (i, q) in q.iter_mut().enumerate() {
+            let (x, y) = (p[2 * i], p[2 * i + 1]);
+            *q = _mm256_add_epi32(_mm256_unpacklo_epi64(x, y), _mm256_unpackhi_epi64(x, y));
+        }
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(q[0], q[1]),
+            _mm256_permute2x128_si256::<0x31>(q[0], q[1]),
+        )
+    }
+
+    /// Four Q8_0 weight rows dotted with up to `W` input rows ([`Lanes`]; `W` is 8 or 16, the
+    /// 32-bit lanes of a 256- or 512-bit register), one input row per lane: for each block,
+    /// eight `vpdpbusd` (one per four bytes, the weight row's four bytes broadcast to every
+    /// lane) sum its 32 products exactly into one i32 per input row, starting from `-128`
+    /// times the weight block's sum (what the biased input adds); that sum is converted to f32
+    /// and added with one multiply-add by the product of the two scales, block after block.
+    /// Every lane takes the same operations whatever the width and whichever lanes are filled:
+    /// a row gets the same bits alone and in any batch. Against candle's eight partial sums
+    /// per block and row (each converted and multiply-added) a 16-row batch does far less
+    /// arithmetic; the result differs from candle's by float rounding only (the integer sums
+    /// are exact either way).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX-512 VNNI and VL, AVX2, FMA and F16C; each `w[r]` holds `kb`
+    /// Q8_0 blocks, `x.q` `32 W kb` bytes and `x.scales` `W kb` floats.
+    #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c")]
+    unsafe fn dot4x_lanes<const W: usize>(kb: usize, w: [&[u8]; 4], x: Lanes) -> [[f32; 16]; 4] {
+        let bias = _mm256_set1_epi8(-128);
+        let zero = _mm256_setzero_si256();
+        let mut wide = [_mm512_setzero_ps(); 4];
+        let mut narrow = [_mm256_setzero_ps(); 4];
+        let mut b = 0;
+        while b < kb {
+            let nb = (kb - b).min(8);
+            let mut ws = [[0f32; 8]; 4];
+            let mut starts = [[0i32; 8]; 4];
+            let mut bases = [std::ptr::null::<u8>(); 4];
+            for (wr, row) in w.iter().enumerate() {
+                // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row of `kb`
+                // blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
+                // 32; input block `b + j` is `32 W` bytes of `x.q` and `W` floats of `x.scales`.
+                let base = unsafe { row.as_ptr().add(Q8_0_BYTES * b) };
+                bases[wr] = base;
+                let scales = unsafe { group_scales(base, Q8_0_BYTES, kb, nb) };
+                // SAFETY: eight floats.
+                unsafe { _mm256_storeu_ps(ws[wr].as_mut_ptr(), scales) };
+                // 128 times each block's sums of four weights ((-128) as u8 is 128), then the
+                // eight blocks' totals side by side.
+                let mut sums = [zero; 8];
+                for (j, sum) in sums.iter_mut().enumerate().take(nb) {
+                    let wv = unsafe { _mm256_loadu_si256(base.add(Q8_0_BYTES * j + 2).cast()) };
+                    *sum = _mm256_dpbusd_epi32(zero, bias, wv);
+                }
+                let minus = _mm256_sub_epi32(zero, lane_sums8(sums));
+                // SAFETY: eight i32.
+                unsafe { _mm256_storeu_si256(starts[wr].as_mut_ptr().cast(), minus) };
+            }
+            for j in 0..nb {
+                let xb = unsafe { x.q.as_ptr().add(32 * W * (b + j)) };
+                let xs = unsafe { x.scales.as_ptr().add(W * (b + j)) };
+                // The same operations at two widths: five to eight rows would leave half of a
+                // 512-bit register's lanes empty.
+                if W == 16 {
+                    let mut xv = [_mm512_setzero_si512(); 8];
+                    for (g, v) in xv.iter_mut().enumerate() {
+                        *v = unsafe { _mm512_loadu_si512(xb.add(64 * g).cast()) };
+                    }
+                    let xs = unsafe { _mm512_loadu_ps(xs) };
+                    for wr in 0..4 {
+                        let wq = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
+                        let mut sum = _mm512_set1_epi32(starts[wr][j]);
+                        for (g, xg) in xv.iter().enumerate() {
+                            let four =
+                                unsafe { std::ptr::read_unaligned(wq.add(4 * g).cast::<i32>()) };
+                            sum = _mm512_dpbusd_epi32(sum, *xg, _mm512_set1_epi32(four));
+                        }
+                        let d = _mm512_mul_ps(_mm512_set1_ps(ws[wr][j]), xs);
+                        wide[wr] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), wide[wr]);
+                    }
+                } else {
+                    let mut xv = [zero; 8];
+                    for (g, v) in xv.iter_mut().enumerate() {
+                        *v = unsafe { _mm256_loadu_si256(xb.add(32 * g).cast()) };
+                    }
+                    let xs = unsafe { _mm256_loadu_ps(xs) };
+                    for wr in 0..4 {
+                        let wq = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
+                        let mut sum = _mm256_set1_epi32(starts[wr][j]);
+                        for (g, xg) in xv.iter().enumerate() {
+                            let four =
+                                unsafe { std::ptr::read_unaligned(wq.add(4 * g).cast::<i32>()) };
+                            sum = _mm256_dpbusd_epi32(sum, *xg, _mm256_set1_epi32(four));
+                        }
+                        let d = _mm256_mul_ps(_mm256_set1_ps(ws[wr][j]), xs);
+                        narrow[wr] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), narrow[wr]);
+                    }
+                }
+            }
+            b += 8;
+        }
+        let mut dots = [[0f32; 16]; 4];
+        for wr in 0..4 {
+            // SAFETY: sixteen floats, or eight.
+            unsafe {
+                if W == 16 {
+                    _mm512_storeu_ps(dots[wr].as_mut_ptr(), wide[wr]);
+                } else {
+                    _mm256_storeu_ps(dots[wr].as_mut_ptr(), narrow[wr]);
+                }
+            }
+        }
+        dots
+    }
+
     /// The scales of the `nb <= 8` blocks of `block` bytes from `base` on (the f16 in each
     /// block's first two bytes; zero past `nb`), as f32, and the row prefetched ahead
     /// ([`prefetch_ahead`], for rows of `kb` blocks).
@@ -987,7 +1383,23 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn group_scales(base: *const u8, block: usize, kb: usize, nb: usize) -> __m256 {
-        let ahead = base.wrapping_add(prefetch_ahead(block, kb));
+        // SAFETY: as this function's.
+        unsafe { group_scales_ahead(base, block, nb, prefetch_ahead(block, kb)) }
+    }
+
+    /// [`group_scales`], prefetching `distance` bytes ahead.
+    ///
+    /// # Safety
+    /// As [`group_scales`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_scales_ahead(
+        base: *const u8,
+        block: usize,
+        nb: usize,
+        distance: usize,
+    ) -> __m256 {
+        let ahead = base.wrapping_add(distance);
         for line in 0..(block * 8).div_ceil(64) {
             crate::kernels::prefetch_line(ahead.wrapping_add(64 * line));
         }
@@ -1025,9 +1437,9 @@ mod x86 {
         scales: [&'a [f32]; 2],
     }
 
-    /// [`dot4x_vnni`] (Q4_0 weights if `NIBBLES`, else Q8_0) against `P` pairs of input rows,
-    /// one pair in each 512-bit register: the lower eight lanes are one row's, the upper eight
-    /// the other's, each block of the weight row (Q4_0: its unpacked nibbles) in both halves. Every lane takes the same operations in the same
+    /// [`dot4x_vnni`] for Q4_0 weights against `P` pairs of input rows, one pair in each
+    /// 512-bit register: the lower eight lanes are one row's, the upper eight the other's, each
+    /// block's unpacked nibbles in both halves. Every lane takes the same operations in the same
     /// order as in [`dot4x_vnni`] (the same `vpdpbusd` from the same starting lanes, the scale
     /// product `ws x xs` in f32, one fused multiply-add per block), so a row gets the same bits
     /// paired or alone; one instruction does the work of two, and the block's scales reach
@@ -1035,19 +1447,18 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU has AVX-512F, AVX-512 VNNI and VL, AVX2, FMA and F16C; each `w[r]` holds `kb`
-    /// blocks of its format, and each pair `kb` blocks of 64 bytes and `kb` scales per row (and,
-    /// for Q4_0, `kb` offsets).
+    /// Q4_0 blocks, and each pair `kb` blocks of 64 bytes, `kb` scales per row and `kb`
+    /// offsets.
     // `j` indexes the scales of four rows and the blocks of several slices at once.
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c")]
-    unsafe fn dot4x_pairs<const NIBBLES: bool, const P: usize>(
+    unsafe fn dot4x_pairs<const P: usize>(
         kb: usize,
         w: [&[u8]; 4],
         x: [Pair; P],
     ) -> [[[f32; 4]; 2]; P] {
-        let block = if NIBBLES { Q4_0_BYTES } else { Q8_0_BYTES };
+        let block = Q4_0_BYTES;
         let low = _mm256_set1_epi8(0x0F);
-        let bias = _mm512_set1_epi8(-128);
         let zero = _mm512_setzero_si512();
         let mut acc = [[_mm512_setzero_ps(); P]; 4];
         let mut b = 0;
@@ -1109,36 +1520,21 @@ mod x86 {
                 );
                 let (mut xq, mut xo) = ([zero; P], [zero; P]);
                 for p in 0..P {
-                    // SAFETY: pair block b + j (and its offsets for Q4_0).
+                    // SAFETY: pair block b + j and its offsets.
                     xq[p] = unsafe { _mm512_loadu_si512(x[p].q.as_ptr().add(64 * (b + j)).cast()) };
-                    if let (true, Some(o)) = (NIBBLES, x[p].offsets) {
+                    if let Some(o) = x[p].offsets {
                         xo[p] = unsafe { _mm512_loadu_si512(o.as_ptr().add(b + j).cast()) };
                     }
                 }
                 for wr in 0..4 {
                     let wq = unsafe { bases[wr].add(block * j + 2) };
-                    let (wv, start) = if NIBBLES {
-                        // The stored nibbles (`w + 8`) are the unsigned operand.
-                        let packed = unsafe { _mm_loadu_si128(wq.cast()) };
-                        let nib = _mm256_and_si256(
-                            _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
-                            low,
-                        );
-                        (_mm512_broadcast_i64x4(nib), zero)
-                    } else {
-                        let wv = _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(wq.cast()) });
-                        // -128 times the sums of four weights ((-128) as u8 is 128).
-                        (
-                            wv,
-                            _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, wv)),
-                        )
-                    };
+                    // The stored nibbles (`w + 8`) are the unsigned operand.
+                    let packed = unsafe { _mm_loadu_si128(wq.cast()) };
+                    let nib =
+                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+                    let wv = _mm512_broadcast_i64x4(nib);
                     for p in 0..P {
-                        let lanes = if NIBBLES {
-                            _mm512_dpbusd_epi32(xo[p], wv, xq[p])
-                        } else {
-                            _mm512_dpbusd_epi32(start, xq[p], wv)
-                        };
+                        let lanes = _mm512_dpbusd_epi32(xo[p], wv, xq[p]);
                         // SAFETY: sixteen floats.
                         let dj = _mm512_permutexvar_ps(pick, unsafe {
                             _mm512_loadu_ps(d[wr][p].as_ptr())
@@ -1186,11 +1582,9 @@ mod x86 {
     /// product of the two scales, block after block, then the lanes summed: candle's
     /// arithmetic in candle's order, so its bits, whatever `R` and the instruction set.
     ///
-    /// * VNNI (`$vnni`), Q8_0: one `vpdpbusd` per block and pair of rows, the input biased to
-    ///   the unsigned operand, `x + 128`, and each weight block's lanes starting from `-128`
-    ///   times its sums of four (made once for the `R` rows): `sum (x + 128) w - 128 sum w`.
-    /// * VNNI, Q4_0: the stored nibbles (`w + 8`) are the unsigned operand as they are, and
-    ///   each input block's lanes start from its offsets, `-8` times its sums of four.
+    /// * VNNI (`$vnni`), Q4_0 (Q8_0 with VNNI sums whole blocks instead, [`dot4x_lanes`]): the
+    ///   stored nibbles (`w + 8`) are the unsigned operand as they are, and each input block's
+    ///   lanes start from its offsets, `-8` times its sums of four.
     /// * AVX2, Q8_0: `maddubs` on `|w|` (made once for the `R` rows) and `x` with `w`'s sign,
     ///   then `madd` (the pairs never saturate: at most `2 * 128 * 127`).
     /// * AVX2, Q4_0: `maddubs` on the nibbles and `x` (at most `2 * 15 * 128`), `madd`, plus the
@@ -1198,8 +1592,7 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU has `$features`; each `w[r]` holds `kb` blocks of its format, each input `kb`
-    /// blocks of 32 bytes (`x + 128` for Q8_0 with VNNI, else `x`) and `kb` scales (and `kb`
-    /// offsets for Q4_0).
+    /// blocks of 32 bytes (`x`) and `kb` scales (and `kb` offsets for Q4_0).
     macro_rules! dot4x_fn {
         ($name:ident, $features:literal, $vnni:literal) => {
             // `j` indexes the scales of four rows and the blocks of several slices at once.
@@ -1212,7 +1605,6 @@ mod x86 {
             ) -> [[f32; 4]; R] {
                 let block = if NIBBLES { Q4_0_BYTES } else { Q8_0_BYTES };
                 let low = _mm256_set1_epi8(0x0F);
-                let bias = _mm256_set1_epi8(-128);
                 let ones = _mm256_set1_epi16(1);
                 let zero = _mm256_setzero_si256();
                 let mut acc = [[_mm256_setzero_ps(); R]; 4];
@@ -1295,24 +1687,12 @@ mod x86 {
                                     );
                                 }
                             } else {
+                                // Q8_0 comes here without VNNI only (with it, `run_exact`).
                                 let wv = unsafe { _mm256_loadu_si256(wq.cast()) };
-                                if $vnni {
-                                    // -128 times the sums of four weights ((-128) as u8 is
-                                    // 128).
-                                    let start =
-                                        _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, bias, wv));
-                                    for r in 0..R {
-                                        add(r, _mm256_dpbusd_epi32(start, xq[r], wv));
-                                    }
-                                } else {
-                                    let wa = _mm256_sign_epi8(wv, wv);
-                                    for r in 0..R {
-                                        let xb = _mm256_sign_epi8(xq[r], wv);
-                                        add(
-                                            r,
-                                            _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xb), ones),
-                                        );
-                                    }
+                                let wa = _mm256_sign_epi8(wv, wv);
+                                for r in 0..R {
+                                    let xb = _mm256_sign_epi8(xq[r], wv);
+                                    add(r, _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xb), ones));
                                 }
                             }
                         }
@@ -1813,6 +2193,40 @@ mod tests {
         Ok(out)
     }
 
+    /// Q8_0 with exact block sums, written as the definition: each input row quantized to Q8_0
+    /// blocks as candle does, each block's 32 products summed in i32, converted, and added in
+    /// f32 by one multiply-add with the product of the two scales, block after block.
+    fn exact_sums_reference(x: &[f32], q: &QTensor, rows: usize) -> Result<Vec<f32>> {
+        let (n, k) = q.shape().dims2()?;
+        let kb = k / 32;
+        let input = Tensor::from_vec(x[..rows * k].to_vec(), (rows, k), &Device::Cpu)?;
+        let input = QTensor::quantize(&input, GgmlDType::Q8_0)?.data()?.to_vec();
+        let weight = q.data()?;
+        // Block `b` of row `r` of (34-byte blocks: an f16 scale, 32 i8), as its scale and bytes.
+        let block = |bytes: &[u8], r: usize, b: usize| {
+            let at = (r * kb + b) * 34;
+            let d = half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+            (d, bytes[at + 2..at + 34].to_vec())
+        };
+        let mut out = vec![0f32; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                let mut acc = 0f32;
+                for b in 0..kb {
+                    let ((wd, wq), (xd, xq)) = (block(&weight, j, b), block(&input, r, b));
+                    let sum: i32 = wq
+                        .iter()
+                        .zip(&xq)
+                        .map(|(&a, &c)| i32::from(a as i8) * i32::from(c as i8))
+                        .sum();
+                    acc = (wd * xd).mul_add(sum as f32, acc);
+                }
+                out[r * n + j] = acc;
+            }
+        }
+        Ok(out)
+    }
+
     /// The reference for rows of width `k` of `format`: candle's matmul, or nothing where the
     /// kernel dequantizes rows (candle's dot would assert).
     fn candle_reference(
@@ -1850,6 +2264,13 @@ mod tests {
         for q in pieces {
             let (n, k) = q.shape().dims2()?;
             let want = candle_reference(format, xs, q, rows)?;
+            // Q8_0 with VNNI sums each block exactly: the definition's bits.
+            let exact_sums = format == GgmlDType::Q8_0 && isa.vnni();
+            let definition = if exact_sums {
+                exact_sums_reference(xs, q, rows)?
+            } else {
+                Vec::new()
+            };
             // The input's own quantization (8 bits per block) is all that separates the kernel
             // from the dequantized product.
             let w: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
@@ -1865,6 +2286,10 @@ mod tests {
                         continue;
                     }
                     let c = want[r * n + j];
+                    if exact_sums {
+                        let e = definition[r * n + j];
+                        assert_eq!(g.to_bits(), e.to_bits(), "{isa:?} Q8_0 k {k}: {g} {e}");
+                    }
                     if format == GgmlDType::Q4K {
                         // No tolerance: the same integer sums, converted, scaled and added by
                         // the same f32 operations in the same order as candle's (its own dot
@@ -1950,16 +2375,49 @@ mod tests {
                     }
                 }
                 check_against_references(format, isa, &xs, &pieces, 9, &alone.concat())?;
-                if isa.level() != crate::kernels::isa::Level::Portable {
+                let exact_sums = format == GgmlDType::Q8_0 && isa.vnni();
+                if isa.level() != crate::kernels::isa::Level::Portable && !exact_sums {
                     simd_outputs.push(bits(&alone.concat()));
                 }
             }
-            // AVX2 and AVX-512 (VNNI where the CPU has it) sum the same i32 lanes exactly, then
-            // scale and add them alike: the same bits.
+            // AVX2 and AVX-512 sum the same i32 lanes exactly, then scale and add them alike:
+            // the same bits (but Q8_0 with VNNI, which sums whole blocks: checked above against
+            // its definition).
             assert!(
                 simd_outputs.windows(2).all(|p| p[0] == p[1]),
                 "{format:?} k {k}"
             );
+        }
+        Ok(())
+    }
+
+    /// Q8_0 batches past one group of 16 lanes (and up to the 64 rows a decode step takes):
+    /// every row gets its bits alone, and on every instruction set its reference's.
+    #[test]
+    fn q8_0_batches_of_many_groups_give_each_row_its_bits_alone() -> Result<()> {
+        let pieces = quantized_pieces(GgmlDType::Q8_0, 288, &[21])?;
+        let x = seeded(&[64, 288], 5)?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        for isa in Isa::supported() {
+            let run = |x: &Tensor| -> Result<Vec<f32>> {
+                let y = qgemv_with(isa, x, &pieces)?
+                    .ok_or_else(|| crate::Error::Input("the kernel must apply".into()))?;
+                Ok(y.flatten_all()?.to_vec1()?)
+            };
+            let all = run(&x)?;
+            for rows in [17, 33, 64] {
+                let got = run(&x.narrow(0, 0, rows)?)?;
+                assert_eq!(bits(&got), bits(&all[..rows * 21]), "{isa:?} {rows} rows");
+            }
+            for r in [0, 15, 16, 40, 63] {
+                let alone = run(&x.narrow(0, r, 1)?)?;
+                assert_eq!(
+                    bits(&alone),
+                    bits(&all[r * 21..(r + 1) * 21]),
+                    "{isa:?} row {r}"
+                );
+            }
+            check_against_references(GgmlDType::Q8_0, isa, &xs, &pieces, 64, &all)?;
         }
         Ok(())
     }
