@@ -19,15 +19,18 @@
 //! same exact i32 lanes and add them with candle's f32 operations in candle's order: the same
 //! results as candle, bit for bit, alone or in a batch, on either instruction set.
 //!
-//! Q8_0 with VNNI is the exception, for batches' sake: candle's arithmetic converts and
-//! multiply-adds eight partial sums per block and row, which bounds a batch's products by
-//! arithmetic. With VNNI each block's 32 products are summed exactly into one i32 per (input
-//! row, weight row), converted and added by one multiply-add with the product of the scales,
-//! block after block: a batch puts its input rows in the lanes ([`x86`]'s `dot4x_lanes`: 16
-//! rows of a step 1.7x faster than candle's lanes), up to four rows put eight weight rows in
-//! them (`dot8x_rows`); both give a row the same bits, alone or in any batch. The results
-//! differ from candle's (and from the AVX2 and portable paths') by f32 rounding only: the
-//! integer sums are exact either way, and the order of the additions is fixed.
+//! Q8_0 is the exception, for batches' sake: candle's arithmetic converts and multiply-adds
+//! eight partial sums per block and row, which bounds a batch's products by arithmetic. Here
+//! each block's 32 products are summed exactly into one i32 per (input row, weight row),
+//! converted and added by one multiply-add with the product of the scales, block after block.
+//! A batch puts its input rows in the lanes: with VNNI ([`x86`]'s `dot4x_lanes`) eight
+//! `vpdpbusd` per block for 8 or 16 rows (16 rows of a step 1.7x faster than candle's lanes);
+//! with AVX2 alone (`dot4x_lanes_avx2`) one `madd` and one add per pair of bytes for 8 rows,
+//! the input widened to i16 once per call and two groups of rows sharing each broadcast weight
+//! (16 rows 1.4x faster). A few rows put eight weight rows in the lanes instead (`dot8x_rows`,
+//! `dot8x_rows_avx2`). Every form gives a row the same bits, alone or in any batch, on either
+//! instruction set; they differ from candle's (and the portable path's) by f32 rounding only:
+//! the integer sums are exact either way, and the order of the additions is fixed.
 //!
 //! Which of these run is decided by [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA`
 //! lowers it (`portable` takes candle's dot products everywhere).
@@ -666,16 +669,15 @@ mod x86 {
 
     pub(super) struct Kernel<'a> {
         weight: &'a [u8],
-        /// Q4_0 (nibbles) rather than Q8_0.
-        nibbles: bool,
         /// Bytes of one weight row.
         row_bytes: usize,
         /// Blocks per row.
         kb: usize,
         /// The input rows' Q8_0 scales as f32.
         input_scales: Vec<f32>,
-        /// `vpdpbusd` (the CPU has AVX-512 VNNI and VL): [`run_exact`](Kernel::run_exact) for
-        /// Q8_0, [`dot4x_vnni`] and [`dot4x_pairs`] for Q4_0, rather than [`dot4x_avx2`].
+        /// `vpdpbusd` (the CPU has AVX-512 VNNI and VL): the VNNI forms of
+        /// [`run_exact`](Kernel::run_exact) for Q8_0, [`dot4x_vnni`] and [`dot4x_pairs`] for
+        /// Q4_0, rather than the AVX2 ones.
         vnni: bool,
         /// Each input block's 32 bytes as the kernels take them, scales apart: `x + 128` (the
         /// unsigned operand) for Q8_0 with VNNI, else `x`.
@@ -688,20 +690,22 @@ mod x86 {
         pairs: Vec<u8>,
         /// For Q4_0 with `pairs`: `offsets` of the same two rows, block by block.
         pair_offsets: Vec<[i32; 16]>,
-        /// Q8_0 with VNNI: the input rows in groups of 16, as [`dot4x_lanes`] reads them
-        /// ([`Lanes::q`], `512 kb` bytes a group; empty otherwise).
+        /// Q8_0 past [`row_form_most`] rows: the input rows in groups of `width`, as
+        /// [`dot4x_lanes`] (`32 width kb` bytes a group) or, without VNNI,
+        /// [`dot4x_lanes_avx2`] (`512 kb` bytes a group) reads them ([`Lanes::q`]; empty
+        /// otherwise).
         lanes: Vec<u8>,
         /// With `lanes`: each group's block scales, `width` per block ([`Lanes::scales`]).
         lane_scales: Vec<f32>,
-        /// Input rows per group of `lanes`: 8 (256-bit registers) for up to 8 rows, else 16;
-        /// 1 for up to [`ROW_FORM_MOST`] rows, which take [`dot8x_rows`] instead.
+        /// Input rows per group of `lanes`: 8 (256-bit registers) for up to 8 rows or without
+        /// VNNI, else 16; 1 for up to [`row_form_most`] rows, which take [`dot8x_rows`] or
+        /// [`dot8x_rows_avx2`] instead.
         width: usize,
-        /// With width 1: each input block's 32 bytes as they are (signed), and `-128` times
-        /// their sum (what the biased weights add).
+        /// With width 1: each input block's 32 bytes as they are (signed), and, with VNNI,
+        /// `-128` times their sum (what the biased weights add).
         signed: Vec<u8>,
         minus: Vec<i32>,
-        /// Q8_0 with VNNI: exact block sums ([`dot4x_lanes`], [`dot8x_rows`]) rather than
-        /// candle's lanes.
+        /// Q8_0: exact block sums ([`Kernel::run_exact`]) rather than candle's lanes.
         exact_sums: bool,
         rows: usize,
     }
@@ -761,14 +765,35 @@ mod x86 {
         let (mut lanes, mut lane_scales) = (Vec::new(), Vec::new());
         let (mut signed, mut minus) = (Vec::new(), Vec::new());
         let width = match rows {
-            r if r <= ROW_FORM_MOST => 1,
-            r if r <= 8 => 8,
+            r if r <= row_form_most(vnni) => 1,
+            r if r <= 8 || !vnni => 8,
             _ => 16,
         };
-        if vnni && !nibbles && width == 1 {
+        if !nibbles && width == 1 {
             for b in as_bytes(&input).chunks_exact(Q8_0_BYTES) {
                 signed.extend_from_slice(&b[2..]);
-                minus.push(-128 * b[2..].iter().map(|&v| i32::from(v as i8)).sum::<i32>());
+                if vnni {
+                    minus.push(-128 * b[2..].iter().map(|&v| i32::from(v as i8)).sum::<i32>());
+                }
+            }
+        } else if !nibbles && !vnni {
+            // Each pair of bytes `2p, 2p + 1` of every row's block b, widened to i16, side by
+            // side (row m in lane m), eight rows to a group: 512 bytes a block.
+            let groups = rows.div_ceil(8);
+            lanes = vec![0u8; groups * kb * 512];
+            lane_scales = vec![0f32; groups * kb * 8];
+            for (r, row) in operand.chunks_exact(k).enumerate() {
+                let (group, m) = (r / 8, r % 8);
+                for (b, block) in row.chunks_exact(32).enumerate() {
+                    let at = (group * kb + b) * 512 + 4 * m;
+                    for (p, two) in block.chunks_exact(2).enumerate() {
+                        let at = at + 32 * p;
+                        lanes[at..at + 2].copy_from_slice(&i16::from(two[0] as i8).to_le_bytes());
+                        lanes[at + 2..at + 4]
+                            .copy_from_slice(&i16::from(two[1] as i8).to_le_bytes());
+                    }
+                    lane_scales[(group * kb + b) * 8 + m] = input_scales[r * kb + b];
+                }
             }
         } else if vnni && !nibbles {
             // Byte group g of every row's block b side by side, row m in lane m, `width` rows
@@ -807,7 +832,6 @@ mod x86 {
         }
         Some(Kernel {
             weight: bytes,
-            nibbles,
             row_bytes,
             kb,
             input_scales,
@@ -821,7 +845,7 @@ mod x86 {
             width,
             signed,
             minus,
-            exact_sums: vnni && !nibbles,
+            exact_sums: !nibbles,
             rows,
         })
     }
@@ -916,14 +940,13 @@ mod x86 {
     }
 
     impl BandKernel for Kernel<'_> {
-        /// Q8_0 with VNNI: [`Kernel::run_exact`]. Else four weight rows at a time against up
-        /// to four input rows (two without VNNI, whose sixteen registers hold no more
-        /// accumulators) per pass of [`dot4x_vnni`] or [`dot4x_avx2`], or, Q4_0 with VNNI, up
-        /// to four pairs of input rows per pass of [`dot4x_pairs`] (an odd last row goes
-        /// alone): each weight block is loaded, and what
-        /// it alone decides made, once for them, while it is in the nearest cache (a band's
-        /// rows are megabytes: input row by input row, a batch read them from memory once per
-        /// row).
+        /// Q8_0: [`Kernel::run_exact`]. Q4_0: four weight rows at a time against up to four
+        /// input rows (two without VNNI, whose sixteen registers hold no more accumulators)
+        /// per pass of [`dot4x_vnni`] or [`dot4x_avx2`], or, with VNNI, up to four pairs of
+        /// input rows per pass of [`dot4x_pairs`] (an odd last row goes alone): each weight
+        /// block is loaded, and what it alone decides made, once for them, while it is in the
+        /// nearest cache (a band's rows are megabytes: input row by input row, a batch read
+        /// them from memory once per row).
         fn run(&self, first: usize, out: &mut [f32]) {
             let feats = out.len() / self.rows.max(1);
             let w_row = |i: usize| {
@@ -1003,8 +1026,8 @@ mod x86 {
                         }
                     };
                     macro_rules! call {
-                        ($f:ident, $nibbles:literal, $n:literal) => {
-                            put(&$f::<$nibbles, $n>(
+                        ($f:ident, $n:literal) => {
+                            put(&$f::<$n>(
                                 self.kb,
                                 rows,
                                 std::array::from_fn(|d| input(r + d)),
@@ -1016,16 +1039,14 @@ mod x86 {
                     // this format, and every input row `kb` blocks of 32 bytes with `kb` scales
                     // (and `kb` offsets for Q4_0), as `kernel` made them.
                     unsafe {
-                        // With VNNI only Q4_0 comes here (Q8_0 takes `run_exact`).
-                        match (self.vnni, self.nibbles, take) {
-                            (true, _, 1) => call!(dot4x_vnni, true, 1),
-                            (true, _, 2) => call!(dot4x_vnni, true, 2),
-                            (true, _, 3) => call!(dot4x_vnni, true, 3),
-                            (true, _, _) => call!(dot4x_vnni, true, 4),
-                            (false, true, 1) => call!(dot4x_avx2, true, 1),
-                            (false, true, _) => call!(dot4x_avx2, true, 2),
-                            (false, false, 1) => call!(dot4x_avx2, false, 1),
-                            (false, false, _) => call!(dot4x_avx2, false, 2),
+                        // Only Q4_0 comes here (Q8_0 takes `run_exact`).
+                        match (self.vnni, take) {
+                            (true, 1) => call!(dot4x_vnni, 1),
+                            (true, 2) => call!(dot4x_vnni, 2),
+                            (true, 3) => call!(dot4x_vnni, 3),
+                            (true, _) => call!(dot4x_vnni, 4),
+                            (false, 1) => call!(dot4x_avx2, 1),
+                            (false, _) => call!(dot4x_avx2, 2),
                         }
                     }
                     r += take;
@@ -1036,10 +1057,12 @@ mod x86 {
     }
 
     impl Kernel<'_> {
-        /// [`BandKernel::run`] for Q8_0 with VNNI: up to [`ROW_FORM_MOST`] input rows one at a
-        /// time against eight weight rows ([`dot8x_rows`]), more in groups of 8 or 16 against
-        /// four weight rows ([`dot4x_lanes`]). Both sum each block exactly and add the sums
-        /// alike, so a row gets the same bits alone and in any batch.
+        /// [`BandKernel::run`] for Q8_0: up to [`row_form_most`] input rows one at a time
+        /// against eight weight rows ([`dot8x_rows`], without VNNI [`dot8x_rows_avx2`]), more
+        /// in groups of 8 or 16 against four weight rows ([`dot4x_lanes`], without VNNI
+        /// [`dot4x_lanes_avx2`] in groups of 8). All four sum each block exactly and add the
+        /// sums alike, so a row gets the same bits alone, in any batch and on either
+        /// instruction set.
         fn run_exact(&self, first: usize, out: &mut [f32]) {
             let feats = out.len() / self.rows.max(1);
             let w_row = |i: usize| {
@@ -1054,7 +1077,7 @@ mod x86 {
                     let rows: [&[u8]; 8] = std::array::from_fn(|j| w_row((i + j).min(feats - 1)));
                     let input = |r: usize| RowInput {
                         q: &self.signed[32 * kb * r..32 * kb * (r + 1)],
-                        minus: &self.minus[kb * r..kb * (r + 1)],
+                        minus: self.minus.get(kb * r..kb * (r + 1)).unwrap_or(&[]),
                         scales: &self.input_scales[kb * r..kb * (r + 1)],
                     };
                     let mut put = |dots: &[[f32; 8]]| {
@@ -1065,20 +1088,26 @@ mod x86 {
                         }
                     };
                     macro_rules! call {
-                        ($n:literal) => {
-                            put(&dot8x_rows::<$n>(kb, rows, std::array::from_fn(input)))
+                        ($f:ident, $n:literal) => {
+                            put(&$f::<$n>(kb, rows, std::array::from_fn(input)))
                         };
                     }
-                    // SAFETY: `signed` is made only where the CPU has AVX-512 VNNI and VL
-                    // (`Isa::vnni`, at `Level::Avx512`), for Q8_0 weight rows of `kb` blocks,
-                    // `32 kb` bytes, `kb` sums and `kb` scales a row, for 1 to
-                    // `ROW_FORM_MOST` rows.
+                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), and AVX-512 VNNI
+                    // and VL where `vnni` is set (`Isa::vnni`); `signed` holds `32 kb` bytes
+                    // and `input_scales` `kb` scales a row, for Q8_0 weight rows of `kb`
+                    // blocks and 1 to `row_form_most` rows, and with VNNI `minus` `kb` sums a
+                    // row.
                     unsafe {
-                        match self.rows {
-                            1 => call!(1),
-                            2 => call!(2),
-                            3 => call!(3),
-                            _ => call!(4),
+                        match (self.vnni, self.rows) {
+                            (true, 1) => call!(dot8x_rows, 1),
+                            (true, 2) => call!(dot8x_rows, 2),
+                            (true, 3) => call!(dot8x_rows, 3),
+                            (true, _) => call!(dot8x_rows, 4),
+                            (false, 1) => call!(dot8x_rows_avx2, 1),
+                            (false, 2) => call!(dot8x_rows_avx2, 2),
+                            (false, 3) => call!(dot8x_rows_avx2, 3),
+                            (false, 4) => call!(dot8x_rows_avx2, 4),
+                            (false, _) => call!(dot8x_rows_avx2, 5),
                         }
                     }
                     i += 8;
@@ -1089,45 +1118,132 @@ mod x86 {
             while i < feats {
                 // Past the band's end, repeat its last row.
                 let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
-                for (gi, q) in self.lanes.chunks_exact(32 * width * kb).enumerate() {
-                    let lanes = Lanes {
-                        q,
-                        scales: &self.lane_scales[width * kb * gi..width * kb * (gi + 1)],
-                    };
+                // 32 bytes a block and lane with VNNI; without, 64 (i16).
+                let group_bytes = if self.vnni { 32 * width * kb } else { 512 * kb };
+                let groups = self.lanes.len() / group_bytes;
+                let lanes = |gi: usize| Lanes {
+                    q: &self.lanes[group_bytes * gi..group_bytes * (gi + 1)],
+                    scales: &self.lane_scales[width * kb * gi..width * kb * (gi + 1)],
+                };
+                let mut put = |gi: usize, dots: &[[f32; 16]; 4]| {
                     let here = (self.rows - width * gi).min(width);
-                    let mut put = |dots: &[[f32; 16]; 4]| {
-                        for (j, d) in dots.iter().enumerate().take(feats - i) {
-                            let at = (i + j) * self.rows + width * gi;
-                            out[at..at + here].copy_from_slice(&d[..here]);
-                        }
-                    };
-                    // SAFETY: `lanes` is made only where the CPU has AVX-512 VNNI and VL
-                    // (`Isa::vnni`, at `Level::Avx512`), for Q8_0 weight rows of `kb` blocks,
-                    // `32 width kb` bytes and `width kb` scales a group.
+                    for (j, d) in dots.iter().enumerate().take(feats - i) {
+                        let at = (i + j) * self.rows + width * gi;
+                        out[at..at + here].copy_from_slice(&d[..here]);
+                    }
+                };
+                let mut gi = 0;
+                while gi < groups {
+                    // Without VNNI two groups share each broadcast of the weights.
+                    let two = !self.vnni && gi + 1 < groups;
+                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), and AVX-512 VNNI
+                    // and VL where `vnni` is set (`Isa::vnni`); for Q8_0 weight rows of `kb`
+                    // blocks, `lanes` holds `group_bytes` and `lane_scales` `width kb` scales a
+                    // group (width 8 without VNNI).
                     unsafe {
-                        if width == 8 {
-                            put(&dot4x_lanes::<8>(kb, rows, lanes))
-                        } else {
-                            put(&dot4x_lanes::<16>(kb, rows, lanes))
+                        match (self.vnni, width, two) {
+                            (false, _, true) => {
+                                let [a, c] =
+                                    dot4x_lanes_avx2::<2>(kb, rows, [lanes(gi), lanes(gi + 1)]);
+                                put(gi, &a);
+                                put(gi + 1, &c);
+                            }
+                            (false, _, false) => {
+                                let [a] = dot4x_lanes_avx2::<1>(kb, rows, [lanes(gi)]);
+                                put(gi, &a);
+                            }
+                            (true, 8, _) => put(gi, &dot4x_lanes::<8>(kb, rows, lanes(gi))),
+                            (true, _, _) => put(gi, &dot4x_lanes::<16>(kb, rows, lanes(gi))),
                         }
                     }
+                    gi += if two { 2 } else { 1 };
                 }
                 i += 4;
             }
         }
     }
 
-    /// Most input rows that take [`dot8x_rows`]: it spends one `vpdpbusd` and a share of a
-    /// lane sum per block and row, where [`dot4x_lanes`] spends eight `vpdpbusd` per block for
-    /// up to 8 or 16 rows at once.
-    const ROW_FORM_MOST: usize = 4;
+    /// Most input rows that take [`dot8x_rows`] (with VNNI) or [`dot8x_rows_avx2`]: the
+    /// first spends one `vpdpbusd` and a share of a lane sum per block and row, where
+    /// [`dot4x_lanes`] spends eight `vpdpbusd` per block for up to 8 or 16 rows at once; the
+    /// second three operations and a share, where [`dot4x_lanes_avx2`] spends 32 per block for
+    /// up to 8 rows (at six rows its accumulators no longer fit the sixteen registers).
+    fn row_form_most(vnni: bool) -> usize {
+        if vnni {
+            4
+        } else {
+            5
+        }
+    }
+
+    /// How far ahead [`dot8x_rows`] and [`dot8x_rows_avx2`] prefetch rows of `kb` Q8_0
+    /// blocks: eight rows a pass, so the next pass's rows where short ([`prefetch_ahead`] is
+    /// for passes of four).
+    fn row_form_distance(kb: usize) -> usize {
+        match prefetch_ahead(Q8_0_BYTES, kb) {
+            d if d <= 2 * 4 * Q8_0_BYTES * kb => 2 * d,
+            d => d,
+        }
+    }
+
+    /// Where blocks `b..b + nb` (`nb <= 8`) of four Q8_0 weight rows of `kb` blocks start,
+    /// and their scales (zero past `nb`); the rows are prefetched ahead ([`group_scales`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; each row holds at least `b + nb` blocks.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn four_rows_at(
+        w: &[&[u8]; 4],
+        b: usize,
+        kb: usize,
+        nb: usize,
+    ) -> ([*const u8; 4], [[f32; 8]; 4]) {
+        let mut ws = [[0f32; 8]; 4];
+        let mut bases = [std::ptr::null::<u8>(); 4];
+        for (wr, row) in w.iter().enumerate() {
+            // SAFETY: blocks `b..b + nb` of 34 bytes are in the row.
+            let base = unsafe { row.as_ptr().add(Q8_0_BYTES * b) };
+            bases[wr] = base;
+            let scales = unsafe { group_scales(base, Q8_0_BYTES, kb, nb) };
+            // SAFETY: eight floats.
+            unsafe { _mm256_storeu_ps(ws[wr].as_mut_ptr(), scales) };
+        }
+        (bases, ws)
+    }
+
+    /// Where blocks `b..b + nb` (`nb <= 8`) of eight Q8_0 weight rows start, and their scales
+    /// by block (register `j` holds block `b + j`'s, row `wr` in lane `wr`); the rows are
+    /// prefetched `distance` bytes ahead.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; each row holds at least `b + nb` blocks.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn eight_rows_at(
+        w: &[&[u8]; 8],
+        b: usize,
+        nb: usize,
+        distance: usize,
+    ) -> ([*const u8; 8], [__m256; 8]) {
+        let mut bases = [std::ptr::null::<u8>(); 8];
+        let mut by_row = [_mm256_setzero_ps(); 8];
+        for wr in 0..8 {
+            // SAFETY: blocks `b..b + nb` of 34 bytes are in the row.
+            let base = unsafe { w[wr].as_ptr().add(Q8_0_BYTES * b) };
+            bases[wr] = base;
+            by_row[wr] = unsafe { group_scales_ahead(base, Q8_0_BYTES, nb, distance) };
+        }
+        (bases, transpose8(by_row))
+    }
 
     /// One input row of Q8_0 blocks as [`dot8x_rows`] reads it.
     #[derive(Clone, Copy)]
     struct RowInput<'a> {
         /// `kb` blocks of 32 signed bytes.
         q: &'a [u8],
-        /// Per block, `-128` times the sum of its bytes.
+        /// Per block, `-128` times the sum of its bytes (for [`dot8x_rows`]; empty for
+        /// [`dot8x_rows_avx2`]).
         minus: &'a [i32],
         /// The blocks' scales.
         scales: &'a [f32],
@@ -1151,29 +1267,16 @@ mod x86 {
     ) -> [[f32; 8]; R] {
         let flip = _mm256_set1_epi8(-128);
         let mut acc = [_mm256_setzero_ps(); R];
-        // Eight rows a pass: the next pass's rows, where short (the other kernels' distance is
-        // for passes of four).
-        let distance = match prefetch_ahead(Q8_0_BYTES, kb) {
-            d if d <= 2 * 4 * Q8_0_BYTES * kb => 2 * d,
-            d => d,
-        };
+        let distance = row_form_distance(kb);
         let mut b = 0;
         while b < kb {
             let nb = (kb - b).min(8);
-            let mut bases = [std::ptr::null::<u8>(); 8];
             // (No closures in these kernels: they would not inherit the function's target
             // features, and their intrinsics would become calls.)
-            let mut by_row = [_mm256_setzero_ps(); 8];
-            for wr in 0..8 {
-                // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row of `kb`
-                // blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
-                // 32; input block `b + j` is 32 bytes of `x[r].q`.
-                let base = unsafe { w[wr].as_ptr().add(Q8_0_BYTES * b) };
-                bases[wr] = base;
-                by_row[wr] = unsafe { group_scales_ahead(base, Q8_0_BYTES, nb, distance) };
-            }
-            // Scales by block, then weight row.
-            let ws = transpose8(by_row);
+            // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
+            // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
+            // 32; input block `b + j` is 32 bytes of `x[r].q`.
+            let (bases, ws) = unsafe { eight_rows_at(&w, b, nb, distance) };
             for (j, ws) in ws.iter().enumerate().take(nb) {
                 // The eight weight blocks, biased, transposed: register g holds bytes
                 // 4g..4g + 4 of every row, row wr in lane wr.
@@ -1209,12 +1312,15 @@ mod x86 {
         dots
     }
 
-    /// Up to `W` (8 or 16) input rows of Q8_0 blocks as [`dot4x_lanes`] reads them.
+    /// Up to `W` (8 or 16) input rows of Q8_0 blocks as [`dot4x_lanes`] reads them, or up to
+    /// 8 as [`dot4x_lanes_avx2`] does.
     #[derive(Clone, Copy)]
     struct Lanes<'a> {
-        /// `kb` blocks of `32 W` bytes: for each four bytes `g` of a block, the rows' bytes
-        /// `4g..4g + 4` side by side (row `m` in 32-bit lane `m`), biased to the unsigned
-        /// operand (`x + 128`).
+        /// For [`dot4x_lanes`], `kb` blocks of `32 W` bytes: for each four bytes `g` of a
+        /// block, the rows' bytes `4g..4g + 4` side by side (row `m` in 32-bit lane `m`),
+        /// biased to the unsigned operand (`x + 128`). For [`dot4x_lanes_avx2`], `kb` blocks
+        /// of 512 bytes: for each pair of bytes `p`, the rows' bytes `2p, 2p + 1` as two i16,
+        /// side by side.
         q: &'a [u8],
         /// The rows' block scales, `W` per block.
         scales: &'a [f32],
@@ -1294,18 +1400,12 @@ mod x86 {
         let mut b = 0;
         while b < kb {
             let nb = (kb - b).min(8);
-            let mut ws = [[0f32; 8]; 4];
+            // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
+            // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
+            // 32; input block `b + j` is `32 W` bytes of `x.q` and `W` floats of `x.scales`.
+            let (bases, ws) = unsafe { four_rows_at(&w, b, kb, nb) };
             let mut starts = [[0i32; 8]; 4];
-            let mut bases = [std::ptr::null::<u8>(); 4];
-            for (wr, row) in w.iter().enumerate() {
-                // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row of `kb`
-                // blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
-                // 32; input block `b + j` is `32 W` bytes of `x.q` and `W` floats of `x.scales`.
-                let base = unsafe { row.as_ptr().add(Q8_0_BYTES * b) };
-                bases[wr] = base;
-                let scales = unsafe { group_scales(base, Q8_0_BYTES, kb, nb) };
-                // SAFETY: eight floats.
-                unsafe { _mm256_storeu_ps(ws[wr].as_mut_ptr(), scales) };
+            for (wr, &base) in bases.iter().enumerate() {
                 // 128 times each block's sums of four weights ((-128) as u8 is 128), then the
                 // eight blocks' totals side by side.
                 let mut sums = [zero; 8];
@@ -1370,6 +1470,149 @@ mod x86 {
                     _mm256_storeu_ps(dots[wr].as_mut_ptr(), narrow[wr]);
                 }
             }
+        }
+        dots
+    }
+
+    /// [`dot4x_lanes`]' arithmetic with AVX2 alone (no `vpdpbusd`): four Q8_0 weight rows
+    /// dotted with up to 8 input rows, one per 32-bit lane. The input rows come as i16 pairs
+    /// ([`Lanes::q`]: per block, 16 registers of each row's bytes `2p, 2p + 1`), each weight
+    /// block is widened to i16 once and its pairs broadcast; one `madd` and one add per pair
+    /// sum the block's 32 products exactly into one i32 per input row, converted to f32 and
+    /// added with one multiply-add by the product of the two scales, block after block: the
+    /// same bits as [`dot4x_lanes`] and [`dot8x_rows`] (and as [`dot8x_rows_avx2`]), alone or
+    /// in any batch. Against candle's arithmetic (a sign, a `maddubs`, a `madd`, a convert
+    /// and a multiply-add per block and row, all on the two vector multiply ports) a batch
+    /// spends two operations per pair of bytes for 8 rows, the adds on any port.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; each `w[r]` holds `kb` Q8_0 blocks, `x.q` `512 kb`
+    /// bytes and `x.scales` `8 kb` floats.
+    // `j`, `wr` and `g` index blocks, weight rows and groups of several arrays at once.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot4x_lanes_avx2<const G: usize>(
+        kb: usize,
+        w: [&[u8]; 4],
+        x: [Lanes; G],
+    ) -> [[[f32; 16]; 4]; G] {
+        let mut acc = [[_mm256_setzero_ps(); 4]; G];
+        let mut b = 0;
+        while b < kb {
+            let nb = (kb - b).min(8);
+            // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
+            // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
+            // 32; input block `b + j` is 512 bytes of `x[g].q` and 8 floats of `x[g].scales`.
+            let (bases, ws) = unsafe { four_rows_at(&w, b, kb, nb) };
+            for j in 0..nb {
+                // Each weight row's block as 16 pairs of i16.
+                let mut wide = [[0i32; 16]; 4];
+                for (wr, pairs) in wide.iter_mut().enumerate() {
+                    let wv =
+                        unsafe { _mm256_loadu_si256(bases[wr].add(Q8_0_BYTES * j + 2).cast()) };
+                    let low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(wv));
+                    let high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(wv));
+                    // SAFETY: sixteen i32, eight at a time.
+                    unsafe {
+                        _mm256_storeu_si256(pairs.as_mut_ptr().cast(), low);
+                        _mm256_storeu_si256(pairs.as_mut_ptr().add(8).cast(), high);
+                    }
+                }
+                // Each pair is broadcast from memory (a load, no arithmetic): left in
+                // registers, the compiler would broadcast them by shuffles, on the port the
+                // adds need.
+                let wp: *const [[i32; 16]; 4] = std::hint::black_box(&wide);
+                let mut sums = [[_mm256_setzero_si256(); 4]; G];
+                for p in 0..16 {
+                    let mut xv = [_mm256_setzero_si256(); G];
+                    for (g, v) in xv.iter_mut().enumerate() {
+                        *v = unsafe {
+                            _mm256_loadu_si256(x[g].q.as_ptr().add(512 * (b + j) + 32 * p).cast())
+                        };
+                    }
+                    for wr in 0..4 {
+                        // SAFETY: `wp` points at `wide`, alive and unchanged.
+                        let pair = _mm256_set1_epi32(unsafe { (*wp)[wr][p] });
+                        for g in 0..G {
+                            sums[g][wr] =
+                                _mm256_add_epi32(sums[g][wr], _mm256_madd_epi16(xv[g], pair));
+                        }
+                    }
+                }
+                for g in 0..G {
+                    let xs = unsafe { _mm256_loadu_ps(x[g].scales.as_ptr().add(8 * (b + j))) };
+                    for wr in 0..4 {
+                        let d = _mm256_mul_ps(_mm256_set1_ps(ws[wr][j]), xs);
+                        acc[g][wr] =
+                            _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums[g][wr]), acc[g][wr]);
+                    }
+                }
+            }
+            b += 8;
+        }
+        let mut dots = [[[0f32; 16]; 4]; G];
+        for (dg, ag) in dots.iter_mut().zip(&acc) {
+            for (d, a) in dg.iter_mut().zip(ag) {
+                // SAFETY: eight floats.
+                unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
+            }
+        }
+        dots
+    }
+
+    /// [`dot8x_rows`]' arithmetic with AVX2 alone: eight Q8_0 weight rows dotted with `R`
+    /// input rows, each block's products summed into eight exact i32 lanes as candle does
+    /// (`maddubs` on `|w|`, made once for the `R` rows, and `x` with `w`'s sign, then `madd`;
+    /// the pairs never saturate: at most `2 * 128 * 127`), the lanes of eight weight rows
+    /// summed together into one i32 each, converted and added with one multiply-add by the
+    /// product of the two scales, block after block: the same bits as [`dot4x_lanes_avx2`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; each `w[r]` holds `kb` Q8_0 blocks, each `x[r].q`
+    /// `32 kb` bytes and its `scales` `kb` values (`minus` is not read).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot8x_rows_avx2<const R: usize>(
+        kb: usize,
+        w: [&[u8]; 8],
+        x: [RowInput; R],
+    ) -> [[f32; 8]; R] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let distance = row_form_distance(kb);
+        let mut b = 0;
+        while b < kb {
+            let nb = (kb - b).min(8);
+            // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
+            // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
+            // 32; input block `b + j` is 32 bytes of `x[r].q`.
+            let (bases, ws) = unsafe { eight_rows_at(&w, b, nb, distance) };
+            for (j, ws) in ws.iter().enumerate().take(nb) {
+                let mut xq = [_mm256_setzero_si256(); R];
+                for (r, v) in xq.iter_mut().enumerate() {
+                    *v = unsafe { _mm256_loadu_si256(x[r].q.as_ptr().add(32 * (b + j)).cast()) };
+                }
+                let mut lanes = [[_mm256_setzero_si256(); 8]; R];
+                for wr in 0..8 {
+                    let wv =
+                        unsafe { _mm256_loadu_si256(bases[wr].add(Q8_0_BYTES * j + 2).cast()) };
+                    let wa = _mm256_sign_epi8(wv, wv);
+                    for r in 0..R {
+                        let xw = _mm256_sign_epi8(xq[r], wv);
+                        lanes[r][wr] = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xw), ones);
+                    }
+                }
+                for r in 0..R {
+                    let d = _mm256_mul_ps(*ws, _mm256_set1_ps(x[r].scales[b + j]));
+                    let sum = lane_sums8(lanes[r]);
+                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[r]);
+                }
+            }
+            b += 8;
+        }
+        let mut dots = [[0f32; 8]; R];
+        for (d, a) in dots.iter_mut().zip(&acc) {
+            // SAFETY: eight floats.
+            unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
         }
         dots
     }
@@ -1576,34 +1819,32 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// Makes `$name`: four weight rows (Q4_0 if `NIBBLES`, else Q8_0) dotted with `R` input
-    /// rows, with `$features`. Each block's products are summed into eight exact i32 lanes
+    /// Makes `$name`: four Q4_0 weight rows dotted with `R` input rows, with `$features`. Each block's products are summed into eight exact i32 lanes
     /// (lane `l` the products of bytes `4l..4l + 4`), converted to f32 and accumulated with the
     /// product of the two scales, block after block, then the lanes summed: candle's
     /// arithmetic in candle's order, so its bits, whatever `R` and the instruction set.
     ///
-    /// * VNNI (`$vnni`), Q4_0 (Q8_0 with VNNI sums whole blocks instead, [`dot4x_lanes`]): the
-    ///   stored nibbles (`w + 8`) are the unsigned operand as they are, and each input block's
-    ///   lanes start from its offsets, `-8` times its sums of four.
-    /// * AVX2, Q8_0: `maddubs` on `|w|` (made once for the `R` rows) and `x` with `w`'s sign,
-    ///   then `madd` (the pairs never saturate: at most `2 * 128 * 127`).
-    /// * AVX2, Q4_0: `maddubs` on the nibbles and `x` (at most `2 * 15 * 128`), `madd`, plus the
+    /// * VNNI (`$vnni`): the stored nibbles (`w + 8`) are the unsigned operand as they are,
+    ///   and each input block's lanes start from its offsets, `-8` times its sums of four.
+    /// * AVX2: `maddubs` on the nibbles and `x` (at most `2 * 15 * 128`), `madd`, plus the
     ///   input's offsets.
     ///
+    /// (Q8_0 sums whole blocks instead: [`Kernel::run_exact`].)
+    ///
     /// # Safety
-    /// The CPU has `$features`; each `w[r]` holds `kb` blocks of its format, each input `kb`
-    /// blocks of 32 bytes (`x`) and `kb` scales (and `kb` offsets for Q4_0).
+    /// The CPU has `$features`; each `w[r]` holds `kb` Q4_0 blocks, each input `kb` blocks of
+    /// 32 bytes (`x`), `kb` scales and `kb` offsets.
     macro_rules! dot4x_fn {
         ($name:ident, $features:literal, $vnni:literal) => {
             // `j` indexes the scales of four rows and the blocks of several slices at once.
             #[allow(clippy::needless_range_loop)]
             #[target_feature(enable = $features)]
-            unsafe fn $name<const NIBBLES: bool, const R: usize>(
+            unsafe fn $name<const R: usize>(
                 kb: usize,
                 w: [&[u8]; 4],
                 x: [Input; R],
             ) -> [[f32; 4]; R] {
-                let block = if NIBBLES { Q4_0_BYTES } else { Q8_0_BYTES };
+                let block = Q4_0_BYTES;
                 let low = _mm256_set1_epi8(0x0F);
                 let ones = _mm256_set1_epi16(1);
                 let zero = _mm256_setzero_si256();
@@ -1628,9 +1869,9 @@ mod x86 {
                     });
                     for (wr, row) in w.iter().enumerate() {
                         // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row
-                        // of `kb` blocks of `block` bytes, its scale in its first 2 bytes, its
-                        // weights in the next 32 (Q8_0) or 16 (Q4_0); input block `b + j` is
-                        // 32 bytes of `x[r].q`, its offsets entry `b + j`.
+                        // of `kb` blocks of 18 bytes, its scale in its first 2 bytes, its
+                        // nibbles in the next 16; input block `b + j` is 32 bytes of `x[r].q`,
+                        // its offsets entry `b + j`.
                         let base = unsafe { row.as_ptr().add(block * b) };
                         bases[wr] = base;
                         let ws = unsafe { group_scales(base, block, kb, nb) };
@@ -1649,11 +1890,9 @@ mod x86 {
                         let xq: [__m256i; R] = std::array::from_fn(|r| unsafe {
                             _mm256_loadu_si256(x[r].q.as_ptr().add(32 * (b + j)).cast())
                         });
-                        // Q4_0: the lanes start from the input's offsets.
+                        // The lanes start from the input's offsets.
                         let xo: [__m256i; R] = std::array::from_fn(|r| match x[r].offsets {
-                            Some(o) if NIBBLES => unsafe {
-                                _mm256_loadu_si256(o.as_ptr().add(b + j).cast())
-                            },
+                            Some(o) => unsafe { _mm256_loadu_si256(o.as_ptr().add(b + j).cast()) },
                             _ => zero,
                         });
                         for wr in 0..4 {
@@ -1664,36 +1903,26 @@ mod x86 {
                                 acc[wr][r] =
                                     _mm256_fmadd_ps(dj, _mm256_cvtepi32_ps(lanes), acc[wr][r]);
                             };
-                            if NIBBLES {
-                                let packed = unsafe { _mm_loadu_si128(wq.cast()) };
-                                let nib = _mm256_and_si256(
-                                    _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
-                                    low,
+                            let packed = unsafe { _mm_loadu_si128(wq.cast()) };
+                            let nib = _mm256_and_si256(
+                                _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+                                low,
+                            );
+                            for r in 0..R {
+                                add(
+                                    r,
+                                    if $vnni {
+                                        _mm256_dpbusd_epi32(xo[r], nib, xq[r])
+                                    } else {
+                                        _mm256_add_epi32(
+                                            _mm256_madd_epi16(
+                                                _mm256_maddubs_epi16(nib, xq[r]),
+                                                ones,
+                                            ),
+                                            xo[r],
+                                        )
+                                    },
                                 );
-                                for r in 0..R {
-                                    add(
-                                        r,
-                                        if $vnni {
-                                            _mm256_dpbusd_epi32(xo[r], nib, xq[r])
-                                        } else {
-                                            _mm256_add_epi32(
-                                                _mm256_madd_epi16(
-                                                    _mm256_maddubs_epi16(nib, xq[r]),
-                                                    ones,
-                                                ),
-                                                xo[r],
-                                            )
-                                        },
-                                    );
-                                }
-                            } else {
-                                // Q8_0 comes here without VNNI only (with it, `run_exact`).
-                                let wv = unsafe { _mm256_loadu_si256(wq.cast()) };
-                                let wa = _mm256_sign_epi8(wv, wv);
-                                for r in 0..R {
-                                    let xb = _mm256_sign_epi8(xq[r], wv);
-                                    add(r, _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xb), ones));
-                                }
                             }
                         }
                     }
@@ -2176,6 +2405,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::isa::Level;
     use candle_core::quantized::k_quants;
 
     fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
@@ -2264,8 +2494,8 @@ mod tests {
         for q in pieces {
             let (n, k) = q.shape().dims2()?;
             let want = candle_reference(format, xs, q, rows)?;
-            // Q8_0 with VNNI sums each block exactly: the definition's bits.
-            let exact_sums = format == GgmlDType::Q8_0 && isa.vnni();
+            // Q8_0 with SIMD sums each block exactly: the definition's bits.
+            let exact_sums = format == GgmlDType::Q8_0 && isa.level() != Level::Portable;
             let definition = if exact_sums {
                 exact_sums_reference(xs, q, rows)?
             } else {
@@ -2375,14 +2605,12 @@ mod tests {
                     }
                 }
                 check_against_references(format, isa, &xs, &pieces, 9, &alone.concat())?;
-                let exact_sums = format == GgmlDType::Q8_0 && isa.vnni();
-                if isa.level() != crate::kernels::isa::Level::Portable && !exact_sums {
+                if isa.level() != Level::Portable {
                     simd_outputs.push(bits(&alone.concat()));
                 }
             }
-            // AVX2 and AVX-512 sum the same i32 lanes exactly, then scale and add them alike:
-            // the same bits (but Q8_0 with VNNI, which sums whole blocks: checked above against
-            // its definition).
+            // AVX2 and AVX-512 (with or without VNNI) sum the same i32 lanes exactly (Q8_0:
+            // whole blocks), then scale and add them alike: the same bits.
             assert!(
                 simd_outputs.windows(2).all(|p| p[0] == p[1]),
                 "{format:?} k {k}"
