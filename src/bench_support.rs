@@ -19,11 +19,14 @@ pub fn quantized_decode(x: &Tensor, w: &Arc<QTensor>) -> Result<Option<Tensor>> 
     crate::kernels::quantized::qgemv_cpu(x, std::slice::from_ref(w))
 }
 
-/// The instruction set the CPU kernels run on: `"avx512"`, `"avx2"` or `"portable"` (the CPU's
-/// best, lowered by the environment variable `YOCO_CPU_ISA`).
+/// The instruction set the CPU kernels run on: `"avx512"`, `"avx2-vnni"` (AVX2 with
+/// AVX-VNNI), `"avx2"` or `"portable"` (the CPU's best, lowered by the environment variable
+/// `YOCO_CPU_ISA`).
 pub fn active_isa() -> &'static str {
-    match Isa::active().level() {
+    let isa = Isa::active();
+    match isa.level() {
         Level::Avx512 => "avx512",
+        Level::Avx2 if isa.avx_vnni() => "avx2-vnni",
         Level::Avx2 => "avx2",
         Level::Portable => "portable",
     }

@@ -7,6 +7,8 @@
 //! * `avx512`: AVX-512 where the CPU has it (the default: the CPU's best);
 //! * `avx2`: the AVX2 (with FMA and F16C) forms even on an AVX-512 CPU, so that one machine can
 //!   test and measure the kernels an AVX2-only CPU runs;
+//! * `avx2-vnni`: the same with AVX-VNNI's byte dot products where the CPU has them (the
+//!   default on AVX2 CPUs that have them, Intel's since Alder Lake);
 //! * `portable`: no SIMD intrinsics of this crate (candle's own dot products and plain Rust).
 //!
 //! A level above what the CPU has is lowered to what it has. Tests do not set the variable:
@@ -41,9 +43,11 @@ impl Level {
     }
 }
 
-/// A [`Level`] this CPU has: proof, for the kernels' unsafe calls, that its instructions run.
+/// A [`Level`] this CPU has, and at [`Level::Avx2`] whether the kernels may take AVX-VNNI
+/// (never set where the CPU lacks it): proof, for the kernels' unsafe calls, that their
+/// instructions run.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) struct Isa(Level);
+pub(crate) struct Isa(Level, bool);
 
 impl Isa {
     /// The level, to dispatch on.
@@ -54,7 +58,8 @@ impl Isa {
     /// The best level this CPU has (checked once).
     pub(crate) fn cpu() -> Isa {
         static CPU: OnceLock<Level> = OnceLock::new();
-        Isa(*CPU.get_or_init(detect))
+        let level = *CPU.get_or_init(detect);
+        Isa(level, level == Level::Avx2 && has_avx_vnni())
     }
 
     /// What the kernels use: [`Isa::cpu`], lowered by `YOCO_CPU_ISA` (read once).
@@ -64,13 +69,19 @@ impl Isa {
             let cpu = Isa::cpu();
             match std::env::var("YOCO_CPU_ISA") {
                 Ok(name) if !name.trim().is_empty() && name.trim() != "native" => {
+                    if matches!(
+                        name.trim().to_ascii_lowercase().as_str(),
+                        "avx2-vnni" | "avx-vnni" | "avxvnni"
+                    ) {
+                        return cpu.at_most(Level::Avx2).with_avx_vnni();
+                    }
                     match Level::parse(&name) {
                         Some(level) => cpu.at_most(level),
                         None => {
                             // A typo must not silently test the wrong kernels.
                             eprintln!(
-                                "yoco: YOCO_CPU_ISA={name:?} is not avx512, avx2 or portable; \
-                                 using {:?}",
+                                "yoco: YOCO_CPU_ISA={name:?} is not avx512, avx2-vnni, avx2 or \
+                                 portable; using {:?}",
                                 cpu.level()
                             );
                             cpu
@@ -98,21 +109,54 @@ impl Isa {
             })
     }
 
-    /// This level, or `level` if that is lower (always one the CPU has).
+    /// This level, or `level` if that is lower (always one the CPU has); AVX2 without
+    /// AVX-VNNI when that is `level`.
     pub(crate) fn at_most(self, level: Level) -> Isa {
-        Isa(self.0.min(level))
+        if level < self.0 || level == Level::Avx2 {
+            Isa(self.0.min(level), false)
+        } else {
+            self
+        }
+    }
+
+    /// At [`Level::Avx2`], with AVX-VNNI where the CPU has it; other levels as they are.
+    pub(crate) fn with_avx_vnni(self) -> Isa {
+        Isa(self.0, self.0 == Level::Avx2 && has_avx_vnni())
+    }
+
+    /// Whether this is [`Level::Avx2`] with AVX-VNNI (`vpdpbusd` on 256-bit registers in the
+    /// VEX encoding, as AVX2-only Intel CPUs since Alder Lake have it).
+    pub(crate) fn avx_vnni(self) -> bool {
+        self.0 == Level::Avx2 && self.1
     }
 
     /// Every level this CPU has, lowest first (for tests and benchmarks of each kernel).
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn supported() -> Vec<Isa> {
         let cpu = Isa::cpu().level();
-        [Level::Portable, Level::Avx2, Level::Avx512]
+        let mut all: Vec<Isa> = [Level::Portable, Level::Avx2, Level::Avx512]
             .into_iter()
             .filter(|&l| l <= cpu)
-            .map(Isa)
-            .collect()
+            .map(|l| Isa(l, false))
+            .collect();
+        if cpu >= Level::Avx2 && has_avx_vnni() {
+            all.insert(2, Isa(Level::Avx2, true));
+        }
+        all
     }
+}
+
+/// Whether the CPU has AVX-VNNI (checked once).
+fn has_avx_vnni() -> bool {
+    static AVX_VNNI: OnceLock<bool> = OnceLock::new();
+    *AVX_VNNI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avxvnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
 }
 
 /// The best level of this CPU.
@@ -150,6 +194,13 @@ mod tests {
         let all = Isa::supported();
         assert_eq!(all.first().map(|i| i.level()), Some(Level::Portable));
         assert_eq!(all.last(), Some(&cpu));
+        // AVX-VNNI only at the AVX2 level and only where the CPU has it; `avx2` means without.
+        assert!(all.iter().all(|i| !i.avx_vnni() || has_avx_vnni()));
+        assert!(!cpu.at_most(Level::Avx2).avx_vnni());
+        assert_eq!(
+            all.iter().filter(|i| i.avx_vnni()).count(),
+            usize::from(cpu.level() >= Level::Avx2 && has_avx_vnni())
+        );
         #[cfg(target_arch = "x86_64")]
         assert_eq!(
             all.iter().any(|i| i.level() == Level::Avx2),

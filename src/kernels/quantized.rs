@@ -23,14 +23,15 @@
 //! eight partial sums per block and row, which bounds a batch's products by arithmetic. Here
 //! each block's 32 products are summed exactly into one i32 per (input row, weight row),
 //! converted and added by one multiply-add with the product of the scales, block after block.
-//! A batch puts its input rows in the lanes: with VNNI ([`x86`]'s `dot4x_lanes`) eight
-//! `vpdpbusd` per block for 8 or 16 rows (16 rows of a step 1.7x faster than candle's lanes);
-//! with AVX2 alone (`dot4x_lanes_avx2`) one `madd` and one add per pair of bytes for 8 rows,
-//! the input widened to i16 once per call and two groups of rows sharing each broadcast weight
-//! (16 rows 1.4x faster). A few rows put eight weight rows in the lanes instead (`dot8x_rows`,
-//! `dot8x_rows_avx2`). Every form gives a row the same bits, alone or in any batch, on either
-//! instruction set; they differ from candle's (and the portable path's) by f32 rounding only:
-//! the integer sums are exact either way, and the order of the additions is fixed.
+//! A batch puts its input rows in the lanes: with `vpdpbusd` ([`x86`]'s `byte_dot_forms`, from
+//! AVX-512 VNNI or AVX-VNNI) eight per block for 8 or 16 rows (16 rows of a step 1.7x faster
+//! than candle's lanes); with AVX2 alone (`dot4x_lanes_avx2`) one `madd` and one add per pair
+//! of bytes for 8 rows, the input widened to i16 once per call and two groups of rows sharing
+//! each broadcast weight (16 rows 1.4x faster). A few rows put eight weight rows in the lanes
+//! instead (`dot8x_rows`, `dot8x_rows_vex`, `dot8x_rows_avx2`). Every form gives a row the same
+//! bits, alone or in any batch, on every instruction set; they differ from candle's (and the
+//! portable path's) by f32 rounding only: the integer sums are exact either way, and the order
+//! of the additions is fixed.
 //!
 //! Which of these run is decided by [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA`
 //! lowers it (`portable` takes candle's dot products everywhere).
@@ -675,34 +676,32 @@ mod x86 {
         kb: usize,
         /// The input rows' Q8_0 scales as f32.
         input_scales: Vec<f32>,
-        /// `vpdpbusd` (the CPU has AVX-512 VNNI and VL): the VNNI forms of
-        /// [`run_exact`](Kernel::run_exact) for Q8_0, [`dot4x_vnni`] and [`dot4x_pairs`] for
-        /// Q4_0, rather than the AVX2 ones.
-        vnni: bool,
+        /// The byte dot product the forms use.
+        dots: Dots,
         /// Each input block's 32 bytes as the kernels take them, scales apart: `x + 128` (the
-        /// unsigned operand) for Q8_0 with VNNI, else `x`.
+        /// unsigned operand) for Q8_0 with `vpdpbusd`, else `x`.
         operand: Vec<u8>,
         /// For Q4_0, each input block's eight lanes of `-8` times the sum of its four bytes:
         /// what the unsigned nibbles (`w + 8`) add to the lanes, taken back.
         offsets: Vec<[i32; 8]>,
-        /// Q4_0 with VNNI and two or more input rows: `operand` of rows `2p` and `2p + 1` block
+        /// Q4_0 with AVX-512 VNNI and two or more input rows: `operand` of rows `2p` and `2p + 1` block
         /// by block, 64 bytes per block, as [`dot4x_pairs`] loads them (empty otherwise).
         pairs: Vec<u8>,
         /// For Q4_0 with `pairs`: `offsets` of the same two rows, block by block.
         pair_offsets: Vec<[i32; 16]>,
-        /// Q8_0 past [`row_form_most`] rows: the input rows in groups of `width`, as
-        /// [`dot4x_lanes`] (`32 width kb` bytes a group) or, without VNNI,
-        /// [`dot4x_lanes_avx2`] (`512 kb` bytes a group) reads them ([`Lanes::q`]; empty
+        /// Q8_0 past [`row_form_most`] rows: the input rows in groups of `width`, as the
+        /// byte-dot forms (`byte_dot_forms`, [`dot4x_lanes16`]: `32 width kb` bytes a group)
+        /// or [`dot4x_lanes_avx2`] (`512 kb` bytes a group) read them ([`Lanes::q`]; empty
         /// otherwise).
         lanes: Vec<u8>,
         /// With `lanes`: each group's block scales, `width` per block ([`Lanes::scales`]).
         lane_scales: Vec<f32>,
         /// Input rows per group of `lanes`: 8 (256-bit registers) for up to 8 rows or without
-        /// VNNI, else 16; 1 for up to [`row_form_most`] rows, which take [`dot8x_rows`] or
-        /// [`dot8x_rows_avx2`] instead.
+        /// AVX-512 VNNI, else 16; 1 for up to [`row_form_most`] rows, which take a rows form
+        /// instead ([`dot8x_rows`], [`dot8x_rows_vex`], [`dot8x_rows_avx2`]).
         width: usize,
-        /// With width 1: each input block's 32 bytes as they are (signed), and, with VNNI,
-        /// `-128` times their sum (what the biased weights add).
+        /// With width 1: each input block's 32 bytes as they are (signed), and, with
+        /// `vpdpbusd`, `-128` times their sum (what the biased weights add).
         signed: Vec<u8>,
         minus: Vec<i32>,
         /// Q8_0: exact block sums ([`Kernel::run_exact`]) rather than candle's lanes.
@@ -744,7 +743,9 @@ mod x86 {
             .chunks_exact(Q8_0_BYTES)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect();
-        let vnni = isa.vnni();
+        let dots = Dots::of(isa);
+        // `vpdpbusd`, on either encoding: the inputs laid out for it.
+        let vnni = dots != Dots::Avx2;
         let (mut operand, mut offsets) = (Vec::with_capacity(rows * k), Vec::new());
         for b in as_bytes(&input).chunks_exact(Q8_0_BYTES) {
             let q = &b[2..];
@@ -765,8 +766,8 @@ mod x86 {
         let (mut lanes, mut lane_scales) = (Vec::new(), Vec::new());
         let (mut signed, mut minus) = (Vec::new(), Vec::new());
         let width = match rows {
-            r if r <= row_form_most(vnni) => 1,
-            r if r <= 8 || !vnni => 8,
+            r if r <= row_form_most(dots) => 1,
+            r if r <= 8 || dots != Dots::Evex => 8,
             _ => 16,
         };
         if !nibbles && width == 1 {
@@ -814,7 +815,7 @@ mod x86 {
             }
         }
         let (mut pairs, mut pair_offsets) = (Vec::new(), Vec::new());
-        if vnni && nibbles && rows >= 2 {
+        if dots == Dots::Evex && nibbles && rows >= 2 {
             pairs.reserve(rows / 2 * 2 * k);
             for two in operand.chunks_exact(2 * k) {
                 let (a, b) = two.split_at(k);
@@ -835,7 +836,7 @@ mod x86 {
             row_bytes,
             kb,
             input_scales,
-            vnni,
+            dots,
             operand,
             offsets,
             pairs,
@@ -959,7 +960,7 @@ mod x86 {
                 scales: &self.input_scales[r * self.kb..(r + 1) * self.kb],
                 offsets: self.offsets.get(r * self.kb..(r + 1) * self.kb),
             };
-            let most = if self.vnni { 4 } else { 2 };
+            let most = if self.dots == Dots::Evex { 4 } else { 2 };
             let pair = |p: usize| Pair {
                 q: &self.pairs[p * 2 * x_row..(p + 1) * 2 * x_row],
                 offsets: self.pair_offsets.get(p * self.kb..(p + 1) * self.kb),
@@ -1040,13 +1041,15 @@ mod x86 {
                     // (and `kb` offsets for Q4_0), as `kernel` made them.
                     unsafe {
                         // Only Q4_0 comes here (Q8_0 takes `run_exact`).
-                        match (self.vnni, take) {
-                            (true, 1) => call!(dot4x_vnni, 1),
-                            (true, 2) => call!(dot4x_vnni, 2),
-                            (true, 3) => call!(dot4x_vnni, 3),
-                            (true, _) => call!(dot4x_vnni, 4),
-                            (false, 1) => call!(dot4x_avx2, 1),
-                            (false, _) => call!(dot4x_avx2, 2),
+                        match (self.dots, take) {
+                            (Dots::Evex, 1) => call!(dot4x_vnni, 1),
+                            (Dots::Evex, 2) => call!(dot4x_vnni, 2),
+                            (Dots::Evex, 3) => call!(dot4x_vnni, 3),
+                            (Dots::Evex, _) => call!(dot4x_vnni, 4),
+                            (Dots::Vex, 1) => call!(dot4x_avx_vnni, 1),
+                            (Dots::Vex, _) => call!(dot4x_avx_vnni, 2),
+                            (Dots::Avx2, 1) => call!(dot4x_avx2, 1),
+                            (Dots::Avx2, _) => call!(dot4x_avx2, 2),
                         }
                     }
                     r += take;
@@ -1058,11 +1061,11 @@ mod x86 {
 
     impl Kernel<'_> {
         /// [`BandKernel::run`] for Q8_0: up to [`row_form_most`] input rows one at a time
-        /// against eight weight rows ([`dot8x_rows`], without VNNI [`dot8x_rows_avx2`]), more
-        /// in groups of 8 or 16 against four weight rows ([`dot4x_lanes`], without VNNI
-        /// [`dot4x_lanes_avx2`] in groups of 8). All four sum each block exactly and add the
-        /// sums alike, so a row gets the same bits alone, in any batch and on either
-        /// instruction set.
+        /// against eight weight rows (a rows form of `byte_dot_forms`, without `vpdpbusd`
+        /// [`dot8x_rows_avx2`]), more in groups of 8 or 16 against four weight rows (its lanes
+        /// form or [`dot4x_lanes16`], without `vpdpbusd` [`dot4x_lanes_avx2`] in groups of 8).
+        /// All of them sum each block exactly and add the sums alike, so a row gets the same
+        /// bits alone, in any batch and on every instruction set.
         fn run_exact(&self, first: usize, out: &mut [f32]) {
             let feats = out.len() / self.rows.max(1);
             let w_row = |i: usize| {
@@ -1098,16 +1101,20 @@ mod x86 {
                     // blocks and 1 to `row_form_most` rows, and with VNNI `minus` `kb` sums a
                     // row.
                     unsafe {
-                        match (self.vnni, self.rows) {
-                            (true, 1) => call!(dot8x_rows, 1),
-                            (true, 2) => call!(dot8x_rows, 2),
-                            (true, 3) => call!(dot8x_rows, 3),
-                            (true, _) => call!(dot8x_rows, 4),
-                            (false, 1) => call!(dot8x_rows_avx2, 1),
-                            (false, 2) => call!(dot8x_rows_avx2, 2),
-                            (false, 3) => call!(dot8x_rows_avx2, 3),
-                            (false, 4) => call!(dot8x_rows_avx2, 4),
-                            (false, _) => call!(dot8x_rows_avx2, 5),
+                        match (self.dots, self.rows) {
+                            (Dots::Evex, 1) => call!(dot8x_rows, 1),
+                            (Dots::Evex, 2) => call!(dot8x_rows, 2),
+                            (Dots::Evex, 3) => call!(dot8x_rows, 3),
+                            (Dots::Evex, _) => call!(dot8x_rows, 4),
+                            (Dots::Vex, 1) => call!(dot8x_rows_vex, 1),
+                            (Dots::Vex, 2) => call!(dot8x_rows_vex, 2),
+                            (Dots::Vex, 3) => call!(dot8x_rows_vex, 3),
+                            (Dots::Vex, _) => call!(dot8x_rows_vex, 4),
+                            (Dots::Avx2, 1) => call!(dot8x_rows_avx2, 1),
+                            (Dots::Avx2, 2) => call!(dot8x_rows_avx2, 2),
+                            (Dots::Avx2, 3) => call!(dot8x_rows_avx2, 3),
+                            (Dots::Avx2, 4) => call!(dot8x_rows_avx2, 4),
+                            (Dots::Avx2, _) => call!(dot8x_rows_avx2, 5),
                         }
                     }
                     i += 8;
@@ -1119,7 +1126,11 @@ mod x86 {
                 // Past the band's end, repeat its last row.
                 let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
                 // 32 bytes a block and lane with VNNI; without, 64 (i16).
-                let group_bytes = if self.vnni { 32 * width * kb } else { 512 * kb };
+                let group_bytes = if self.dots == Dots::Avx2 {
+                    512 * kb
+                } else {
+                    32 * width * kb
+                };
                 let groups = self.lanes.len() / group_bytes;
                 let lanes = |gi: usize| Lanes {
                     q: &self.lanes[group_bytes * gi..group_bytes * (gi + 1)],
@@ -1135,25 +1146,26 @@ mod x86 {
                 let mut gi = 0;
                 while gi < groups {
                     // Without VNNI two groups share each broadcast of the weights.
-                    let two = !self.vnni && gi + 1 < groups;
+                    let two = self.dots == Dots::Avx2 && gi + 1 < groups;
                     // SAFETY: the CPU has AVX2, FMA and F16C (`available`), and AVX-512 VNNI
                     // and VL where `vnni` is set (`Isa::vnni`); for Q8_0 weight rows of `kb`
                     // blocks, `lanes` holds `group_bytes` and `lane_scales` `width kb` scales a
                     // group (width 8 without VNNI).
                     unsafe {
-                        match (self.vnni, width, two) {
-                            (false, _, true) => {
+                        match (self.dots, width, two) {
+                            (Dots::Avx2, _, true) => {
                                 let [a, c] =
                                     dot4x_lanes_avx2::<2>(kb, rows, [lanes(gi), lanes(gi + 1)]);
                                 put(gi, &a);
                                 put(gi + 1, &c);
                             }
-                            (false, _, false) => {
+                            (Dots::Avx2, _, false) => {
                                 let [a] = dot4x_lanes_avx2::<1>(kb, rows, [lanes(gi)]);
                                 put(gi, &a);
                             }
-                            (true, 8, _) => put(gi, &dot4x_lanes::<8>(kb, rows, lanes(gi))),
-                            (true, _, _) => put(gi, &dot4x_lanes::<16>(kb, rows, lanes(gi))),
+                            (Dots::Vex, _, _) => put(gi, &dot4x_lanes8_vex(kb, rows, lanes(gi))),
+                            (Dots::Evex, 8, _) => put(gi, &dot4x_lanes8(kb, rows, lanes(gi))),
+                            (Dots::Evex, _, _) => put(gi, &dot4x_lanes16(kb, rows, lanes(gi))),
                         }
                     }
                     gi += if two { 2 } else { 1 };
@@ -1163,16 +1175,39 @@ mod x86 {
         }
     }
 
-    /// Most input rows that take [`dot8x_rows`] (with VNNI) or [`dot8x_rows_avx2`]: the
-    /// first spends one `vpdpbusd` and a share of a lane sum per block and row, where
-    /// [`dot4x_lanes`] spends eight `vpdpbusd` per block for up to 8 or 16 rows at once; the
-    /// second three operations and a share, where [`dot4x_lanes_avx2`] spends 32 per block for
-    /// up to 8 rows (at six rows its accumulators no longer fit the sixteen registers).
-    fn row_form_most(vnni: bool) -> usize {
-        if vnni {
-            4
-        } else {
-            5
+    /// Most input rows that take a rows form: [`dot8x_rows`] (and [`dot8x_rows_vex`]) spend
+    /// one `vpdpbusd` and a share of a lane sum per block and row, where the lanes forms spend
+    /// eight `vpdpbusd` per block for up to 8 or 16 rows at once; [`dot8x_rows_avx2`] spends
+    /// three operations and a share, where [`dot4x_lanes_avx2`] spends 32 per block for up to
+    /// 8 rows (at six rows its accumulators no longer fit the sixteen registers).
+    fn row_form_most(dots: Dots) -> usize {
+        match dots {
+            Dots::Avx2 => 5,
+            Dots::Vex | Dots::Evex => 4,
+        }
+    }
+
+    /// The byte dot product an [`Isa`] gives the Q8_0 and Q4_0 kernels.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Dots {
+        /// AVX2 alone: `maddubs` and `madd`.
+        Avx2,
+        /// AVX-VNNI (AVX2 CPUs since Alder Lake): `vpdpbusd` on 256-bit registers, VEX
+        /// encoded, sixteen registers.
+        Vex,
+        /// AVX-512 VNNI and VL: `vpdpbusd` on 256- and 512-bit registers, thirty-two of them.
+        Evex,
+    }
+
+    impl Dots {
+        fn of(isa: Isa) -> Dots {
+            if isa.vnni() {
+                Dots::Evex
+            } else if isa.avx_vnni() {
+                Dots::Vex
+            } else {
+                Dots::Avx2
+            }
         }
     }
 
@@ -1249,74 +1284,12 @@ mod x86 {
         scales: &'a [f32],
     }
 
-    /// Eight Q8_0 weight rows dotted with `R` input rows, one weight row per 32-bit lane, in
-    /// [`dot4x_lanes`]' arithmetic: each block's 32 products summed exactly (one `vpdpbusd` of
-    /// the biased weights, `w + 128`, made once for the `R` rows, and the signed input into
-    /// eight lanes; the lanes of eight weight rows summed together; the input's `-128` times
-    /// its sum added), converted to f32 and added with one multiply-add by the product of the
-    /// two scales, block after block: the same bits as [`dot4x_lanes`] for each row.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 VNNI and VL, AVX2, FMA and F16C; each `w[r]` holds `kb` Q8_0
-    /// blocks, each `x[r].q` `32 kb` bytes and its `minus` and `scales` `kb` values.
-    #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c")]
-    unsafe fn dot8x_rows<const R: usize>(
-        kb: usize,
-        w: [&[u8]; 8],
-        x: [RowInput; R],
-    ) -> [[f32; 8]; R] {
-        let flip = _mm256_set1_epi8(-128);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let distance = row_form_distance(kb);
-        let mut b = 0;
-        while b < kb {
-            let nb = (kb - b).min(8);
-            // (No closures in these kernels: they would not inherit the function's target
-            // features, and their intrinsics would become calls.)
-            // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
-            // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
-            // 32; input block `b + j` is 32 bytes of `x[r].q`.
-            let (bases, ws) = unsafe { eight_rows_at(&w, b, nb, distance) };
-            for (j, ws) in ws.iter().enumerate().take(nb) {
-                // The eight weight blocks, biased, transposed: register g holds bytes
-                // 4g..4g + 4 of every row, row wr in lane wr.
-                let mut rows = [_mm256_setzero_ps(); 8];
-                for (wr, v) in rows.iter_mut().enumerate() {
-                    let at = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
-                    let biased = _mm256_xor_si256(unsafe { _mm256_loadu_si256(at.cast()) }, flip);
-                    *v = _mm256_castsi256_ps(biased);
-                }
-                let groups = transpose8(rows);
-                for (xr, acc) in x.iter().zip(acc.iter_mut()) {
-                    let xq = unsafe { xr.q.as_ptr().add(32 * (b + j)) };
-                    let mut sum = _mm256_set1_epi32(xr.minus[b + j]);
-                    for (g, wg) in groups.iter().enumerate() {
-                        let four = unsafe { std::ptr::read_unaligned(xq.add(4 * g).cast::<i32>()) };
-                        sum = _mm256_dpbusd_epi32(
-                            sum,
-                            _mm256_castps_si256(*wg),
-                            _mm256_set1_epi32(four),
-                        );
-                    }
-                    let d = _mm256_mul_ps(*ws, _mm256_set1_ps(xr.scales[b + j]));
-                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), *acc);
-                }
-            }
-            b += 8;
-        }
-        let mut dots = [[0f32; 8]; R];
-        for (d, a) in dots.iter_mut().zip(&acc) {
-            // SAFETY: eight floats.
-            unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
-        }
-        dots
-    }
-
-    /// Up to `W` (8 or 16) input rows of Q8_0 blocks as [`dot4x_lanes`] reads them, or up to
-    /// 8 as [`dot4x_lanes_avx2`] does.
+    /// Up to `W` (8 or 16) input rows of Q8_0 blocks as the lanes forms of
+    /// `byte_dot_forms` (`W` = 8) and [`dot4x_lanes16`] read them, or up to 8 as
+    /// [`dot4x_lanes_avx2`] does.
     #[derive(Clone, Copy)]
     struct Lanes<'a> {
-        /// For [`dot4x_lanes`], `kb` blocks of `32 W` bytes: for each four bytes `g` of a
+        /// For the byte-dot forms, `kb` blocks of `32 W` bytes: for each four bytes `g` of a
         /// block, the rows' bytes `4g..4g + 4` side by side (row `m` in 32-bit lane `m`),
         /// biased to the unsigned operand (`x + 128`). For [`dot4x_lanes_avx2`], `kb` blocks
         /// of 512 bytes: for each pair of bytes `p`, the rows' bytes `2p, 2p + 1` as two i16,
@@ -1376,111 +1349,231 @@ mod x86 {
         )
     }
 
-    /// Four Q8_0 weight rows dotted with up to `W` input rows ([`Lanes`]; `W` is 8 or 16, the
-    /// 32-bit lanes of a 256- or 512-bit register), one input row per lane: for each block,
-    /// eight `vpdpbusd` (one per four bytes, the weight row's four bytes broadcast to every
-    /// lane) sum its 32 products exactly into one i32 per input row, starting from `-128`
-    /// times the weight block's sum (what the biased input adds); that sum is converted to f32
-    /// and added with one multiply-add by the product of the two scales, block after block.
-    /// Every lane takes the same operations whatever the width and whichever lanes are filled:
-    /// a row gets the same bits alone and in any batch. Against candle's eight partial sums
-    /// per block and row (each converted and multiply-added) a 16-row batch does far less
-    /// arithmetic; the result differs from candle's by float rounding only (the integer sums
-    /// are exact either way).
+    /// Makes, with `$features` and `$dpbusd` (`vpdpbusd` on 256-bit registers: AVX-512 VNNI
+    /// with VL, or AVX-VNNI's VEX form), the Q8_0 forms that sum each block with byte dot
+    /// products:
+    ///
+    /// * `$starts`: for four weight rows' blocks `b..b + nb`, `-128` times each block's sum
+    ///   (what the biased input, `x + 128`, adds to its products), eight blocks side by side.
+    /// * `$lanes8`: four weight rows dotted with up to 8 input rows ([`Lanes`], `W` = 8), one
+    ///   input row per 32-bit lane: for each block, eight `vpdpbusd` (one per four bytes, the
+    ///   weight row's four bytes broadcast to every lane) sum its 32 products exactly into one
+    ///   i32 per input row, starting from `$starts`; that sum is converted to f32 and added
+    ///   with one multiply-add by the product of the two scales, block after block.
+    /// * `$rows`: eight weight rows dotted with `R` input rows, one weight row per lane, in
+    ///   the same arithmetic: each block's 32 products summed exactly (one `vpdpbusd` of the
+    ///   biased weights, `w + 128`, made once for the `R` rows, and the signed input into
+    ///   eight lanes; the lanes of eight weight rows summed together; the input's `-128` times
+    ///   its sum added), converted and added alike.
+    ///
+    /// Every lane takes the same operations whatever the form, the width and whichever lanes
+    /// are filled: a row gets the same bits alone and in any batch ([`dot4x_lanes16`] and the
+    /// AVX2 forms too). Against candle's eight partial sums per block and row (each converted
+    /// and multiply-added) a batch does far less arithmetic; the result differs from candle's
+    /// by float rounding only (the integer sums are exact either way).
+    macro_rules! byte_dot_forms {
+        ($features:literal, $dpbusd:ident, $starts:ident, $lanes8:ident, $rows:ident) => {
+            /// `-128` times the sums of blocks `b..b + nb` (`nb <= 8`) of four Q8_0 rows whose
+            /// block `b` starts at `bases[r]`; zero past `nb`.
+            ///
+            /// # Safety
+            /// The CPU has `$features`; `nb` blocks of 34 bytes are readable from each base.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn $starts(bases: &[*const u8; 4], nb: usize) -> [[i32; 8]; 4] {
+                let bias = _mm256_set1_epi8(-128);
+                let zero = _mm256_setzero_si256();
+                let mut starts = [[0i32; 8]; 4];
+                for (wr, &base) in bases.iter().enumerate() {
+                    // 128 times each block's sums of four weights ((-128) as u8 is 128), then
+                    // the eight blocks' totals side by side.
+                    let mut sums = [zero; 8];
+                    for (j, sum) in sums.iter_mut().enumerate().take(nb) {
+                        // SAFETY: block j < nb.
+                        let wv = unsafe { _mm256_loadu_si256(base.add(Q8_0_BYTES * j + 2).cast()) };
+                        *sum = $dpbusd(zero, bias, wv);
+                    }
+                    let minus = _mm256_sub_epi32(zero, lane_sums8(sums));
+                    // SAFETY: eight i32.
+                    unsafe { _mm256_storeu_si256(starts[wr].as_mut_ptr().cast(), minus) };
+                }
+                starts
+            }
+
+            /// See `byte_dot_forms`.
+            ///
+            /// # Safety
+            /// The CPU has `$features`; each `w[r]` holds `kb` Q8_0 blocks, `x.q` `256 kb`
+            /// bytes and `x.scales` `8 kb` floats.
+            #[target_feature(enable = $features)]
+            unsafe fn $lanes8(kb: usize, w: [&[u8]; 4], x: Lanes) -> [[f32; 16]; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut b = 0;
+                while b < kb {
+                    let nb = (kb - b).min(8);
+                    // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a
+                    // row of `kb` blocks of 34 bytes, its scale in its first 2 bytes, its
+                    // weights in the next 32; input block `b + j` is 256 bytes of `x.q` and 8
+                    // floats of `x.scales`.
+                    let (bases, ws) = unsafe { four_rows_at(&w, b, kb, nb) };
+                    let starts = unsafe { $starts(&bases, nb) };
+                    for j in 0..nb {
+                        let xb = unsafe { x.q.as_ptr().add(256 * (b + j)) };
+                        let mut xv = [_mm256_setzero_si256(); 8];
+                        for (g, v) in xv.iter_mut().enumerate() {
+                            *v = unsafe { _mm256_loadu_si256(xb.add(32 * g).cast()) };
+                        }
+                        let xs = unsafe { _mm256_loadu_ps(x.scales.as_ptr().add(8 * (b + j))) };
+                        for wr in 0..4 {
+                            let wq = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
+                            let mut sum = _mm256_set1_epi32(starts[wr][j]);
+                            for (g, xg) in xv.iter().enumerate() {
+                                let four = unsafe {
+                                    std::ptr::read_unaligned(wq.add(4 * g).cast::<i32>())
+                                };
+                                sum = $dpbusd(sum, *xg, _mm256_set1_epi32(four));
+                            }
+                            let d = _mm256_mul_ps(_mm256_set1_ps(ws[wr][j]), xs);
+                            acc[wr] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[wr]);
+                        }
+                    }
+                    b += 8;
+                }
+                let mut dots = [[0f32; 16]; 4];
+                for (d, a) in dots.iter_mut().zip(&acc) {
+                    // SAFETY: eight floats.
+                    unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
+                }
+                dots
+            }
+
+            /// See `byte_dot_forms`.
+            ///
+            /// # Safety
+            /// The CPU has `$features`; each `w[r]` holds `kb` Q8_0 blocks, each `x[r].q`
+            /// `32 kb` bytes and its `minus` and `scales` `kb` values.
+            #[target_feature(enable = $features)]
+            unsafe fn $rows<const R: usize>(
+                kb: usize,
+                w: [&[u8]; 8],
+                x: [RowInput; R],
+            ) -> [[f32; 8]; R] {
+                let flip = _mm256_set1_epi8(-128);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let distance = row_form_distance(kb);
+                let mut b = 0;
+                while b < kb {
+                    let nb = (kb - b).min(8);
+                    // (No closures in these kernels: they would not inherit the function's
+                    // target features, and their intrinsics would become calls.)
+                    // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a
+                    // row of `kb` blocks of 34 bytes, its scale in its first 2 bytes, its
+                    // weights in the next 32; input block `b + j` is 32 bytes of `x[r].q`.
+                    let (bases, ws) = unsafe { eight_rows_at(&w, b, nb, distance) };
+                    for (j, ws) in ws.iter().enumerate().take(nb) {
+                        // The eight weight blocks, biased, transposed: register g holds bytes
+                        // 4g..4g + 4 of every row, row wr in lane wr.
+                        let mut rows = [_mm256_setzero_ps(); 8];
+                        for (wr, v) in rows.iter_mut().enumerate() {
+                            let at = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
+                            let biased =
+                                _mm256_xor_si256(unsafe { _mm256_loadu_si256(at.cast()) }, flip);
+                            *v = _mm256_castsi256_ps(biased);
+                        }
+                        let groups = transpose8(rows);
+                        for (xr, acc) in x.iter().zip(acc.iter_mut()) {
+                            let xq = unsafe { xr.q.as_ptr().add(32 * (b + j)) };
+                            let mut sum = _mm256_set1_epi32(xr.minus[b + j]);
+                            for (g, wg) in groups.iter().enumerate() {
+                                let four = unsafe {
+                                    std::ptr::read_unaligned(xq.add(4 * g).cast::<i32>())
+                                };
+                                sum =
+                                    $dpbusd(sum, _mm256_castps_si256(*wg), _mm256_set1_epi32(four));
+                            }
+                            let d = _mm256_mul_ps(*ws, _mm256_set1_ps(xr.scales[b + j]));
+                            *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), *acc);
+                        }
+                    }
+                    b += 8;
+                }
+                let mut dots = [[0f32; 8]; R];
+                for (d, a) in dots.iter_mut().zip(&acc) {
+                    // SAFETY: eight floats.
+                    unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
+                }
+                dots
+            }
+        };
+    }
+
+    byte_dot_forms!(
+        "avx512f,avx512vnni,avx512vl,avx2,fma,f16c",
+        _mm256_dpbusd_epi32,
+        weight_starts,
+        dot4x_lanes8,
+        dot8x_rows
+    );
+    byte_dot_forms!(
+        "avxvnni,avx2,fma,f16c",
+        _mm256_dpbusd_avx_epi32,
+        weight_starts_vex,
+        dot4x_lanes8_vex,
+        dot8x_rows_vex
+    );
+
+    /// `byte_dot_forms`' lanes form on 512-bit registers, 16 input rows ([`Lanes`], `W` =
+    /// 16) to a register.
     ///
     /// # Safety
     /// The CPU has AVX-512F, AVX-512 VNNI and VL, AVX2, FMA and F16C; each `w[r]` holds `kb`
-    /// Q8_0 blocks, `x.q` `32 W kb` bytes and `x.scales` `W kb` floats.
+    /// Q8_0 blocks, `x.q` `512 kb` bytes and `x.scales` `16 kb` floats.
     #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c")]
-    unsafe fn dot4x_lanes<const W: usize>(kb: usize, w: [&[u8]; 4], x: Lanes) -> [[f32; 16]; 4] {
-        let bias = _mm256_set1_epi8(-128);
-        let zero = _mm256_setzero_si256();
-        let mut wide = [_mm512_setzero_ps(); 4];
-        let mut narrow = [_mm256_setzero_ps(); 4];
+    unsafe fn dot4x_lanes16(kb: usize, w: [&[u8]; 4], x: Lanes) -> [[f32; 16]; 4] {
+        let mut acc = [_mm512_setzero_ps(); 4];
         let mut b = 0;
         while b < kb {
             let nb = (kb - b).min(8);
             // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
             // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
-            // 32; input block `b + j` is `32 W` bytes of `x.q` and `W` floats of `x.scales`.
+            // 32; input block `b + j` is 512 bytes of `x.q` and 16 floats of `x.scales`.
             let (bases, ws) = unsafe { four_rows_at(&w, b, kb, nb) };
-            let mut starts = [[0i32; 8]; 4];
-            for (wr, &base) in bases.iter().enumerate() {
-                // 128 times each block's sums of four weights ((-128) as u8 is 128), then the
-                // eight blocks' totals side by side.
-                let mut sums = [zero; 8];
-                for (j, sum) in sums.iter_mut().enumerate().take(nb) {
-                    let wv = unsafe { _mm256_loadu_si256(base.add(Q8_0_BYTES * j + 2).cast()) };
-                    *sum = _mm256_dpbusd_epi32(zero, bias, wv);
-                }
-                let minus = _mm256_sub_epi32(zero, lane_sums8(sums));
-                // SAFETY: eight i32.
-                unsafe { _mm256_storeu_si256(starts[wr].as_mut_ptr().cast(), minus) };
-            }
+            let starts = unsafe { weight_starts(&bases, nb) };
             for j in 0..nb {
-                let xb = unsafe { x.q.as_ptr().add(32 * W * (b + j)) };
-                let xs = unsafe { x.scales.as_ptr().add(W * (b + j)) };
-                // The same operations at two widths: five to eight rows would leave half of a
-                // 512-bit register's lanes empty.
-                if W == 16 {
-                    let mut xv = [_mm512_setzero_si512(); 8];
-                    for (g, v) in xv.iter_mut().enumerate() {
-                        *v = unsafe { _mm512_loadu_si512(xb.add(64 * g).cast()) };
+                let xb = unsafe { x.q.as_ptr().add(512 * (b + j)) };
+                let mut xv = [_mm512_setzero_si512(); 8];
+                for (g, v) in xv.iter_mut().enumerate() {
+                    *v = unsafe { _mm512_loadu_si512(xb.add(64 * g).cast()) };
+                }
+                let xs = unsafe { _mm512_loadu_ps(x.scales.as_ptr().add(16 * (b + j))) };
+                for wr in 0..4 {
+                    let wq = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
+                    let mut sum = _mm512_set1_epi32(starts[wr][j]);
+                    for (g, xg) in xv.iter().enumerate() {
+                        let four = unsafe { std::ptr::read_unaligned(wq.add(4 * g).cast::<i32>()) };
+                        sum = _mm512_dpbusd_epi32(sum, *xg, _mm512_set1_epi32(four));
                     }
-                    let xs = unsafe { _mm512_loadu_ps(xs) };
-                    for wr in 0..4 {
-                        let wq = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
-                        let mut sum = _mm512_set1_epi32(starts[wr][j]);
-                        for (g, xg) in xv.iter().enumerate() {
-                            let four =
-                                unsafe { std::ptr::read_unaligned(wq.add(4 * g).cast::<i32>()) };
-                            sum = _mm512_dpbusd_epi32(sum, *xg, _mm512_set1_epi32(four));
-                        }
-                        let d = _mm512_mul_ps(_mm512_set1_ps(ws[wr][j]), xs);
-                        wide[wr] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), wide[wr]);
-                    }
-                } else {
-                    let mut xv = [zero; 8];
-                    for (g, v) in xv.iter_mut().enumerate() {
-                        *v = unsafe { _mm256_loadu_si256(xb.add(32 * g).cast()) };
-                    }
-                    let xs = unsafe { _mm256_loadu_ps(xs) };
-                    for wr in 0..4 {
-                        let wq = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
-                        let mut sum = _mm256_set1_epi32(starts[wr][j]);
-                        for (g, xg) in xv.iter().enumerate() {
-                            let four =
-                                unsafe { std::ptr::read_unaligned(wq.add(4 * g).cast::<i32>()) };
-                            sum = _mm256_dpbusd_epi32(sum, *xg, _mm256_set1_epi32(four));
-                        }
-                        let d = _mm256_mul_ps(_mm256_set1_ps(ws[wr][j]), xs);
-                        narrow[wr] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), narrow[wr]);
-                    }
+                    let d = _mm512_mul_ps(_mm512_set1_ps(ws[wr][j]), xs);
+                    acc[wr] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[wr]);
                 }
             }
             b += 8;
         }
         let mut dots = [[0f32; 16]; 4];
-        for wr in 0..4 {
-            // SAFETY: sixteen floats, or eight.
-            unsafe {
-                if W == 16 {
-                    _mm512_storeu_ps(dots[wr].as_mut_ptr(), wide[wr]);
-                } else {
-                    _mm256_storeu_ps(dots[wr].as_mut_ptr(), narrow[wr]);
-                }
-            }
+        for (d, a) in dots.iter_mut().zip(&acc) {
+            // SAFETY: sixteen floats.
+            unsafe { _mm512_storeu_ps(d.as_mut_ptr(), *a) };
         }
         dots
     }
 
-    /// [`dot4x_lanes`]' arithmetic with AVX2 alone (no `vpdpbusd`): four Q8_0 weight rows
+    /// the arithmetic of `byte_dot_forms` with AVX2 alone (no `vpdpbusd`): four Q8_0 weight rows
     /// dotted with up to 8 input rows, one per 32-bit lane. The input rows come as i16 pairs
     /// ([`Lanes::q`]: per block, 16 registers of each row's bytes `2p, 2p + 1`), each weight
     /// block is widened to i16 once and its pairs broadcast; one `madd` and one add per pair
     /// sum the block's 32 products exactly into one i32 per input row, converted to f32 and
     /// added with one multiply-add by the product of the two scales, block after block: the
-    /// same bits as [`dot4x_lanes`] and [`dot8x_rows`] (and as [`dot8x_rows_avx2`]), alone or
+    /// same bits as the forms of `byte_dot_forms` (and as [`dot8x_rows_avx2`]), alone or
     /// in any batch. Against candle's arithmetic (a sign, a `maddubs`, a `madd`, a convert
     /// and a multiply-add per block and row, all on the two vector multiply ports) a batch
     /// spends two operations per pair of bytes for 8 rows, the adds on any port.
@@ -1824,7 +1917,7 @@ mod x86 {
     /// product of the two scales, block after block, then the lanes summed: candle's
     /// arithmetic in candle's order, so its bits, whatever `R` and the instruction set.
     ///
-    /// * VNNI (`$vnni`): the stored nibbles (`w + 8`) are the unsigned operand as they are,
+    /// * VNNI (`$vnni`, `$dpbusd` of AVX-512 VNNI or AVX-VNNI): the stored nibbles (`w + 8`) are the unsigned operand as they are,
     ///   and each input block's lanes start from its offsets, `-8` times its sums of four.
     /// * AVX2: `maddubs` on the nibbles and `x` (at most `2 * 15 * 128`), `madd`, plus the
     ///   input's offsets.
@@ -1835,7 +1928,7 @@ mod x86 {
     /// The CPU has `$features`; each `w[r]` holds `kb` Q4_0 blocks, each input `kb` blocks of
     /// 32 bytes (`x`), `kb` scales and `kb` offsets.
     macro_rules! dot4x_fn {
-        ($name:ident, $features:literal, $vnni:literal) => {
+        ($name:ident, $features:literal, $vnni:literal, $dpbusd:ident) => {
             // `j` indexes the scales of four rows and the blocks of several slices at once.
             #[allow(clippy::needless_range_loop)]
             #[target_feature(enable = $features)]
@@ -1912,7 +2005,7 @@ mod x86 {
                                 add(
                                     r,
                                     if $vnni {
-                                        _mm256_dpbusd_epi32(xo[r], nib, xq[r])
+                                        $dpbusd(xo[r], nib, xq[r])
                                     } else {
                                         _mm256_add_epi32(
                                             _mm256_madd_epi16(
@@ -1933,8 +2026,20 @@ mod x86 {
         };
     }
 
-    dot4x_fn!(dot4x_avx2, "avx2,fma,f16c", false);
-    dot4x_fn!(dot4x_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
+    // (The AVX2 form never takes its `$dpbusd`: `$vnni` is false.)
+    dot4x_fn!(dot4x_avx2, "avx2,fma,f16c", false, _mm256_dpbusd_avx_epi32);
+    dot4x_fn!(
+        dot4x_vnni,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        true,
+        _mm256_dpbusd_epi32
+    );
+    dot4x_fn!(
+        dot4x_avx_vnni,
+        "avx2,fma,f16c,avxvnni",
+        true,
+        _mm256_dpbusd_avx_epi32
+    );
 
     /// Eight input scales from block `b` on, zero past the end.
     #[inline]
