@@ -1221,55 +1221,67 @@ mod x86 {
         }
     }
 
-    /// Where blocks `b..b + nb` (`nb <= 8`) of four Q8_0 weight rows of `kb` blocks start,
-    /// and their scales (zero past `nb`); the rows are prefetched ahead ([`group_scales`]).
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; each row holds at least `b + nb` blocks.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn four_rows_at(
-        w: &[&[u8]; 4],
-        b: usize,
-        kb: usize,
-        nb: usize,
-    ) -> ([*const u8; 4], [[f32; 8]; 4]) {
-        let mut ws = [[0f32; 8]; 4];
-        let mut bases = [std::ptr::null::<u8>(); 4];
-        for (wr, row) in w.iter().enumerate() {
-            // SAFETY: blocks `b..b + nb` of 34 bytes are in the row.
-            let base = unsafe { row.as_ptr().add(Q8_0_BYTES * b) };
-            bases[wr] = base;
-            let scales = unsafe { group_scales(base, Q8_0_BYTES, kb, nb) };
-            // SAFETY: eight floats.
-            unsafe { _mm256_storeu_ps(ws[wr].as_mut_ptr(), scales) };
-        }
-        (bases, ws)
+    // The three helpers below are macros, not functions: a function with target features is
+    // inlined only where the compiler likes, and a call to each per eight blocks cost the lanes
+    // forms 7-10%.
+
+    /// `(bases, ws)`: where blocks `$b..$b + $nb` (`$nb <= 8`) of the four Q8_0 weight rows
+    /// `$w` (of `$kb` blocks) start, and their scales (zero past `$nb`); the rows are
+    /// prefetched ahead ([`group_scales`]). Unsafe: the CPU has AVX2, FMA and F16C, and each
+    /// row holds at least `$b + $nb` blocks.
+    macro_rules! four_rows_at {
+        ($w:expr, $b:expr, $kb:expr, $nb:expr) => {{
+            let mut ws = [[0f32; 8]; 4];
+            let mut bases = [std::ptr::null::<u8>(); 4];
+            for (wr, row) in $w.iter().enumerate() {
+                let base = row.as_ptr().add(Q8_0_BYTES * $b);
+                bases[wr] = base;
+                let scales = group_scales(base, Q8_0_BYTES, $kb, $nb);
+                _mm256_storeu_ps(ws[wr].as_mut_ptr(), scales);
+            }
+            (bases, ws)
+        }};
     }
 
-    /// Where blocks `b..b + nb` (`nb <= 8`) of eight Q8_0 weight rows start, and their scales
-    /// by block (register `j` holds block `b + j`'s, row `wr` in lane `wr`); the rows are
-    /// prefetched `distance` bytes ahead.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; each row holds at least `b + nb` blocks.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn eight_rows_at(
-        w: &[&[u8]; 8],
-        b: usize,
-        nb: usize,
-        distance: usize,
-    ) -> ([*const u8; 8], [__m256; 8]) {
-        let mut bases = [std::ptr::null::<u8>(); 8];
-        let mut by_row = [_mm256_setzero_ps(); 8];
-        for wr in 0..8 {
-            // SAFETY: blocks `b..b + nb` of 34 bytes are in the row.
-            let base = unsafe { w[wr].as_ptr().add(Q8_0_BYTES * b) };
-            bases[wr] = base;
-            by_row[wr] = unsafe { group_scales_ahead(base, Q8_0_BYTES, nb, distance) };
-        }
-        (bases, transpose8(by_row))
+    /// `(bases, ws)`: where blocks `$b..$b + $nb` (`$nb <= 8`) of the eight Q8_0 weight rows
+    /// `$w` start, and their scales by block (register `j` holds block `$b + j`'s, row `wr` in
+    /// lane `wr`); the rows are prefetched `$distance` bytes ahead. Unsafe: as
+    /// [`four_rows_at`].
+    macro_rules! eight_rows_at {
+        ($w:expr, $b:expr, $nb:expr, $distance:expr) => {{
+            let mut bases = [std::ptr::null::<u8>(); 8];
+            let mut by_row = [_mm256_setzero_ps(); 8];
+            for wr in 0..8 {
+                let base = $w[wr].as_ptr().add(Q8_0_BYTES * $b);
+                bases[wr] = base;
+                by_row[wr] = group_scales_ahead(base, Q8_0_BYTES, $nb, $distance);
+            }
+            (bases, transpose8(by_row))
+        }};
+    }
+
+    /// `-128` times the sums of blocks `0..$nb` (`$nb <= 8`) of four Q8_0 rows whose first
+    /// such block starts at `$bases[r]` (what the biased input, `x + 128`, adds to the
+    /// products), the eight blocks side by side, with `$dpbusd` (zero past `$nb`). Unsafe: the
+    /// CPU has `$dpbusd`, and `$nb` blocks of 34 bytes are readable from each base.
+    macro_rules! weight_starts {
+        ($bases:expr, $nb:expr, $dpbusd:ident) => {{
+            let bias = _mm256_set1_epi8(-128);
+            let zero = _mm256_setzero_si256();
+            let mut starts = [[0i32; 8]; 4];
+            for (wr, &base) in $bases.iter().enumerate() {
+                // 128 times each block's sums of four weights ((-128) as u8 is 128), then the
+                // eight blocks' totals side by side.
+                let mut sums = [zero; 8];
+                for (j, sum) in sums.iter_mut().enumerate().take($nb) {
+                    let wv = _mm256_loadu_si256(base.add(Q8_0_BYTES * j + 2).cast());
+                    *sum = $dpbusd(zero, bias, wv);
+                }
+                let minus = _mm256_sub_epi32(zero, lane_sums8(sums));
+                _mm256_storeu_si256(starts[wr].as_mut_ptr().cast(), minus);
+            }
+            starts
+        }};
     }
 
     /// One input row of Q8_0 blocks as [`dot8x_rows`] reads it.
@@ -1353,12 +1365,10 @@ mod x86 {
     /// with VL, or AVX-VNNI's VEX form), the Q8_0 forms that sum each block with byte dot
     /// products:
     ///
-    /// * `$starts`: for four weight rows' blocks `b..b + nb`, `-128` times each block's sum
-    ///   (what the biased input, `x + 128`, adds to its products), eight blocks side by side.
     /// * `$lanes8`: four weight rows dotted with up to 8 input rows ([`Lanes`], `W` = 8), one
     ///   input row per 32-bit lane: for each block, eight `vpdpbusd` (one per four bytes, the
     ///   weight row's four bytes broadcast to every lane) sum its 32 products exactly into one
-    ///   i32 per input row, starting from `$starts`; that sum is converted to f32 and added
+    ///   i32 per input row, starting from [`weight_starts`]; that sum is converted to f32 and added
     ///   with one multiply-add by the product of the two scales, block after block.
     /// * `$rows`: eight weight rows dotted with `R` input rows, one weight row per lane, in
     ///   the same arithmetic: each block's 32 products summed exactly (one `vpdpbusd` of the
@@ -1372,34 +1382,7 @@ mod x86 {
     /// and multiply-added) a batch does far less arithmetic; the result differs from candle's
     /// by float rounding only (the integer sums are exact either way).
     macro_rules! byte_dot_forms {
-        ($features:literal, $dpbusd:ident, $starts:ident, $lanes8:ident, $rows:ident) => {
-            /// `-128` times the sums of blocks `b..b + nb` (`nb <= 8`) of four Q8_0 rows whose
-            /// block `b` starts at `bases[r]`; zero past `nb`.
-            ///
-            /// # Safety
-            /// The CPU has `$features`; `nb` blocks of 34 bytes are readable from each base.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn $starts(bases: &[*const u8; 4], nb: usize) -> [[i32; 8]; 4] {
-                let bias = _mm256_set1_epi8(-128);
-                let zero = _mm256_setzero_si256();
-                let mut starts = [[0i32; 8]; 4];
-                for (wr, &base) in bases.iter().enumerate() {
-                    // 128 times each block's sums of four weights ((-128) as u8 is 128), then
-                    // the eight blocks' totals side by side.
-                    let mut sums = [zero; 8];
-                    for (j, sum) in sums.iter_mut().enumerate().take(nb) {
-                        // SAFETY: block j < nb.
-                        let wv = unsafe { _mm256_loadu_si256(base.add(Q8_0_BYTES * j + 2).cast()) };
-                        *sum = $dpbusd(zero, bias, wv);
-                    }
-                    let minus = _mm256_sub_epi32(zero, lane_sums8(sums));
-                    // SAFETY: eight i32.
-                    unsafe { _mm256_storeu_si256(starts[wr].as_mut_ptr().cast(), minus) };
-                }
-                starts
-            }
-
+        ($features:literal, $dpbusd:ident, $lanes8:ident, $rows:ident) => {
             /// See `byte_dot_forms`.
             ///
             /// # Safety
@@ -1415,8 +1398,8 @@ mod x86 {
                     // row of `kb` blocks of 34 bytes, its scale in its first 2 bytes, its
                     // weights in the next 32; input block `b + j` is 256 bytes of `x.q` and 8
                     // floats of `x.scales`.
-                    let (bases, ws) = unsafe { four_rows_at(&w, b, kb, nb) };
-                    let starts = unsafe { $starts(&bases, nb) };
+                    let (bases, ws) = unsafe { four_rows_at!(w, b, kb, nb) };
+                    let starts = unsafe { weight_starts!(bases, nb, $dpbusd) };
                     for j in 0..nb {
                         let xb = unsafe { x.q.as_ptr().add(256 * (b + j)) };
                         let mut xv = [_mm256_setzero_si256(); 8];
@@ -1469,7 +1452,7 @@ mod x86 {
                     // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a
                     // row of `kb` blocks of 34 bytes, its scale in its first 2 bytes, its
                     // weights in the next 32; input block `b + j` is 32 bytes of `x[r].q`.
-                    let (bases, ws) = unsafe { eight_rows_at(&w, b, nb, distance) };
+                    let (bases, ws) = unsafe { eight_rows_at!(w, b, nb, distance) };
                     for (j, ws) in ws.iter().enumerate().take(nb) {
                         // The eight weight blocks, biased, transposed: register g holds bytes
                         // 4g..4g + 4 of every row, row wr in lane wr.
@@ -1510,14 +1493,12 @@ mod x86 {
     byte_dot_forms!(
         "avx512f,avx512vnni,avx512vl,avx2,fma,f16c",
         _mm256_dpbusd_epi32,
-        weight_starts,
         dot4x_lanes8,
         dot8x_rows
     );
     byte_dot_forms!(
         "avxvnni,avx2,fma,f16c",
         _mm256_dpbusd_avx_epi32,
-        weight_starts_vex,
         dot4x_lanes8_vex,
         dot8x_rows_vex
     );
@@ -1537,8 +1518,8 @@ mod x86 {
             // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
             // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
             // 32; input block `b + j` is 512 bytes of `x.q` and 16 floats of `x.scales`.
-            let (bases, ws) = unsafe { four_rows_at(&w, b, kb, nb) };
-            let starts = unsafe { weight_starts(&bases, nb) };
+            let (bases, ws) = unsafe { four_rows_at!(w, b, kb, nb) };
+            let starts = unsafe { weight_starts!(bases, nb, _mm256_dpbusd_epi32) };
             for j in 0..nb {
                 let xb = unsafe { x.q.as_ptr().add(512 * (b + j)) };
                 let mut xv = [_mm512_setzero_si512(); 8];
@@ -1596,7 +1577,7 @@ mod x86 {
             // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
             // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
             // 32; input block `b + j` is 512 bytes of `x[g].q` and 8 floats of `x[g].scales`.
-            let (bases, ws) = unsafe { four_rows_at(&w, b, kb, nb) };
+            let (bases, ws) = unsafe { four_rows_at!(w, b, kb, nb) };
             for j in 0..nb {
                 // Each weight row's block as 16 pairs of i16.
                 let mut wide = [[0i32; 16]; 4];
@@ -1678,7 +1659,7 @@ mod x86 {
             // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
             // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
             // 32; input block `b + j` is 32 bytes of `x[r].q`.
-            let (bases, ws) = unsafe { eight_rows_at(&w, b, nb, distance) };
+            let (bases, ws) = unsafe { eight_rows_at!(w, b, nb, distance) };
             for (j, ws) in ws.iter().enumerate().take(nb) {
                 let mut xq = [_mm256_setzero_si256(); R];
                 for (r, v) in xq.iter_mut().enumerate() {
