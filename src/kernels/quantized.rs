@@ -1035,10 +1035,10 @@ mod x86 {
                             ))
                         };
                     }
-                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), and AVX-512 VNNI and
-                    // VL where `vnni` is set (`Isa::vnni`); every weight row is `kb` blocks of
-                    // this format, and every input row `kb` blocks of 32 bytes with `kb` scales
-                    // (and `kb` offsets for Q4_0), as `kernel` made them.
+                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), AVX-512 VNNI and VL
+                    // at `Dots::Evex` (`Isa::vnni`), AVX-VNNI at `Dots::Vex` (`Isa::avx_vnni`);
+                    // every weight row is `kb` Q4_0 blocks, and every input row `kb` blocks of
+                    // 32 bytes with `kb` scales and `kb` offsets, as `kernel` made them.
                     unsafe {
                         // Only Q4_0 comes here (Q8_0 takes `run_exact`).
                         match (self.dots, take) {
@@ -1095,11 +1095,11 @@ mod x86 {
                             put(&$f::<$n>(kb, rows, std::array::from_fn(input)))
                         };
                     }
-                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), and AVX-512 VNNI
-                    // and VL where `vnni` is set (`Isa::vnni`); `signed` holds `32 kb` bytes
-                    // and `input_scales` `kb` scales a row, for Q8_0 weight rows of `kb`
-                    // blocks and 1 to `row_form_most` rows, and with VNNI `minus` `kb` sums a
-                    // row.
+                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), AVX-512 VNNI and VL
+                    // at `Dots::Evex` (`Isa::vnni`), AVX-VNNI at `Dots::Vex` (`Isa::avx_vnni`);
+                    // `signed` holds `32 kb` bytes and `input_scales` `kb` scales a row, for
+                    // Q8_0 weight rows of `kb` blocks and 1 to `row_form_most` rows, and with
+                    // `vpdpbusd` `minus` `kb` sums a row.
                     unsafe {
                         match (self.dots, self.rows) {
                             (Dots::Evex, 1) => call!(dot8x_rows, 1),
@@ -1147,10 +1147,10 @@ mod x86 {
                 while gi < groups {
                     // Without VNNI two groups share each broadcast of the weights.
                     let two = self.dots == Dots::Avx2 && gi + 1 < groups;
-                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), and AVX-512 VNNI
-                    // and VL where `vnni` is set (`Isa::vnni`); for Q8_0 weight rows of `kb`
-                    // blocks, `lanes` holds `group_bytes` and `lane_scales` `width kb` scales a
-                    // group (width 8 without VNNI).
+                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), AVX-512 VNNI and VL
+                    // at `Dots::Evex` (`Isa::vnni`), AVX-VNNI at `Dots::Vex` (`Isa::avx_vnni`);
+                    // for Q8_0 weight rows of `kb` blocks, `lanes` holds `group_bytes` and
+                    // `lane_scales` `width kb` scales a group (width 8 but at `Dots::Evex`).
                     unsafe {
                         match (self.dots, width, two) {
                             (Dots::Avx2, _, true) => {
@@ -1898,8 +1898,9 @@ mod x86 {
     /// product of the two scales, block after block, then the lanes summed: candle's
     /// arithmetic in candle's order, so its bits, whatever `R` and the instruction set.
     ///
-    /// * VNNI (`$vnni`, `$dpbusd` of AVX-512 VNNI or AVX-VNNI): the stored nibbles (`w + 8`) are the unsigned operand as they are,
-    ///   and each input block's lanes start from its offsets, `-8` times its sums of four.
+    /// * VNNI (`$vnni`, `$dpbusd` of AVX-512 VNNI or AVX-VNNI): the stored nibbles (`w + 8`)
+    ///   are the unsigned operand as they are, and each input block's lanes start from its
+    ///   offsets, `-8` times its sums of four.
     /// * AVX2: `maddubs` on the nibbles and `x` (at most `2 * 15 * 128`), `madd`, plus the
     ///   input's offsets.
     ///
@@ -2169,8 +2170,9 @@ mod x86 {
         /// Each input block's sums per sub-block of 32: its sums of 16 added in pairs, as i16
         /// (as candle's `hadd` pairs them; at most 32 * 128 in magnitude, so no wrapping).
         input_sums: Vec<[i16; 8]>,
-        /// `vpdpwssd` (the CPU has AVX-512 VNNI and VL): [`dot4_q4k_vnni`].
-        vnni: bool,
+        /// `vpdpwssd` with AVX-512 VNNI and VL ([`dot4_q4k_vnni`]) or AVX-VNNI
+        /// ([`dot4_q4k_avx_vnni`]), else [`dot4_q4k`].
+        dots: Dots,
         rows: usize,
     }
 
@@ -2222,7 +2224,7 @@ mod x86 {
             input,
             input_scales,
             input_sums,
-            vnni: isa.vnni(),
+            dots: Dots::of(isa),
             rows,
         })
     }
@@ -2273,7 +2275,8 @@ mod x86 {
                     // SAFETY: the CPU has AVX2, FMA and F16C (`available`), every weight row is
                     // `kb` Q4_K blocks and every input row `kb` Q8_K blocks with `kb` scales and
                     // `kb` pair sums (lengths checked by `q4k_kernel` and sliced above).
-                    // With VNNI (`Isa::vnni`), AVX-512 VNNI and VL as well.
+                    // `Dots::Evex`: AVX-512 VNNI and VL as well (`Isa::vnni`); `Dots::Vex`: AVX-VNNI
+                    // (`Isa::avx_vnni`).
                     unsafe {
                         macro_rules! call {
                             ($f:ident) => {
@@ -2285,10 +2288,10 @@ mod x86 {
                                 }
                             };
                         }
-                        if self.vnni {
-                            call!(dot4_q4k_vnni)
-                        } else {
-                            call!(dot4_q4k)
+                        match self.dots {
+                            Dots::Evex => call!(dot4_q4k_vnni),
+                            Dots::Vex => call!(dot4_q4k_avx_vnni),
+                            Dots::Avx2 => call!(dot4_q4k),
                         }
                     }
                     r += take;
@@ -2340,10 +2343,11 @@ mod x86 {
         out
     }
 
-    /// Makes `$name`, [`dot4_q4k`]'s body with `$features`; with `$vnni`, `vpdpwssd` multiplies
-    /// each sub-block's pair sums by its scale and adds them in one instruction.
+    /// Makes `$name`, [`dot4_q4k`]'s body with `$features`; with `$vnni`, `$dpwssd`
+    /// (`vpdpwssd` of AVX-512 VNNI or AVX-VNNI) multiplies each sub-block's pair sums by its
+    /// scale and adds them in one instruction.
     macro_rules! dot4_q4k_fn {
-        ($name:ident, $features:literal, $vnni:literal) => {
+        ($name:ident, $features:literal, $vnni:literal, $dpwssd:ident) => {
             /// Four Q4_K weight rows dotted with `R` Q8_K input rows.
             ///
             /// Per (weight row, input row), candle's arithmetic in candle's order: for each block, the
@@ -2448,8 +2452,8 @@ mod x86 {
                                 // VNNI: the pairs times their scales added in one instruction (the
                                 // same exact i32 sums as `madd` then `add`).
                                 if $vnni {
-                                    sumi[r] = _mm256_dpwssd_epi32(sumi[r], q_lo, sc_lo);
-                                    sumi[r] = _mm256_dpwssd_epi32(sumi[r], q_hi, sc_hi);
+                                    sumi[r] = $dpwssd(sumi[r], q_lo, sc_lo);
+                                    sumi[r] = $dpwssd(sumi[r], q_hi, sc_hi);
                                 } else {
                                     sumi[r] =
                                         _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc_lo, q_lo));
@@ -2484,8 +2488,20 @@ mod x86 {
         };
     }
 
-    dot4_q4k_fn!(dot4_q4k, "avx2,fma,f16c", false);
-    dot4_q4k_fn!(dot4_q4k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
+    // (The AVX2 form never takes its `$dpwssd`: `$vnni` is false.)
+    dot4_q4k_fn!(dot4_q4k, "avx2,fma,f16c", false, _mm256_dpwssd_avx_epi32);
+    dot4_q4k_fn!(
+        dot4_q4k_vnni,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        true,
+        _mm256_dpwssd_epi32
+    );
+    dot4_q4k_fn!(
+        dot4_q4k_avx_vnni,
+        "avx2,fma,f16c,avxvnni",
+        true,
+        _mm256_dpwssd_avx_epi32
+    );
 }
 
 #[cfg(test)]
