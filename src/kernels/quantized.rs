@@ -2145,8 +2145,8 @@ mod x86 {
     const Q8K_BYTES: usize = 292;
     /// Where a Q8_K block's i16 sums begin.
     const Q8K_SUMS: usize = 260;
-    /// How far ahead [`dot4_q4k`] prefetches each weight row, in rows: two groups of four, the
-    /// same place in the rows two passes on (a band's rows are consecutive in memory).
+    /// How far ahead [`dot4_q4k`] prefetches each weight row, in rows: the same place in the
+    /// rows two passes of four on, or one of eight (a band's rows are consecutive in memory).
     const Q4K_AHEAD_ROWS: usize = 8;
 
     /// Q4_K weights against a Q8_K input: four weight rows per pass over each input block.
@@ -2258,6 +2258,28 @@ mod x86 {
                 sums: &self.input_sums[r * kb..(r + 1) * kb],
             };
             let mut i = 0;
+            // One input row (a single sequence's step) takes eight weight rows a pass: more rows
+            // streaming at once, 1.07-1.13x the four rows' GB/s from memory.
+            if self.rows == 1 {
+                while i < feats {
+                    // Past the band's end, repeat its last row.
+                    let rows: [&[u8]; 8] = std::array::from_fn(|j| w_row((i + j).min(feats - 1)));
+                    let x = [input(0)];
+                    // SAFETY: as below.
+                    let dots = unsafe {
+                        match self.dots {
+                            Dots::Evex => dot4_q4k_vnni::<8, 1>(kb, rows, x),
+                            Dots::Vex => dot4_q4k_avx_vnni::<8, 1>(kb, rows, x),
+                            Dots::Avx2 => dot4_q4k::<8, 1>(kb, rows, x),
+                        }
+                    };
+                    for (j, v) in dots[0].iter().enumerate().take(feats - i) {
+                        out[i + j] = *v;
+                    }
+                    i += 8;
+                }
+                return;
+            }
             while i < feats {
                 // Past the band's end, repeat its last row.
                 let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
@@ -2281,10 +2303,10 @@ mod x86 {
                         macro_rules! call {
                             ($f:ident) => {
                                 match take {
-                                    1 => put(&$f::<1>(kb, rows, std::array::from_fn(inputs))),
-                                    2 => put(&$f::<2>(kb, rows, std::array::from_fn(inputs))),
-                                    3 => put(&$f::<3>(kb, rows, std::array::from_fn(inputs))),
-                                    _ => put(&$f::<4>(kb, rows, std::array::from_fn(inputs))),
+                                    1 => put(&$f::<4, 1>(kb, rows, std::array::from_fn(inputs))),
+                                    2 => put(&$f::<4, 2>(kb, rows, std::array::from_fn(inputs))),
+                                    3 => put(&$f::<4, 3>(kb, rows, std::array::from_fn(inputs))),
+                                    _ => put(&$f::<4, 4>(kb, rows, std::array::from_fn(inputs))),
                                 }
                             };
                         }
@@ -2348,7 +2370,7 @@ mod x86 {
     /// scale and adds them in one instruction.
     macro_rules! dot4_q4k_fn {
         ($name:ident, $features:literal, $vnni:literal, $dpwssd:ident) => {
-            /// Four Q4_K weight rows dotted with `R` Q8_K input rows.
+            /// `W` (4 or 8) Q4_K weight rows dotted with `R` Q8_K input rows.
             ///
             /// Per (weight row, input row), candle's arithmetic in candle's order: for each block, the
             /// 256 products of nibble and input in eight i32 lanes (lane `l` takes bytes `4l..4l + 4` of
@@ -2361,23 +2383,23 @@ mod x86 {
             /// unpacked once for the `R` input rows.
             ///
             /// # Safety
-            /// The CPU has `$features`; each `w[r]` holds `kb` Q4_K blocks, and each input `kb`
-            /// Q8_K blocks with `kb` scales and `kb` pair sums.
+            /// The CPU has `$features`; `W` is a multiple of 4; each `w[r]` holds `kb` Q4_K
+            /// blocks, and each input `kb` Q8_K blocks with `kb` scales and `kb` pair sums.
             // `wr` and `r` index accumulators and scales of several rows at once.
             #[allow(clippy::needless_range_loop)]
             #[target_feature(enable = $features)]
-            unsafe fn $name<const R: usize>(
+            unsafe fn $name<const W: usize, const R: usize>(
                 kb: usize,
-                w: [&[u8]; 4],
+                w: [&[u8]; W],
                 x: [Q8kRow; R],
-            ) -> [[f32; 4]; R] {
+            ) -> [[f32; W]; R] {
                 let low = _mm256_set1_epi8(0x0F);
                 // Shuffles that spread sub-block `s`'s i16 scale over every pair of lanes.
                 let spread: [__m256i; 8] = std::array::from_fn(|s| {
                     _mm256_set1_epi16((((2 * s + 1) << 8) | (2 * s)) as i16)
                 });
-                let mut acc = [[_mm256_setzero_ps(); R]; 4];
-                let mut acc_m = [[_mm_setzero_ps(); R]; 4];
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                let mut acc_m = [[_mm_setzero_ps(); R]; W];
                 for b in 0..kb {
                     // SAFETY (all pointer arithmetic below): block `b < kb` of rows of `kb` blocks of
                     // `Q4K_BYTES`, and of input rows of `kb` blocks of `Q8K_BYTES`; the offsets stay
@@ -2386,25 +2408,30 @@ mod x86 {
                     let bases = w.map(|row| unsafe { row.as_ptr().add(Q4K_BYTES * b) });
                     // The four blocks' d and dmin as f32 in one conversion, times each input's scale
                     // (`-` for dmin: candle's `-y.d * x.dmin`).
-                    let mut halves = [0u16; 8];
-                    for (wr, base) in bases.iter().enumerate() {
-                        halves[2 * wr] = unsafe { std::ptr::read_unaligned(base.cast::<u16>()) };
-                        halves[2 * wr + 1] =
-                            unsafe { std::ptr::read_unaligned(base.add(2).cast::<u16>()) };
-                    }
-                    let wd = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(halves.as_ptr().cast()) });
-                    let mut dd = [[0f32; 8]; R];
-                    for r in 0..R {
-                        let yd = x[r].d[b];
-                        unsafe {
-                            _mm256_storeu_ps(
-                                dd[r].as_mut_ptr(),
-                                _mm256_mul_ps(
-                                    _mm256_setr_ps(yd, -yd, yd, -yd, yd, -yd, yd, -yd),
-                                    wd,
-                                ),
-                            )
-                        };
+                    // (Four rows a conversion: `dd[r][2 wr]` is row wr's `d`, `2 wr + 1` its
+                    // `dmin`.)
+                    let mut dd = [[[0f32; 8]; 2]; R];
+                    for four in 0..W / 4 {
+                        let mut halves = [0u16; 8];
+                        for (i, base) in bases[4 * four..4 * four + 4].iter().enumerate() {
+                            halves[2 * i] = unsafe { std::ptr::read_unaligned(base.cast::<u16>()) };
+                            halves[2 * i + 1] =
+                                unsafe { std::ptr::read_unaligned(base.add(2).cast::<u16>()) };
+                        }
+                        let wd =
+                            _mm256_cvtph_ps(unsafe { _mm_loadu_si128(halves.as_ptr().cast()) });
+                        for r in 0..R {
+                            let yd = x[r].d[b];
+                            unsafe {
+                                _mm256_storeu_ps(
+                                    dd[r][four].as_mut_ptr(),
+                                    _mm256_mul_ps(
+                                        _mm256_setr_ps(yd, -yd, yd, -yd, yd, -yd, yd, -yd),
+                                        wd,
+                                    ),
+                                )
+                            };
+                        }
                     }
                     let sums: [__m128i; R] = std::array::from_fn(|r| unsafe {
                         _mm_loadu_si128(x[r].sums[b].as_ptr().cast())
@@ -2426,7 +2453,7 @@ mod x86 {
                         for r in 0..R {
                             let mins = _mm_madd_epi16(mins_w, sums[r]);
                             acc_m[wr][r] = _mm_fmadd_ps(
-                                _mm_set1_ps(dd[r][2 * wr + 1]),
+                                _mm_set1_ps(dd[r][wr / 4][2 * (wr % 4) + 1]),
                                 _mm_cvtepi32_ps(mins),
                                 acc_m[wr][r],
                             );
@@ -2464,7 +2491,7 @@ mod x86 {
                         }
                         for r in 0..R {
                             acc[wr][r] = _mm256_fmadd_ps(
-                                _mm256_set1_ps(dd[r][2 * wr]),
+                                _mm256_set1_ps(dd[r][wr / 4][2 * (wr % 4)]),
                                 _mm256_cvtepi32_ps(sumi[r]),
                                 acc[wr][r],
                             );
