@@ -8,7 +8,7 @@
 //!
 //! `cargo bench --bench quantized_projection` (the CPU's best instruction set), and
 //! `YOCO_CPU_ISA=avx2 cargo bench --bench quantized_projection` for the AVX2 kernels on an
-//! AVX-512 CPU.
+//! AVX-512 CPU (`avx2-vnni`: with AVX-VNNI, where the CPU has it).
 
 use std::borrow::Cow;
 use std::sync::Arc;
