@@ -68,29 +68,29 @@ impl Isa {
         *ACTIVE.get_or_init(|| {
             let cpu = Isa::cpu();
             match std::env::var("YOCO_CPU_ISA") {
-                Ok(name) if !name.trim().is_empty() && name.trim() != "native" => {
-                    if matches!(
-                        name.trim().to_ascii_lowercase().as_str(),
-                        "avx2-vnni" | "avx-vnni" | "avxvnni"
-                    ) {
-                        return cpu.at_most(Level::Avx2).with_avx_vnni();
-                    }
-                    match Level::parse(&name) {
-                        Some(level) => cpu.at_most(level),
-                        None => {
-                            // A typo must not silently test the wrong kernels.
-                            eprintln!(
-                                "yoco: YOCO_CPU_ISA={name:?} is not avx512, avx2-vnni, avx2 or \
-                                 portable; using {:?}",
-                                cpu.level()
-                            );
-                            cpu
-                        }
-                    }
-                }
-                _ => cpu,
+                Ok(name) => cpu.lowered_to(&name).unwrap_or_else(|| {
+                    // A typo must not silently test the wrong kernels.
+                    eprintln!(
+                        "yoco: YOCO_CPU_ISA={name:?} is not avx512, avx2-vnni, avx2 or portable; \
+                         using {:?}",
+                        cpu.level()
+                    );
+                    cpu
+                }),
+                Err(_) => cpu,
             }
         })
+    }
+
+    /// This `Isa` lowered as `YOCO_CPU_ISA=name` asks (empty or `native`: as it is); `None`
+    /// for a name that is no level.
+    fn lowered_to(self, name: &str) -> Option<Isa> {
+        let name = name.trim().to_ascii_lowercase();
+        match name.as_str() {
+            "" | "native" => Some(self),
+            "avx2-vnni" | "avx-vnni" | "avxvnni" => Some(self.at_most(Level::Avx2).with_avx_vnni()),
+            _ => Level::parse(&name).map(|level| self.at_most(level)),
+        }
     }
 
     /// Whether this is [`Level::Avx512`] on a CPU with AVX-512 VNNI and VL (`vpdpbusd` on 256-bit
@@ -194,6 +194,24 @@ mod tests {
         let all = Isa::supported();
         assert_eq!(all.first().map(|i| i.level()), Some(Level::Portable));
         assert_eq!(all.last(), Some(&cpu));
+        // What `YOCO_CPU_ISA` asks for, never above the CPU.
+        assert_eq!(cpu.lowered_to(" Native "), Some(cpu));
+        assert_eq!(cpu.lowered_to(""), Some(cpu));
+        assert_eq!(cpu.lowered_to("sse9"), None);
+        assert_eq!(cpu.lowered_to("AVX512"), Some(cpu));
+        assert_eq!(
+            cpu.lowered_to("portable").map(|i| i.level()),
+            Some(Level::Portable)
+        );
+        let avx2 = cpu.lowered_to("avx2");
+        assert_eq!(avx2.map(|i| i.level()), Some(cpu.level().min(Level::Avx2)));
+        assert_eq!(avx2.map(|i| i.avx_vnni()), Some(false));
+        let vnni = cpu.lowered_to("avx2-vnni");
+        assert_eq!(vnni.map(|i| i.level()), Some(cpu.level().min(Level::Avx2)));
+        assert_eq!(
+            vnni.map(|i| i.avx_vnni()),
+            Some(cpu.level() >= Level::Avx2 && has_avx_vnni())
+        );
         // AVX-VNNI only at the AVX2 level and only where the CPU has it; `avx2` means without.
         assert!(all.iter().all(|i| !i.avx_vnni() || has_avx_vnni()));
         assert!(!cpu.at_most(Level::Avx2).avx_vnni());
