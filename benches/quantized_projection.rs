@@ -16,6 +16,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use yoco::bench_support::{prepare, PreparedWeight};
 
 /// `(input width, output width)`: the MLP's up and down projections and the output head.
 const SHAPES: [(usize, usize); 3] = [(2560, 10240), (10240, 2560), (2560, 200064)];
@@ -59,16 +60,17 @@ fn weight(format: GgmlDType, k: usize, n: usize) -> Arc<QTensor> {
 
 /// Copies of one `(n, k)` weight in `format`, at least [`WORKING_SET`] bytes of them, so that a
 /// call on the next copy reads it from memory, not from the cache the last call filled.
-fn copies(format: GgmlDType, k: usize, n: usize) -> Vec<Arc<QTensor>> {
+fn copies(format: GgmlDType, k: usize, n: usize) -> (Vec<PreparedWeight>, usize) {
     let w = weight(format, k, n);
-    let count = WORKING_SET.div_ceil(w.storage_size_in_bytes()).max(2);
+    let size = w.storage_size_in_bytes();
+    let count = WORKING_SET.div_ceil(size).max(2);
     let bytes = w.data().unwrap().into_owned();
-    let mut out = vec![w];
+    let mut out = vec![prepare(w).unwrap()];
     while out.len() < count {
         let storage = QStorage::from_data(Cow::Owned(bytes.clone()), &Device::Cpu, format).unwrap();
-        out.push(Arc::new(QTensor::new(storage, (n, k)).unwrap()));
+        out.push(prepare(Arc::new(QTensor::new(storage, (n, k)).unwrap())).unwrap());
     }
-    out
+    (out, size)
 }
 
 fn projection(c: &mut Criterion) {
@@ -81,9 +83,9 @@ fn projection(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("quantized decode projection {name} {isa}"));
         group.sample_size(20);
         for (k, n) in SHAPES {
-            let copies = copies(format, k, n);
+            let (copies, size) = copies(format, k, n);
             let x = Tensor::from_vec(seeded(k, 1), (1, k), &Device::Cpu).unwrap();
-            group.throughput(Throughput::Bytes(copies[0].storage_size_in_bytes() as u64));
+            group.throughput(Throughput::Bytes(size as u64));
             let mut next = 0;
             group.bench_function(BenchmarkId::from_parameter(format!("{k}x{n}")), |b| {
                 b.iter(|| {
@@ -149,7 +151,7 @@ fn prefill(c: &mut Criterion) {
             b.iter(|| x.matmul(&wt).unwrap())
         });
         for (name, format) in [("q8_0", GgmlDType::Q8_0), ("q4_k", GgmlDType::Q4K)] {
-            let q = Arc::new(QTensor::quantize(&w, format).unwrap());
+            let q = prepare(Arc::new(QTensor::quantize(&w, format).unwrap())).unwrap();
             group.bench_function(BenchmarkId::new(name, format!("{k}x{n}")), |b| {
                 b.iter(|| {
                     yoco::bench_support::quantized_prefill(&xs, ROWS, &q)

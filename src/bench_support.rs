@@ -9,14 +9,27 @@ use candle_core::Tensor;
 
 use crate::cache::FamilyState;
 use crate::kernels::isa::{Isa, Level};
+use crate::kernels::quantized::QWeight;
 use crate::models::phi4flash::model::Phi4FlashState;
 use crate::{Cache, Error, Model, ModelConfig, Result};
+
+/// A quantized weight laid out as a linear layer of a model loaded on the CPU holds it (Q8_0
+/// rows interleaved where the kernels have byte dot products).
+pub struct PreparedWeight(Arc<QWeight>);
+
+/// `w` as a quantized linear layer on the CPU holds it, for [`active_isa`]'s kernels.
+pub fn prepare(w: Arc<QTensor>) -> Result<PreparedWeight> {
+    Ok(PreparedWeight(Arc::new(QWeight::prepared(
+        w,
+        Isa::active(),
+    )?)))
+}
 
 /// `x W^T` through the CPU decode kernel of quantized projections (what a quantized linear
 /// layer runs for up to 64 rows), on the instruction set the kernels run on (see
 /// [`active_isa`]); `None` where that kernel declines the case.
-pub fn quantized_decode(x: &Tensor, w: &Arc<QTensor>) -> Result<Option<Tensor>> {
-    crate::kernels::quantized::qgemv_cpu(x, std::slice::from_ref(w))
+pub fn quantized_decode(x: &Tensor, w: &PreparedWeight) -> Result<Option<Tensor>> {
+    crate::kernels::quantized::qgemv_cpu(x, std::slice::from_ref(&w.0))
 }
 
 /// The instruction set the CPU kernels run on: `"avx512"`, `"avx2-vnni"` (AVX2 with
@@ -99,13 +112,13 @@ pub fn fill_phi4flash_cache(model: &Model, cache: &mut Cache, len: usize) -> Res
 
 /// `x W^T` for a prompt chunk (`x: (m, k)` f32 rows) through the CPU path of a quantized linear
 /// layer past the decode kernel's rows; `None` for a format that path does not read.
-pub fn quantized_prefill(x: &[f32], m: usize, w: &Arc<QTensor>) -> Result<Option<Vec<f32>>> {
-    crate::kernels::quantized::prefill_product_cpu(x, m, std::slice::from_ref(w))
+pub fn quantized_prefill(x: &[f32], m: usize, w: &PreparedWeight) -> Result<Option<Vec<f32>>> {
+    crate::kernels::quantized::prefill_product_cpu(x, m, std::slice::from_ref(&w.0))
 }
 
 /// A quantized CPU weight `(n, k)` as f32 (in parallel), as a prompt chunk's product reads it.
-pub fn dequantize(w: &QTensor) -> Result<Tensor> {
-    crate::kernels::quantized::dequantize_cpu(w)
+pub fn dequantize(w: &PreparedWeight) -> Result<Tensor> {
+    crate::kernels::quantized::dequantize_cpu(&w.0)
 }
 
 #[cfg(test)]

@@ -1224,7 +1224,13 @@ fn hand_written_gguf_loads() {
         DType::F32,
     )
     .unwrap();
-    assert!(max_abs_diff(&logits(&model, 20), &logits(&dequantized, 20)) <= 1e-5);
+    // The same products but for the input's own quantization: a prompt's rows take the float
+    // gemm with the dequantized weights (the same sums, within 1e-5), or, on CPUs with byte dot
+    // products, the Q8_0 kernel with the input quantized to 8 bits per block, as every decode
+    // step does: measured 0.074 on these logits (at most 12.2 in magnitude), the same for the
+    // 20 tokens fed one at a time (which always took that kernel).
+    let drift = max_abs_diff(&logits(&model, 20), &logits(&dequantized, 20));
+    assert!(drift <= 0.11, "{drift}");
     let formats: Vec<_> = model
         .weights()
         .iter()

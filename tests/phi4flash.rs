@@ -386,11 +386,14 @@ fn the_engine_serves_phi4flash_sequences_as_each_would_run_alone() {
 
 #[test]
 fn quantized_projections_stay_close_to_the_reference() {
-    // rmse(logits - reference) / rmse(reference). Q8_0 stays within what the fixtures allow a
-    // bf16 port (0.06; measured 0.034 / 0.041). Q4_0 has 16 times Q8_0's step and moves these
-    // 64-wide random models by about 16 times as much (measured 0.52 / 0.59): the bound only
-    // says the model still computes the same function roughly.
-    for (quant, bound) in [(yoco::Quant::Q8_0, 0.06), (yoco::Quant::Q4_0, 0.8)] {
+    // rmse(logits - reference) / rmse(reference). Q8_0 with its prompt dequantized to float
+    // stays within what the fixtures allow a bf16 port (0.06; measured 0.034 / 0.041); through
+    // the Q8_0 kernel, which quantizes the input to 8 bits per block too (every decode step, and
+    // prompts on CPUs with byte dot products), these 64-wide random models move by 0.068 at
+    // most (measured, fed a whole prompt or one token at a time alike): bound 0.1. Q4_0 has 16
+    // times Q8_0's step and moves them by about 16 times as much (measured 0.52 / 0.59): the
+    // bound only says the model still computes the same function roughly.
+    for (quant, bound) in [(yoco::Quant::Q8_0, 0.1), (yoco::Quant::Q4_0, 0.8)] {
         for name in CASES {
             let options = LoadOptions {
                 quant: Some(quant),

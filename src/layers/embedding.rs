@@ -4,11 +4,10 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::Embedding;
 
-use crate::kernels::quantized::dequantize_rows_cpu;
+use crate::kernels::quantized::{dequantize_rows_cpu, QWeight};
 use crate::{Error, Result};
 
 /// A token embedding.
@@ -17,7 +16,7 @@ pub(crate) enum TokenEmbedding {
     /// A float table `(V, D)` in the model's dtype.
     Float(Embedding),
     /// The rows of a quantized CPU table `(V, D)` (shared with the tied head).
-    Quantized(Arc<QTensor>),
+    Quantized(Arc<QWeight>),
 }
 
 impl TokenEmbedding {
@@ -29,8 +28,8 @@ impl TokenEmbedding {
 
     /// The rows of `table` when it is a CPU table of a format the row reader takes; `None`
     /// otherwise (the caller keeps a float table).
-    pub(crate) fn quantized(table: Arc<QTensor>) -> Result<Option<Self>> {
-        if !table.device().is_cpu() || dequantize_rows_cpu(&table, &[0])?.is_none() {
+    pub(crate) fn quantized(table: Arc<QWeight>) -> Result<Option<Self>> {
+        if !table.is_cpu() || dequantize_rows_cpu(&table, &[0])?.is_none() {
             return Ok(None);
         }
         Ok(Some(TokenEmbedding::Quantized(table)))
@@ -57,34 +56,45 @@ impl TokenEmbedding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::GgmlDType;
+    use crate::kernels::isa::Isa;
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
 
     /// Rows read from a quantized table equal candle's dequantization of the whole table, for
-    /// every format a head takes, and ids beyond the table are errors.
+    /// every format a head takes, as loaded and as the kernels of every instruction set lay it
+    /// out (Q8_0 rows interleaved where they have byte dot products), and ids beyond the table
+    /// are errors.
     #[test]
     fn quantized_rows_equal_the_dequantized_table() -> Result<()> {
         let mut rng = crate::kernels::TestRng::new(5);
-        let (v, d) = (37, 256);
-        let data: Vec<f32> = (0..v * d).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-        let table = Tensor::from_vec(data, (v, d), &Device::Cpu)?;
-        let ids = Tensor::new(&[[0u32, 36, 5], [5, 17, 1]], &Device::Cpu)?;
-        for format in [
-            GgmlDType::Q8_0,
-            GgmlDType::Q4_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q6K,
-        ] {
-            let q = Arc::new(QTensor::quantize(&table, format)?);
-            let want = TokenEmbedding::float(q.dequantize(&Device::Cpu)?)?.forward(&ids)?;
-            let rows = TokenEmbedding::quantized(q.clone())?
-                .ok_or_else(|| Error::Input(format!("{format:?} declined")))?;
-            let got = rows.forward(&ids)?;
-            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert_eq!(diff, 0.0, "{format:?}");
-            assert!(rows
-                .forward(&Tensor::new(&[[37u32]], &Device::Cpu)?)
-                .is_err());
+        for v in [37, 40] {
+            let d = 256;
+            let data: Vec<f32> = (0..v * d).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+            let table = Tensor::from_vec(data, (v, d), &Device::Cpu)?;
+            let ids = Tensor::new(&[[0u32, 36, 5], [5, 17, 1]], &Device::Cpu)?;
+            for format in [
+                GgmlDType::Q8_0,
+                GgmlDType::Q4_0,
+                GgmlDType::Q4K,
+                GgmlDType::Q6K,
+            ] {
+                let q = Arc::new(QTensor::quantize(&table, format)?);
+                let want = TokenEmbedding::float(q.dequantize(&Device::Cpu)?)?.forward(&ids)?;
+                let mut forms = vec![QWeight::Blocks(q.clone())];
+                for isa in Isa::supported() {
+                    forms.push(QWeight::prepared(q.clone(), isa)?);
+                }
+                for form in forms {
+                    let rows = TokenEmbedding::quantized(Arc::new(form))?
+                        .ok_or_else(|| Error::Input(format!("{format:?} declined")))?;
+                    let got = rows.forward(&ids)?;
+                    let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert_eq!(diff, 0.0, "{format:?}");
+                    assert!(rows
+                        .forward(&Tensor::new(&[[v as u32]], &Device::Cpu)?)
+                        .is_err());
+                }
+            }
         }
         Ok(())
     }

@@ -15,11 +15,13 @@
 //!   weight row from registers, bit for bit as a row alone would be.
 //!
 //! A projection may also hold **quantized** weights (candle's GGML blocks, one tensor per fused
-//! piece; see [`crate::Quant`]). On the CPU, a few rows take [`qgemv_cpu`], the same banded
-//! streaming over candle's block dot products (the input quantized once per call, as the block
-//! formats require); many rows (prefill) dequantize the weight and take the float matmul, which
-//! keeps a prompt at f32's speed (candle's quantized matmul is slower at 512 rows for Q8_0 and
-//! Q4_0, and faster for Q4_K only with a second, repacked copy of the weight). Other devices (and
+//! piece; see [`crate::Quant`]), laid out as the CPU kernels read them ([`QWeight`]: Q8_0 rows
+//! interleaved by eight where the CPU has byte dot products). On the CPU, a few rows take
+//! [`qgemv_cpu`], the same banded streaming over block dot products (the input quantized once
+//! per call, as the block formats require); many rows (prefill) take the same kernel for
+//! interleaved Q8_0, and otherwise dequantize the weight and take the float matmul, which keeps
+//! a prompt at f32's speed (candle's quantized matmul is slower at 512 rows for Q8_0 and Q4_0,
+//! and faster for Q4_K only with a second, repacked copy of the weight). Other devices (and
 //! [`crate::Kernels::Portable`]) run candle's quantized matmul op, the one its CUDA kernels serve.
 
 use std::sync::Arc;
@@ -30,7 +32,8 @@ use candle_core::{DType, Tensor};
 use crate::checkpoint::catalogue::LinearSpec;
 use crate::kernels::fused;
 use crate::kernels::gemv::gemv_cpu;
-use crate::kernels::quantized::qgemv_cpu;
+use crate::kernels::isa::Isa;
+use crate::kernels::quantized::{qgemv_cpu, QWeight};
 use crate::layers::rope::RopeTables;
 use crate::layers::{split_heads, LinearWeights, Weights};
 use crate::{Error, Result};
@@ -54,8 +57,9 @@ pub(crate) struct Linear {
 enum Weight {
     /// `(out, in)`, contiguous, the pieces stacked along the output axis.
     Float(Tensor),
-    /// One quantized `(out_i, in)` per piece (all the same input width).
-    Quantized(Vec<Arc<QTensor>>),
+    /// One quantized `(out_i, in)` per piece (all the same input width), as the CPU kernels
+    /// read it where they may (see [`QWeight::prepared`]).
+    Quantized(Vec<Arc<QWeight>>),
 }
 
 impl Linear {
@@ -67,7 +71,7 @@ impl Linear {
                 [one] => Linear::new(one.clone())?,
                 _ => Linear::fused(&weights)?,
             },
-            LinearWeights::Quantized(pieces) => Linear::quantized(pieces)?,
+            LinearWeights::Quantized(pieces) => Linear::quantized(pieces, w.native_kernels)?,
         };
         Ok(Linear {
             native: w.native_kernels,
@@ -86,8 +90,9 @@ impl Linear {
         })
     }
 
-    /// Quantized pieces `(out_i, in)` over the same input, fused in this order.
-    pub(crate) fn quantized(pieces: Vec<Arc<QTensor>>) -> Result<Self> {
+    /// Quantized pieces `(out_i, in)` over the same input, fused in this order; laid out for
+    /// the CPU kernels where they will run (`native`).
+    pub(crate) fn quantized(pieces: Vec<Arc<QTensor>>, native: bool) -> Result<Self> {
         let mut parts = Vec::with_capacity(pieces.len());
         let mut width = None;
         for q in &pieces {
@@ -102,11 +107,18 @@ impl Linear {
         if parts.is_empty() {
             return Err(Error::Config("a fused linear layer needs a weight".into()));
         }
+        let pieces = pieces
+            .into_iter()
+            .map(|q| match native {
+                true => QWeight::prepared(q, Isa::active()).map(Arc::new),
+                false => Ok(Arc::new(QWeight::Blocks(q))),
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Linear {
             weight: Weight::Quantized(pieces),
             bias: None,
             parts,
-            native: true,
+            native,
         })
     }
 
@@ -135,7 +147,7 @@ impl Linear {
 
     /// The quantized weight of a layer that is one quantized piece (a tied head whose rows can
     /// serve as the embedding); `None` otherwise.
-    pub(crate) fn single_quantized(&self) -> Option<Arc<QTensor>> {
+    pub(crate) fn single_quantized(&self) -> Option<Arc<QWeight>> {
         match &self.weight {
             Weight::Quantized(pieces) if pieces.len() == 1 => pieces.first().cloned(),
             _ => None,
@@ -211,12 +223,11 @@ impl Linear {
     /// every weight, which the float gemm does at f32's speed; one product over the fused width
     /// is faster than a product per piece and their concatenation, as for float weights).
     /// `None` where this does not apply.
-    fn dequantized_product(&self, x: &Tensor, pieces: &[Arc<QTensor>]) -> Result<Option<Tensor>> {
+    fn dequantized_product(&self, x: &Tensor, pieces: &[Arc<QWeight>]) -> Result<Option<Tensor>> {
         let width = x.dims().last().copied().unwrap_or(0);
         let rows = x.dims().iter().rev().skip(1).product::<usize>();
-        let f32_cpu = x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && pieces.iter().all(|q| q.device().is_cpu());
+        let f32_cpu =
+            x.device().is_cpu() && x.dtype() == DType::F32 && pieces.iter().all(|q| q.is_cpu());
         if !self.native || !f32_cpu || rows == 0 {
             return Ok(None);
         }
@@ -241,26 +252,30 @@ impl Linear {
     /// multiplied in f32 (rows whose blocks candle's dot products refuse, see
     /// [`crate::kernels::quantized::needs_even_blocks`]); otherwise candle's quantized matmul op
     /// (CUDA's kernels; on the CPU, the portable path).
-    fn quantized_product(&self, x: &Tensor, q: &QTensor) -> Result<Tensor> {
+    fn quantized_product(&self, x: &Tensor, q: &QWeight) -> Result<Tensor> {
         let width = x.dims().last().copied().unwrap_or(0);
-        if x.device().is_cpu()
-            && (self.native || crate::kernels::quantized::needs_even_blocks(q.dtype(), width))
-        {
-            let w = crate::kernels::quantized::dequantize_cpu(q)?;
-            let w = if x.dtype() == w.dtype() {
-                w
-            } else {
-                w.to_dtype(x.dtype())?
-            };
-            return matmul(x, &w);
-        }
+        let dequantized = x.device().is_cpu()
+            && (self.native || crate::kernels::quantized::needs_even_blocks(q.dtype(), width));
+        // Interleaved rows are only read by this crate's CPU code.
+        let q = match q.tensor() {
+            Some(q) if !dequantized => q,
+            _ => {
+                let w = crate::kernels::quantized::dequantize_cpu(q)?.to_device(x.device())?;
+                let w = if x.dtype() == w.dtype() {
+                    w
+                } else {
+                    w.to_dtype(x.dtype())?
+                };
+                return matmul(x, &w);
+            }
+        };
         let dims = x.dims();
         let (&k, lead) = dims
             .split_last()
             .ok_or_else(|| Error::Input("a linear layer needs at least one dimension".into()))?;
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, k))?.contiguous()?;
-        let y = x2.apply_op1_no_bwd(q)?;
+        let y = x2.apply_op1_no_bwd(q.as_ref())?;
         let y = if y.dtype() == x.dtype() {
             y
         } else {
