@@ -33,14 +33,16 @@
 //! portable path's) by f32 rounding only: the integer sums are exact either way, and the order
 //! of the additions is fixed.
 //!
-//! With `vpdpbusd` a model's Q8_0 weights are held with each eight rows interleaved
-//! ([`QWeight`]): block by block, the eight rows' scales, then each four bytes of the eight
-//! rows side by side, the same bytes moved. One input row then dots a group's eight rows with
-//! one load and one `vpdpbusd` per four bytes (`q8x8_rows`), where candle's layout needs the
-//! eight blocks transposed first (24 shuffles a block): on a 2-core AMD EPYC (50 GB/s) one row
-//! read its weights at 20 GB/s that way and reads them at 28 GB/s interleaved. Batches and
-//! prompt chunks put their input rows in the lanes as before (`q8x8_lanes16`). The arithmetic is
-//! the exact block sums': the same bits in either layout.
+//! With AVX2 a model's Q8_0 weights are held with each eight rows interleaved ([`QWeight`]):
+//! block by block, the eight rows' scales, then each four bytes of the eight rows side by side,
+//! the same bytes moved. One input row then dots a group's eight rows with one load and one
+//! `vpdpbusd` per four bytes (`q8x8_rows`; without VNNI a sign, `maddubs` and `madd`,
+//! `q8x8_rows_avx2`), where candle's layout needs the eight blocks transposed first (24
+//! shuffles a block) or each row's lanes summed across: on a 2-core AMD EPYC (30-50 GB/s) one
+//! row read its weights at 20-24 GB/s that way and reads them at 28-31 GB/s interleaved. Batches
+//! put their input rows in the lanes as before (`q8x8_lanes16`, `q8x8_lanes_avx2`), and with
+//! `vpdpbusd` so do prompt chunks. The arithmetic is the exact block sums': the same bits in
+//! either layout.
 //!
 //! Which of these run is decided by [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA`
 //! lowers it (`portable` takes candle's dot products everywhere).
@@ -64,12 +66,12 @@ use super::isa::Isa;
 use crate::Result;
 
 /// A quantized weight `(n, k)` as the CPU kernels read it. Either candle's tensor (its blocks
-/// row after row, on any device), or, for Q8_0 on a CPU with byte dot products (`vpdpbusd`),
-/// the same blocks with eight rows interleaved ([`QWeight::prepared`]): a decode step's one
-/// input row then dots eight weight rows per instruction with no shuffles, where candle's order
-/// puts one row's 32 bytes in a register and asks for eight lane sums to be gathered per block
-/// (on a 50 GB/s machine that kernel read its weights at 20 GB/s; interleaved rows stream at
-/// the memory's speed). The interleaved bytes are the same bytes, moved: nothing is held twice.
+/// row after row, on any device), or, for Q8_0 on a CPU with AVX2, the same blocks with eight
+/// rows interleaved ([`QWeight::prepared`]): a decode step's one input row then dots eight
+/// weight rows per instruction with no shuffles, where candle's order puts one row's 32 bytes
+/// in a register and asks for eight lane sums to be gathered per block (on a 2-core AMD EPYC
+/// that kernel read its weights at 20 GB/s of 30-50; interleaved rows stream at 29). The
+/// interleaved bytes are the same bytes, moved: nothing is held twice.
 #[derive(Debug)]
 pub(crate) enum QWeight {
     /// candle's blocks, as loaded.
@@ -85,8 +87,8 @@ pub(crate) enum QWeight {
 }
 
 impl QWeight {
-    /// `q` as the kernels of `isa` read it best: Q8_0 on the CPU with `vpdpbusd` (AVX-512 VNNI
-    /// or AVX-VNNI), of a row count divisible by eight, interleaved; anything else as it is.
+    /// `q` as the kernels of `isa` read it best: Q8_0 on the CPU with AVX2, of a row count
+    /// divisible by eight, interleaved; anything else as it is.
     pub(crate) fn prepared(q: Arc<QTensor>, isa: Isa) -> Result<QWeight> {
         let (n, k) = q.shape().dims2()?;
         let interleaves = q.dtype() == GgmlDType::Q8_0
@@ -156,6 +158,18 @@ impl QWeight {
             QWeight::Blocks(q) if !q.device().is_cpu() => Ok(q.dequantize(device)?),
             _ => Ok(dequantize_cpu(self)?.to_device(device)?),
         }
+    }
+}
+
+/// Whether prompt chunks of interleaved Q8_0 take the decode kernel on `isa` (see
+/// [`prefill_product_cpu`]).
+fn integer_prompts(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return x86::integer_prompts(isa);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
     }
 }
 
@@ -440,7 +454,7 @@ pub(crate) fn prefill_product_cpu(
     // Q8_0 rows interleaved for `vpdpbusd`: the chunk through the decode kernel, its input
     // rows in the lanes, 16 to a register (2.7x the dequantized gemm's speed at 512 rows of
     // 2560 x 10240); each row then gets the bits a decode step gives it.
-    if pieces.iter().all(|q| q.interleaved()) {
+    if pieces.iter().all(|q| q.interleaved()) && integer_prompts(Isa::active()) {
         return qgemv_rows(Isa::active(), x, m, k, pieces);
     }
     let data = pieces
@@ -525,11 +539,26 @@ fn dequantize_into(
     out: &mut [f32],
 ) -> bool {
     if interleaved {
-        // Bands of 64 rows (whole groups) put back in candle's layout, then dequantized.
         let kb = k / 32;
-        if format != GgmlDType::Q8_0 || out.len() != n * k || !k.is_multiple_of(32) {
+        if format != GgmlDType::Q8_0
+            || out.len() != n * k
+            || !k.is_multiple_of(32)
+            || !n.is_multiple_of(8)
+            || bytes.len() != n * kb * 34
+        {
             return false;
         }
+        #[cfg(target_arch = "x86_64")]
+        if x86::dequantizes(isa, format).is_some() {
+            // Bands of 64 rows (whole groups).
+            out.par_chunks_mut(64 * k)
+                .zip(bytes.par_chunks(64 * kb * 34))
+                // SAFETY: the CPU has AVX2, FMA and F16C (`dequantizes`); each band is whole
+                // groups of `kb` interleaved blocks, and its piece of `out` their rows.
+                .for_each(|(ys, xs)| unsafe { x86::dequantize_interleaved(xs, kb, ys) });
+            return true;
+        }
+        // Bands of 64 rows put back in candle's layout, then dequantized.
         return out.par_chunks_mut(64 * k).enumerate().all(|(band, ys)| {
             let mut blocks = vec![0u8; ys.len() / 32 * 34];
             deinterleave_q8_0(bytes, kb, 64 * band, &mut blocks)
@@ -958,9 +987,16 @@ mod x86 {
     }
 
     /// Whether Q8_0 weights are interleaved for `isa` ([`super::QWeight::prepared`]): where
-    /// the kernels have `vpdpbusd`, whose forms for them ([`q8x8_rows`] and the others) do
-    /// without the lanes forms' transposition.
+    /// the kernels have AVX2, whose forms for them ([`q8x8_rows`] and the others) do without
+    /// the transposition candle's layout needs.
     pub(super) fn interleaves(isa: Isa) -> bool {
+        available(isa)
+    }
+
+    /// Whether prompt chunks of interleaved Q8_0 take the kernel on `isa`: with `vpdpbusd`
+    /// (four byte products per lane and instruction, where the float gemm does one
+    /// multiply-add); AVX2 alone multiplies pairs of i16, no faster than the gemm.
+    pub(super) fn integer_prompts(isa: Isa) -> bool {
         available(isa) && Dots::of(isa) != Dots::Avx2
     }
 
@@ -1460,7 +1496,8 @@ mod x86 {
                 if width == 1 {
                     let input = |r: usize| RowInput {
                         q: &self.signed[32 * kb * r..32 * kb * (r + 1)],
-                        minus: &self.minus[kb * r..kb * (r + 1)],
+                        // (Empty without `vpdpbusd`: the AVX2 form does not read it.)
+                        minus: self.minus.get(kb * r..kb * (r + 1)).unwrap_or(&[]),
                         scales: &self.input_scales[kb * r..kb * (r + 1)],
                     };
                     let mut put = |dots: &[[f32; 8]]| {
@@ -1490,14 +1527,22 @@ mod x86 {
                             (Dots::Vex, 2) => call!(q8x8_rows_vex, 2),
                             (Dots::Vex, 3) => call!(q8x8_rows_vex, 3),
                             (Dots::Vex, _) => call!(q8x8_rows_vex, 4),
-                            // (Never interleaved: `kernel` refuses.)
-                            (Dots::Avx2, _) => return,
+                            (Dots::Avx2, 1) => call!(q8x8_rows_avx2, 1),
+                            (Dots::Avx2, 2) => call!(q8x8_rows_avx2, 2),
+                            (Dots::Avx2, 3) => call!(q8x8_rows_avx2, 3),
+                            (Dots::Avx2, 4) => call!(q8x8_rows_avx2, 4),
+                            (Dots::Avx2, _) => call!(q8x8_rows_avx2, 5),
                         }
                     }
                     i += 8;
                     continue;
                 }
-                let lane_group = 32 * width * kb;
+                // 32 bytes a block and lane with `vpdpbusd`; without, 64 (i16).
+                let lane_group = if self.dots == Dots::Avx2 {
+                    512 * kb
+                } else {
+                    32 * width * kb
+                };
                 let groups = self.lanes.len() / lane_group;
                 let lanes = |gi: usize| Lanes {
                     q: &self.lanes[lane_group * gi..lane_group * (gi + 1)],
@@ -1513,8 +1558,11 @@ mod x86 {
                         out[at..at + rows_here].copy_from_slice(&d[..rows_here]);
                     }
                 };
-                for gi in 0..groups {
-                    // SAFETY: as above; `lanes` holds `32 width kb` bytes and `lane_scales`
+                let mut gi = 0;
+                while gi < groups {
+                    // (Without VNNI, one group of 8 input rows against the eight rows: two groups
+                    // sharing each broadcast, four rows a pass, measured slower here.)
+                    // SAFETY: as above; `lanes` holds `lane_group` bytes and `lane_scales`
                     // `width kb` scales a group (width 16 only at `Dots::Evex`).
                     unsafe {
                         match (self.dots, width) {
@@ -1528,9 +1576,13 @@ mod x86 {
                                 put(gi, 0, &q8x8_lanes_vex::<4>(kb, group, 0, lanes(gi)));
                                 put(gi, 4, &q8x8_lanes_vex::<4>(kb, group, 4, lanes(gi)));
                             }
-                            (Dots::Avx2, _) => return,
+                            (Dots::Avx2, _) => {
+                                let [a] = q8x8_lanes_avx2::<8, 1, 0>(kb, group, [lanes(gi)]);
+                                put(gi, 0, &a);
+                            }
                         }
                     }
+                    gi += 1;
                 }
                 i += 8;
             }
@@ -1772,6 +1824,155 @@ mod x86 {
         for (d, a) in dots.iter_mut().zip(&acc) {
             // SAFETY: sixteen floats.
             unsafe { _mm512_storeu_ps(d.as_mut_ptr(), *a) };
+        }
+        dots
+    }
+
+    /// [`q8x8_rows`]' arithmetic with AVX2 alone: a group's eight weight rows dotted with `R`
+    /// input rows, per four bytes of a block one load of the eight rows' bytes and their
+    /// magnitudes (`|w|`, once for the `R` rows), and per input row its four bytes broadcast
+    /// with `w`'s signs, `maddubs` and `madd` (the pairs never saturate: at most
+    /// `2 * 128 * 127`): each block's 32 products summed exactly, row `m` in lane `m`,
+    /// converted and added alike. No transposition and no lane sums, where
+    /// [`dot8x_rows_avx2`] sums each row's lanes across.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `group` is `kb` interleaved blocks of eight rows, each
+    /// `x[r].q` `32 kb` bytes and its `scales` `kb` values (`minus` is not read).
+    // `r` indexes several arrays of accumulators at once.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8x8_rows_avx2<const R: usize>(
+        kb: usize,
+        group: &[u8],
+        x: [RowInput; R],
+    ) -> [[f32; 8]; R] {
+        let ones = _mm256_set1_epi16(1);
+        let zero = _mm256_setzero_si256();
+        let mut acc = [_mm256_setzero_ps(); R];
+        let base = group.as_ptr();
+        for b in 0..kb {
+            // SAFETY (all pointer arithmetic below): block `b < kb` of the group; input block
+            // `b` is 32 bytes of `x[r].q`.
+            let at = unsafe { base.add(Q8X8_BYTES * b) };
+            prefetch_blocks_ahead!(at);
+            let ws = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(at.cast()) });
+            let mut even = [zero; R];
+            let mut odd = [zero; R];
+            for g in 0..8 {
+                let w = unsafe { _mm256_loadu_si256(at.add(16 + 32 * g).cast()) };
+                let magnitude = _mm256_sign_epi8(w, w);
+                for r in 0..R {
+                    let four = unsafe {
+                        std::ptr::read_unaligned(x[r].q.as_ptr().add(32 * b + 4 * g).cast::<i32>())
+                    };
+                    let signed = _mm256_sign_epi8(_mm256_set1_epi32(four), w);
+                    let pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed), ones);
+                    if g % 2 == 0 {
+                        even[r] = _mm256_add_epi32(even[r], pairs);
+                    } else {
+                        odd[r] = _mm256_add_epi32(odd[r], pairs);
+                    }
+                }
+            }
+            for r in 0..R {
+                let sum = _mm256_add_epi32(even[r], odd[r]);
+                let d = _mm256_mul_ps(ws, _mm256_set1_ps(x[r].scales[b]));
+                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[r]);
+            }
+        }
+        let mut dots = [[0f32; 8]; R];
+        for (d, a) in dots.iter_mut().zip(&acc) {
+            // SAFETY: eight floats.
+            unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
+        }
+        dots
+    }
+
+    /// [`dot4x_lanes_avx2`] over interleaved rows: `P` of a group's rows from `L` dotted with
+    /// `G` groups of up to 8 input rows in the lanes as i16 pairs ([`Lanes`]), one `madd` and
+    /// one add per pair of bytes; each block's rows widened to i16 pairs a four rows'
+    /// conversion at a time (their bytes `4g..4g + 4` are side by side). The same bits. Taken
+    /// as all eight rows against one group (two groups of four rows sharing each broadcast, as
+    /// [`dot4x_lanes_avx2`] does, measured 0.82x of that here).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `group` is `kb` interleaved blocks of eight rows,
+    /// `L + P <= 8`, each `x.q` holds `512 kb` bytes and `x.scales` `8 kb` floats.
+    // `g`, `q` and `gg` index groups, rows and input groups of several arrays at once.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8x8_lanes_avx2<const P: usize, const G: usize, const L: usize>(
+        kb: usize,
+        group: &[u8],
+        x: [Lanes; G],
+    ) -> [[[f32; 16]; P]; G] {
+        let lane0 = L;
+        let mut acc = [[_mm256_setzero_ps(); P]; G];
+        let base = group.as_ptr();
+        for b in 0..kb {
+            // SAFETY (all pointer arithmetic below): block `b < kb` of the group; input block
+            // `b` is 512 bytes of `x[gg].q` and 8 floats of `x[gg].scales`.
+            let at = unsafe { base.add(Q8X8_BYTES * b) };
+            // (The group's second pass reads what the first brought.)
+            if lane0 == 0 {
+                prefetch_blocks_ahead!(at);
+            }
+            let mut ws = [0f32; 8];
+            unsafe {
+                _mm256_storeu_ps(ws.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(at.cast())))
+            };
+            let ws = std::hint::black_box(ws);
+            // wide[g][2m + h]: row m's pair h of its bytes 4g..4g + 4, as two i16 (the rows
+            // of this pass only).
+            let mut wide = [[0i32; 16]; 8];
+            for (g, pairs) in wide.iter_mut().enumerate() {
+                for half in (lane0 / 4)..(lane0 + P).div_ceil(4) {
+                    let four_rows =
+                        unsafe { _mm_loadu_si128(at.add(16 + 32 * g + 16 * half).cast()) };
+                    // SAFETY: eight i32.
+                    unsafe {
+                        _mm256_storeu_si256(
+                            pairs.as_mut_ptr().add(8 * half).cast(),
+                            _mm256_cvtepi8_epi16(four_rows),
+                        )
+                    };
+                }
+            }
+            // Each pair is broadcast from memory (a load, no arithmetic), as in
+            // `dot4x_lanes_avx2`.
+            let wp: *const [[i32; 16]; 8] = std::hint::black_box(&wide);
+            let mut sums = [[_mm256_setzero_si256(); P]; G];
+            for p in 0..16 {
+                let mut xv = [_mm256_setzero_si256(); G];
+                for (gg, v) in xv.iter_mut().enumerate() {
+                    *v = unsafe {
+                        _mm256_loadu_si256(x[gg].q.as_ptr().add(512 * b + 32 * p).cast())
+                    };
+                }
+                for q in 0..P {
+                    // SAFETY: `wp` points at `wide`, alive and unchanged.
+                    let pair = _mm256_set1_epi32(unsafe { (*wp)[p / 2][2 * (lane0 + q) + p % 2] });
+                    for gg in 0..G {
+                        sums[gg][q] =
+                            _mm256_add_epi32(sums[gg][q], _mm256_madd_epi16(xv[gg], pair));
+                    }
+                }
+            }
+            for gg in 0..G {
+                let xs = unsafe { _mm256_loadu_ps(x[gg].scales.as_ptr().add(8 * b)) };
+                for q in 0..P {
+                    let d = _mm256_mul_ps(_mm256_set1_ps(ws[lane0 + q]), xs);
+                    acc[gg][q] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums[gg][q]), acc[gg][q]);
+                }
+            }
+        }
+        let mut dots = [[[0f32; 16]; P]; G];
+        for (dg, ag) in dots.iter_mut().zip(&acc) {
+            for (d, a) in dg.iter_mut().zip(ag) {
+                // SAFETY: eight floats.
+                unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
+            }
         }
         dots
     }
@@ -2738,6 +2939,53 @@ mod x86 {
         }
     }
 
+    /// candle's Q8_0 `to_float` (each byte times its block's scale, in f32) for rows interleaved
+    /// by eight ([`super::interleave_q8_0`]): each four bytes of two rows widened and scaled
+    /// at once, then stored to their rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `bytes` is whole groups of `kb` interleaved blocks and
+    /// `out` their eight rows of `32 kb` floats each.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize_interleaved(bytes: &[u8], kb: usize, out: &mut [f32]) {
+        let k = 32 * kb;
+        for (group, ys) in bytes
+            .chunks_exact(kb * Q8X8_BYTES)
+            .zip(out.chunks_exact_mut(8 * k))
+        {
+            for b in 0..kb {
+                // SAFETY (all pointer arithmetic below): block `b` of the group, its scales in
+                // its first 16 bytes and its rows' bytes `4g..4g + 4` at `16 + 32g + 4m`; row
+                // `m`'s floats `32b + 4g..32b + 4g + 4` of `ys`.
+                let at = unsafe { group.as_ptr().add(Q8X8_BYTES * b) };
+                let mut ws = [0f32; 8];
+                unsafe {
+                    _mm256_storeu_ps(ws.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(at.cast())))
+                };
+                for pair in 0..4 {
+                    let (m, d) = (2 * pair, 2 * pair + 1);
+                    let scale = _mm256_set_m128(_mm_set1_ps(ws[d]), _mm_set1_ps(ws[m]));
+                    for g in 0..8 {
+                        let q = unsafe { _mm_loadl_epi64(at.add(16 + 32 * g + 8 * pair).cast()) };
+                        let y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
+                        let at_m = m * k + 32 * b + 4 * g;
+                        let at_d = d * k + 32 * b + 4 * g;
+                        unsafe {
+                            _mm_storeu_ps(
+                                ys[at_m..at_m + 4].as_mut_ptr(),
+                                _mm256_castps256_ps128(y),
+                            );
+                            _mm_storeu_ps(
+                                ys[at_d..at_d + 4].as_mut_ptr(),
+                                _mm256_extractf128_ps::<1>(y),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Bytes of a Q4_K block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales and mins for
     /// its eight sub-blocks of 32, then 128 bytes of nibbles (sub-block `2j` in the low halves of
     /// bytes `32j..32j + 32`, sub-block `2j + 1` in their high halves).
@@ -3525,7 +3773,7 @@ mod tests {
             .iter()
             .map(|q| QWeight::prepared(q.clone(), isa).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
-        if !held.iter().all(|q| q.interleaved()) {
+        if !held.iter().all(|q| q.interleaved()) || !integer_prompts(isa) {
             // No `vpdpbusd` here: prompts dequantize (the test above).
             return Ok(());
         }
