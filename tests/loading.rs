@@ -1275,12 +1275,12 @@ fn gguf_rows_of_an_odd_number_of_blocks_in_every_32_block_format() {
             ..yoco::LoadOptions::default()
         };
         let model = Model::load_with(dir.path(), &options).unwrap();
-        // Prompts: dequantized weights in f32 (native kernels); the portable path multiplies
-        // the Q4_0 weight through candle's quantized matmul, which quantizes its input.
-        let bound = match kernels {
-            yoco::Kernels::Native => 1e-4,
-            _ => 0.1,
-        };
+        // Prompts: dequantized weights in f32 (native kernels), but for the Q4_0 weight on
+        // CPUs with byte dot products, whose prompt rows take the decode kernel, and on the
+        // portable path, which multiplies it through candle's quantized matmul: both quantize
+        // their input (measured 0.033 on a CPU with AVX-512 VNNI), hence the looser bound.
+        // (The dequantized rows' products are checked bit for bit by the kernels' own tests.)
+        let bound = 0.1;
         let d = max_abs_diff(&logits(&model, 40), &want);
         assert!(d <= bound, "{kernels:?}: {d}");
         // Steps: the decode kernels (Q4_0 there quantizes its input, hence the looser bound).

@@ -229,12 +229,13 @@ fn a_quantized_model_computes_what_float32_computes_with_the_dequantized_weights
         let tokens = case_tokens(&dir);
         let (full, steps) = both_paths(&model, &tokens);
         let (want_full, want_steps) = both_paths(&float, &tokens);
-        // Prompts multiply by the dequantized weights in float32: the same products. (Q8_0 on
-        // a CPU with byte dot products is the exception: its prompt rows take the decode
-        // kernel, input quantized to 8 bits, so the steps' bound below.)
+        // Prompts multiply by the dequantized weights in float32: the same products. (Q8_0
+        // and Q4_0 on a CPU with byte dot products are the exception: their prompt rows take
+        // the decode kernel, input quantized to 8 bits, so the steps' bound below; Q4_0 on the
+        // shipped model measured 0.20.)
         let d = max_abs_diff(&full, &want_full);
         let most = match quant {
-            Quant::Q8_0 => drift_bound(&dir, Quant::Q8_0),
+            Quant::Q8_0 | Quant::Q4_0 => drift_bound(&dir, Quant::Q8_0),
             _ => 1e-5,
         };
         assert!(

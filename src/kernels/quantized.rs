@@ -33,21 +33,30 @@
 //! portable path's) by f32 rounding only: the integer sums are exact either way, and the order
 //! of the additions is fixed.
 //!
-//! With AVX2 a model's Q8_0 weights are held with each eight rows interleaved ([`QWeight`]):
-//! block by block, the eight rows' scales, then each four bytes of the eight rows side by side,
-//! the same bytes moved. One input row then dots a group's eight rows with one load and one
-//! `vpdpbusd` per four bytes (`q8x8_rows`; without VNNI a sign, `maddubs` and `madd`,
-//! `q8x8_rows_avx2`), where candle's layout needs the eight blocks transposed first (24
+//! With AVX2 a model's Q8_0 and Q4_0 weights are held with each eight rows interleaved
+//! ([`QWeight`]): block by block, the eight rows' scales, then each four bytes of the eight rows
+//! side by side, the same bytes moved. One input row then dots a group's eight rows with one
+//! load and one `vpdpbusd` per four bytes (`group_rows`; without VNNI a sign, `maddubs` and
+//! `madd`, `group_rows_avx2`), where candle's layout needs the eight blocks transposed first (24
 //! shuffles a block) or each row's lanes summed across: on a 2-core AMD EPYC (30-50 GB/s) one
-//! row read its weights at 20-24 GB/s that way and reads them at 28-31 GB/s interleaved. Batches
-//! put their input rows in the lanes as before (`q8x8_lanes16`, `q8x8_lanes_avx2`), and with
-//! `vpdpbusd` so do prompt chunks. The arithmetic is the exact block sums': the same bits in
-//! either layout.
+//! row read Q8_0 weights at 20-24 GB/s that way and reads them at 28-31 GB/s interleaved.
+//! Batches put their input rows in the lanes as before (`q8x8_lanes16`, `q8x8_lanes_avx2`), and
+//! with `vpdpbusd` so do prompt chunks. The arithmetic is the exact block sums': the same bits
+//! in either layout.
+//!
+//! Interleaved Q4_0 takes Q8_0's arithmetic too (the same `group_rows` forms): each four
+//! bytes of the eight rows hold two runs of four weights (the low and the high nibbles), and
+//! each block's 32 products are summed exactly, where candle's order adds eight lanes a block
+//! in f32. So interleaved Q4_0 differs from candle's Q4_0 (and from its own forms over
+//! candle's layout, kept for row counts not divisible by eight) by float rounding. Batches and
+//! prompt chunks (with `vpdpbusd`) take the same form a few input rows at a time, the group's
+//! blocks in the nearest cache: on the AMD EPYC one row 1.5x, 16 rows 1.8x, and prompts 1.3x
+//! faster than the forms over candle's layout and the dequantized gemm.
 //!
 //! Which of these run is decided by [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA`
 //! lowers it (`portable` takes candle's dot products everywhere).
 //!
-//! Prompt chunks (more rows) of interleaved Q8_0 take the same kernel; other weights are
+//! Prompt chunks (more rows) of interleaved weights take the same kernel; other weights are
 //! dequantized into a reused buffer and take the float gemm ([`prefill_product_cpu`]); Q8_0,
 //! Q4_0 and Q4_K dequantize with AVX2, again with candle's operations.
 
@@ -66,18 +75,20 @@ use super::isa::Isa;
 use crate::Result;
 
 /// A quantized weight `(n, k)` as the CPU kernels read it. Either candle's tensor (its blocks
-/// row after row, on any device), or, for Q8_0 on a CPU with AVX2, the same blocks with eight
-/// rows interleaved ([`QWeight::prepared`]): a decode step's one input row then dots eight
-/// weight rows per instruction with no shuffles, where candle's order puts one row's 32 bytes
-/// in a register and asks for eight lane sums to be gathered per block (on a 2-core AMD EPYC
-/// that kernel read its weights at 20 GB/s of 30-50; interleaved rows stream at 29). The
+/// row after row, on any device), or, for Q8_0 and Q4_0 on a CPU with AVX2, the same blocks with
+/// eight rows interleaved ([`QWeight::prepared`]): a decode step's one input row then dots eight
+/// weight rows per instruction with no shuffles, where candle's order puts one row's block in a
+/// register and asks for eight lane sums to be gathered per block (on a 2-core AMD EPYC that
+/// read Q8_0 weights at 20 GB/s of 30-50 and Q4_0 at 18; interleaved rows stream at 29). The
 /// interleaved bytes are the same bytes, moved: nothing is held twice.
 #[derive(Debug)]
 pub(crate) enum QWeight {
     /// candle's blocks, as loaded.
     Blocks(Arc<QTensor>),
-    /// Q8_0 rows interleaved in groups of eight ([`interleave_q8_0`]); on the CPU.
+    /// Q8_0 or Q4_0 rows interleaved in groups of eight ([`interleave`]); on the CPU.
     Interleaved {
+        /// Q8_0 or Q4_0.
+        format: GgmlDType,
         /// Rows (a multiple of eight).
         n: usize,
         /// Columns (a multiple of 32).
@@ -87,20 +98,25 @@ pub(crate) enum QWeight {
 }
 
 impl QWeight {
-    /// `q` as the kernels of `isa` read it best: Q8_0 on the CPU with AVX2, of a row count
-    /// divisible by eight, interleaved; anything else as it is.
+    /// `q` as the kernels of `isa` read it best: Q8_0 and Q4_0 on the CPU with AVX2, of a row
+    /// count divisible by eight, interleaved; anything else as it is.
     pub(crate) fn prepared(q: Arc<QTensor>, isa: Isa) -> Result<QWeight> {
         let (n, k) = q.shape().dims2()?;
-        let interleaves = q.dtype() == GgmlDType::Q8_0
+        let format = q.dtype();
+        let interleaves = block_bytes(format).is_some()
             && q.device().is_cpu()
             && n.is_multiple_of(8)
             && k.is_multiple_of(32)
             && n > 0;
         #[cfg(target_arch = "x86_64")]
         if interleaves && x86::interleaves(isa) {
-            let bytes = interleave_q8_0(&q.data()?, n, k);
-            if let Some(bytes) = bytes {
-                return Ok(QWeight::Interleaved { n, k, bytes });
+            if let Some(bytes) = interleave(format, &q.data()?, n, k) {
+                return Ok(QWeight::Interleaved {
+                    format,
+                    n,
+                    k,
+                    bytes,
+                });
             }
         }
         let _ = (interleaves, isa);
@@ -119,7 +135,7 @@ impl QWeight {
     pub(crate) fn dtype(&self) -> GgmlDType {
         match self {
             QWeight::Blocks(q) => q.dtype(),
-            QWeight::Interleaved { .. } => GgmlDType::Q8_0,
+            QWeight::Interleaved { format, .. } => *format,
         }
     }
 
@@ -161,7 +177,7 @@ impl QWeight {
     }
 }
 
-/// Whether prompt chunks of interleaved Q8_0 take the decode kernel on `isa` (see
+/// Whether prompt chunks of interleaved weights take the decode kernel on `isa` (see
 /// [`prefill_product_cpu`]).
 fn integer_prompts(isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -173,27 +189,45 @@ fn integer_prompts(isa: Isa) -> bool {
     }
 }
 
+/// Bytes of a block of 32 weights of `format` where it can be interleaved: Q8_0's 34 (an f16
+/// scale, 32 i8) and Q4_0's 18 (an f16 scale, 16 bytes of nibbles).
+fn block_bytes(format: GgmlDType) -> Option<usize> {
+    match format {
+        GgmlDType::Q8_0 => Some(34),
+        GgmlDType::Q4_0 => Some(18),
+        _ => None,
+    }
+}
+
 /// Bytes of eight Q8_0 blocks interleaved: the eight f16 scales, then for each four bytes `g`
 /// of a block the eight rows' bytes `4g..4g + 4` side by side (row `m` at `16 + 32g + 4m`).
 const Q8X8_BYTES: usize = 8 * 34;
 
-/// candle's Q8_0 blocks of `(n, k)` (`n` divisible by eight) with each eight rows interleaved,
-/// block by block: group `G`'s block `b` is [`Q8X8_BYTES`] bytes at `(G kb + b) Q8X8_BYTES`.
-/// `None` if the bytes are not `n` rows of `k / 32` blocks.
-fn interleave_q8_0(bytes: &[u8], n: usize, k: usize) -> Option<Vec<u8>> {
+/// Bytes of eight Q4_0 blocks interleaved as Q8_0's are ([`Q8X8_BYTES`]): the scales, then
+/// each four bytes `g` of the eight rows side by side, their low nibbles weights `4g..4g + 4`
+/// and their high nibbles weights `16 + 4g..16 + 4g + 4`.
+const Q4X8_BYTES: usize = 8 * 18;
+
+/// candle's blocks of `format` (Q8_0 or Q4_0, [`block_bytes`]) of `(n, k)` (`n` divisible by
+/// eight) with each eight rows interleaved, block by block: group `G`'s block `b` is eight
+/// blocks' bytes at `8 (G kb + b)` blocks, the eight f16 scales, then for each four bytes `g`
+/// after a block's scale the eight rows' four side by side (row `m` at `16 + 32g + 4m`). `None`
+/// if the bytes are not `n` rows of `k / 32` blocks.
+fn interleave(format: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Option<Vec<u8>> {
+    let block = block_bytes(format)?;
     let kb = k / 32;
-    if !n.is_multiple_of(8) || !k.is_multiple_of(32) || bytes.len() != n * kb * 34 {
+    if !n.is_multiple_of(8) || !k.is_multiple_of(32) || bytes.len() != n * kb * block {
         return None;
     }
     let mut out = vec![0u8; bytes.len()];
-    out.par_chunks_mut(kb * Q8X8_BYTES)
-        .zip(bytes.par_chunks(8 * kb * 34))
+    out.par_chunks_mut(kb * 8 * block)
+        .zip(bytes.par_chunks(8 * kb * block))
         .for_each(|(group, rows)| {
-            for (m, row) in rows.chunks_exact(kb * 34).enumerate() {
-                for (b, block) in row.chunks_exact(34).enumerate() {
-                    let at = b * Q8X8_BYTES;
-                    group[at + 2 * m..at + 2 * m + 2].copy_from_slice(&block[..2]);
-                    for (g, four) in block[2..].chunks_exact(4).enumerate() {
+            for (m, row) in rows.chunks_exact(kb * block).enumerate() {
+                for (b, one) in row.chunks_exact(block).enumerate() {
+                    let at = b * 8 * block;
+                    group[at + 2 * m..at + 2 * m + 2].copy_from_slice(&one[..2]);
+                    for (g, four) in one[2..].chunks_exact(4).enumerate() {
                         let to = at + 16 + 32 * g + 4 * m;
                         group[to..to + 4].copy_from_slice(four);
                     }
@@ -203,23 +237,26 @@ fn interleave_q8_0(bytes: &[u8], n: usize, k: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Rows `first..first + rows` of interleaved Q8_0 blocks ([`interleave_q8_0`], rows of `kb`
-/// blocks) in candle's layout, into `out` (`rows kb 34` bytes). False if they are not there.
-fn deinterleave_q8_0(bytes: &[u8], kb: usize, first: usize, out: &mut [u8]) -> bool {
-    let rows = out.len() / (kb * 34).max(1);
+/// Rows `first..first + rows` of interleaved blocks of `format` ([`interleave`], rows of `kb`
+/// blocks) in candle's layout, into `out` (`rows kb` blocks). False if they are not there.
+fn deinterleave(format: GgmlDType, bytes: &[u8], kb: usize, first: usize, out: &mut [u8]) -> bool {
+    let Some(block) = block_bytes(format) else {
+        return false;
+    };
+    let rows = out.len() / (kb * block).max(1);
     if kb == 0
-        || out.len() != rows * kb * 34
-        || (first + rows).div_ceil(8) * 8 * kb * 34 > bytes.len()
+        || out.len() != rows * kb * block
+        || (first + rows).div_ceil(8) * 8 * kb * block > bytes.len()
     {
         return false;
     }
-    for (r, row) in out.chunks_exact_mut(kb * 34).enumerate() {
+    for (r, row) in out.chunks_exact_mut(kb * block).enumerate() {
         let (group, m) = ((first + r) / 8, (first + r) % 8);
-        let base = group * kb * Q8X8_BYTES;
-        for (b, block) in row.chunks_exact_mut(34).enumerate() {
-            let at = base + b * Q8X8_BYTES;
-            block[..2].copy_from_slice(&bytes[at + 2 * m..at + 2 * m + 2]);
-            for (g, four) in block[2..].chunks_exact_mut(4).enumerate() {
+        let base = group * kb * 8 * block;
+        for (b, one) in row.chunks_exact_mut(block).enumerate() {
+            let at = base + b * 8 * block;
+            one[..2].copy_from_slice(&bytes[at + 2 * m..at + 2 * m + 2]);
+            for (g, four) in one[2..].chunks_exact_mut(4).enumerate() {
                 let from = at + 16 + 32 * g + 4 * m;
                 four.copy_from_slice(&bytes[from..from + 4]);
             }
@@ -418,11 +455,12 @@ thread_local! {
 /// `x W^T` for a prompt chunk on the CPU: f32 `x: (m, k)` (contiguous rows) times the quantized
 /// CPU pieces `W_i: (n_i, k)` of a fused weight, as `(m, sum n_i)` f32, pieces in order.
 ///
-/// Q8_0 pieces interleaved for `vpdpbusd` ([`QWeight::prepared`]) take the decode kernel with
-/// the chunk's rows in the lanes: integer products of four bytes per lane and instruction, where
-/// the float gemm does one multiply-add per lane, so 2.7x the dequantized gemm's speed at 512
-/// rows (2560 x 10240, AMD EPYC with AVX-512 VNNI), and each row gets the bits a decode step
-/// gives it (its input quantized to 8 bits per block).
+/// Interleaved pieces ([`QWeight::prepared`]) take the decode kernel where the CPU has
+/// `vpdpbusd`: integer products of four bytes per lane and instruction, where the float gemm
+/// does one multiply-add per lane. Q8_0 puts the chunk's rows in the lanes (2.7x the dequantized
+/// gemm's speed at 512 rows of 2560 x 10240, AMD EPYC with AVX-512 VNNI); Q4_0 takes its rows
+/// form a few rows at a time. Each row gets the bits a decode step gives it (its input
+/// quantized to 8 bits per block).
 ///
 /// Other pieces are dequantized in parallel, one after another, into this thread's reused
 /// buffer, then multiplied by the float gemm candle's matmul runs (with the same arguments, so
@@ -451,9 +489,9 @@ pub(crate) fn prefill_product_cpu(
             x.len()
         )));
     }
-    // Q8_0 rows interleaved for `vpdpbusd`: the chunk through the decode kernel, its input
-    // rows in the lanes, 16 to a register (2.7x the dequantized gemm's speed at 512 rows of
-    // 2560 x 10240); each row then gets the bits a decode step gives it.
+    // Interleaved rows with `vpdpbusd`: the chunk through the decode kernel (Q8_0 2.7x the
+    // dequantized gemm's speed at 512 rows of 2560 x 10240); each row then gets the bits a
+    // decode step gives it.
     if pieces.iter().all(|q| q.interleaved()) && integer_prompts(Isa::active()) {
         return qgemv_rows(Isa::active(), x, m, k, pieces);
     }
@@ -524,7 +562,7 @@ pub(crate) fn prefill_product_cpu(
 }
 
 /// Dequantizes the `(n, k)` blocks `bytes` of `format` (rows `interleaved` as
-/// [`interleave_q8_0`] lays them, or candle's) into `out` (`n * k` floats), rows in parallel;
+/// [`interleave`] lays them, or candle's) into `out` (`n * k` floats), rows in parallel;
 /// false for a format this does not read. Q8_0, Q4_0 and Q4_K take [`x86`]'s
 /// vectorised forms where `isa` allows (candle's `to_float` converts each block's f16 scale
 /// through a function call and runs its loops in SSE2: the dequantization was a tenth of a
@@ -540,16 +578,18 @@ fn dequantize_into(
 ) -> bool {
     if interleaved {
         let kb = k / 32;
-        if format != GgmlDType::Q8_0
-            || out.len() != n * k
+        let Some(block) = block_bytes(format) else {
+            return false;
+        };
+        if out.len() != n * k
             || !k.is_multiple_of(32)
             || !n.is_multiple_of(8)
-            || bytes.len() != n * kb * 34
+            || bytes.len() != n * kb * block
         {
             return false;
         }
         #[cfg(target_arch = "x86_64")]
-        if x86::dequantizes(isa, format).is_some() {
+        if format == GgmlDType::Q8_0 && x86::dequantizes(isa, format).is_some() {
             // Bands of 64 rows (whole groups).
             out.par_chunks_mut(64 * k)
                 .zip(bytes.par_chunks(64 * kb * 34))
@@ -560,8 +600,8 @@ fn dequantize_into(
         }
         // Bands of 64 rows put back in candle's layout, then dequantized.
         return out.par_chunks_mut(64 * k).enumerate().all(|(band, ys)| {
-            let mut blocks = vec![0u8; ys.len() / 32 * 34];
-            deinterleave_q8_0(bytes, kb, 64 * band, &mut blocks)
+            let mut blocks = vec![0u8; ys.len() / 32 * block];
+            deinterleave(format, bytes, kb, 64 * band, &mut blocks)
                 && dequantize_into(isa, format, false, &blocks, ys.len() / k, k, ys)
         });
     }
@@ -639,19 +679,18 @@ pub(crate) fn dequantize_rows_cpu(q: &QWeight, ids: &[u32]) -> Result<Option<Ten
     }
     let data = q.bytes()?;
     if q.interleaved() {
-        // candle's `to_float` for each block of each row (the scale times each byte).
-        let kb = k / 32;
+        // Each row put back in candle's layout, then candle's `to_float`.
+        let (kb, format) = (k / 32, q.dtype());
+        let Some(block) = block_bytes(format) else {
+            return Ok(None);
+        };
         let mut out = vec![0f32; ids.len() * k];
-        let mut blocks = vec![0u8; kb * 34];
+        let mut row = vec![0u8; kb * block];
         for (y, &id) in out.chunks_mut(k).zip(ids) {
-            if !deinterleave_q8_0(&data, kb, id as usize, &mut blocks) {
+            let done = deinterleave(format, &data, kb, id as usize, &mut row)
+                && dequantize_into(Isa::active(), format, false, &row, 1, k, y);
+            if !done {
                 return Ok(None);
-            }
-            for (ys, block) in y.chunks_exact_mut(32).zip(blocks.chunks_exact(34)) {
-                let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-                for (y, &q) in ys.iter_mut().zip(&block[2..]) {
-                    *y = f32::from(q as i8) * d;
-                }
             }
         }
         return Ok(Some(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?));
@@ -683,7 +722,7 @@ trait BandKernel: Sync {
 }
 
 /// The kernel of a piece stored as `bytes` in `format`, `(n, k)` (rows `interleaved` as
-/// [`interleave_q8_0`] lays them, or candle's), with the input `x` (`rows` rows of `k`)
+/// [`interleave`] lays them, or candle's), with the input `x` (`rows` rows of `k`)
 /// quantized for it; `None` for a format without one or blocks that do not fit.
 // One argument per fact about the piece; a struct would only be unpacked again.
 #[allow(clippy::too_many_arguments)]
@@ -909,7 +948,7 @@ mod x86 {
     use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8K, BlockQ8_0, GgmlType};
     use candle_core::quantized::GgmlDType;
 
-    use super::{BandKernel, Q8X8_BYTES};
+    use super::{BandKernel, Q4X8_BYTES, Q8X8_BYTES};
     use crate::kernels::isa::{Isa, Level};
 
     /// Whether `isa` has what the kernels use (AVX2, FMA and F16C): an `Isa` is never above
@@ -978,16 +1017,19 @@ mod x86 {
         /// `vpdpbusd`, `-128` times their sum (what the biased weights add).
         signed: Vec<u8>,
         minus: Vec<i32>,
-        /// Q8_0: exact block sums ([`Kernel::run_exact`]) rather than candle's lanes.
+        /// Q8_0, and Q4_0 interleaved: exact block sums ([`Kernel::run_exact`]) rather than
+        /// candle's lanes.
         exact_sums: bool,
-        /// Q8_0 weight rows interleaved by eight ([`super::interleave_q8_0`]; with `vpdpbusd`
-        /// only): [`Kernel::run_interleaved`].
+        /// Q4_0.
+        nibbles: bool,
+        /// Weight rows interleaved by eight ([`super::interleave`]):
+        /// [`Kernel::run_interleaved`].
         interleaved: bool,
         rows: usize,
     }
 
     /// Whether Q8_0 weights are interleaved for `isa` ([`super::QWeight::prepared`]): where
-    /// the kernels have AVX2, whose forms for them ([`q8x8_rows`] and the others) do without
+    /// the kernels have AVX2, whose forms for them ([`group_rows`] and the others) do without
     /// the transposition candle's layout needs.
     pub(super) fn interleaves(isa: Isa) -> bool {
         available(isa)
@@ -1021,7 +1063,7 @@ mod x86 {
             || std::mem::size_of::<BlockQ8_0>() != Q8_0_BYTES
             || !k.is_multiple_of(32)
             || x.len() != rows * k
-            || (interleaved && (nibbles || !interleaves(isa) || !n.is_multiple_of(8)))
+            || (interleaved && (!interleaves(isa) || !n.is_multiple_of(8)))
         {
             return None;
         }
@@ -1044,7 +1086,7 @@ mod x86 {
         let (mut operand, mut offsets) = (Vec::with_capacity(rows * k), Vec::new());
         for b in as_bytes(&input).chunks_exact(Q8_0_BYTES) {
             let q = &b[2..];
-            if nibbles {
+            if nibbles && !interleaved {
                 offsets.push(std::array::from_fn(|l| {
                     -8 * q[4 * l..4 * l + 4]
                         .iter()
@@ -1065,7 +1107,13 @@ mod x86 {
             r if r <= 8 || dots != Dots::Evex => 8,
             _ => 16,
         };
-        if !nibbles && width == 1 {
+        if nibbles && interleaved {
+            // The rows form in runs of input rows: their bytes, and the lanes' starts.
+            for b in as_bytes(&input).chunks_exact(Q8_0_BYTES) {
+                signed.extend_from_slice(&b[2..]);
+                minus.push(-8 * b[2..].iter().map(|&v| i32::from(v as i8)).sum::<i32>());
+            }
+        } else if !nibbles && width == 1 {
             for b in as_bytes(&input).chunks_exact(Q8_0_BYTES) {
                 signed.extend_from_slice(&b[2..]);
                 if vnni {
@@ -1110,7 +1158,7 @@ mod x86 {
             }
         }
         let (mut pairs, mut pair_offsets) = (Vec::new(), Vec::new());
-        if dots == Dots::Evex && nibbles && rows >= 2 {
+        if dots == Dots::Evex && nibbles && !interleaved && rows >= 2 {
             pairs.reserve(rows / 2 * 2 * k);
             for two in operand.chunks_exact(2 * k) {
                 let (a, b) = two.split_at(k);
@@ -1141,7 +1189,8 @@ mod x86 {
             width,
             signed,
             minus,
-            exact_sums: !nibbles,
+            exact_sums: !nibbles || interleaved,
+            nibbles,
             interleaved,
             rows,
         })
@@ -1269,6 +1318,7 @@ mod x86 {
                 self.run_exact(first, out);
                 return;
             }
+            // (Only Q4_0 in candle's layout from here on.)
             let paired = if self.pairs.is_empty() {
                 0
             } else {
@@ -1478,14 +1528,14 @@ mod x86 {
     impl Kernel<'_> {
         /// [`Kernel::run_exact`] for weight rows interleaved by eight: a group of eight rows at
         /// a time (`first` and every band start at a group), against up to
-        /// [`row_form_most`] input rows at once ([`q8x8_rows`], [`q8x8_rows_vex`]) or the
+        /// [`row_form_most`] input rows at once ([`group_rows`], [`group_rows_vex`], [`group_rows_avx2`]) or the
         /// input rows in the lanes, 8 or 16 to a register ([`q8x8_lanes`],
         /// [`q8x8_lanes_vex`] four weight rows a pass, [`q8x8_lanes16`]). The same
         /// arithmetic as the other forms: the same bits.
         fn run_interleaved(&self, first: usize, out: &mut [f32]) {
             let feats = out.len() / self.rows.max(1);
             let (width, kb) = (self.width, self.kb);
-            let group_bytes = kb * Q8X8_BYTES;
+            let group_bytes = kb * if self.nibbles { Q4X8_BYTES } else { Q8X8_BYTES };
             let mut i = 0;
             while i < feats {
                 let at = (first + i) / 8 * group_bytes;
@@ -1493,6 +1543,11 @@ mod x86 {
                     return;
                 };
                 let here = (feats - i).min(8);
+                if self.nibbles {
+                    self.q4_0_group(group, i, here, out);
+                    i += 8;
+                    continue;
+                }
                 if width == 1 {
                     let input = |r: usize| RowInput {
                         q: &self.signed[32 * kb * r..32 * kb * (r + 1)],
@@ -1509,7 +1564,7 @@ mod x86 {
                     };
                     macro_rules! call {
                         ($f:ident, $n:literal) => {
-                            put(&$f::<$n>(kb, group, std::array::from_fn(input)))
+                            put(&$f::<$n, false>(kb, group, std::array::from_fn(input)))
                         };
                     }
                     // SAFETY: the CPU has AVX2, FMA and F16C (`available`), AVX-512 VNNI and VL
@@ -1519,19 +1574,19 @@ mod x86 {
                     // `row_form_most` rows.
                     unsafe {
                         match (self.dots, self.rows) {
-                            (Dots::Evex, 1) => call!(q8x8_rows, 1),
-                            (Dots::Evex, 2) => call!(q8x8_rows, 2),
-                            (Dots::Evex, 3) => call!(q8x8_rows, 3),
-                            (Dots::Evex, _) => call!(q8x8_rows, 4),
-                            (Dots::Vex, 1) => call!(q8x8_rows_vex, 1),
-                            (Dots::Vex, 2) => call!(q8x8_rows_vex, 2),
-                            (Dots::Vex, 3) => call!(q8x8_rows_vex, 3),
-                            (Dots::Vex, _) => call!(q8x8_rows_vex, 4),
-                            (Dots::Avx2, 1) => call!(q8x8_rows_avx2, 1),
-                            (Dots::Avx2, 2) => call!(q8x8_rows_avx2, 2),
-                            (Dots::Avx2, 3) => call!(q8x8_rows_avx2, 3),
-                            (Dots::Avx2, 4) => call!(q8x8_rows_avx2, 4),
-                            (Dots::Avx2, _) => call!(q8x8_rows_avx2, 5),
+                            (Dots::Evex, 1) => call!(group_rows, 1),
+                            (Dots::Evex, 2) => call!(group_rows, 2),
+                            (Dots::Evex, 3) => call!(group_rows, 3),
+                            (Dots::Evex, _) => call!(group_rows, 4),
+                            (Dots::Vex, 1) => call!(group_rows_vex, 1),
+                            (Dots::Vex, 2) => call!(group_rows_vex, 2),
+                            (Dots::Vex, 3) => call!(group_rows_vex, 3),
+                            (Dots::Vex, _) => call!(group_rows_vex, 4),
+                            (Dots::Avx2, 1) => call!(group_rows_avx2, 1),
+                            (Dots::Avx2, 2) => call!(group_rows_avx2, 2),
+                            (Dots::Avx2, 3) => call!(group_rows_avx2, 3),
+                            (Dots::Avx2, 4) => call!(group_rows_avx2, 4),
+                            (Dots::Avx2, _) => call!(group_rows_avx2, 5),
                         }
                     }
                     i += 8;
@@ -1589,6 +1644,59 @@ mod x86 {
         }
     }
 
+    impl Kernel<'_> {
+        /// A group of eight interleaved Q4_0 weight rows (the band's rows `i..i + here`)
+        /// against every input row, a few at a time ([`group_rows`], [`group_rows_vex`],
+        /// [`group_rows_avx2`]; the group stays in the nearest cache meanwhile).
+        fn q4_0_group(&self, group: &[u8], i: usize, here: usize, out: &mut [f32]) {
+            let kb = self.kb;
+            // What the registers hold: sixteen without AVX-512.
+            let most = if self.dots == Dots::Evex { 4 } else { 2 };
+            let mut r = 0;
+            while r < self.rows {
+                let take = (self.rows - r).min(most);
+                let input = |d: usize| RowInput {
+                    q: &self.signed[32 * kb * (r + d)..32 * kb * (r + d + 1)],
+                    minus: &self.minus[kb * (r + d)..kb * (r + d + 1)],
+                    scales: &self.input_scales[kb * (r + d)..kb * (r + d + 1)],
+                };
+                let mut put = |dots: &[[f32; 8]]| {
+                    for (dr, d) in dots.iter().enumerate() {
+                        for (j, v) in d.iter().enumerate().take(here) {
+                            out[(i + j) * self.rows + r + dr] = *v;
+                        }
+                    }
+                };
+                macro_rules! call {
+                    ($f:ident, $n:literal) => {
+                        put(&$f::<$n, true>(
+                            kb,
+                            group,
+                            std::array::from_fn(|d| input(d)),
+                        ))
+                    };
+                }
+                // SAFETY: the CPU has AVX2, FMA and F16C (`available`), AVX-512 VNNI and VL at
+                // `Dots::Evex` (`Isa::vnni`), AVX-VNNI at `Dots::Vex` (`Isa::avx_vnni`);
+                // `group` is `kb` interleaved Q4_0 blocks of eight rows, and `signed` holds
+                // `32 kb` bytes and `minus` and `input_scales` `kb` values a row.
+                unsafe {
+                    match (self.dots, take) {
+                        (Dots::Evex, 1) => call!(group_rows, 1),
+                        (Dots::Evex, 2) => call!(group_rows, 2),
+                        (Dots::Evex, 3) => call!(group_rows, 3),
+                        (Dots::Evex, _) => call!(group_rows, 4),
+                        (Dots::Vex, 1) => call!(group_rows_vex, 1),
+                        (Dots::Vex, _) => call!(group_rows_vex, 2),
+                        (Dots::Avx2, 1) => call!(group_rows_avx2, 1),
+                        (Dots::Avx2, _) => call!(group_rows_avx2, 2),
+                    }
+                }
+                r += take;
+            }
+        }
+    }
+
     /// `-128` times the sums of each of the eight interleaved rows' block at `at` (row `m` in
     /// lane `m`), with `$dpbusd`: what the biased input (`x + 128`) adds to their products.
     /// Unsafe: the CPU has `$dpbusd`; [`Q8X8_BYTES`] bytes are readable at `$at`.
@@ -1614,95 +1722,25 @@ mod x86 {
     /// are one run of memory).
     const Q8X8_AHEAD: usize = 4;
 
-    /// Asks for the interleaved block [`Q8X8_AHEAD`] blocks after the one at `$at`: the
-    /// hardware's prefetcher alone left the 16-row form 12% slower than candle's layout, whose
-    /// forms prefetch their four rows.
+    /// Asks for the interleaved block [`Q8X8_AHEAD`] blocks (of `$bytes`) after the one at
+    /// `$at`: the hardware's prefetcher alone left the 16-row form 12% slower than candle's
+    /// layout, whose forms prefetch their four rows.
     macro_rules! prefetch_blocks_ahead {
-        ($at:expr) => {
-            let ahead = $at.wrapping_add(Q8X8_AHEAD * Q8X8_BYTES);
-            for line in 0..Q8X8_BYTES.div_ceil(64) {
+        ($at:expr, $bytes:expr) => {
+            let ahead = $at.wrapping_add(Q8X8_AHEAD * $bytes);
+            for line in 0..$bytes.div_ceil(64) {
                 crate::kernels::prefetch_line(ahead.wrapping_add(64 * line));
             }
         };
     }
 
-    /// Makes, with `$features` and `$dpbusd`, the forms over Q8_0 weight rows interleaved by
-    /// eight ([`super::interleave_q8_0`]), in the arithmetic of `byte_dot_forms` (each block's
-    /// 32 products summed exactly, converted, and added by one multiply-add with the product
-    /// of the scales): the same bits.
-    ///
-    /// * `$rows`: a group's eight weight rows (one per lane) dotted with `R` input rows: per
-    ///   four bytes of a block one load of the eight rows' bytes, biased (`w + 128`) once for
-    ///   the `R` rows, and one `vpdpbusd` per input row with its four bytes broadcast. Where
-    ///   candle's layout needs the eight rows' blocks transposed (24 shuffles a block), these
-    ///   bytes are in place.
-    /// * `$lanes`: `P` of a group's rows from `lane0` dotted with up to 8 input rows in the
-    ///   lanes ([`Lanes`], `W` = 8), as `byte_dot_forms`' lanes form.
+    /// Makes, with `$features` and `$dpbusd`, `$lanes`: `P` of a group's eight interleaved
+    /// Q8_0 rows ([`super::interleave`]) from `lane0` dotted with up to 8 input rows in the
+    /// lanes ([`Lanes`], `W` = 8), as `byte_dot_forms`' lanes form (each block's 32 products
+    /// summed exactly, converted, and added by one multiply-add with the product of the
+    /// scales): the same bits.
     macro_rules! interleaved_forms {
-        ($features:literal, $dpbusd:ident, $rows:ident, $lanes:ident) => {
-            /// See `interleaved_forms`.
-            ///
-            /// # Safety
-            /// The CPU has `$features`; `group` is `kb` interleaved blocks of eight rows, each
-            /// `x[r].q` `32 kb` bytes and its `minus` and `scales` `kb` values.
-            // `r` indexes several arrays of accumulators at once.
-            #[allow(clippy::needless_range_loop)]
-            #[target_feature(enable = $features)]
-            unsafe fn $rows<const R: usize>(
-                kb: usize,
-                group: &[u8],
-                x: [RowInput; R],
-            ) -> [[f32; 8]; R] {
-                let flip = _mm256_set1_epi8(-128);
-                let zero = _mm256_setzero_si256();
-                let mut acc = [_mm256_setzero_ps(); R];
-                let base = group.as_ptr();
-                for b in 0..kb {
-                    // SAFETY (all pointer arithmetic below): block `b < kb` of the group is
-                    // `Q8X8_BYTES` bytes from `Q8X8_BYTES b`; input block `b` is 32 bytes of
-                    // `x[r].q`.
-                    let at = unsafe { base.add(Q8X8_BYTES * b) };
-                    prefetch_blocks_ahead!(at);
-                    let ws = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(at.cast()) });
-                    // Two chains of sums per row, so that one waits less on the other.
-                    let mut even = [zero; R];
-                    let mut odd = [zero; R];
-                    for r in 0..R {
-                        even[r] = _mm256_set1_epi32(x[r].minus[b]);
-                    }
-                    for g in 0..8 {
-                        let w = _mm256_xor_si256(
-                            unsafe { _mm256_loadu_si256(at.add(16 + 32 * g).cast()) },
-                            flip,
-                        );
-                        for r in 0..R {
-                            let four = unsafe {
-                                std::ptr::read_unaligned(
-                                    x[r].q.as_ptr().add(32 * b + 4 * g).cast::<i32>(),
-                                )
-                            };
-                            let four = _mm256_set1_epi32(four);
-                            if g % 2 == 0 {
-                                even[r] = $dpbusd(even[r], w, four);
-                            } else {
-                                odd[r] = $dpbusd(odd[r], w, four);
-                            }
-                        }
-                    }
-                    for r in 0..R {
-                        let sum = _mm256_add_epi32(even[r], odd[r]);
-                        let d = _mm256_mul_ps(ws, _mm256_set1_ps(x[r].scales[b]));
-                        acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[r]);
-                    }
-                }
-                let mut dots = [[0f32; 8]; R];
-                for (d, a) in dots.iter_mut().zip(&acc) {
-                    // SAFETY: eight floats.
-                    unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
-                }
-                dots
-            }
-
+        ($features:literal, $dpbusd:ident, $lanes:ident) => {
             /// See `interleaved_forms`.
             ///
             /// # Safety
@@ -1721,7 +1759,7 @@ mod x86 {
                     // SAFETY (all pointer arithmetic below): block `b < kb` of the group;
                     // input block `b` is 256 bytes of `x.q` and 8 floats of `x.scales`.
                     let at = unsafe { base.add(Q8X8_BYTES * b) };
-                    prefetch_blocks_ahead!(at);
+                    prefetch_blocks_ahead!(at, Q8X8_BYTES);
                     let starts = unsafe { group_starts!(at, $dpbusd) };
                     let mut ws = [0f32; 8];
                     unsafe {
@@ -1762,14 +1800,153 @@ mod x86 {
     interleaved_forms!(
         "avx512f,avx512vnni,avx512vl,avx2,fma,f16c",
         _mm256_dpbusd_epi32,
-        q8x8_rows,
         q8x8_lanes
     );
     interleaved_forms!(
         "avxvnni,avx2,fma,f16c",
         _mm256_dpbusd_avx_epi32,
-        q8x8_rows_vex,
         q8x8_lanes_vex
+    );
+
+    /// `$acc` plus, in each 32-bit lane, the four products of the unsigned bytes `$u` and the
+    /// signed bytes `$s`: one `$dpbusd` (`$vnni`), else `maddubs` and `madd` (the pairs must
+    /// not saturate i16). Unsafe: the CPU has `$dpbusd`, or AVX2.
+    macro_rules! byte_dot {
+        ($vnni:literal, $dpbusd:ident, $acc:expr, $u:expr, $s:expr) => {
+            if $vnni {
+                $dpbusd($acc, $u, $s)
+            } else {
+                let pairs = _mm256_maddubs_epi16($u, $s);
+                _mm256_add_epi32($acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+            }
+        };
+    }
+
+    /// Makes `$name`, with `$features`: a group's eight interleaved weight rows
+    /// ([`super::interleave`], one row per lane) dotted with `R` input rows, Q8_0 or
+    /// (`NIBBLES`) Q4_0. Per four bytes of a block, one load of the eight rows' bytes, made
+    /// once for the `R` rows into the unsigned operand, and per input row its four bytes
+    /// broadcast and one `$dpbusd` (`$vnni`), else `maddubs` and `madd`:
+    ///
+    /// * Q8_0 with `vpdpbusd`: the weights biased (`w + 128`), each block's lanes starting from
+    ///   `-128` times its input bytes' sum; with AVX2 alone `|w|`, and the input bytes take
+    ///   `w`'s signs (at most `2 * 128 * 127` a pair).
+    /// * Q4_0: the load's low nibbles are weights `4g..4g + 4` and its high nibbles
+    ///   `16 + 4g..16 + 4g + 4`, each as stored (`w + 8`, at most `2 * 15 * 128` a pair), each
+    ///   block's lanes starting from `-8` times its input bytes' sum.
+    ///
+    /// Each block's 32 products are summed exactly, row `m` in lane `m`, converted, and added by
+    /// one multiply-add with the product of the scales: a row gets the same bits alone, in any
+    /// batch and on every instruction set, in either layout for Q8_0. Where candle's layout
+    /// needs eight rows' blocks transposed (24 shuffles a block) or each row's lanes summed
+    /// across, these bytes are in place. (candle's Q4_0 order, eight f32 lanes a block,
+    /// [`dot4x_vnni`], differs from interleaved Q4_0's by float rounding.)
+    ///
+    /// # Safety
+    /// The CPU has `$features`; `group` is `kb` interleaved blocks of eight rows of the
+    /// format, each `x[r].q` `32 kb` bytes, its `scales` `kb` values and, but for Q8_0 without
+    /// `$vnni`, its `minus` `kb` values.
+    macro_rules! group_rows_form {
+        ($name:ident, $features:literal, $vnni:literal, $dpbusd:ident) => {
+            // `r` indexes several arrays of accumulators at once.
+            #[allow(clippy::needless_range_loop)]
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const R: usize, const NIBBLES: bool>(
+                kb: usize,
+                group: &[u8],
+                x: [RowInput; R],
+            ) -> [[f32; 8]; R] {
+                let flip = _mm256_set1_epi8(-128);
+                let low = _mm256_set1_epi8(0x0F);
+                let zero = _mm256_setzero_si256();
+                let bytes = if NIBBLES { Q4X8_BYTES } else { Q8X8_BYTES };
+                let mut acc = [_mm256_setzero_ps(); R];
+                let base = group.as_ptr();
+                for b in 0..kb {
+                    // SAFETY (all pointer arithmetic below): block `b < kb` of the group is
+                    // `bytes` bytes from `bytes b`; input block `b` is 32 bytes of `x[r].q`.
+                    let at = unsafe { base.add(bytes * b) };
+                    prefetch_blocks_ahead!(at, bytes);
+                    let ws = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(at.cast()) });
+                    // Two chains of sums per row, so that one waits less on the other.
+                    let mut even = [zero; R];
+                    let mut odd = [zero; R];
+                    if NIBBLES || $vnni {
+                        for r in 0..R {
+                            even[r] = _mm256_set1_epi32(x[r].minus[b]);
+                        }
+                    }
+                    for g in 0..(if NIBBLES { 4 } else { 8 }) {
+                        let raw = unsafe { _mm256_loadu_si256(at.add(16 + 32 * g).cast()) };
+                        // The unsigned operands: Q4_0's two halves; Q8_0's biased weights or
+                        // magnitudes (and, without VNNI, the signs the input takes).
+                        let (first, second) = if NIBBLES {
+                            let high = _mm256_srli_epi16(raw, 4);
+                            (_mm256_and_si256(raw, low), _mm256_and_si256(high, low))
+                        } else if $vnni {
+                            (_mm256_xor_si256(raw, flip), raw)
+                        } else {
+                            (_mm256_sign_epi8(raw, raw), raw)
+                        };
+                        for r in 0..R {
+                            let xq = unsafe { x[r].q.as_ptr().add(32 * b + 4 * g) };
+                            let four = _mm256_set1_epi32(unsafe {
+                                std::ptr::read_unaligned(xq.cast::<i32>())
+                            });
+                            if NIBBLES {
+                                let upper = _mm256_set1_epi32(unsafe {
+                                    std::ptr::read_unaligned(xq.add(16).cast::<i32>())
+                                });
+                                even[r] = byte_dot!($vnni, $dpbusd, even[r], first, four);
+                                odd[r] = byte_dot!($vnni, $dpbusd, odd[r], second, upper);
+                            } else {
+                                let four = if $vnni {
+                                    four
+                                } else {
+                                    _mm256_sign_epi8(four, second)
+                                };
+                                if g % 2 == 0 {
+                                    even[r] = byte_dot!($vnni, $dpbusd, even[r], first, four);
+                                } else {
+                                    odd[r] = byte_dot!($vnni, $dpbusd, odd[r], first, four);
+                                }
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        let sum = _mm256_add_epi32(even[r], odd[r]);
+                        let d = _mm256_mul_ps(ws, _mm256_set1_ps(x[r].scales[b]));
+                        acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[r]);
+                    }
+                }
+                let mut dots = [[0f32; 8]; R];
+                for (d, a) in dots.iter_mut().zip(&acc) {
+                    // SAFETY: eight floats.
+                    unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
+                }
+                dots
+            }
+        };
+    }
+
+    group_rows_form!(
+        group_rows,
+        "avx512f,avx512vnni,avx512vl,avx2,fma,f16c",
+        true,
+        _mm256_dpbusd_epi32
+    );
+    group_rows_form!(
+        group_rows_vex,
+        "avxvnni,avx2,fma,f16c",
+        true,
+        _mm256_dpbusd_avx_epi32
+    );
+    // (The AVX2 form never takes its `$dpbusd`: `$vnni` is false.)
+    group_rows_form!(
+        group_rows_avx2,
+        "avx2,fma,f16c",
+        false,
+        _mm256_dpbusd_avx_epi32
     );
 
     /// `interleaved_forms`' lanes form on 512-bit registers: a group's eight rows dotted with
@@ -1792,7 +1969,7 @@ mod x86 {
             // SAFETY (all pointer arithmetic below): block `b < kb` of the group; input block
             // `b` is 512 bytes of `x.q` and 16 floats of `x.scales`.
             let at = unsafe { base.add(Q8X8_BYTES * b) };
-            prefetch_blocks_ahead!(at);
+            prefetch_blocks_ahead!(at, Q8X8_BYTES);
             let starts = unsafe { group_starts!(at, _mm256_dpbusd_epi32) };
             // Broadcast from memory (a load), not from the register the sums are in (two
             // shuffles each, on the ports the products need).
@@ -1828,67 +2005,6 @@ mod x86 {
         dots
     }
 
-    /// [`q8x8_rows`]' arithmetic with AVX2 alone: a group's eight weight rows dotted with `R`
-    /// input rows, per four bytes of a block one load of the eight rows' bytes and their
-    /// magnitudes (`|w|`, once for the `R` rows), and per input row its four bytes broadcast
-    /// with `w`'s signs, `maddubs` and `madd` (the pairs never saturate: at most
-    /// `2 * 128 * 127`): each block's 32 products summed exactly, row `m` in lane `m`,
-    /// converted and added alike. No transposition and no lane sums, where
-    /// [`dot8x_rows_avx2`] sums each row's lanes across.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `group` is `kb` interleaved blocks of eight rows, each
-    /// `x[r].q` `32 kb` bytes and its `scales` `kb` values (`minus` is not read).
-    // `r` indexes several arrays of accumulators at once.
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8x8_rows_avx2<const R: usize>(
-        kb: usize,
-        group: &[u8],
-        x: [RowInput; R],
-    ) -> [[f32; 8]; R] {
-        let ones = _mm256_set1_epi16(1);
-        let zero = _mm256_setzero_si256();
-        let mut acc = [_mm256_setzero_ps(); R];
-        let base = group.as_ptr();
-        for b in 0..kb {
-            // SAFETY (all pointer arithmetic below): block `b < kb` of the group; input block
-            // `b` is 32 bytes of `x[r].q`.
-            let at = unsafe { base.add(Q8X8_BYTES * b) };
-            prefetch_blocks_ahead!(at);
-            let ws = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(at.cast()) });
-            let mut even = [zero; R];
-            let mut odd = [zero; R];
-            for g in 0..8 {
-                let w = unsafe { _mm256_loadu_si256(at.add(16 + 32 * g).cast()) };
-                let magnitude = _mm256_sign_epi8(w, w);
-                for r in 0..R {
-                    let four = unsafe {
-                        std::ptr::read_unaligned(x[r].q.as_ptr().add(32 * b + 4 * g).cast::<i32>())
-                    };
-                    let signed = _mm256_sign_epi8(_mm256_set1_epi32(four), w);
-                    let pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed), ones);
-                    if g % 2 == 0 {
-                        even[r] = _mm256_add_epi32(even[r], pairs);
-                    } else {
-                        odd[r] = _mm256_add_epi32(odd[r], pairs);
-                    }
-                }
-            }
-            for r in 0..R {
-                let sum = _mm256_add_epi32(even[r], odd[r]);
-                let d = _mm256_mul_ps(ws, _mm256_set1_ps(x[r].scales[b]));
-                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[r]);
-            }
-        }
-        let mut dots = [[0f32; 8]; R];
-        for (d, a) in dots.iter_mut().zip(&acc) {
-            // SAFETY: eight floats.
-            unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
-        }
-        dots
-    }
-
     /// [`dot4x_lanes_avx2`] over interleaved rows: `P` of a group's rows from `L` dotted with
     /// `G` groups of up to 8 input rows in the lanes as i16 pairs ([`Lanes`]), one `madd` and
     /// one add per pair of bytes; each block's rows widened to i16 pairs a four rows'
@@ -1916,7 +2032,7 @@ mod x86 {
             let at = unsafe { base.add(Q8X8_BYTES * b) };
             // (The group's second pass reads what the first brought.)
             if lane0 == 0 {
-                prefetch_blocks_ahead!(at);
+                prefetch_blocks_ahead!(at, Q8X8_BYTES);
             }
             let mut ws = [0f32; 8];
             unsafe {
@@ -2086,13 +2202,13 @@ mod x86 {
         }};
     }
 
-    /// One input row of Q8_0 blocks as [`dot8x_rows`] reads it.
+    /// One input row of Q8_0 blocks as [`dot8x_rows`] and [`group_rows`] read it.
     #[derive(Clone, Copy)]
     struct RowInput<'a> {
         /// `kb` blocks of 32 signed bytes.
         q: &'a [u8],
-        /// Per block, `-128` times the sum of its bytes (for [`dot8x_rows`]; empty for
-        /// [`dot8x_rows_avx2`]).
+        /// Per block, what the weights' bias adds to the products, taken back: `-128` times
+        /// the sum of its bytes for Q8_0 with `vpdpbusd` (empty without), `-8` times for Q4_0.
         minus: &'a [i32],
         /// The blocks' scales.
         scales: &'a [f32],
@@ -2940,7 +3056,7 @@ mod x86 {
     }
 
     /// candle's Q8_0 `to_float` (each byte times its block's scale, in f32) for rows interleaved
-    /// by eight ([`super::interleave_q8_0`]): each four bytes of two rows widened and scaled
+    /// by eight ([`super::interleave`]): each four bytes of two rows widened and scaled
     /// at once, then stored to their rows.
     ///
     /// # Safety
@@ -3401,32 +3517,41 @@ mod tests {
         Ok(out)
     }
 
-    /// Q8_0 with exact block sums, written as the definition: each input row quantized to Q8_0
-    /// blocks as candle does, each block's 32 products summed in i32, converted, and added in
-    /// f32 by one multiply-add with the product of the two scales, block after block.
+    /// Q8_0 or Q4_0 with exact block sums, written as the definition: each input row
+    /// quantized to Q8_0 blocks as candle does, each block's 32 products summed in i32,
+    /// converted, and added in f32 by one multiply-add with the product of the two scales,
+    /// block after block.
     fn exact_sums_reference(x: &[f32], q: &QTensor, rows: usize) -> Result<Vec<f32>> {
         let (n, k) = q.shape().dims2()?;
         let kb = k / 32;
         let input = Tensor::from_vec(x[..rows * k].to_vec(), (rows, k), &Device::Cpu)?;
         let input = QTensor::quantize(&input, GgmlDType::Q8_0)?.data()?.to_vec();
         let weight = q.data()?;
-        // Block `b` of row `r` of (34-byte blocks: an f16 scale, 32 i8), as its scale and bytes.
-        let block = |bytes: &[u8], r: usize, b: usize| {
-            let at = (r * kb + b) * 34;
+        // Block `b` of row `r` as its scale and 32 weights: Q8_0's 34 bytes (an f16 scale, 32
+        // i8), or Q4_0's 18 (an f16 scale, then byte `i` holds weight `i` in its low nibble and
+        // weight `16 + i` in its high one, each plus 8).
+        let block = |bytes: &[u8], size: usize, r: usize, b: usize| {
+            let at = (r * kb + b) * size;
             let d = half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
-            (d, bytes[at + 2..at + 34].to_vec())
+            let body = &bytes[at + 2..at + size];
+            let w: Vec<i32> = if size == 34 {
+                body.iter().map(|&v| i32::from(v as i8)).collect()
+            } else {
+                let low = body.iter().map(|&v| i32::from(v & 15) - 8);
+                low.chain(body.iter().map(|&v| i32::from(v >> 4) - 8))
+                    .collect()
+            };
+            (d, w)
         };
+        let size = if q.dtype() == GgmlDType::Q4_0 { 18 } else { 34 };
         let mut out = vec![0f32; rows * n];
         for r in 0..rows {
             for j in 0..n {
                 let mut acc = 0f32;
                 for b in 0..kb {
-                    let ((wd, wq), (xd, xq)) = (block(&weight, j, b), block(&input, r, b));
-                    let sum: i32 = wq
-                        .iter()
-                        .zip(&xq)
-                        .map(|(&a, &c)| i32::from(a as i8) * i32::from(c as i8))
-                        .sum();
+                    let (wd, wq) = block(&weight, size, j, b);
+                    let (xd, xq) = block(&input, 34, r, b);
+                    let sum: i32 = wq.iter().zip(&xq).map(|(&a, &c)| a * c).sum();
                     acc = (wd * xd).mul_add(sum as f32, acc);
                 }
                 out[r * n + j] = acc;
@@ -3457,23 +3582,27 @@ mod tests {
         v.iter().map(|f| f.to_bits()).collect()
     }
 
-    /// Checks `got` (`rows` rows of the fused pieces' outputs) against candle's matmul and
-    /// against the dequantized weights times the float input in f64.
+    /// Checks `got` (`rows` rows of the fused pieces' outputs, `held` as the kernels read
+    /// them) against candle's matmul and against the dequantized weights times the float input
+    /// in f64.
     fn check_against_references(
         format: GgmlDType,
         isa: Isa,
         xs: &[f32],
         pieces: &[Arc<QTensor>],
+        held: &[Arc<QWeight>],
         rows: usize,
         got: &[f32],
     ) -> Result<()> {
         let total: usize = pieces.iter().map(|q| q.shape().dims()[0]).sum();
         let mut offset = 0;
-        for q in pieces {
+        for (q, held) in pieces.iter().zip(held) {
             let (n, k) = q.shape().dims2()?;
             let want = candle_reference(format, xs, q, rows)?;
-            // Q8_0 with SIMD sums each block exactly: the definition's bits.
-            let exact_sums = format == GgmlDType::Q8_0 && isa.level() != Level::Portable;
+            // Q8_0 with SIMD, and interleaved Q4_0, sum each block exactly: the definition's
+            // bits.
+            let exact_sums = isa.level() != Level::Portable
+                && (format == GgmlDType::Q8_0 || (format == GgmlDType::Q4_0 && held.interleaved()));
             let definition = if exact_sums {
                 exact_sums_reference(xs, q, rows)?
             } else {
@@ -3496,7 +3625,11 @@ mod tests {
                     let c = want[r * n + j];
                     if exact_sums {
                         let e = definition[r * n + j];
-                        assert_eq!(g.to_bits(), e.to_bits(), "{isa:?} Q8_0 k {k}: {g} {e}");
+                        assert_eq!(
+                            g.to_bits(),
+                            e.to_bits(),
+                            "{isa:?} {format:?} k {k}: {g} {e}"
+                        );
                     }
                     if format == GgmlDType::Q4K {
                         // No tolerance: the same integer sums, converted, scaled and added by
@@ -3539,7 +3672,7 @@ mod tests {
     }
 
     /// `pieces` as a layer holds them for the kernels of `isa`: as loaded, and (where that
-    /// differs: Q8_0 pieces of rows divisible by eight, with `vpdpbusd`) as
+    /// differs: Q8_0 and Q4_0 pieces of rows divisible by eight, with AVX2) as
     /// [`QWeight::prepared`] lays them out.
     fn forms(pieces: &[Arc<QTensor>], isa: Isa) -> Result<Vec<Vec<Arc<QWeight>>>> {
         let loaded: Vec<_> = pieces
@@ -3557,24 +3690,29 @@ mod tests {
         })
     }
 
-    /// Rows interleaved by eight come back as they were, and a band of them from its start.
+    /// Rows interleaved by eight come back as they were, and a band of them from its start;
+    /// other formats and shapes decline.
     #[test]
     fn interleaved_rows_are_the_same_bytes() -> Result<()> {
-        let q = QTensor::quantize(&seeded(&[24, 96], 3)?, GgmlDType::Q8_0)?;
-        let bytes = q.data()?;
-        let mixed = interleave_q8_0(&bytes, 24, 96)
-            .ok_or_else(|| crate::Error::Input("24 rows of 3 blocks interleave".into()))?;
-        assert_eq!(mixed.len(), bytes.len());
-        assert_ne!(mixed[..], bytes[..]);
-        let mut back = vec![0u8; bytes.len()];
-        assert!(deinterleave_q8_0(&mixed, 3, 0, &mut back));
-        assert_eq!(back[..], bytes[..]);
-        let mut band = vec![0u8; 5 * 3 * 34];
-        assert!(deinterleave_q8_0(&mixed, 3, 11, &mut band));
-        assert_eq!(band[..], bytes[11 * 102..16 * 102]);
-        assert!(!deinterleave_q8_0(&mixed, 3, 20, &mut band));
-        assert!(interleave_q8_0(&bytes, 12, 192).is_none());
-        assert!(interleave_q8_0(&bytes[..34 * 3 * 20], 20, 96).is_none());
+        for (format, size) in [(GgmlDType::Q8_0, 34), (GgmlDType::Q4_0, 18)] {
+            let q = QTensor::quantize(&seeded(&[24, 96], 3)?, format)?;
+            let bytes = q.data()?;
+            let mixed = interleave(format, &bytes, 24, 96)
+                .ok_or_else(|| crate::Error::Input("24 rows of 3 blocks interleave".into()))?;
+            assert_eq!(mixed.len(), bytes.len());
+            assert_ne!(mixed[..], bytes[..]);
+            let mut back = vec![0u8; bytes.len()];
+            assert!(deinterleave(format, &mixed, 3, 0, &mut back));
+            assert_eq!(back[..], bytes[..]);
+            let mut band = vec![0u8; 5 * 3 * size];
+            assert!(deinterleave(format, &mixed, 3, 11, &mut band));
+            assert_eq!(band[..], bytes[11 * 3 * size..16 * 3 * size]);
+            assert!(!deinterleave(format, &mixed, 3, 20, &mut band));
+            assert!(interleave(format, &bytes, 12, 192).is_none());
+            assert!(interleave(format, &bytes[..size * 3 * 20], 20, 96).is_none());
+        }
+        let q = QTensor::quantize(&seeded(&[8, 256], 3)?, GgmlDType::Q4K)?;
+        assert!(interleave(GgmlDType::Q4K, &q.data()?, 8, 256).is_none());
         Ok(())
     }
 
@@ -3603,9 +3741,10 @@ mod tests {
             let pieces = quantized_pieces(format, k, &[37, 16, 6])?;
             let x = seeded(&[9, k], (k + 3) as u64)?;
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let mut simd_outputs = Vec::new();
+            // By layout: candle's, and interleaved (Q4_0's sums differ between them).
+            let mut simd_outputs = [Vec::new(), Vec::new()];
             for isa in Isa::supported() {
-                for held in forms(&pieces, isa)? {
+                for (layout, held) in forms(&pieces, isa)?.into_iter().enumerate() {
                     let run = |x: &Tensor| -> Result<Vec<f32>> {
                         let y = qgemv_with(isa, x, &held)?
                             .ok_or_else(|| crate::Error::Input("the kernel must apply".into()))?;
@@ -3623,28 +3762,32 @@ mod tests {
                             assert_eq!(bits(mine), bits(alone), "{isa:?} {format:?} {rows} rows");
                         }
                     }
-                    check_against_references(format, isa, &xs, &pieces, 9, &alone.concat())?;
+                    let all = alone.concat();
+                    check_against_references(format, isa, &xs, &pieces, &held, 9, &all)?;
                     if isa.level() != Level::Portable {
-                        simd_outputs.push(bits(&alone.concat()));
+                        simd_outputs[layout].push(bits(&all));
                     }
                 }
             }
-            // AVX2 and AVX-512 (with or without VNNI) sum the same i32 lanes exactly (Q8_0:
-            // whole blocks), then scale and add them alike: the same bits.
-            assert!(
-                simd_outputs.windows(2).all(|p| p[0] == p[1]),
-                "{format:?} k {k}"
-            );
+            // AVX2 and AVX-512 (with or without VNNI) sum the same i32 lanes exactly (Q8_0 and
+            // interleaved Q4_0: whole blocks), then scale and add them alike: the same bits.
+            for outputs in &simd_outputs {
+                assert!(outputs.windows(2).all(|p| p[0] == p[1]), "{format:?} k {k}");
+            }
         }
         Ok(())
     }
 
-    /// Q8_0 batches past one group of 16 lanes (and up to the 64 rows a decode step takes):
-    /// every row gets its bits alone, and on every instruction set its reference's.
+    /// Q8_0 and Q4_0 batches past one group of 16 lanes (and up to the 64 rows a decode step
+    /// takes): every row gets its bits alone, and on every instruction set its reference's.
     #[test]
-    fn q8_0_batches_of_many_groups_give_each_row_its_bits_alone() -> Result<()> {
-        for width in [21, 24] {
-            let pieces = quantized_pieces(GgmlDType::Q8_0, 288, &[width])?;
+    fn batches_of_many_groups_give_each_row_its_bits_alone() -> Result<()> {
+        for (format, width) in [
+            (GgmlDType::Q8_0, 21),
+            (GgmlDType::Q8_0, 24),
+            (GgmlDType::Q4_0, 24),
+        ] {
+            let pieces = quantized_pieces(format, 288, &[width])?;
             let x = seeded(&[64, 288], 5)?;
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
             for isa in Isa::supported() {
@@ -3667,7 +3810,7 @@ mod tests {
                             "{isa:?} row {r}"
                         );
                     }
-                    check_against_references(GgmlDType::Q8_0, isa, &xs, &pieces, 64, &all)?;
+                    check_against_references(format, isa, &xs, &pieces, &held, 64, &all)?;
                 }
             }
         }
@@ -3691,7 +3834,7 @@ mod tests {
                         let y = qgemv_with(isa, &x, &held)?
                             .ok_or_else(|| crate::Error::Input("the kernel must apply".into()))?;
                         let got: Vec<f32> = y.flatten_all()?.to_vec1()?;
-                        check_against_references(format, isa, &xs, &pieces, rows, &got)?;
+                        check_against_references(format, isa, &xs, &pieces, &held, rows, &got)?;
                     }
                 }
             }
@@ -3761,14 +3904,21 @@ mod tests {
         Ok(())
     }
 
-    /// A prompt chunk of Q8_0 weights interleaved for `vpdpbusd` goes through the decode
-    /// kernel: every row gets the bits it gets alone in a decode step, the definition's (exact
-    /// block sums), whatever the chunk's length.
+    /// A prompt chunk of Q8_0 or Q4_0 weights interleaved, with `vpdpbusd`, goes through the
+    /// decode kernel: every row gets the bits it gets alone in a decode step, the definition's
+    /// (exact block sums), whatever the chunk's length.
     #[test]
-    fn a_prompt_chunk_of_interleaved_q8_0_gets_the_bits_of_a_decode_step() -> Result<()> {
+    fn a_prompt_chunk_of_interleaved_weights_gets_the_bits_of_a_decode_step() -> Result<()> {
+        for format in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            a_prompt_chunk_gets_the_bits_of_a_decode_step(format)?;
+        }
+        Ok(())
+    }
+
+    fn a_prompt_chunk_gets_the_bits_of_a_decode_step(format: GgmlDType) -> Result<()> {
         let isa = Isa::active();
         let (k, m) = (320, 70);
-        let pieces = quantized_pieces(GgmlDType::Q8_0, k, &[48, 16])?;
+        let pieces = quantized_pieces(format, k, &[48, 16])?;
         let held = pieces
             .iter()
             .map(|q| QWeight::prepared(q.clone(), isa).map(Arc::new))
@@ -3790,7 +3940,7 @@ mod tests {
         let shorter = prefill_product_cpu(&xs[..33 * k], 33, &held)?
             .ok_or_else(|| crate::Error::Input("the interleaved chunk declined".into()))?;
         assert_eq!(bits(&shorter), bits(&got[..33 * 64]));
-        check_against_references(GgmlDType::Q8_0, isa, &xs, &pieces, m, &got)
+        check_against_references(format, isa, &xs, &pieces, &held, m, &got)
     }
 
     /// The input's Q8_0 blocks are candle's `from_float`'s, byte for byte: values that round
@@ -3831,7 +3981,7 @@ mod tests {
     fn dequantized_rows_equal_candles_on_every_instruction_set() -> Result<()> {
         for (format, n, k) in [
             (GgmlDType::Q8_0, 104, 32 * 70),
-            (GgmlDType::Q4_0, 90, 32 * 75),
+            (GgmlDType::Q4_0, 88, 32 * 75),
             (GgmlDType::Q4K, 80, 256 * 9),
             (GgmlDType::Q6K, 3, 256),
         ] {
@@ -3855,10 +4005,8 @@ mod tests {
                     k,
                     &mut got
                 ));
-                // Rows interleaved by eight, as the kernels with `vpdpbusd` hold Q8_0.
-                if let Some(mixed) =
-                    interleave_q8_0(&data, n, k).filter(|_| format == GgmlDType::Q8_0)
-                {
+                // Rows interleaved by eight, as the kernels with AVX2 hold Q8_0 and Q4_0.
+                if let Some(mixed) = interleave(format, &data, n, k) {
                     let mut got = vec![f32::NAN; n * k];
                     assert!(dequantize_into(isa, format, true, &mixed, n, k, &mut got));
                     assert!(got == want, "interleaved on {isa:?}");
@@ -3911,6 +4059,10 @@ mod tests {
             let want: Vec<f32> = want.flatten_all()?.to_vec1()?;
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
             for held in forms(&qs, Isa::active())? {
+                if held.iter().all(|q| q.interleaved()) && integer_prompts(Isa::active()) {
+                    // The decode kernel's product (the test above).
+                    continue;
+                }
                 let got = prefill_product_cpu(&xs, m, &held)?
                     .ok_or_else(|| crate::Error::Input(format!("{pieces:?} declined")))?;
                 assert!(got == want, "{pieces:?} x {k}, {m} rows");
