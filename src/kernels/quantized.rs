@@ -33,7 +33,7 @@
 //! portable path's) by f32 rounding only: the integer sums are exact either way, and the order
 //! of the additions is fixed.
 //!
-//! With AVX2 a model's Q8_0 and Q4_0 weights are held with each eight rows interleaved
+//! With AVX2 a model's Q8_0, Q4_0 and Q4_K weights are held with each eight rows interleaved
 //! ([`QWeight`]): block by block, the eight rows' scales, then each four bytes of the eight rows
 //! side by side, the same bytes moved. One input row then dots a group's eight rows with one
 //! load and one `vpdpbusd` per four bytes (`group_rows`; without VNNI a sign, `maddubs` and
@@ -52,6 +52,16 @@
 //! prompt chunks (with `vpdpbusd`) take the same form a few input rows at a time, the group's
 //! blocks in the nearest cache: on the AMD EPYC one row 1.5x, 16 rows 1.8x, and prompts 1.3x
 //! faster than the forms over candle's layout and the dequantized gemm.
+//!
+//! Interleaved Q4_K (`q4k_group`, `q4k_group_avx2`) lays out each four bytes of eight rows'
+//! packed scales and mins side by side as it does their nibbles, so that eight rows' 6-bit
+//! scales and mins are unpacked by a dozen vector operations a block, where candle's order
+//! spends a dozen scalar ones per row. Each sub-block's exact sum of 32 products (one
+//! `vpdpbusd` per four bytes of eight rows and input row) is multiplied by its rows' scales
+//! in one `vpmulld`, the mins by the input's sub-block sums in `madd` pairs, and each block's
+//! two i32 totals are added by two multiply-adds, where candle's order adds eight f32 lanes a
+//! block (float rounding apart). On the AMD EPYC one row 1.3x (22 -> 27-29 GB/s; from the
+//! cache 27 -> 51), 16 rows 1.75x.
 //!
 //! Which of these run is decided by [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA`
 //! lowers it (`portable` takes candle's dot products everywhere).
@@ -98,15 +108,14 @@ pub(crate) enum QWeight {
 }
 
 impl QWeight {
-    /// `q` as the kernels of `isa` read it best: Q8_0 and Q4_0 on the CPU with AVX2, of a row
-    /// count divisible by eight, interleaved; anything else as it is.
+    /// `q` as the kernels of `isa` read it best: Q8_0, Q4_0 and Q4_K on the CPU with AVX2, of
+    /// a row count divisible by eight, interleaved; anything else as it is.
     pub(crate) fn prepared(q: Arc<QTensor>, isa: Isa) -> Result<QWeight> {
         let (n, k) = q.shape().dims2()?;
         let format = q.dtype();
-        let interleaves = block_bytes(format).is_some()
+        let interleaves = layout(format).is_some_and(|l| k.is_multiple_of(l.weights))
             && q.device().is_cpu()
             && n.is_multiple_of(8)
-            && k.is_multiple_of(32)
             && n > 0;
         #[cfg(target_arch = "x86_64")]
         if interleaves && x86::interleaves(isa) {
@@ -189,14 +198,32 @@ fn integer_prompts(isa: Isa) -> bool {
     }
 }
 
-/// Bytes of a block of 32 weights of `format` where it can be interleaved: Q8_0's 34 (an f16
-/// scale, 32 i8) and Q4_0's 18 (an f16 scale, 16 bytes of nibbles).
-fn block_bytes(format: GgmlDType) -> Option<usize> {
-    match format {
-        GgmlDType::Q8_0 => Some(34),
-        GgmlDType::Q4_0 => Some(18),
-        _ => None,
-    }
+/// How a block format is held interleaved ([`interleave`]).
+#[derive(Clone, Copy)]
+struct Layout {
+    /// Weights per block.
+    weights: usize,
+    /// Bytes of a block in candle's layout.
+    bytes: usize,
+    /// Bytes of a block interleaved (a group of eight rows' blocks is eight times this).
+    held: usize,
+}
+
+/// The layout of `format` where it can be interleaved: Q8_0 (an f16 scale, 32 i8), Q4_0 (an
+/// f16 scale, 16 bytes of nibbles) and Q4_K (f16 `d` and `dmin`, 12 bytes of packed 6-bit
+/// scales and mins, 128 bytes of nibbles).
+fn layout(format: GgmlDType) -> Option<Layout> {
+    let (weights, bytes, held) = match format {
+        GgmlDType::Q8_0 => (32, 34, 34),
+        GgmlDType::Q4_0 => (32, 18, 18),
+        GgmlDType::Q4K => (256, 144, 144),
+        _ => return None,
+    };
+    Some(Layout {
+        weights,
+        bytes,
+        held,
+    })
 }
 
 /// Bytes of eight Q8_0 blocks interleaved: the eight f16 scales, then for each four bytes `g`
@@ -208,29 +235,60 @@ const Q8X8_BYTES: usize = 8 * 34;
 /// and their high nibbles weights `16 + 4g..16 + 4g + 4`.
 const Q4X8_BYTES: usize = 8 * 18;
 
-/// candle's blocks of `format` (Q8_0 or Q4_0, [`block_bytes`]) of `(n, k)` (`n` divisible by
-/// eight) with each eight rows interleaved, block by block: group `G`'s block `b` is eight
-/// blocks' bytes at `8 (G kb + b)` blocks, the eight f16 scales, then for each four bytes `g`
-/// after a block's scale the eight rows' four side by side (row `m` at `16 + 32g + 4m`). `None`
-/// if the bytes are not `n` rows of `k / 32` blocks.
+/// Bytes of eight Q4_K blocks interleaved: the eight `d` (f16) at 0, the eight `dmin` at 16,
+/// then for each four bytes `w` of the 12 of packed scales and mins the eight rows' four side
+/// by side at `32 + 32w + 4m`, then for each four bytes `g` of the 128 of nibbles likewise at
+/// `128 + 32g + 4m` (low nibbles: sub-block `2(g / 8)`'s weights `4(g % 8)..`, high: sub-block
+/// `2(g / 8) + 1`'s).
+const Q4KX8_BYTES: usize = 8 * 144;
+
+/// Block `one` of candle's layout (row `m` of a group) into its group block at `to`, as
+/// [`interleave`] lays `format` out, or back (`back`).
+fn move_block(format: GgmlDType, one: &mut [u8], to: &mut [u8], m: usize, back: bool) {
+    let copy = |a: &mut [u8], b: &mut [u8]| {
+        if back {
+            a.copy_from_slice(b)
+        } else {
+            b.copy_from_slice(a)
+        }
+    };
+    if format == GgmlDType::Q4K {
+        copy(&mut one[..2], &mut to[2 * m..2 * m + 2]);
+        copy(&mut one[2..4], &mut to[16 + 2 * m..18 + 2 * m]);
+        for (g, four) in one[4..].chunks_exact_mut(4).enumerate() {
+            let at = 32 + 32 * g + 4 * m;
+            copy(four, &mut to[at..at + 4]);
+        }
+        return;
+    }
+    copy(&mut one[..2], &mut to[2 * m..2 * m + 2]);
+    for (g, four) in one[2..].chunks_exact_mut(4).enumerate() {
+        let at = 16 + 32 * g + 4 * m;
+        copy(four, &mut to[at..at + 4]);
+    }
+}
+
+/// candle's blocks of `format` (Q8_0, Q4_0 or Q4_K, [`layout`]) of `(n, k)` (`n` divisible by
+/// eight) with each eight rows interleaved, block by block: group `G`'s block `b` is the eight
+/// rows' blocks at `(G kb + b) 8 held` bytes, their scales first, then for each four bytes `g`
+/// of their weights the eight rows' four side by side (row `m` at `16 + 32g + 4m` for Q8_0 and
+/// Q4_0; Q4_K: [`Q4KX8_BYTES`]). `None` if the bytes are not `n` rows of `k / weights` blocks.
 fn interleave(format: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Option<Vec<u8>> {
-    let block = block_bytes(format)?;
-    let kb = k / 32;
-    if !n.is_multiple_of(8) || !k.is_multiple_of(32) || bytes.len() != n * kb * block {
+    let l = layout(format)?;
+    let kb = k / l.weights;
+    if !n.is_multiple_of(8) || !k.is_multiple_of(l.weights) || bytes.len() != n * kb * l.bytes {
         return None;
     }
-    let mut out = vec![0u8; bytes.len()];
-    out.par_chunks_mut(kb * 8 * block)
-        .zip(bytes.par_chunks(8 * kb * block))
+    let mut out = vec![0u8; n * kb * l.held];
+    out.par_chunks_mut(kb * 8 * l.held)
+        .zip(bytes.par_chunks(8 * kb * l.bytes))
         .for_each(|(group, rows)| {
-            for (m, row) in rows.chunks_exact(kb * block).enumerate() {
-                for (b, one) in row.chunks_exact(block).enumerate() {
-                    let at = b * 8 * block;
-                    group[at + 2 * m..at + 2 * m + 2].copy_from_slice(&one[..2]);
-                    for (g, four) in one[2..].chunks_exact(4).enumerate() {
-                        let to = at + 16 + 32 * g + 4 * m;
-                        group[to..to + 4].copy_from_slice(four);
-                    }
+            let mut one = vec![0u8; l.bytes];
+            for (m, row) in rows.chunks_exact(kb * l.bytes).enumerate() {
+                for (b, block) in row.chunks_exact(l.bytes).enumerate() {
+                    one.copy_from_slice(block);
+                    let to = &mut group[b * 8 * l.held..(b + 1) * 8 * l.held];
+                    move_block(format, &mut one, to, m, false);
                 }
             }
         });
@@ -240,26 +298,24 @@ fn interleave(format: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Option<Vec
 /// Rows `first..first + rows` of interleaved blocks of `format` ([`interleave`], rows of `kb`
 /// blocks) in candle's layout, into `out` (`rows kb` blocks). False if they are not there.
 fn deinterleave(format: GgmlDType, bytes: &[u8], kb: usize, first: usize, out: &mut [u8]) -> bool {
-    let Some(block) = block_bytes(format) else {
+    let Some(l) = layout(format) else {
         return false;
     };
-    let rows = out.len() / (kb * block).max(1);
+    let rows = out.len() / (kb * l.bytes).max(1);
     if kb == 0
-        || out.len() != rows * kb * block
-        || (first + rows).div_ceil(8) * 8 * kb * block > bytes.len()
+        || out.len() != rows * kb * l.bytes
+        || (first + rows).div_ceil(8) * 8 * kb * l.held > bytes.len()
     {
         return false;
     }
-    for (r, row) in out.chunks_exact_mut(kb * block).enumerate() {
+    let mut group_block = vec![0u8; 8 * l.held];
+    for (r, row) in out.chunks_exact_mut(kb * l.bytes).enumerate() {
         let (group, m) = ((first + r) / 8, (first + r) % 8);
-        let base = group * kb * 8 * block;
-        for (b, one) in row.chunks_exact_mut(block).enumerate() {
-            let at = base + b * 8 * block;
-            one[..2].copy_from_slice(&bytes[at + 2 * m..at + 2 * m + 2]);
-            for (g, four) in one[2..].chunks_exact_mut(4).enumerate() {
-                let from = at + 16 + 32 * g + 4 * m;
-                four.copy_from_slice(&bytes[from..from + 4]);
-            }
+        let base = group * kb * 8 * l.held;
+        for (b, one) in row.chunks_exact_mut(l.bytes).enumerate() {
+            let at = base + b * 8 * l.held;
+            group_block.copy_from_slice(&bytes[at..at + 8 * l.held]);
+            move_block(format, one, &mut group_block, m, true);
         }
     }
     true
@@ -577,14 +633,14 @@ fn dequantize_into(
     out: &mut [f32],
 ) -> bool {
     if interleaved {
-        let kb = k / 32;
-        let Some(block) = block_bytes(format) else {
+        let Some(l) = layout(format) else {
             return false;
         };
+        let kb = k / l.weights;
         if out.len() != n * k
-            || !k.is_multiple_of(32)
+            || !k.is_multiple_of(l.weights)
             || !n.is_multiple_of(8)
-            || bytes.len() != n * kb * block
+            || bytes.len() != n * kb * l.held
         {
             return false;
         }
@@ -600,7 +656,7 @@ fn dequantize_into(
         }
         // Bands of 64 rows put back in candle's layout, then dequantized.
         return out.par_chunks_mut(64 * k).enumerate().all(|(band, ys)| {
-            let mut blocks = vec![0u8; ys.len() / 32 * block];
+            let mut blocks = vec![0u8; ys.len() / l.weights * l.bytes];
             deinterleave(format, bytes, kb, 64 * band, &mut blocks)
                 && dequantize_into(isa, format, false, &blocks, ys.len() / k, k, ys)
         });
@@ -680,12 +736,13 @@ pub(crate) fn dequantize_rows_cpu(q: &QWeight, ids: &[u32]) -> Result<Option<Ten
     let data = q.bytes()?;
     if q.interleaved() {
         // Each row put back in candle's layout, then candle's `to_float`.
-        let (kb, format) = (k / 32, q.dtype());
-        let Some(block) = block_bytes(format) else {
+        let format = q.dtype();
+        let Some(l) = layout(format) else {
             return Ok(None);
         };
+        let kb = k / l.weights;
         let mut out = vec![0f32; ids.len() * k];
-        let mut row = vec![0u8; kb * block];
+        let mut row = vec![0u8; kb * l.bytes];
         for (y, &id) in out.chunks_mut(k).zip(ids) {
             let done = deinterleave(format, &data, kb, id as usize, &mut row)
                 && dequantize_into(Isa::active(), format, false, &row, 1, k, y);
@@ -740,14 +797,14 @@ fn band_kernel<'a>(
     if let Some(kernel) = x86::kernel(isa, format, interleaved, bytes, n, k, x, rows) {
         return Some(Box::new(kernel));
     }
-    if interleaved {
-        return None;
-    }
     #[cfg(target_arch = "x86_64")]
     if format == GgmlDType::Q4K {
-        if let Some(kernel) = x86::q4k_kernel(isa, bytes, n, k, x, rows) {
+        if let Some(kernel) = x86::q4k_kernel(isa, interleaved, bytes, n, k, x, rows) {
             return Some(Box::new(kernel));
         }
+    }
+    if interleaved {
+        return None;
     }
     if needs_even_blocks(format, k) {
         return match format {
@@ -948,13 +1005,30 @@ mod x86 {
     use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8K, BlockQ8_0, GgmlType};
     use candle_core::quantized::GgmlDType;
 
-    use super::{BandKernel, Q4X8_BYTES, Q8X8_BYTES};
+    use super::{BandKernel, Q4KX8_BYTES, Q4X8_BYTES, Q8X8_BYTES};
     use crate::kernels::isa::{Isa, Level};
 
     /// Whether `isa` has what the kernels use (AVX2, FMA and F16C): an `Isa` is never above
     /// what the CPU has.
     fn available(isa: Isa) -> bool {
         isa.level() >= Level::Avx2
+    }
+
+    /// `$call!(form, n)` for a run of `$take` input rows with the form of `$dots`: up to four
+    /// rows with AVX-512 (32 registers), two without.
+    macro_rules! by_runs {
+        ($dots:expr, $take:expr, $call:ident, $evex:ident, $vex:ident, $avx2:ident) => {
+            match ($dots, $take) {
+                (Dots::Evex, 1) => $call!($evex, 1),
+                (Dots::Evex, 2) => $call!($evex, 2),
+                (Dots::Evex, 3) => $call!($evex, 3),
+                (Dots::Evex, _) => $call!($evex, 4),
+                (Dots::Vex, 1) => $call!($vex, 1),
+                (Dots::Vex, _) => $call!($vex, 2),
+                (Dots::Avx2, 1) => $call!($avx2, 1),
+                (Dots::Avx2, _) => $call!($avx2, 2),
+            }
+        };
     }
 
     /// How far ahead within a long row the kernels prefetch, in groups of eight blocks.
@@ -1535,7 +1609,53 @@ mod x86 {
         fn run_interleaved(&self, first: usize, out: &mut [f32]) {
             let feats = out.len() / self.rows.max(1);
             let (width, kb) = (self.width, self.kb);
-            let group_bytes = kb * if self.nibbles { Q4X8_BYTES } else { Q8X8_BYTES };
+            if self.nibbles {
+                // A few input rows at a time (what the registers hold: sixteen without
+                // AVX-512).
+                let most = if self.dots == Dots::Evex { 4 } else { 2 };
+                let group_bytes = kb * Q4X8_BYTES;
+                over_groups(
+                    self.weight,
+                    group_bytes,
+                    first,
+                    self.rows,
+                    most,
+                    out,
+                    |group, r, take, buf| {
+                        let input = |d: usize| RowInput {
+                            q: &self.signed[32 * kb * (r + d)..32 * kb * (r + d + 1)],
+                            minus: &self.minus[kb * (r + d)..kb * (r + d + 1)],
+                            scales: &self.input_scales[kb * (r + d)..kb * (r + d + 1)],
+                        };
+                        macro_rules! call {
+                            ($f:ident, $n:literal) => {
+                                buf[..$n].copy_from_slice(&$f::<$n, true>(
+                                    kb,
+                                    group,
+                                    std::array::from_fn(input),
+                                ))
+                            };
+                        }
+                        // SAFETY: the CPU has AVX2, FMA and F16C (`available`), AVX-512 VNNI and
+                        // VL at `Dots::Evex` (`Isa::vnni`), AVX-VNNI at `Dots::Vex`
+                        // (`Isa::avx_vnni`); `group` is `kb` interleaved Q4_0 blocks of eight rows,
+                        // and `signed` holds `32 kb` bytes and `minus` and `input_scales` `kb`
+                        // values a row.
+                        unsafe {
+                            by_runs!(
+                                self.dots,
+                                take,
+                                call,
+                                group_rows,
+                                group_rows_vex,
+                                group_rows_avx2
+                            )
+                        }
+                    },
+                );
+                return;
+            }
+            let group_bytes = kb * Q8X8_BYTES;
             let mut i = 0;
             while i < feats {
                 let at = (first + i) / 8 * group_bytes;
@@ -1543,11 +1663,6 @@ mod x86 {
                     return;
                 };
                 let here = (feats - i).min(8);
-                if self.nibbles {
-                    self.q4_0_group(group, i, here, out);
-                    i += 8;
-                    continue;
-                }
                 if width == 1 {
                     let input = |r: usize| RowInput {
                         q: &self.signed[32 * kb * r..32 * kb * (r + 1)],
@@ -1644,56 +1759,41 @@ mod x86 {
         }
     }
 
-    impl Kernel<'_> {
-        /// A group of eight interleaved Q4_0 weight rows (the band's rows `i..i + here`)
-        /// against every input row, a few at a time ([`group_rows`], [`group_rows_vex`],
-        /// [`group_rows_avx2`]; the group stays in the nearest cache meanwhile).
-        fn q4_0_group(&self, group: &[u8], i: usize, here: usize, out: &mut [f32]) {
-            let kb = self.kb;
-            // What the registers hold: sixteen without AVX-512.
-            let most = if self.dots == Dots::Evex { 4 } else { 2 };
+    /// Runs `dots` over a band of weight rows interleaved by eight, from `first` (a group's
+    /// start; groups of `group_bytes`), against `rows` input rows, up to `most` at a time:
+    /// `dots(group, r, take, buf)` fills `buf[..take]` with input rows `r..r + take`' dots with
+    /// the group's eight rows, which go to `out` (feature-major, `rows` values per weight row).
+    /// Each group stays in the nearest cache across its runs of input rows.
+    fn over_groups(
+        weight: &[u8],
+        group_bytes: usize,
+        first: usize,
+        rows: usize,
+        most: usize,
+        out: &mut [f32],
+        mut dots: impl FnMut(&[u8], usize, usize, &mut [[f32; 8]; 4]),
+    ) {
+        let feats = out.len() / rows.max(1);
+        let mut buf = [[0f32; 8]; 4];
+        let mut i = 0;
+        while i < feats {
+            let at = (first + i) / 8 * group_bytes;
+            let Some(group) = weight.get(at..at + group_bytes) else {
+                return;
+            };
+            let here = (feats - i).min(8);
             let mut r = 0;
-            while r < self.rows {
-                let take = (self.rows - r).min(most);
-                let input = |d: usize| RowInput {
-                    q: &self.signed[32 * kb * (r + d)..32 * kb * (r + d + 1)],
-                    minus: &self.minus[kb * (r + d)..kb * (r + d + 1)],
-                    scales: &self.input_scales[kb * (r + d)..kb * (r + d + 1)],
-                };
-                let mut put = |dots: &[[f32; 8]]| {
-                    for (dr, d) in dots.iter().enumerate() {
-                        for (j, v) in d.iter().enumerate().take(here) {
-                            out[(i + j) * self.rows + r + dr] = *v;
-                        }
-                    }
-                };
-                macro_rules! call {
-                    ($f:ident, $n:literal) => {
-                        put(&$f::<$n, true>(
-                            kb,
-                            group,
-                            std::array::from_fn(|d| input(d)),
-                        ))
-                    };
-                }
-                // SAFETY: the CPU has AVX2, FMA and F16C (`available`), AVX-512 VNNI and VL at
-                // `Dots::Evex` (`Isa::vnni`), AVX-VNNI at `Dots::Vex` (`Isa::avx_vnni`);
-                // `group` is `kb` interleaved Q4_0 blocks of eight rows, and `signed` holds
-                // `32 kb` bytes and `minus` and `input_scales` `kb` values a row.
-                unsafe {
-                    match (self.dots, take) {
-                        (Dots::Evex, 1) => call!(group_rows, 1),
-                        (Dots::Evex, 2) => call!(group_rows, 2),
-                        (Dots::Evex, 3) => call!(group_rows, 3),
-                        (Dots::Evex, _) => call!(group_rows, 4),
-                        (Dots::Vex, 1) => call!(group_rows_vex, 1),
-                        (Dots::Vex, _) => call!(group_rows_vex, 2),
-                        (Dots::Avx2, 1) => call!(group_rows_avx2, 1),
-                        (Dots::Avx2, _) => call!(group_rows_avx2, 2),
+            while r < rows {
+                let take = (rows - r).min(most).min(4);
+                dots(group, r, take, &mut buf);
+                for (dr, d) in buf.iter().enumerate().take(take) {
+                    for (j, v) in d.iter().enumerate().take(here) {
+                        out[(i + j) * rows + r + dr] = *v;
                     }
                 }
                 r += take;
             }
+            i += 8;
         }
     }
 
@@ -3138,6 +3238,9 @@ mod x86 {
         /// `vpdpwssd` with AVX-512 VNNI and VL ([`dot4_q4k_vnni`]) or AVX-VNNI
         /// ([`dot4_q4k_avx_vnni`]), else [`dot4_q4k`].
         dots: Dots,
+        /// Weight rows interleaved by eight ([`super::interleave`]):
+        /// [`Q4kKernel::run_interleaved`].
+        interleaved: bool,
         rows: usize,
     }
 
@@ -3146,6 +3249,7 @@ mod x86 {
     /// not fit.
     pub(super) fn q4k_kernel<'a>(
         isa: Isa,
+        interleaved: bool,
         bytes: &'a [u8],
         n: usize,
         k: usize,
@@ -3162,7 +3266,12 @@ mod x86 {
         }
         let kb = k / 256;
         let row_bytes = kb * Q4K_BYTES;
-        if bytes.len() != n * row_bytes {
+        let held = if interleaved {
+            kb * Q4KX8_BYTES / 8
+        } else {
+            row_bytes
+        };
+        if bytes.len() != n * held || (interleaved && !n.is_multiple_of(8)) {
             return None;
         }
         let mut input = vec![BlockQ8K::zeros(); rows * kb];
@@ -3190,6 +3299,7 @@ mod x86 {
             input_scales,
             input_sums,
             dots: Dots::of(isa),
+            interleaved,
             rows,
         })
     }
@@ -3206,6 +3316,10 @@ mod x86 {
 
     impl BandKernel for Q4kKernel<'_> {
         fn run(&self, first: usize, out: &mut [f32]) {
+            if self.interleaved {
+                self.run_interleaved(first, out);
+                return;
+            }
             let x = q8k_bytes(&self.input);
             let kb = self.kb;
             let x_row = kb * Q8K_BYTES;
@@ -3494,6 +3608,236 @@ mod x86 {
         true,
         _mm256_dpwssd_avx_epi32
     );
+
+    impl Q4kKernel<'_> {
+        /// [`BandKernel::run`] for weight rows interleaved by eight: a group of eight rows at
+        /// a time (`first` and every band start at a group) against every input row, a few at
+        /// a time ([`q4k_group`], [`q4k_group_vex`], [`q4k_group_avx2`]; the group stays in
+        /// the nearest cache meanwhile).
+        fn run_interleaved(&self, first: usize, out: &mut [f32]) {
+            let x = q8k_bytes(&self.input);
+            let kb = self.kb;
+            let x_row = kb * Q8K_BYTES;
+            // What the registers hold: sixteen without AVX-512.
+            let most = if self.dots == Dots::Evex { 4 } else { 2 };
+            let group_bytes = kb * Q4KX8_BYTES;
+            over_groups(
+                self.weight,
+                group_bytes,
+                first,
+                self.rows,
+                most,
+                out,
+                |group, r, take, buf| {
+                    let input = |d: usize| Q8kRow {
+                        q: &x[(r + d) * x_row..(r + d + 1) * x_row],
+                        d: &self.input_scales[(r + d) * kb..(r + d + 1) * kb],
+                        sums: &self.input_sums[(r + d) * kb..(r + d + 1) * kb],
+                    };
+                    macro_rules! call {
+                        ($f:ident, $n:literal) => {
+                            buf[..$n].copy_from_slice(&$f::<$n>(
+                                kb,
+                                group,
+                                std::array::from_fn(input),
+                            ))
+                        };
+                    }
+                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), AVX-512 VNNI and VL at
+                    // `Dots::Evex` (`Isa::vnni`), AVX-VNNI at `Dots::Vex` (`Isa::avx_vnni`);
+                    // `group` is `kb` interleaved Q4_K blocks of eight rows, and every input row
+                    // `kb` Q8_K blocks with `kb` scales and `kb` sums (lengths checked by
+                    // `q4k_kernel`).
+                    unsafe {
+                        by_runs!(
+                            self.dots,
+                            take,
+                            call,
+                            q4k_group,
+                            q4k_group_vex,
+                            q4k_group_avx2
+                        )
+                    }
+                },
+            );
+        }
+    }
+
+    /// Makes `$name`, with `$features`: a group's eight interleaved Q4_K weight rows
+    /// ([`super::Q4KX8_BYTES`], one row per lane) dotted with `R` Q8_K input rows. Per four
+    /// bytes `g` of the nibbles, one load of the eight rows' bytes, split once for the `R` rows
+    /// into the low nibbles (sub-block `2j`, `j = g / 8`) and the high (sub-block `2j + 1`); per
+    /// input row and half its four bytes broadcast and one `$dpbusd` (`$vnni`), else `maddubs`
+    /// and `madd` (at most `2 * 15 * 128` a pair). Each sub-block's 32 products are summed
+    /// exactly, multiplied by its row's 6-bit scale (`vpmulld`) and added, its mins times the
+    /// input's sums per sub-block likewise (`madd` on pairs of them), and each block's two i32
+    /// totals converted and added by two multiply-adds, `d` and `-dmin` times the input's scale:
+    /// a row gets the same bits alone, in any batch and on every instruction set. candle's
+    /// order (eight f32 lanes a block, [`dot4_q4k`]) differs from it by float rounding.
+    ///
+    /// # Safety
+    /// The CPU has `$features`; `group` is `kb` interleaved Q4_K blocks of eight rows, each
+    /// `x[r]` `kb` Q8_K blocks with `kb` scales and `kb` sums.
+    macro_rules! q4k_group_form {
+        ($name:ident, $features:literal, $vnni:literal, $dpbusd:ident) => {
+            // `r` indexes several arrays of accumulators at once.
+            #[allow(clippy::needless_range_loop)]
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const R: usize>(
+                kb: usize,
+                group: &[u8],
+                x: [Q8kRow; R],
+            ) -> [[f32; 8]; R] {
+                let low = _mm256_set1_epi8(0x0F);
+                let zero = _mm256_setzero_si256();
+                let (low6, low4, low2) = (
+                    _mm256_set1_epi8(0x3F),
+                    _mm256_set1_epi8(0x0F),
+                    _mm256_set1_epi8(0x03),
+                );
+                // Byte `t` of each 32-bit lane, zero-extended (`0x80`: a zero byte).
+                let byte: [__m256i; 4] = std::array::from_fn(|t| {
+                    let lane = |l: i32| (0x8080_8000_u32 as i32) | (4 * l + t as i32);
+                    _mm256_setr_epi32(
+                        lane(0),
+                        lane(1),
+                        lane(2),
+                        lane(3),
+                        lane(0),
+                        lane(1),
+                        lane(2),
+                        lane(3),
+                    )
+                });
+                // Bytes `2q` and `2q + 1` of each 32-bit lane, as two i16.
+                let pair: [__m256i; 2] = std::array::from_fn(|q| {
+                    let lane = |l: i32| {
+                        let at = 4 * l + 2 * q as i32;
+                        at | (0x80 << 8) | ((at + 1) << 16) | (0x80_u32 << 24) as i32
+                    };
+                    _mm256_setr_epi32(
+                        lane(0),
+                        lane(1),
+                        lane(2),
+                        lane(3),
+                        lane(0),
+                        lane(1),
+                        lane(2),
+                        lane(3),
+                    )
+                });
+                let mut acc = [_mm256_setzero_ps(); R];
+                let base = group.as_ptr();
+                for b in 0..kb {
+                    // SAFETY (all pointer arithmetic below): block `b < kb` of the group is
+                    // `Q4KX8_BYTES` bytes from `Q4KX8_BYTES b` (offsets as
+                    // `super::Q4KX8_BYTES` lays them out); input block `b` of each row is
+                    // `Q8K_BYTES` bytes, its 256 i8 from 4 on, and its scale and sums are
+                    // entry `b`.
+                    let at = unsafe { base.add(Q4KX8_BYTES * b) };
+                    prefetch_blocks_ahead!(at, Q4KX8_BYTES);
+                    let wd = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(at.cast()) });
+                    let wm = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(at.add(16).cast()) });
+                    // The eight rows' 6-bit scales and mins, row `m` in lane `m` (ggml's
+                    // `get_scale_min_k4` on the three words of each): scales 0-3 and 4-7, mins
+                    // 0-3 and 4-7, a byte each.
+                    let word = |w: usize| unsafe { _mm256_loadu_si256(at.add(32 + 32 * w).cast()) };
+                    let (a, bw, c) = (word(0), word(1), word(2));
+                    let top = |v: __m256i| {
+                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(v, 6), low2), 4)
+                    };
+                    let scales = [
+                        _mm256_and_si256(a, low6),
+                        _mm256_or_si256(_mm256_and_si256(c, low4), top(a)),
+                    ];
+                    let mins = [
+                        _mm256_and_si256(bw, low6),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(c, 4), low4), top(bw)),
+                    ];
+                    let mut sums = [zero; R];
+                    for j in 0..4 {
+                        let mut lows = [zero; R];
+                        let mut highs = [zero; R];
+                        for t in 0..8 {
+                            let raw = unsafe {
+                                _mm256_loadu_si256(at.add(128 + 32 * (8 * j + t)).cast())
+                            };
+                            let lo = _mm256_and_si256(raw, low);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                            for r in 0..R {
+                                let xq = unsafe {
+                                    x[r].q.as_ptr().add(Q8K_BYTES * b + 4 + 64 * j + 4 * t)
+                                };
+                                let xl = _mm256_set1_epi32(unsafe {
+                                    std::ptr::read_unaligned(xq.cast::<i32>())
+                                });
+                                let xh = _mm256_set1_epi32(unsafe {
+                                    std::ptr::read_unaligned(xq.add(32).cast::<i32>())
+                                });
+                                lows[r] = byte_dot!($vnni, $dpbusd, lows[r], lo, xl);
+                                highs[r] = byte_dot!($vnni, $dpbusd, highs[r], hi, xh);
+                            }
+                        }
+                        let scale = |s: usize| _mm256_shuffle_epi8(scales[s / 4], byte[s % 4]);
+                        let (sl, sh) = (scale(2 * j), scale(2 * j + 1));
+                        for r in 0..R {
+                            let both = _mm256_add_epi32(
+                                _mm256_mullo_epi32(lows[r], sl),
+                                _mm256_mullo_epi32(highs[r], sh),
+                            );
+                            sums[r] = _mm256_add_epi32(sums[r], both);
+                        }
+                    }
+                    let mut total = [zero; R];
+                    for p in 0..4 {
+                        // Mins 2p and 2p + 1 of each row, as two i16.
+                        let m = _mm256_shuffle_epi8(mins[p / 2], pair[p % 2]);
+                        for r in 0..R {
+                            // Sub-blocks 2p and 2p + 1's input sums, as two i16.
+                            let two = _mm256_set1_epi32(unsafe {
+                                std::ptr::read_unaligned(
+                                    x[r].sums[b].as_ptr().add(2 * p).cast::<i32>(),
+                                )
+                            });
+                            total[r] = _mm256_add_epi32(total[r], _mm256_madd_epi16(m, two));
+                        }
+                    }
+                    for r in 0..R {
+                        let xd = _mm256_set1_ps(x[r].d[b]);
+                        let (d, dm) = (_mm256_mul_ps(wd, xd), _mm256_mul_ps(wm, xd));
+                        acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums[r]), acc[r]);
+                        acc[r] = _mm256_fnmadd_ps(dm, _mm256_cvtepi32_ps(total[r]), acc[r]);
+                    }
+                }
+                let mut dots = [[0f32; 8]; R];
+                for (d, a) in dots.iter_mut().zip(&acc) {
+                    // SAFETY: eight floats.
+                    unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
+                }
+                dots
+            }
+        };
+    }
+
+    q4k_group_form!(
+        q4k_group,
+        "avx512f,avx512vnni,avx512vl,avx2,fma,f16c",
+        true,
+        _mm256_dpbusd_epi32
+    );
+    q4k_group_form!(
+        q4k_group_vex,
+        "avxvnni,avx2,fma,f16c",
+        true,
+        _mm256_dpbusd_avx_epi32
+    );
+    // (The AVX2 form never takes its `$dpbusd`: `$vnni` is false.)
+    q4k_group_form!(
+        q4k_group_avx2,
+        "avx2,fma,f16c",
+        false,
+        _mm256_dpbusd_avx_epi32
+    );
 }
 
 #[cfg(test)]
@@ -3560,6 +3904,65 @@ mod tests {
         Ok(out)
     }
 
+    /// A Q4_K block's eight 6-bit scales and eight 6-bit mins from its 12 packed bytes (ggml's
+    /// `get_scale_min_k4`).
+    fn unpack_scales_mins(q: &[u8]) -> ([u8; 8], [u8; 8]) {
+        let mut scales = [0u8; 8];
+        let mut mins = [0u8; 8];
+        for j in 0..4 {
+            scales[j] = q[j] & 63;
+            mins[j] = q[j + 4] & 63;
+            scales[j + 4] = (q[j + 8] & 15) | ((q[j] >> 6) << 4);
+            mins[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
+        }
+        (scales, mins)
+    }
+
+    /// Q4_K with exact block sums, written as the definition: each input row quantized to
+    /// Q8_K blocks as candle does; per block, each sub-block of 32's products of nibble and
+    /// input summed in i32 and times its 6-bit scale, its mins times the sub-block's input sum,
+    /// the two totals converted and added in f32 by a multiply-add each, `d` then `-dmin`
+    /// times the input's scale, block after block.
+    fn q4k_exact_reference(x: &[f32], q: &QTensor, rows: usize) -> Result<Vec<f32>> {
+        let (n, k) = q.shape().dims2()?;
+        let kb = k / 256;
+        let input = Tensor::from_vec(x[..rows * k].to_vec(), (rows, k), &Device::Cpu)?;
+        let input = QTensor::quantize(&input, GgmlDType::Q8K)?.data()?.to_vec();
+        let weight = q.data()?;
+        let f16 = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        let mut out = vec![0f32; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                let mut acc = 0f32;
+                for b in 0..kb {
+                    let w = &weight[(j * kb + b) * 144..(j * kb + b + 1) * 144];
+                    let xb = &input[(r * kb + b) * 292..(r * kb + b + 1) * 292];
+                    let xd = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+                    let (scales, mins) = unpack_scales_mins(&w[4..16]);
+                    let (mut sums, mut mins_total) = (0i32, 0i32);
+                    for sub in 0..8 {
+                        let (pair, high) = (sub / 2, sub % 2 == 1);
+                        let mut dot = 0i32;
+                        let mut xsum = 0i32;
+                        for l in 0..32 {
+                            let byte = w[16 + 32 * pair + l];
+                            let nib = if high { byte >> 4 } else { byte & 15 };
+                            let xv = i32::from(xb[4 + 32 * sub + l] as i8);
+                            dot += i32::from(nib) * xv;
+                            xsum += xv;
+                        }
+                        sums += i32::from(scales[sub]) * dot;
+                        mins_total += i32::from(mins[sub]) * xsum;
+                    }
+                    acc = (f16(w, 0) * xd).mul_add(sums as f32, acc);
+                    acc = (-(f16(w, 2) * xd)).mul_add(mins_total as f32, acc);
+                }
+                out[r * n + j] = acc;
+            }
+        }
+        Ok(out)
+    }
+
     /// The reference for rows of width `k` of `format`: candle's matmul, or nothing where the
     /// kernel dequantizes rows (candle's dot would assert).
     fn candle_reference(
@@ -3599,14 +4002,14 @@ mod tests {
         for (q, held) in pieces.iter().zip(held) {
             let (n, k) = q.shape().dims2()?;
             let want = candle_reference(format, xs, q, rows)?;
-            // Q8_0 with SIMD, and interleaved Q4_0, sum each block exactly: the definition's
-            // bits.
-            let exact_sums = isa.level() != Level::Portable
-                && (format == GgmlDType::Q8_0 || (format == GgmlDType::Q4_0 && held.interleaved()));
-            let definition = if exact_sums {
-                exact_sums_reference(xs, q, rows)?
-            } else {
-                Vec::new()
+            // Q8_0 with SIMD, and interleaved Q4_0 and Q4_K, sum each block exactly: the
+            // definition's bits.
+            let exact_sums =
+                isa.level() != Level::Portable && (format == GgmlDType::Q8_0 || held.interleaved());
+            let definition = match (exact_sums, format) {
+                (false, _) => Vec::new(),
+                (true, GgmlDType::Q4K) => q4k_exact_reference(xs, q, rows)?,
+                (true, _) => exact_sums_reference(xs, q, rows)?,
             };
             // The input's own quantization (8 bits per block) is all that separates the kernel
             // from the dequantized product.
@@ -3631,7 +4034,7 @@ mod tests {
                             "{isa:?} {format:?} k {k}: {g} {e}"
                         );
                     }
-                    if format == GgmlDType::Q4K {
+                    if format == GgmlDType::Q4K && !exact_sums {
                         // No tolerance: the same integer sums, converted, scaled and added by
                         // the same f32 operations in the same order as candle's (its own dot
                         // product on the portable path).
@@ -3694,10 +4097,14 @@ mod tests {
     /// other formats and shapes decline.
     #[test]
     fn interleaved_rows_are_the_same_bytes() -> Result<()> {
-        for (format, size) in [(GgmlDType::Q8_0, 34), (GgmlDType::Q4_0, 18)] {
-            let q = QTensor::quantize(&seeded(&[24, 96], 3)?, format)?;
+        for (format, size, k) in [
+            (GgmlDType::Q8_0, 34, 96),
+            (GgmlDType::Q4_0, 18, 96),
+            (GgmlDType::Q4K, 144, 768),
+        ] {
+            let q = QTensor::quantize(&seeded(&[24, k], 3)?, format)?;
             let bytes = q.data()?;
-            let mixed = interleave(format, &bytes, 24, 96)
+            let mixed = interleave(format, &bytes, 24, k)
                 .ok_or_else(|| crate::Error::Input("24 rows of 3 blocks interleave".into()))?;
             assert_eq!(mixed.len(), bytes.len());
             assert_ne!(mixed[..], bytes[..]);
@@ -3708,11 +4115,41 @@ mod tests {
             assert!(deinterleave(format, &mixed, 3, 11, &mut band));
             assert_eq!(band[..], bytes[11 * 3 * size..16 * 3 * size]);
             assert!(!deinterleave(format, &mixed, 3, 20, &mut band));
-            assert!(interleave(format, &bytes, 12, 192).is_none());
-            assert!(interleave(format, &bytes[..size * 3 * 20], 20, 96).is_none());
+            assert!(interleave(format, &bytes, 12, 2 * k).is_none());
+            assert!(interleave(format, &bytes[..size * 3 * 20], 20, k).is_none());
         }
-        let q = QTensor::quantize(&seeded(&[8, 256], 3)?, GgmlDType::Q4K)?;
-        assert!(interleave(GgmlDType::Q4K, &q.data()?, 8, 256).is_none());
+        let q = QTensor::quantize(&seeded(&[8, 256], 3)?, GgmlDType::Q6K)?;
+        assert!(interleave(GgmlDType::Q6K, &q.data()?, 8, 256).is_none());
+        Ok(())
+    }
+
+    /// The tests' reading of Q4_K's packed scales and mins is candle's: a sub-block whose
+    /// nibbles are all 1 dequantizes to `d sc - dmin m`.
+    #[test]
+    fn q4_k_scales_and_mins_unpack_as_candle_reads_them() -> Result<()> {
+        // Sub-block `s` of a block whose nibbles are all 1 dequantizes to `d sc_s - dmin m_s`.
+        let q = QTensor::quantize(&seeded(&[1, 256], 4)?, GgmlDType::Q4K)?;
+        let mut bytes = q.data()?.to_vec();
+        bytes[16..144].fill(0x11);
+        let (scales, mins) = unpack_scales_mins(&bytes[4..16]);
+        let f16 = |at: usize| half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+        let mut got = vec![0f32; 256];
+        assert!(dequantize_into(
+            Isa::cpu().at_most(Level::Portable),
+            GgmlDType::Q4K,
+            false,
+            &bytes,
+            1,
+            256,
+            &mut got
+        ));
+        for s in 0..8 {
+            let want = f16(0) * f32::from(scales[s]) - f16(2) * f32::from(mins[s]);
+            assert!(
+                (got[32 * s + 5] - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{s}"
+            );
+        }
         Ok(())
     }
 
@@ -3782,13 +4219,14 @@ mod tests {
     /// takes): every row gets its bits alone, and on every instruction set its reference's.
     #[test]
     fn batches_of_many_groups_give_each_row_its_bits_alone() -> Result<()> {
-        for (format, width) in [
-            (GgmlDType::Q8_0, 21),
-            (GgmlDType::Q8_0, 24),
-            (GgmlDType::Q4_0, 24),
+        for (format, width, k) in [
+            (GgmlDType::Q8_0, 21, 288),
+            (GgmlDType::Q8_0, 24, 288),
+            (GgmlDType::Q4_0, 24, 288),
+            (GgmlDType::Q4K, 24, 512),
         ] {
-            let pieces = quantized_pieces(format, 288, &[width])?;
-            let x = seeded(&[64, 288], 5)?;
+            let pieces = quantized_pieces(format, k, &[width])?;
+            let x = seeded(&[64, k], 5)?;
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
             for isa in Isa::supported() {
                 for held in forms(&pieces, isa)? {
@@ -3909,15 +4347,19 @@ mod tests {
     /// (exact block sums), whatever the chunk's length.
     #[test]
     fn a_prompt_chunk_of_interleaved_weights_gets_the_bits_of_a_decode_step() -> Result<()> {
-        for format in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
-            a_prompt_chunk_gets_the_bits_of_a_decode_step(format)?;
+        for (format, k) in [
+            (GgmlDType::Q8_0, 320),
+            (GgmlDType::Q4_0, 320),
+            (GgmlDType::Q4K, 512),
+        ] {
+            a_prompt_chunk_gets_the_bits_of_a_decode_step(format, k)?;
         }
         Ok(())
     }
 
-    fn a_prompt_chunk_gets_the_bits_of_a_decode_step(format: GgmlDType) -> Result<()> {
+    fn a_prompt_chunk_gets_the_bits_of_a_decode_step(format: GgmlDType, k: usize) -> Result<()> {
         let isa = Isa::active();
-        let (k, m) = (320, 70);
+        let m = 70;
         let pieces = quantized_pieces(format, k, &[48, 16])?;
         let held = pieces
             .iter()
@@ -4109,13 +4551,16 @@ mod tests {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
             let isa = Isa::cpu();
-            assert_eq!(x86::q4k_kernel(isa, &bytes, 6, 512, &x, 2).is_some(), cpu);
+            assert_eq!(
+                x86::q4k_kernel(isa, false, &bytes, 6, 512, &x, 2).is_some(),
+                cpu
+            );
             let portable = isa.at_most(crate::kernels::isa::Level::Portable);
-            assert!(x86::q4k_kernel(portable, &bytes, 6, 512, &x, 2).is_none());
-            assert!(x86::q4k_kernel(isa, &bytes, 5, 512, &x, 2).is_none());
-            assert!(x86::q4k_kernel(isa, &bytes, 8, 384, &x[..768], 2).is_none());
-            assert!(x86::q4k_kernel(isa, &bytes, 6, 512, &x[..500], 1).is_none());
-            assert!(x86::q4k_kernel(isa, &bytes[1..], 6, 512, &x, 2).is_none());
+            assert!(x86::q4k_kernel(portable, false, &bytes, 6, 512, &x, 2).is_none());
+            assert!(x86::q4k_kernel(isa, false, &bytes, 5, 512, &x, 2).is_none());
+            assert!(x86::q4k_kernel(isa, false, &bytes, 8, 384, &x[..768], 2).is_none());
+            assert!(x86::q4k_kernel(isa, false, &bytes, 6, 512, &x[..500], 1).is_none());
+            assert!(x86::q4k_kernel(isa, false, &bytes[1..], 6, 512, &x, 2).is_none());
         }
         Ok(())
     }
