@@ -8,67 +8,42 @@
 //! K-quants), and each block's integer dot product is scaled and summed in f32, as candle and
 //! llama.cpp do.
 //!
-//! The dot products are candle's (`GgmlType::vec_dot_4`), except for Q8_0, Q4_0 and Q4_K on
-//! x86-64 with AVX2, FMA and F16C, which take [`x86`]'s: candle converts two f16 scales per
-//! 32-weight block through a function call (more than the block's arithmetic) and takes one row
-//! at a time. [`x86`] converts eight scales in one instruction and dots four weight rows with up
-//! to four input rows per pass (two on AVX2), so that what a weight block alone decides (its
-//! scales, `|w|`, its nibbles, Q4_K's scales and mins) is made once for the rows of a batch. On
-//! AVX-512 CPUs with VNNI each Q4_0 block and pair of rows is one `vpdpbusd`, the stored nibbles
-//! unsigned with each input block's lanes starting from -8 times its sums. These forms sum the
-//! same exact i32 lanes and add them with candle's f32 operations in candle's order: the same
-//! results as candle, bit for bit, alone or in a batch, on either instruction set.
+//! **Interleaved rows.** Where the CPU has AVX2, FMA and F16C, a model's Q8_0, Q4_0 and Q4_K
+//! weights are held with each eight rows interleaved ([`QWeight`], [`interleave`]): block by
+//! block, the eight rows' scales, then each four bytes of the eight rows side by side (the same
+//! bytes, moved once at load; the last group padded with rows of zeros). One input row then
+//! dots a group's eight rows, one per 32-bit lane, with one load and one `vpdpbusd` per four
+//! bytes (AVX-512 VNNI or AVX-VNNI; with AVX2 alone `maddubs` and `madd`), where candle's layout
+//! puts one row's block in a register and needs the eight rows transposed (24 shuffles a block)
+//! or each row's lanes summed across: on a 2-core AMD EPYC (30-50 GB/s) one row read Q8_0
+//! weights at 20-24 GB/s that way and reads them at 28-31 GB/s interleaved, Q4_0 17.5 -> 26-29,
+//! Q4_K 22 -> 23-29 (from the cache 27 -> 44-51).
 //!
-//! Q8_0 is the exception, for batches' sake: candle's arithmetic converts and multiply-adds
-//! eight partial sums per block and row, which bounds a batch's products by arithmetic. Here
-//! each block's 32 products are summed exactly into one i32 per (input row, weight row),
-//! converted and added by one multiply-add with the product of the scales, block after block.
-//! A batch puts its input rows in the lanes: with `vpdpbusd` ([`x86`]'s `byte_dot_forms`, from
-//! AVX-512 VNNI or AVX-VNNI) eight per block for 8 or 16 rows (16 rows of a step 1.7x faster
-//! than candle's lanes); with AVX2 alone (`dot4x_lanes_avx2`) one `madd` and one add per pair
-//! of bytes for 8 rows, the input widened to i16 once per call and two groups of rows sharing
-//! each broadcast weight (16 rows 1.4x faster). A few rows put eight weight rows in the lanes
-//! instead (`dot8x_rows`, `dot8x_rows_vex`, `dot8x_rows_avx2`). Every form gives a row the same
-//! bits, alone or in any batch, on every instruction set; they differ from candle's (and the
-//! portable path's) by f32 rounding only: the integer sums are exact either way, and the order
-//! of the additions is fixed.
+//! * Q8_0 and Q4_0 ([`x86`]'s `group_rows`): Q4_0's four bytes hold two runs of four weights,
+//!   the low and the high nibbles, stored as `w + 8` (the unsigned operand as they are, each
+//!   block's lanes starting from -8 times its input bytes' sum); Q8_0's weights are biased to
+//!   `w + 128` (its lanes starting from -128 times the sum).
+//! * Q4_K (`q4k_group`): the 12 bytes of packed 6-bit scales and mins are interleaved too, so
+//!   that a dozen vector operations unpack eight rows' at once; each sub-block's exact sum is
+//!   multiplied by its rows' scales in one `vpmulld`, the mins by the input's sub-block sums in
+//!   `madd` pairs.
 //!
-//! With AVX2 a model's Q8_0, Q4_0 and Q4_K weights are held with each eight rows interleaved
-//! ([`QWeight`]): block by block, the eight rows' scales, then each four bytes of the eight rows
-//! side by side, the same bytes moved. One input row then dots a group's eight rows with one
-//! load and one `vpdpbusd` per four bytes (`group_rows`; without VNNI a sign, `maddubs` and
-//! `madd`, `group_rows_avx2`), where candle's layout needs the eight blocks transposed first (24
-//! shuffles a block) or each row's lanes summed across: on a 2-core AMD EPYC (30-50 GB/s) one
-//! row read Q8_0 weights at 20-24 GB/s that way and reads them at 28-31 GB/s interleaved.
-//! Batches put their input rows in the lanes as before (`q8x8_lanes16`, `q8x8_lanes_avx2`), and
-//! with `vpdpbusd` so do prompt chunks. The arithmetic is the exact block sums': the same bits
-//! in either layout.
+//! Every form sums each block's products exactly into one i32 per (input row, weight row),
+//! converts it and adds it by one multiply-add with the product of the scales (Q4_K: two, `d`
+//! and `-dmin`), block after block: a row gets the same bits alone, in any batch and on every
+//! instruction set. candle's order (eight f32 lanes a block and row, summed at the end) differs
+//! from it by float rounding; the tests hold every form to the definition, bit for bit.
 //!
-//! Interleaved Q4_0 takes Q8_0's arithmetic too (the same `group_rows` forms): each four
-//! bytes of the eight rows hold two runs of four weights (the low and the high nibbles), and
-//! each block's 32 products are summed exactly, where candle's order adds eight lanes a block
-//! in f32. So interleaved Q4_0 differs from candle's Q4_0 (and from its own forms over
-//! candle's layout, kept for row counts not divisible by eight) by float rounding. Batches and
-//! prompt chunks (with `vpdpbusd`) take the same form a few input rows at a time, the group's
-//! blocks in the nearest cache: on the AMD EPYC one row 1.5x, 16 rows 1.8x, and prompts 1.3x
-//! faster than the forms over candle's layout and the dequantized gemm.
+//! Batches of Q4_0 and Q4_K take the same forms a few input rows at a time, each group in the
+//! nearest cache meanwhile; batches of Q8_0 put their input rows in the lanes (8 or 16 to a
+//! register with `vpdpbusd`, `q8x8_lanes16`; with AVX2 alone as i16 pairs, `q8x8_lanes_avx2`).
+//! Prompt chunks of interleaved weights take the kernel too where the CPU has `vpdpbusd`
+//! ([`prefill_product_cpu`]); other weights are dequantized into a reused buffer and take the
+//! float gemm.
 //!
-//! Interleaved Q4_K (`q4k_group`, `q4k_group_avx2`) lays out each four bytes of eight rows'
-//! packed scales and mins side by side as it does their nibbles, so that eight rows' 6-bit
-//! scales and mins are unpacked by a dozen vector operations a block, where candle's order
-//! spends a dozen scalar ones per row. Each sub-block's exact sum of 32 products (one
-//! `vpdpbusd` per four bytes of eight rows and input row) is multiplied by its rows' scales
-//! in one `vpmulld`, the mins by the input's sub-block sums in `madd` pairs, and each block's
-//! two i32 totals are added by two multiply-adds, where candle's order adds eight f32 lanes a
-//! block (float rounding apart). On the AMD EPYC one row 1.3x (22 -> 27-29 GB/s; from the
-//! cache 27 -> 51), 16 rows 1.75x.
-//!
-//! Which of these run is decided by [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA`
-//! lowers it (`portable` takes candle's dot products everywhere).
-//!
-//! Prompt chunks (more rows) of interleaved weights take the same kernel; other weights are
-//! dequantized into a reused buffer and take the float gemm ([`prefill_product_cpu`]); Q8_0,
-//! Q4_0 and Q4_K dequantize with AVX2, again with candle's operations.
+//! Rows in candle's layout (other formats, other devices, [`crate::Kernels::Portable`]) take
+//! candle's dot products (`GgmlType::vec_dot_4`). Which instructions run is decided by
+//! [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA` lowers it.
 
 use std::sync::Arc;
 
@@ -95,11 +70,11 @@ use crate::Result;
 pub(crate) enum QWeight {
     /// candle's blocks, as loaded.
     Blocks(Arc<QTensor>),
-    /// Q8_0 or Q4_0 rows interleaved in groups of eight ([`interleave`]); on the CPU.
+    /// Q8_0, Q4_0 or Q4_K rows interleaved in groups of eight ([`interleave`]); on the CPU.
     Interleaved {
-        /// Q8_0 or Q4_0.
+        /// Q8_0, Q4_0 or Q4_K.
         format: GgmlDType,
-        /// Rows (a multiple of eight).
+        /// Rows (the bytes hold them padded to a multiple of eight).
         n: usize,
         /// Columns (a multiple of 32).
         k: usize,
@@ -108,14 +83,13 @@ pub(crate) enum QWeight {
 }
 
 impl QWeight {
-    /// `q` as the kernels of `isa` read it best: Q8_0, Q4_0 and Q4_K on the CPU with AVX2, of
-    /// a row count divisible by eight, interleaved; anything else as it is.
+    /// `q` as the kernels of `isa` read it best: Q8_0, Q4_0 and Q4_K on the CPU with AVX2
+    /// interleaved (the rows padded to a multiple of eight); anything else as it is.
     pub(crate) fn prepared(q: Arc<QTensor>, isa: Isa) -> Result<QWeight> {
         let (n, k) = q.shape().dims2()?;
         let format = q.dtype();
         let interleaves = layout(format).is_some_and(|l| k.is_multiple_of(l.weights))
             && q.device().is_cpu()
-            && n.is_multiple_of(8)
             && n > 0;
         #[cfg(target_arch = "x86_64")]
         if interleaves && x86::interleaves(isa) {
@@ -203,27 +177,21 @@ fn integer_prompts(isa: Isa) -> bool {
 struct Layout {
     /// Weights per block.
     weights: usize,
-    /// Bytes of a block in candle's layout.
+    /// Bytes of a block (interleaved, a group of eight rows' blocks is eight times this).
     bytes: usize,
-    /// Bytes of a block interleaved (a group of eight rows' blocks is eight times this).
-    held: usize,
 }
 
 /// The layout of `format` where it can be interleaved: Q8_0 (an f16 scale, 32 i8), Q4_0 (an
 /// f16 scale, 16 bytes of nibbles) and Q4_K (f16 `d` and `dmin`, 12 bytes of packed 6-bit
 /// scales and mins, 128 bytes of nibbles).
 fn layout(format: GgmlDType) -> Option<Layout> {
-    let (weights, bytes, held) = match format {
-        GgmlDType::Q8_0 => (32, 34, 34),
-        GgmlDType::Q4_0 => (32, 18, 18),
-        GgmlDType::Q4K => (256, 144, 144),
+    let (weights, bytes) = match format {
+        GgmlDType::Q8_0 => (32, 34),
+        GgmlDType::Q4_0 => (32, 18),
+        GgmlDType::Q4K => (256, 144),
         _ => return None,
     };
-    Some(Layout {
-        weights,
-        bytes,
-        held,
-    })
+    Some(Layout { weights, bytes })
 }
 
 /// Bytes of eight Q8_0 blocks interleaved: the eight f16 scales, then for each four bytes `g`
@@ -242,53 +210,44 @@ const Q4X8_BYTES: usize = 8 * 18;
 /// `2(g / 8) + 1`'s).
 const Q4KX8_BYTES: usize = 8 * 144;
 
-/// Block `one` of candle's layout (row `m` of a group) into its group block at `to`, as
-/// [`interleave`] lays `format` out, or back (`back`).
-fn move_block(format: GgmlDType, one: &mut [u8], to: &mut [u8], m: usize, back: bool) {
-    let copy = |a: &mut [u8], b: &mut [u8]| {
-        if back {
-            a.copy_from_slice(b)
-        } else {
-            b.copy_from_slice(a)
-        }
+/// Where row `m`'s block of `format` goes in its group block ([`interleave`]): `(from, to,
+/// len)`, bytes `from..from + len` of the block at `to..` of the group block; its scales, then
+/// four bytes at a time.
+fn placements(format: GgmlDType, m: usize) -> Vec<(usize, usize, usize)> {
+    let (block, scales, body) = match format {
+        // `d` and `dmin`, then the packed scales and the nibbles from 32 on.
+        GgmlDType::Q4K => (144, vec![(0, 2 * m, 2), (2, 16 + 2 * m, 2)], (4, 32)),
+        GgmlDType::Q4_0 => (18, vec![(0, 2 * m, 2)], (2, 16)),
+        _ => (34, vec![(0, 2 * m, 2)], (2, 16)),
     };
-    if format == GgmlDType::Q4K {
-        copy(&mut one[..2], &mut to[2 * m..2 * m + 2]);
-        copy(&mut one[2..4], &mut to[16 + 2 * m..18 + 2 * m]);
-        for (g, four) in one[4..].chunks_exact_mut(4).enumerate() {
-            let at = 32 + 32 * g + 4 * m;
-            copy(four, &mut to[at..at + 4]);
-        }
-        return;
-    }
-    copy(&mut one[..2], &mut to[2 * m..2 * m + 2]);
-    for (g, four) in one[2..].chunks_exact_mut(4).enumerate() {
-        let at = 16 + 32 * g + 4 * m;
-        copy(four, &mut to[at..at + 4]);
-    }
+    let (from, to) = body;
+    let fours = (0..(block - from) / 4).map(|g| (from + 4 * g, to + 32 * g + 4 * m, 4));
+    scales.into_iter().chain(fours).collect()
 }
 
-/// candle's blocks of `format` (Q8_0, Q4_0 or Q4_K, [`layout`]) of `(n, k)` (`n` divisible by
-/// eight) with each eight rows interleaved, block by block: group `G`'s block `b` is the eight
-/// rows' blocks at `(G kb + b) 8 held` bytes, their scales first, then for each four bytes `g`
-/// of their weights the eight rows' four side by side (row `m` at `16 + 32g + 4m` for Q8_0 and
-/// Q4_0; Q4_K: [`Q4KX8_BYTES`]). `None` if the bytes are not `n` rows of `k / weights` blocks.
+/// candle's blocks of `format` (Q8_0, Q4_0 or Q4_K, [`layout`]) of `(n, k)` with each eight
+/// rows interleaved, block by block: group `G`'s block `b` is the eight rows' blocks at
+/// `(G kb + b) 8 held` bytes, their scales first, then for each four bytes `g` of their weights
+/// the eight rows' four side by side (row `m` at `16 + 32g + 4m` for Q8_0 and Q4_0; Q4_K:
+/// [`Q4KX8_BYTES`]). The last group is padded with rows of zeros (scales of zero: products of
+/// zero, never read back). `None` if the bytes are not `n` rows of `k / weights` blocks.
 fn interleave(format: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Option<Vec<u8>> {
     let l = layout(format)?;
     let kb = k / l.weights;
-    if !n.is_multiple_of(8) || !k.is_multiple_of(l.weights) || bytes.len() != n * kb * l.bytes {
+    if !k.is_multiple_of(l.weights) || bytes.len() != n * kb * l.bytes {
         return None;
     }
-    let mut out = vec![0u8; n * kb * l.held];
-    out.par_chunks_mut(kb * 8 * l.held)
+    let mut out = vec![0u8; n.next_multiple_of(8) * kb * l.bytes];
+    out.par_chunks_mut(kb * 8 * l.bytes)
         .zip(bytes.par_chunks(8 * kb * l.bytes))
         .for_each(|(group, rows)| {
-            let mut one = vec![0u8; l.bytes];
             for (m, row) in rows.chunks_exact(kb * l.bytes).enumerate() {
+                let places = placements(format, m);
                 for (b, block) in row.chunks_exact(l.bytes).enumerate() {
-                    one.copy_from_slice(block);
-                    let to = &mut group[b * 8 * l.held..(b + 1) * 8 * l.held];
-                    move_block(format, &mut one, to, m, false);
+                    let at = b * 8 * l.bytes;
+                    for &(from, to, len) in &places {
+                        group[at + to..at + to + len].copy_from_slice(&block[from..from + len]);
+                    }
                 }
             }
         });
@@ -304,18 +263,19 @@ fn deinterleave(format: GgmlDType, bytes: &[u8], kb: usize, first: usize, out: &
     let rows = out.len() / (kb * l.bytes).max(1);
     if kb == 0
         || out.len() != rows * kb * l.bytes
-        || (first + rows).div_ceil(8) * 8 * kb * l.held > bytes.len()
+        || (first + rows).div_ceil(8) * 8 * kb * l.bytes > bytes.len()
     {
         return false;
     }
-    let mut group_block = vec![0u8; 8 * l.held];
     for (r, row) in out.chunks_exact_mut(kb * l.bytes).enumerate() {
         let (group, m) = ((first + r) / 8, (first + r) % 8);
-        let base = group * kb * 8 * l.held;
+        let base = group * kb * 8 * l.bytes;
+        let places = placements(format, m);
         for (b, one) in row.chunks_exact_mut(l.bytes).enumerate() {
-            let at = base + b * 8 * l.held;
-            group_block.copy_from_slice(&bytes[at..at + 8 * l.held]);
-            move_block(format, one, &mut group_block, m, true);
+            let at = base + b * 8 * l.bytes;
+            for &(from, to, len) in &places {
+                one[from..from + len].copy_from_slice(&bytes[at + to..at + to + len]);
+            }
         }
     }
     true
@@ -639,20 +599,25 @@ fn dequantize_into(
         let kb = k / l.weights;
         if out.len() != n * k
             || !k.is_multiple_of(l.weights)
-            || !n.is_multiple_of(8)
-            || bytes.len() != n * kb * l.held
+            || bytes.len() != n.next_multiple_of(8) * kb * l.bytes
         {
             return false;
         }
         #[cfg(target_arch = "x86_64")]
-        if format == GgmlDType::Q8_0 && x86::dequantizes(isa, format).is_some() {
-            // Bands of 64 rows (whole groups).
-            out.par_chunks_mut(64 * k)
+        if format == GgmlDType::Q8_0 && x86::dequantizes(isa, format).is_some() && n >= 8 {
+            // Bands of 64 rows (whole groups); a last group short of eight rows as below.
+            let whole = n / 8 * 8;
+            let (groups, rest) = out.split_at_mut(whole * k);
+            groups
+                .par_chunks_mut(64 * k)
                 .zip(bytes.par_chunks(64 * kb * 34))
                 // SAFETY: the CPU has AVX2, FMA and F16C (`dequantizes`); each band is whole
                 // groups of `kb` interleaved blocks, and its piece of `out` their rows.
                 .for_each(|(ys, xs)| unsafe { x86::dequantize_interleaved(xs, kb, ys) });
-            return true;
+            let mut blocks = vec![0u8; (n - whole) * kb * l.bytes];
+            return rest.is_empty()
+                || (deinterleave(format, bytes, kb, whole, &mut blocks)
+                    && dequantize_into(isa, format, false, &blocks, n - whole, k, rest));
         }
         // Bands of 64 rows put back in candle's layout, then dequantized.
         return out.par_chunks_mut(64 * k).enumerate().all(|(band, ys)| {
@@ -990,14 +955,16 @@ fn blocks<T: GgmlType>(bytes: &[u8]) -> Option<&[T]> {
     Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
 }
 
-/// Q8_0 and Q4_0 weights against a Q8_0 input, and Q4_K weights against a Q8_K input, with
-/// AVX2, FMA and F16C.
+/// Interleaved Q8_0 and Q4_0 weights against a Q8_0 input, and interleaved Q4_K weights against
+/// a Q8_K input, with AVX2, FMA and F16C (and `vpdpbusd` where the CPU has it); the inputs'
+/// quantization and the dequantization of candle's blocks, vectorised with candle's arithmetic.
 ///
-/// Both formats are blocks of 32 weights behind an f16 scale (Q8_0: 34 bytes, the weights as
-/// i8; Q4_0: 18 bytes, the weights as nibbles `q - 8`, the first 16 in the low halves). For each
-/// block, the 32 products are summed in i32 (`maddubs` on `|w|` and the input with `w`'s sign,
-/// then `madd`), converted to f32 and accumulated with the product of the two scales: exactly
-/// candle's arithmetic, in the same order, so the sums are the same.
+/// Q8_0 and Q4_0 are blocks of 32 weights behind an f16 scale (Q8_0: 34 bytes, the weights as
+/// i8; Q4_0: 18 bytes, the weights as nibbles `q + 8`, the first 16 in the low halves); Q4_K
+/// blocks of 256 behind `d`, `dmin` and eight 6-bit scales and mins. Functions with target
+/// features are inlined only where the compiler likes (a call per eight blocks cost the forms
+/// 7-10%), so the helpers inside the forms are macros, and the forms take no closures (they
+/// would not inherit the features).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -1031,91 +998,60 @@ mod x86 {
         };
     }
 
-    /// How far ahead within a long row the kernels prefetch, in groups of eight blocks.
-    const PREFETCH_GROUPS: usize = 8;
-
-    /// How far ahead of a block the kernels prefetch its weight row, in bytes, for rows of `kb`
-    /// blocks of `block` bytes: the same block of the row four on (the next pass's, as a band's
-    /// rows are consecutive) where four rows are short, else [`PREFETCH_GROUPS`] groups on in
-    /// the row. Prefetching within a short row mostly fetches the start of the next, which the
-    /// next row's own reads are already bringing: Q4_0 rows of 2560 read at 55% of the memory
-    /// bandwidth that way.
-    fn prefetch_ahead(block: usize, kb: usize) -> usize {
-        let pass = 4 * block * kb;
-        if pass <= 8192 {
-            2 * pass
-        } else if pass <= 32768 {
-            pass
-        } else {
-            block * 8 * PREFETCH_GROUPS
-        }
-    }
     /// Bytes of a Q8_0 block: the f16 scale, then 32 i8.
     const Q8_0_BYTES: usize = 34;
     /// Bytes of a Q4_0 block: the f16 scale, then 16 bytes of nibbles.
     const Q4_0_BYTES: usize = 18;
 
+    /// The Q8_0 and Q4_0 kernel: weight rows interleaved by eight ([`super::interleave`]),
+    /// a group of eight at a time (`first` and every band start at a group), against the input
+    /// rows quantized to Q8_0.
     pub(super) struct Kernel<'a> {
         weight: &'a [u8],
-        /// Bytes of one weight row.
-        row_bytes: usize,
         /// Blocks per row.
         kb: usize,
         /// The input rows' Q8_0 scales as f32.
         input_scales: Vec<f32>,
         /// The byte dot product the forms use.
         dots: Dots,
-        /// Each input block's 32 bytes as the kernels take them, scales apart: `x + 128` (the
-        /// unsigned operand) for Q8_0 with `vpdpbusd`, else `x`.
-        operand: Vec<u8>,
-        /// For Q4_0, each input block's eight lanes of `-8` times the sum of its four bytes:
-        /// what the unsigned nibbles (`w + 8`) add to the lanes, taken back.
-        offsets: Vec<[i32; 8]>,
-        /// Q4_0 with AVX-512 VNNI and two or more input rows: `operand` of rows `2p` and `2p + 1` block
-        /// by block, 64 bytes per block, as [`dot4x_pairs`] loads them (empty otherwise).
-        pairs: Vec<u8>,
-        /// For Q4_0 with `pairs`: `offsets` of the same two rows, block by block.
-        pair_offsets: Vec<[i32; 16]>,
-        /// Q8_0 past [`row_form_most`] rows: the input rows in groups of `width`, as the
-        /// byte-dot forms (`byte_dot_forms`, [`dot4x_lanes16`]: `32 width kb` bytes a group)
-        /// or [`dot4x_lanes_avx2`] (`512 kb` bytes a group) read them ([`Lanes::q`]; empty
-        /// otherwise).
+        /// Q8_0 past [`row_form_most`] rows: the input rows in groups of `width`, as
+        /// [`q8x8_lanes`], [`q8x8_lanes_vex`] and [`q8x8_lanes16`] (`32 width kb` bytes a
+        /// group) or [`q8x8_lanes_avx2`] (`512 kb` bytes a group) read them ([`Lanes::q`];
+        /// empty otherwise).
         lanes: Vec<u8>,
         /// With `lanes`: each group's block scales, `width` per block ([`Lanes::scales`]).
         lane_scales: Vec<f32>,
         /// Input rows per group of `lanes`: 8 (256-bit registers) for up to 8 rows or without
-        /// AVX-512 VNNI, else 16; 1 for up to [`row_form_most`] rows, which take a rows form
-        /// instead ([`dot8x_rows`], [`dot8x_rows_vex`], [`dot8x_rows_avx2`]).
+        /// AVX-512 VNNI, else 16; 1 for Q4_0 and for up to [`row_form_most`] rows of Q8_0,
+        /// which take the rows forms instead ([`group_rows`], [`group_rows_vex`],
+        /// [`group_rows_avx2`]).
         width: usize,
-        /// With width 1: each input block's 32 bytes as they are (signed), and, with
-        /// `vpdpbusd`, `-128` times their sum (what the biased weights add).
+        /// With width 1: each input block's 32 bytes as they are (signed), and what the
+        /// weights' bias adds to their products ([`RowInput::minus`]).
         signed: Vec<u8>,
         minus: Vec<i32>,
-        /// Q8_0, and Q4_0 interleaved: exact block sums ([`Kernel::run_exact`]) rather than
-        /// candle's lanes.
-        exact_sums: bool,
-        /// Q4_0.
+        /// Q4_0 rather than Q8_0.
         nibbles: bool,
-        /// Weight rows interleaved by eight ([`super::interleave`]):
-        /// [`Kernel::run_interleaved`].
-        interleaved: bool,
         rows: usize,
     }
 
-    /// Whether Q8_0 weights are interleaved for `isa` ([`super::QWeight::prepared`]): where
-    /// the kernels have AVX2, whose forms for them ([`group_rows`] and the others) do without
-    /// the transposition candle's layout needs.
+    /// Whether Q8_0, Q4_0 and Q4_K weights are interleaved for `isa`
+    /// ([`super::QWeight::prepared`]): where the kernels have AVX2, whose forms for them
+    /// ([`group_rows`] and the others) do without the transposition candle's layout needs.
     pub(super) fn interleaves(isa: Isa) -> bool {
         available(isa)
     }
 
-    /// Whether prompt chunks of interleaved Q8_0 take the kernel on `isa`: with `vpdpbusd`
+    /// Whether prompt chunks of interleaved weights take the kernel on `isa`: with `vpdpbusd`
     /// (four byte products per lane and instruction, where the float gemm does one
     /// multiply-add); AVX2 alone multiplies pairs of i16, no faster than the gemm.
     pub(super) fn integer_prompts(isa: Isa) -> bool {
         available(isa) && Dots::of(isa) != Dots::Avx2
     }
 
+    /// The kernel of interleaved Q8_0 or Q4_0 weights `bytes` of `(n, k)` (rows padded to a
+    /// multiple of eight), with the input `x` (`rows` rows of `k`) quantized for it; `None`
+    /// for another format, candle's layout, or blocks that do not fit.
     // One argument per fact about the piece; a struct would only be unpacked again.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn kernel<'a>(
@@ -1134,77 +1070,63 @@ mod x86 {
             _ => return None,
         };
         if !available(isa)
+            || !interleaved
             || std::mem::size_of::<BlockQ8_0>() != Q8_0_BYTES
             || !k.is_multiple_of(32)
             || x.len() != rows * k
-            || (interleaved && (!interleaves(isa) || !n.is_multiple_of(8)))
         {
             return None;
         }
         let kb = k / 32;
-        let row_bytes = kb * block_bytes;
-        if bytes.len() != n * row_bytes {
+        if bytes.len() != n.next_multiple_of(8) * kb * block_bytes {
             return None;
         }
         let mut input = vec![BlockQ8_0::zeros(); rows * kb];
         for (xr, qr) in x.chunks_exact(k).zip(input.chunks_exact_mut(kb)) {
             quantize_q8_0(xr, qr);
         }
-        let input_scales: Vec<f32> = as_bytes(&input)
+        let input = as_bytes(&input);
+        let input_scales: Vec<f32> = input
             .chunks_exact(Q8_0_BYTES)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect();
         let dots = Dots::of(isa);
         // `vpdpbusd`, on either encoding: the inputs laid out for it.
         let vnni = dots != Dots::Avx2;
-        let (mut operand, mut offsets) = (Vec::with_capacity(rows * k), Vec::new());
-        for b in as_bytes(&input).chunks_exact(Q8_0_BYTES) {
-            let q = &b[2..];
-            if nibbles && !interleaved {
-                offsets.push(std::array::from_fn(|l| {
-                    -8 * q[4 * l..4 * l + 4]
-                        .iter()
-                        .map(|&v| i32::from(v as i8))
-                        .sum::<i32>()
-                }));
-            }
-            if vnni && !nibbles {
-                operand.extend(q.iter().map(|&v| v ^ 0x80));
-            } else {
-                operand.extend_from_slice(q);
-            }
-        }
-        let (mut lanes, mut lane_scales) = (Vec::new(), Vec::new());
-        let (mut signed, mut minus) = (Vec::new(), Vec::new());
         let width = match rows {
+            _ if nibbles => 1,
             r if r <= row_form_most(dots) => 1,
             r if r <= 8 || dots != Dots::Evex => 8,
             _ => 16,
         };
-        if nibbles && interleaved {
-            // The rows form in runs of input rows: their bytes, and the lanes' starts.
-            for b in as_bytes(&input).chunks_exact(Q8_0_BYTES) {
+        // Block `b` of input row `r`: its 32 bytes.
+        let block = |r: usize, b: usize| {
+            let at = (r * kb + b) * Q8_0_BYTES + 2;
+            &input[at..at + 32]
+        };
+        let (mut lanes, mut lane_scales) = (Vec::new(), Vec::new());
+        let (mut signed, mut minus) = (Vec::new(), Vec::new());
+        let sum = |q: &[u8]| q.iter().map(|&v| i32::from(v as i8)).sum::<i32>();
+        if width == 1 {
+            for b in input.chunks_exact(Q8_0_BYTES) {
                 signed.extend_from_slice(&b[2..]);
-                minus.push(-8 * b[2..].iter().map(|&v| i32::from(v as i8)).sum::<i32>());
-            }
-        } else if !nibbles && width == 1 {
-            for b in as_bytes(&input).chunks_exact(Q8_0_BYTES) {
-                signed.extend_from_slice(&b[2..]);
-                if vnni {
-                    minus.push(-128 * b[2..].iter().map(|&v| i32::from(v as i8)).sum::<i32>());
+                if nibbles {
+                    minus.push(-8 * sum(&b[2..]));
+                } else if vnni {
+                    minus.push(-128 * sum(&b[2..]));
                 }
             }
-        } else if !nibbles && !vnni {
+        } else if !vnni {
             // Each pair of bytes `2p, 2p + 1` of every row's block b, widened to i16, side by
             // side (row m in lane m), eight rows to a group: 512 bytes a block.
             let groups = rows.div_ceil(8);
             lanes = vec![0u8; groups * kb * 512];
             lane_scales = vec![0f32; groups * kb * 8];
-            for (r, row) in operand.chunks_exact(k).enumerate() {
+            for r in 0..rows {
                 let (group, m) = (r / 8, r % 8);
-                for (b, block) in row.chunks_exact(32).enumerate() {
+                for b in 0..kb {
                     let at = (group * kb + b) * 512 + 4 * m;
-                    for (p, two) in block.chunks_exact(2).enumerate() {
+                    for (p, two) in block(r, b).chunks_exact(2).enumerate() {
                         let at = at + 32 * p;
                         lanes[at..at + 2].copy_from_slice(&i16::from(two[0] as i8).to_le_bytes());
                         lanes[at + 2..at + 4]
@@ -1213,59 +1135,38 @@ mod x86 {
                     lane_scales[(group * kb + b) * 8 + m] = input_scales[r * kb + b];
                 }
             }
-        } else if vnni && !nibbles {
-            // Byte group g of every row's block b side by side, row m in lane m, `width` rows
-            // to a group; the lanes past the last row stay zero and are never read back.
+        } else {
+            // Byte group g of every row's block b, biased to the unsigned operand (`x + 128`),
+            // side by side, row m in lane m, `width` rows to a group; the lanes past the last
+            // row stay zero and are never read back.
             let groups = rows.div_ceil(width);
             lanes = vec![0u8; groups * kb * 32 * width];
             lane_scales = vec![0f32; groups * kb * width];
-            for (r, row) in operand.chunks_exact(k).enumerate() {
+            for r in 0..rows {
                 let (group, m) = (r / width, r % width);
-                for (b, block) in row.chunks_exact(32).enumerate() {
+                for b in 0..kb {
                     let at = (group * kb + b) * 32 * width + 4 * m;
-                    for (g, four) in block.chunks_exact(4).enumerate() {
+                    for (g, four) in block(r, b).chunks_exact(4).enumerate() {
                         let at = at + 4 * width * g;
-                        lanes[at..at + 4].copy_from_slice(four);
+                        for (to, &v) in lanes[at..at + 4].iter_mut().zip(four) {
+                            *to = v ^ 0x80;
+                        }
                     }
                     lane_scales[(group * kb + b) * width + m] = input_scales[r * kb + b];
                 }
             }
         }
-        let (mut pairs, mut pair_offsets) = (Vec::new(), Vec::new());
-        if dots == Dots::Evex && nibbles && !interleaved && rows >= 2 {
-            pairs.reserve(rows / 2 * 2 * k);
-            for two in operand.chunks_exact(2 * k) {
-                let (a, b) = two.split_at(k);
-                for (ba, bb) in a.chunks_exact(32).zip(b.chunks_exact(32)) {
-                    pairs.extend_from_slice(ba);
-                    pairs.extend_from_slice(bb);
-                }
-            }
-            for two in offsets.chunks_exact(2 * kb) {
-                let (a, b) = two.split_at(kb);
-                pair_offsets.extend(a.iter().zip(b).map(|(oa, ob)| {
-                    std::array::from_fn(|l| if l < 8 { oa[l] } else { ob[l - 8] })
-                }));
-            }
-        }
         Some(Kernel {
             weight: bytes,
-            row_bytes,
             kb,
             input_scales,
             dots,
-            operand,
-            offsets,
-            pairs,
-            pair_offsets,
             lanes,
             lane_scales,
             width,
             signed,
             minus,
-            exact_sums: !nibbles || interleaved,
             nibbles,
-            interleaved,
             rows,
         })
     }
@@ -1360,253 +1261,13 @@ mod x86 {
     }
 
     impl BandKernel for Kernel<'_> {
-        /// Q8_0: [`Kernel::run_exact`]. Q4_0: four weight rows at a time against up to four
-        /// input rows (two without VNNI, whose sixteen registers hold no more accumulators)
-        /// per pass of [`dot4x_vnni`] or [`dot4x_avx2`], or, with VNNI, up to four pairs of
-        /// input rows per pass of [`dot4x_pairs`] (an odd last row goes alone): each weight
-        /// block is loaded, and what it alone decides made, once for them, while it is in the
-        /// nearest cache (a band's rows are megabytes: input row by input row, a batch read
-        /// them from memory once per row).
+        /// Q4_0: runs of up to four input rows (two without AVX-512) against each group of eight
+        /// weight rows ([`group_rows`] and the others). Q8_0: up to [`row_form_most`] input rows
+        /// at once the same way, more with the input rows in the lanes, 8 or 16 to a register
+        /// ([`q8x8_lanes`], [`q8x8_lanes_vex`] four weight rows a pass, [`q8x8_lanes16`],
+        /// [`q8x8_lanes_avx2`]). Every form sums each block exactly and adds the sums alike, so a
+        /// row gets the same bits alone, in any batch and on every instruction set.
         fn run(&self, first: usize, out: &mut [f32]) {
-            let feats = out.len() / self.rows.max(1);
-            let w_row = |i: usize| {
-                let start = (first + i) * self.row_bytes;
-                &self.weight[start..start + self.row_bytes]
-            };
-            let x_row = self.kb * 32;
-            let input = |r: usize| Input {
-                q: &self.operand[r * x_row..(r + 1) * x_row],
-                scales: &self.input_scales[r * self.kb..(r + 1) * self.kb],
-                offsets: self.offsets.get(r * self.kb..(r + 1) * self.kb),
-            };
-            let most = if self.dots == Dots::Evex { 4 } else { 2 };
-            let pair = |p: usize| Pair {
-                q: &self.pairs[p * 2 * x_row..(p + 1) * 2 * x_row],
-                offsets: self.pair_offsets.get(p * self.kb..(p + 1) * self.kb),
-                scales: [
-                    &self.input_scales[2 * p * self.kb..(2 * p + 1) * self.kb],
-                    &self.input_scales[(2 * p + 1) * self.kb..(2 * p + 2) * self.kb],
-                ],
-            };
-            if self.exact_sums {
-                self.run_exact(first, out);
-                return;
-            }
-            // (Only Q4_0 in candle's layout from here on.)
-            let paired = if self.pairs.is_empty() {
-                0
-            } else {
-                self.rows / 2 * 2
-            };
-            let mut i = 0;
-            while i < feats {
-                // Past the band's end, repeat its last row.
-                let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
-                let mut r = 0;
-                while r < paired {
-                    let take = ((paired - r) / 2).min(PAIRS_MOST);
-                    let mut put = |dots: &[[[f32; 4]; 2]]| {
-                        for (dp, two) in dots.iter().enumerate() {
-                            for (half, d) in two.iter().enumerate() {
-                                for (j, v) in d.iter().enumerate().take(feats - i) {
-                                    out[(i + j) * self.rows + r + 2 * dp + half] = *v;
-                                }
-                            }
-                        }
-                    };
-                    macro_rules! call {
-                        ($n:literal) => {
-                            put(&dot4x_pairs::<$n>(
-                                self.kb,
-                                rows,
-                                std::array::from_fn(|d| pair(r / 2 + d)),
-                            ))
-                        };
-                    }
-                    // SAFETY: `pairs` is made only where the CPU has AVX-512 VNNI and VL
-                    // (`Isa::vnni`, at `Level::Avx512`), for Q4_0 weight rows of `kb` blocks,
-                    // from input rows of `kb` blocks of 32 bytes, `kb` scales and `kb` pair
-                    // offsets.
-                    unsafe {
-                        match take {
-                            1 => call!(1),
-                            2 => call!(2),
-                            3 => call!(3),
-                            _ => call!(4),
-                        }
-                    }
-                    r += 2 * take;
-                }
-                while r < self.rows {
-                    let take = (self.rows - r).min(most);
-                    let mut put = |dots: &[[f32; 4]]| {
-                        for (dr, d) in dots.iter().enumerate() {
-                            for (j, v) in d.iter().enumerate().take(feats - i) {
-                                out[(i + j) * self.rows + r + dr] = *v;
-                            }
-                        }
-                    };
-                    macro_rules! call {
-                        ($f:ident, $n:literal) => {
-                            put(&$f::<$n>(
-                                self.kb,
-                                rows,
-                                std::array::from_fn(|d| input(r + d)),
-                            ))
-                        };
-                    }
-                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), AVX-512 VNNI and VL
-                    // at `Dots::Evex` (`Isa::vnni`), AVX-VNNI at `Dots::Vex` (`Isa::avx_vnni`);
-                    // every weight row is `kb` Q4_0 blocks, and every input row `kb` blocks of
-                    // 32 bytes with `kb` scales and `kb` offsets, as `kernel` made them.
-                    unsafe {
-                        // Only Q4_0 comes here (Q8_0 takes `run_exact`).
-                        match (self.dots, take) {
-                            (Dots::Evex, 1) => call!(dot4x_vnni, 1),
-                            (Dots::Evex, 2) => call!(dot4x_vnni, 2),
-                            (Dots::Evex, 3) => call!(dot4x_vnni, 3),
-                            (Dots::Evex, _) => call!(dot4x_vnni, 4),
-                            (Dots::Vex, 1) => call!(dot4x_avx_vnni, 1),
-                            (Dots::Vex, _) => call!(dot4x_avx_vnni, 2),
-                            (Dots::Avx2, 1) => call!(dot4x_avx2, 1),
-                            (Dots::Avx2, _) => call!(dot4x_avx2, 2),
-                        }
-                    }
-                    r += take;
-                }
-                i += 4;
-            }
-        }
-    }
-
-    impl Kernel<'_> {
-        /// [`BandKernel::run`] for Q8_0: up to [`row_form_most`] input rows one at a time
-        /// against eight weight rows (a rows form of `byte_dot_forms`, without `vpdpbusd`
-        /// [`dot8x_rows_avx2`]), more in groups of 8 or 16 against four weight rows (its lanes
-        /// form or [`dot4x_lanes16`], without `vpdpbusd` [`dot4x_lanes_avx2`] in groups of 8).
-        /// All of them sum each block exactly and add the sums alike, so a row gets the same
-        /// bits alone, in any batch and on every instruction set.
-        fn run_exact(&self, first: usize, out: &mut [f32]) {
-            if self.interleaved {
-                self.run_interleaved(first, out);
-                return;
-            }
-            let feats = out.len() / self.rows.max(1);
-            let w_row = |i: usize| {
-                let start = (first + i) * self.row_bytes;
-                &self.weight[start..start + self.row_bytes]
-            };
-            let (width, kb) = (self.width, self.kb);
-            if width == 1 {
-                let mut i = 0;
-                while i < feats {
-                    // Past the band's end, repeat its last row.
-                    let rows: [&[u8]; 8] = std::array::from_fn(|j| w_row((i + j).min(feats - 1)));
-                    let input = |r: usize| RowInput {
-                        q: &self.signed[32 * kb * r..32 * kb * (r + 1)],
-                        minus: self.minus.get(kb * r..kb * (r + 1)).unwrap_or(&[]),
-                        scales: &self.input_scales[kb * r..kb * (r + 1)],
-                    };
-                    let mut put = |dots: &[[f32; 8]]| {
-                        for (r, d) in dots.iter().enumerate() {
-                            for (j, v) in d.iter().enumerate().take(feats - i) {
-                                out[(i + j) * self.rows + r] = *v;
-                            }
-                        }
-                    };
-                    macro_rules! call {
-                        ($f:ident, $n:literal) => {
-                            put(&$f::<$n>(kb, rows, std::array::from_fn(input)))
-                        };
-                    }
-                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), AVX-512 VNNI and VL
-                    // at `Dots::Evex` (`Isa::vnni`), AVX-VNNI at `Dots::Vex` (`Isa::avx_vnni`);
-                    // `signed` holds `32 kb` bytes and `input_scales` `kb` scales a row, for
-                    // Q8_0 weight rows of `kb` blocks and 1 to `row_form_most` rows, and with
-                    // `vpdpbusd` `minus` `kb` sums a row.
-                    unsafe {
-                        match (self.dots, self.rows) {
-                            (Dots::Evex, 1) => call!(dot8x_rows, 1),
-                            (Dots::Evex, 2) => call!(dot8x_rows, 2),
-                            (Dots::Evex, 3) => call!(dot8x_rows, 3),
-                            (Dots::Evex, _) => call!(dot8x_rows, 4),
-                            (Dots::Vex, 1) => call!(dot8x_rows_vex, 1),
-                            (Dots::Vex, 2) => call!(dot8x_rows_vex, 2),
-                            (Dots::Vex, 3) => call!(dot8x_rows_vex, 3),
-                            (Dots::Vex, _) => call!(dot8x_rows_vex, 4),
-                            (Dots::Avx2, 1) => call!(dot8x_rows_avx2, 1),
-                            (Dots::Avx2, 2) => call!(dot8x_rows_avx2, 2),
-                            (Dots::Avx2, 3) => call!(dot8x_rows_avx2, 3),
-                            (Dots::Avx2, 4) => call!(dot8x_rows_avx2, 4),
-                            (Dots::Avx2, _) => call!(dot8x_rows_avx2, 5),
-                        }
-                    }
-                    i += 8;
-                }
-                return;
-            }
-            let mut i = 0;
-            while i < feats {
-                // Past the band's end, repeat its last row.
-                let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
-                // 32 bytes a block and lane with VNNI; without, 64 (i16).
-                let group_bytes = if self.dots == Dots::Avx2 {
-                    512 * kb
-                } else {
-                    32 * width * kb
-                };
-                let groups = self.lanes.len() / group_bytes;
-                let lanes = |gi: usize| Lanes {
-                    q: &self.lanes[group_bytes * gi..group_bytes * (gi + 1)],
-                    scales: &self.lane_scales[width * kb * gi..width * kb * (gi + 1)],
-                };
-                let mut put = |gi: usize, dots: &[[f32; 16]; 4]| {
-                    let here = (self.rows - width * gi).min(width);
-                    for (j, d) in dots.iter().enumerate().take(feats - i) {
-                        let at = (i + j) * self.rows + width * gi;
-                        out[at..at + here].copy_from_slice(&d[..here]);
-                    }
-                };
-                let mut gi = 0;
-                while gi < groups {
-                    // Without VNNI two groups share each broadcast of the weights.
-                    let two = self.dots == Dots::Avx2 && gi + 1 < groups;
-                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), AVX-512 VNNI and VL
-                    // at `Dots::Evex` (`Isa::vnni`), AVX-VNNI at `Dots::Vex` (`Isa::avx_vnni`);
-                    // for Q8_0 weight rows of `kb` blocks, `lanes` holds `group_bytes` and
-                    // `lane_scales` `width kb` scales a group (width 8 but at `Dots::Evex`).
-                    unsafe {
-                        match (self.dots, width, two) {
-                            (Dots::Avx2, _, true) => {
-                                let [a, c] =
-                                    dot4x_lanes_avx2::<2>(kb, rows, [lanes(gi), lanes(gi + 1)]);
-                                put(gi, &a);
-                                put(gi + 1, &c);
-                            }
-                            (Dots::Avx2, _, false) => {
-                                let [a] = dot4x_lanes_avx2::<1>(kb, rows, [lanes(gi)]);
-                                put(gi, &a);
-                            }
-                            (Dots::Vex, _, _) => put(gi, &dot4x_lanes8_vex(kb, rows, lanes(gi))),
-                            (Dots::Evex, 8, _) => put(gi, &dot4x_lanes8(kb, rows, lanes(gi))),
-                            (Dots::Evex, _, _) => put(gi, &dot4x_lanes16(kb, rows, lanes(gi))),
-                        }
-                    }
-                    gi += if two { 2 } else { 1 };
-                }
-                i += 4;
-            }
-        }
-    }
-
-    impl Kernel<'_> {
-        /// [`Kernel::run_exact`] for weight rows interleaved by eight: a group of eight rows at
-        /// a time (`first` and every band start at a group), against up to
-        /// [`row_form_most`] input rows at once ([`group_rows`], [`group_rows_vex`], [`group_rows_avx2`]) or the
-        /// input rows in the lanes, 8 or 16 to a register ([`q8x8_lanes`],
-        /// [`q8x8_lanes_vex`] four weight rows a pass, [`q8x8_lanes16`]). The same
-        /// arithmetic as the other forms: the same bits.
-        fn run_interleaved(&self, first: usize, out: &mut [f32]) {
             let feats = out.len() / self.rows.max(1);
             let (width, kb) = (self.width, self.kb);
             if self.nibbles {
@@ -1836,9 +1497,10 @@ mod x86 {
 
     /// Makes, with `$features` and `$dpbusd`, `$lanes`: `P` of a group's eight interleaved
     /// Q8_0 rows ([`super::interleave`]) from `lane0` dotted with up to 8 input rows in the
-    /// lanes ([`Lanes`], `W` = 8), as `byte_dot_forms`' lanes form (each block's 32 products
-    /// summed exactly, converted, and added by one multiply-add with the product of the
-    /// scales): the same bits.
+    /// lanes ([`Lanes`], `W` = 8): per block and weight row, its four bytes broadcast and one
+    /// `$dpbusd` per four bytes of the input rows (biased, `x + 128`; the lanes starting from
+    /// -128 times the weights' sums), each block's 32 products summed exactly, converted, and
+    /// added by one multiply-add with the product of the scales: the rows forms' bits.
     macro_rules! interleaved_forms {
         ($features:literal, $dpbusd:ident, $lanes:ident) => {
             /// See `interleaved_forms`.
@@ -1937,10 +1599,9 @@ mod x86 {
     ///
     /// Each block's 32 products are summed exactly, row `m` in lane `m`, converted, and added by
     /// one multiply-add with the product of the scales: a row gets the same bits alone, in any
-    /// batch and on every instruction set, in either layout for Q8_0. Where candle's layout
-    /// needs eight rows' blocks transposed (24 shuffles a block) or each row's lanes summed
-    /// across, these bytes are in place. (candle's Q4_0 order, eight f32 lanes a block,
-    /// [`dot4x_vnni`], differs from interleaved Q4_0's by float rounding.)
+    /// batch and on every instruction set. Where candle's layout needs eight rows' blocks
+    /// transposed (24 shuffles a block) or each row's lanes summed across, these bytes are in
+    /// place.
     ///
     /// # Safety
     /// The CPU has `$features`; `group` is `kb` interleaved blocks of eight rows of the
@@ -2105,12 +1766,12 @@ mod x86 {
         dots
     }
 
-    /// [`dot4x_lanes_avx2`] over interleaved rows: `P` of a group's rows from `L` dotted with
-    /// `G` groups of up to 8 input rows in the lanes as i16 pairs ([`Lanes`]), one `madd` and
-    /// one add per pair of bytes; each block's rows widened to i16 pairs a four rows'
-    /// conversion at a time (their bytes `4g..4g + 4` are side by side). The same bits. Taken
-    /// as all eight rows against one group (two groups of four rows sharing each broadcast, as
-    /// [`dot4x_lanes_avx2`] does, measured 0.82x of that here).
+    /// The lanes form with AVX2 alone: `P` of a group's rows from `L` dotted with `G` groups of
+    /// up to 8 input rows in the lanes as i16 pairs ([`Lanes`]), one `madd` and one add per
+    /// pair of bytes; each block's rows widened to i16 pairs a four rows' conversion at a time
+    /// (their bytes `4g..4g + 4` are side by side). The rows forms' bits. Taken as all eight
+    /// rows against one group (two groups of four rows sharing each broadcast, as the form over
+    /// candle's layout did, measured 0.82x of that).
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `group` is `kb` interleaved blocks of eight rows,
@@ -2155,8 +1816,8 @@ mod x86 {
                     };
                 }
             }
-            // Each pair is broadcast from memory (a load, no arithmetic), as in
-            // `dot4x_lanes_avx2`.
+            // Each pair is broadcast from memory (a load, no arithmetic): left in registers,
+            // the compiler broadcast them with shuffles, on the port the products need.
             let wp: *const [[i32; 16]; 8] = std::hint::black_box(&wide);
             let mut sums = [[_mm256_setzero_si256(); P]; G];
             for p in 0..16 {
@@ -2193,11 +1854,12 @@ mod x86 {
         dots
     }
 
-    /// Most input rows that take a rows form: [`dot8x_rows`] (and [`dot8x_rows_vex`]) spend
-    /// one `vpdpbusd` and a share of a lane sum per block and row, where the lanes forms spend
-    /// eight `vpdpbusd` per block for up to 8 or 16 rows at once; [`dot8x_rows_avx2`] spends
-    /// three operations and a share, where [`dot4x_lanes_avx2`] spends 32 per block for up to
-    /// 8 rows (at six rows its accumulators no longer fit the sixteen registers).
+    /// Most Q8_0 input rows that take the rows form ([`group_rows`]): it spends eight
+    /// `vpdpbusd` per block and input row for eight weight rows, where the lanes forms spend
+    /// eight per weight row for up to 8 or 16 input rows at once; with AVX2 alone three
+    /// operations per four bytes against [`q8x8_lanes_avx2`]'s 32 per block for up to 8 rows
+    /// (measured on candle's layout, where at six rows the accumulators no longer fit the
+    /// sixteen registers).
     fn row_form_most(dots: Dots) -> usize {
         match dots {
             Dots::Avx2 => 5,
@@ -2229,80 +1891,7 @@ mod x86 {
         }
     }
 
-    /// How far ahead [`dot8x_rows`] and [`dot8x_rows_avx2`] prefetch rows of `kb` Q8_0
-    /// blocks: eight rows a pass, so the next pass's rows where short ([`prefetch_ahead`] is
-    /// for passes of four).
-    fn row_form_distance(kb: usize) -> usize {
-        match prefetch_ahead(Q8_0_BYTES, kb) {
-            d if d <= 2 * 4 * Q8_0_BYTES * kb => 2 * d,
-            d => d,
-        }
-    }
-
-    // The three helpers below are macros, not functions: a function with target features is
-    // inlined only where the compiler likes, and a call to each per eight blocks cost the lanes
-    // forms 7-10%.
-
-    /// `(bases, ws)`: where blocks `$b..$b + $nb` (`$nb <= 8`) of the four Q8_0 weight rows
-    /// `$w` (of `$kb` blocks) start, and their scales (zero past `$nb`); the rows are
-    /// prefetched ahead ([`group_scales`]). Unsafe: the CPU has AVX2, FMA and F16C, and each
-    /// row holds at least `$b + $nb` blocks.
-    macro_rules! four_rows_at {
-        ($w:expr, $b:expr, $kb:expr, $nb:expr) => {{
-            let mut ws = [[0f32; 8]; 4];
-            let mut bases = [std::ptr::null::<u8>(); 4];
-            for (wr, row) in $w.iter().enumerate() {
-                let base = row.as_ptr().add(Q8_0_BYTES * $b);
-                bases[wr] = base;
-                let scales = group_scales(base, Q8_0_BYTES, $kb, $nb);
-                _mm256_storeu_ps(ws[wr].as_mut_ptr(), scales);
-            }
-            (bases, ws)
-        }};
-    }
-
-    /// `(bases, ws)`: where blocks `$b..$b + $nb` (`$nb <= 8`) of the eight Q8_0 weight rows
-    /// `$w` start, and their scales by block (register `j` holds block `$b + j`'s, row `wr` in
-    /// lane `wr`); the rows are prefetched `$distance` bytes ahead. Unsafe: as
-    /// [`four_rows_at`].
-    macro_rules! eight_rows_at {
-        ($w:expr, $b:expr, $nb:expr, $distance:expr) => {{
-            let mut bases = [std::ptr::null::<u8>(); 8];
-            let mut by_row = [_mm256_setzero_ps(); 8];
-            for wr in 0..8 {
-                let base = $w[wr].as_ptr().add(Q8_0_BYTES * $b);
-                bases[wr] = base;
-                by_row[wr] = group_scales_ahead(base, Q8_0_BYTES, $nb, $distance);
-            }
-            (bases, transpose8(by_row))
-        }};
-    }
-
-    /// `-128` times the sums of blocks `0..$nb` (`$nb <= 8`) of four Q8_0 rows whose first
-    /// such block starts at `$bases[r]` (what the biased input, `x + 128`, adds to the
-    /// products), the eight blocks side by side, with `$dpbusd` (zero past `$nb`). Unsafe: the
-    /// CPU has `$dpbusd`, and `$nb` blocks of 34 bytes are readable from each base.
-    macro_rules! weight_starts {
-        ($bases:expr, $nb:expr, $dpbusd:ident) => {{
-            let bias = _mm256_set1_epi8(-128);
-            let zero = _mm256_setzero_si256();
-            let mut starts = [[0i32; 8]; 4];
-            for (wr, &base) in $bases.iter().enumerate() {
-                // 128 times each block's sums of four weights ((-128) as u8 is 128), then the
-                // eight blocks' totals side by side.
-                let mut sums = [zero; 8];
-                for (j, sum) in sums.iter_mut().enumerate().take($nb) {
-                    let wv = _mm256_loadu_si256(base.add(Q8_0_BYTES * j + 2).cast());
-                    *sum = $dpbusd(zero, bias, wv);
-                }
-                let minus = _mm256_sub_epi32(zero, lane_sums8(sums));
-                _mm256_storeu_si256(starts[wr].as_mut_ptr().cast(), minus);
-            }
-            starts
-        }};
-    }
-
-    /// One input row of Q8_0 blocks as [`dot8x_rows`] and [`group_rows`] read it.
+    /// One input row of Q8_0 blocks as [`group_rows`] reads it.
     #[derive(Clone, Copy)]
     struct RowInput<'a> {
         /// `kb` blocks of 32 signed bytes.
@@ -2314,741 +1903,18 @@ mod x86 {
         scales: &'a [f32],
     }
 
-    /// Up to `W` (8 or 16) input rows of Q8_0 blocks as the lanes forms of
-    /// `byte_dot_forms` (`W` = 8) and [`dot4x_lanes16`] read them, or up to 8 as
-    /// [`dot4x_lanes_avx2`] does.
+    /// Up to `W` (8 or 16) input rows of Q8_0 blocks as [`q8x8_lanes`] (`W` = 8) and
+    /// [`q8x8_lanes16`] read them, or up to 8 as [`q8x8_lanes_avx2`] does.
     #[derive(Clone, Copy)]
     struct Lanes<'a> {
-        /// For the byte-dot forms, `kb` blocks of `32 W` bytes: for each four bytes `g` of a
-        /// block, the rows' bytes `4g..4g + 4` side by side (row `m` in 32-bit lane `m`),
-        /// biased to the unsigned operand (`x + 128`). For [`dot4x_lanes_avx2`], `kb` blocks
+        /// With `vpdpbusd`, `kb` blocks of `32 W` bytes: for each four bytes `g` of a block,
+        /// the rows' bytes `4g..4g + 4` side by side (row `m` in 32-bit lane `m`), biased to
+        /// the unsigned operand (`x + 128`). For [`q8x8_lanes_avx2`], `kb` blocks
         /// of 512 bytes: for each pair of bytes `p`, the rows' bytes `2p, 2p + 1` as two i16,
         /// side by side.
         q: &'a [u8],
         /// The rows' block scales, `W` per block.
         scales: &'a [f32],
-    }
-
-    /// The 8 x 8 floats of `a` transposed: lane `i` of register `j` becomes lane `j` of
-    /// register `i`.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn transpose8(a: [__m256; 8]) -> [__m256; 8] {
-        let mut t = [_mm256_setzero_ps(); 8];
-        for i in 0..4 {
-            t[2 * i] = _mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]);
-            t[2 * i + 1] = _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]);
-        }
-        // u[4h..4h + 4] hold columns 0, 2, 1, 3 of rows 4h..4h + 4 (and 4, 6, 5, 7 in their
-        // upper halves).
-        let mut u = [_mm256_setzero_ps(); 8];
-        for h in 0..2 {
-            for i in 0..2 {
-                let (x, y) = (t[4 * h + i], t[4 * h + i + 2]);
-                u[4 * h + i] = _mm256_shuffle_ps::<0x44>(x, y);
-                u[4 * h + i + 2] = _mm256_shuffle_ps::<0xEE>(x, y);
-            }
-        }
-        let mut out = [_mm256_setzero_ps(); 8];
-        for (i, c) in [0, 2, 1, 3].into_iter().enumerate() {
-            out[i] = _mm256_permute2f128_ps::<0x20>(u[c], u[c + 4]);
-            out[i + 4] = _mm256_permute2f128_ps::<0x31>(u[c], u[c + 4]);
-        }
-        out
-    }
-
-    /// The sums of each of eight registers' eight i32 lanes, in one (register `j`'s in lane
-    /// `j`).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn lane_sums8(a: [__m256i; 8]) -> __m256i {
-        // In-lane interleaves (which more ports run than `hadd`'s shuffles), then the halves.
-        let mut p = [_mm256_setzero_si256(); 4];
-        for (i, p) in p.iter_mut().enumerate() {
-            let (x, y) = (a[2 * i], a[2 * i + 1]);
-            *p = _mm256_add_epi32(_mm256_unpacklo_epi32(x, y), _mm256_unpackhi_epi32(x, y));
-        }
-        let mut q = [_mm256_setzero_si256(); 2];
-        for (i, q) in q.iter_mut().enumerate() {
-            let (x, y) = (p[2 * i], p[2 * i + 1]);
-            *q = _mm256_add_epi32(_mm256_unpacklo_epi64(x, y), _mm256_unpackhi_epi64(x, y));
-        }
-        _mm256_add_epi32(
-            _mm256_permute2x128_si256::<0x20>(q[0], q[1]),
-            _mm256_permute2x128_si256::<0x31>(q[0], q[1]),
-        )
-    }
-
-    /// Makes, with `$features` and `$dpbusd` (`vpdpbusd` on 256-bit registers: AVX-512 VNNI
-    /// with VL, or AVX-VNNI's VEX form), the Q8_0 forms that sum each block with byte dot
-    /// products:
-    ///
-    /// * `$lanes8`: four weight rows dotted with up to 8 input rows ([`Lanes`], `W` = 8), one
-    ///   input row per 32-bit lane: for each block, eight `vpdpbusd` (one per four bytes, the
-    ///   weight row's four bytes broadcast to every lane) sum its 32 products exactly into one
-    ///   i32 per input row, starting from [`weight_starts`]; that sum is converted to f32 and added
-    ///   with one multiply-add by the product of the two scales, block after block.
-    /// * `$rows`: eight weight rows dotted with `R` input rows, one weight row per lane, in
-    ///   the same arithmetic: each block's 32 products summed exactly (one `vpdpbusd` of the
-    ///   biased weights, `w + 128`, made once for the `R` rows, and the signed input into
-    ///   eight lanes; the lanes of eight weight rows summed together; the input's `-128` times
-    ///   its sum added), converted and added alike.
-    ///
-    /// Every lane takes the same operations whatever the form, the width and whichever lanes
-    /// are filled: a row gets the same bits alone and in any batch ([`dot4x_lanes16`] and the
-    /// AVX2 forms too). Against candle's eight partial sums per block and row (each converted
-    /// and multiply-added) a batch does far less arithmetic; the result differs from candle's
-    /// by float rounding only (the integer sums are exact either way).
-    macro_rules! byte_dot_forms {
-        ($features:literal, $dpbusd:ident, $lanes8:ident, $rows:ident) => {
-            /// See `byte_dot_forms`.
-            ///
-            /// # Safety
-            /// The CPU has `$features`; each `w[r]` holds `kb` Q8_0 blocks, `x.q` `256 kb`
-            /// bytes and `x.scales` `8 kb` floats.
-            #[target_feature(enable = $features)]
-            unsafe fn $lanes8(kb: usize, w: [&[u8]; 4], x: Lanes) -> [[f32; 16]; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut b = 0;
-                while b < kb {
-                    let nb = (kb - b).min(8);
-                    // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a
-                    // row of `kb` blocks of 34 bytes, its scale in its first 2 bytes, its
-                    // weights in the next 32; input block `b + j` is 256 bytes of `x.q` and 8
-                    // floats of `x.scales`.
-                    let (bases, ws) = unsafe { four_rows_at!(w, b, kb, nb) };
-                    let starts = unsafe { weight_starts!(bases, nb, $dpbusd) };
-                    for j in 0..nb {
-                        let xb = unsafe { x.q.as_ptr().add(256 * (b + j)) };
-                        let mut xv = [_mm256_setzero_si256(); 8];
-                        for (g, v) in xv.iter_mut().enumerate() {
-                            *v = unsafe { _mm256_loadu_si256(xb.add(32 * g).cast()) };
-                        }
-                        let xs = unsafe { _mm256_loadu_ps(x.scales.as_ptr().add(8 * (b + j))) };
-                        for wr in 0..4 {
-                            let wq = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
-                            let mut sum = _mm256_set1_epi32(starts[wr][j]);
-                            for (g, xg) in xv.iter().enumerate() {
-                                let four = unsafe {
-                                    std::ptr::read_unaligned(wq.add(4 * g).cast::<i32>())
-                                };
-                                sum = $dpbusd(sum, *xg, _mm256_set1_epi32(four));
-                            }
-                            let d = _mm256_mul_ps(_mm256_set1_ps(ws[wr][j]), xs);
-                            acc[wr] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[wr]);
-                        }
-                    }
-                    b += 8;
-                }
-                let mut dots = [[0f32; 16]; 4];
-                for (d, a) in dots.iter_mut().zip(&acc) {
-                    // SAFETY: eight floats.
-                    unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
-                }
-                dots
-            }
-
-            /// See `byte_dot_forms`.
-            ///
-            /// # Safety
-            /// The CPU has `$features`; each `w[r]` holds `kb` Q8_0 blocks, each `x[r].q`
-            /// `32 kb` bytes and its `minus` and `scales` `kb` values.
-            #[target_feature(enable = $features)]
-            unsafe fn $rows<const R: usize>(
-                kb: usize,
-                w: [&[u8]; 8],
-                x: [RowInput; R],
-            ) -> [[f32; 8]; R] {
-                let flip = _mm256_set1_epi8(-128);
-                let mut acc = [_mm256_setzero_ps(); R];
-                let distance = row_form_distance(kb);
-                let mut b = 0;
-                while b < kb {
-                    let nb = (kb - b).min(8);
-                    // (No closures in these kernels: they would not inherit the function's
-                    // target features, and their intrinsics would become calls.)
-                    // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a
-                    // row of `kb` blocks of 34 bytes, its scale in its first 2 bytes, its
-                    // weights in the next 32; input block `b + j` is 32 bytes of `x[r].q`.
-                    let (bases, ws) = unsafe { eight_rows_at!(w, b, nb, distance) };
-                    for (j, ws) in ws.iter().enumerate().take(nb) {
-                        // The eight weight blocks, biased, transposed: register g holds bytes
-                        // 4g..4g + 4 of every row, row wr in lane wr.
-                        let mut rows = [_mm256_setzero_ps(); 8];
-                        for (wr, v) in rows.iter_mut().enumerate() {
-                            let at = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
-                            let biased =
-                                _mm256_xor_si256(unsafe { _mm256_loadu_si256(at.cast()) }, flip);
-                            *v = _mm256_castsi256_ps(biased);
-                        }
-                        let groups = transpose8(rows);
-                        for (xr, acc) in x.iter().zip(acc.iter_mut()) {
-                            let xq = unsafe { xr.q.as_ptr().add(32 * (b + j)) };
-                            let mut sum = _mm256_set1_epi32(xr.minus[b + j]);
-                            for (g, wg) in groups.iter().enumerate() {
-                                let four = unsafe {
-                                    std::ptr::read_unaligned(xq.add(4 * g).cast::<i32>())
-                                };
-                                sum =
-                                    $dpbusd(sum, _mm256_castps_si256(*wg), _mm256_set1_epi32(four));
-                            }
-                            let d = _mm256_mul_ps(*ws, _mm256_set1_ps(xr.scales[b + j]));
-                            *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), *acc);
-                        }
-                    }
-                    b += 8;
-                }
-                let mut dots = [[0f32; 8]; R];
-                for (d, a) in dots.iter_mut().zip(&acc) {
-                    // SAFETY: eight floats.
-                    unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
-                }
-                dots
-            }
-        };
-    }
-
-    byte_dot_forms!(
-        "avx512f,avx512vnni,avx512vl,avx2,fma,f16c",
-        _mm256_dpbusd_epi32,
-        dot4x_lanes8,
-        dot8x_rows
-    );
-    byte_dot_forms!(
-        "avxvnni,avx2,fma,f16c",
-        _mm256_dpbusd_avx_epi32,
-        dot4x_lanes8_vex,
-        dot8x_rows_vex
-    );
-
-    /// `byte_dot_forms`' lanes form on 512-bit registers, 16 input rows ([`Lanes`], `W` =
-    /// 16) to a register.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F, AVX-512 VNNI and VL, AVX2, FMA and F16C; each `w[r]` holds `kb`
-    /// Q8_0 blocks, `x.q` `512 kb` bytes and `x.scales` `16 kb` floats.
-    #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c")]
-    unsafe fn dot4x_lanes16(kb: usize, w: [&[u8]; 4], x: Lanes) -> [[f32; 16]; 4] {
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut b = 0;
-        while b < kb {
-            let nb = (kb - b).min(8);
-            // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
-            // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
-            // 32; input block `b + j` is 512 bytes of `x.q` and 16 floats of `x.scales`.
-            let (bases, ws) = unsafe { four_rows_at!(w, b, kb, nb) };
-            let starts = unsafe { weight_starts!(bases, nb, _mm256_dpbusd_epi32) };
-            for j in 0..nb {
-                let xb = unsafe { x.q.as_ptr().add(512 * (b + j)) };
-                let mut xv = [_mm512_setzero_si512(); 8];
-                for (g, v) in xv.iter_mut().enumerate() {
-                    *v = unsafe { _mm512_loadu_si512(xb.add(64 * g).cast()) };
-                }
-                let xs = unsafe { _mm512_loadu_ps(x.scales.as_ptr().add(16 * (b + j))) };
-                for wr in 0..4 {
-                    let wq = unsafe { bases[wr].add(Q8_0_BYTES * j + 2) };
-                    let mut sum = _mm512_set1_epi32(starts[wr][j]);
-                    for (g, xg) in xv.iter().enumerate() {
-                        let four = unsafe { std::ptr::read_unaligned(wq.add(4 * g).cast::<i32>()) };
-                        sum = _mm512_dpbusd_epi32(sum, *xg, _mm512_set1_epi32(four));
-                    }
-                    let d = _mm512_mul_ps(_mm512_set1_ps(ws[wr][j]), xs);
-                    acc[wr] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[wr]);
-                }
-            }
-            b += 8;
-        }
-        let mut dots = [[0f32; 16]; 4];
-        for (d, a) in dots.iter_mut().zip(&acc) {
-            // SAFETY: sixteen floats.
-            unsafe { _mm512_storeu_ps(d.as_mut_ptr(), *a) };
-        }
-        dots
-    }
-
-    /// the arithmetic of `byte_dot_forms` with AVX2 alone (no `vpdpbusd`): four Q8_0 weight rows
-    /// dotted with up to 8 input rows, one per 32-bit lane. The input rows come as i16 pairs
-    /// ([`Lanes::q`]: per block, 16 registers of each row's bytes `2p, 2p + 1`), each weight
-    /// block is widened to i16 once and its pairs broadcast; one `madd` and one add per pair
-    /// sum the block's 32 products exactly into one i32 per input row, converted to f32 and
-    /// added with one multiply-add by the product of the two scales, block after block: the
-    /// same bits as the forms of `byte_dot_forms` (and as [`dot8x_rows_avx2`]), alone or
-    /// in any batch. Against candle's arithmetic (a sign, a `maddubs`, a `madd`, a convert
-    /// and a multiply-add per block and row, all on the two vector multiply ports) a batch
-    /// spends two operations per pair of bytes for 8 rows, the adds on any port.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; each `w[r]` holds `kb` Q8_0 blocks, `x.q` `512 kb`
-    /// bytes and `x.scales` `8 kb` floats.
-    // `j`, `wr` and `g` index blocks, weight rows and groups of several arrays at once.
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot4x_lanes_avx2<const G: usize>(
-        kb: usize,
-        w: [&[u8]; 4],
-        x: [Lanes; G],
-    ) -> [[[f32; 16]; 4]; G] {
-        let mut acc = [[_mm256_setzero_ps(); 4]; G];
-        let mut b = 0;
-        while b < kb {
-            let nb = (kb - b).min(8);
-            // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
-            // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
-            // 32; input block `b + j` is 512 bytes of `x[g].q` and 8 floats of `x[g].scales`.
-            let (bases, ws) = unsafe { four_rows_at!(w, b, kb, nb) };
-            for j in 0..nb {
-                // Each weight row's block as 16 pairs of i16.
-                let mut wide = [[0i32; 16]; 4];
-                for (wr, pairs) in wide.iter_mut().enumerate() {
-                    let wv =
-                        unsafe { _mm256_loadu_si256(bases[wr].add(Q8_0_BYTES * j + 2).cast()) };
-                    let low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(wv));
-                    let high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(wv));
-                    // SAFETY: sixteen i32, eight at a time.
-                    unsafe {
-                        _mm256_storeu_si256(pairs.as_mut_ptr().cast(), low);
-                        _mm256_storeu_si256(pairs.as_mut_ptr().add(8).cast(), high);
-                    }
-                }
-                // Each pair is broadcast from memory (a load, no arithmetic): left in
-                // registers, the compiler would broadcast them by shuffles, on the port the
-                // adds need.
-                let wp: *const [[i32; 16]; 4] = std::hint::black_box(&wide);
-                let mut sums = [[_mm256_setzero_si256(); 4]; G];
-                for p in 0..16 {
-                    let mut xv = [_mm256_setzero_si256(); G];
-                    for (g, v) in xv.iter_mut().enumerate() {
-                        *v = unsafe {
-                            _mm256_loadu_si256(x[g].q.as_ptr().add(512 * (b + j) + 32 * p).cast())
-                        };
-                    }
-                    for wr in 0..4 {
-                        // SAFETY: `wp` points at `wide`, alive and unchanged.
-                        let pair = _mm256_set1_epi32(unsafe { (*wp)[wr][p] });
-                        for g in 0..G {
-                            sums[g][wr] =
-                                _mm256_add_epi32(sums[g][wr], _mm256_madd_epi16(xv[g], pair));
-                        }
-                    }
-                }
-                for g in 0..G {
-                    let xs = unsafe { _mm256_loadu_ps(x[g].scales.as_ptr().add(8 * (b + j))) };
-                    for wr in 0..4 {
-                        let d = _mm256_mul_ps(_mm256_set1_ps(ws[wr][j]), xs);
-                        acc[g][wr] =
-                            _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums[g][wr]), acc[g][wr]);
-                    }
-                }
-            }
-            b += 8;
-        }
-        let mut dots = [[[0f32; 16]; 4]; G];
-        for (dg, ag) in dots.iter_mut().zip(&acc) {
-            for (d, a) in dg.iter_mut().zip(ag) {
-                // SAFETY: eight floats.
-                unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
-            }
-        }
-        dots
-    }
-
-    /// [`dot8x_rows`]' arithmetic with AVX2 alone: eight Q8_0 weight rows dotted with `R`
-    /// input rows, each block's products summed into eight exact i32 lanes as candle does
-    /// (`maddubs` on `|w|`, made once for the `R` rows, and `x` with `w`'s sign, then `madd`;
-    /// the pairs never saturate: at most `2 * 128 * 127`), the lanes of eight weight rows
-    /// summed together into one i32 each, converted and added with one multiply-add by the
-    /// product of the two scales, block after block: the same bits as [`dot4x_lanes_avx2`].
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; each `w[r]` holds `kb` Q8_0 blocks, each `x[r].q`
-    /// `32 kb` bytes and its `scales` `kb` values (`minus` is not read).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot8x_rows_avx2<const R: usize>(
-        kb: usize,
-        w: [&[u8]; 8],
-        x: [RowInput; R],
-    ) -> [[f32; 8]; R] {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let distance = row_form_distance(kb);
-        let mut b = 0;
-        while b < kb {
-            let nb = (kb - b).min(8);
-            // SAFETY (and for all pointer arithmetic below): block `b + j < kb` of a row of
-            // `kb` blocks of 34 bytes, its scale in its first 2 bytes, its weights in the next
-            // 32; input block `b + j` is 32 bytes of `x[r].q`.
-            let (bases, ws) = unsafe { eight_rows_at!(w, b, nb, distance) };
-            for (j, ws) in ws.iter().enumerate().take(nb) {
-                let mut xq = [_mm256_setzero_si256(); R];
-                for (r, v) in xq.iter_mut().enumerate() {
-                    *v = unsafe { _mm256_loadu_si256(x[r].q.as_ptr().add(32 * (b + j)).cast()) };
-                }
-                let mut lanes = [[_mm256_setzero_si256(); 8]; R];
-                for wr in 0..8 {
-                    let wv =
-                        unsafe { _mm256_loadu_si256(bases[wr].add(Q8_0_BYTES * j + 2).cast()) };
-                    let wa = _mm256_sign_epi8(wv, wv);
-                    for r in 0..R {
-                        let xw = _mm256_sign_epi8(xq[r], wv);
-                        lanes[r][wr] = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xw), ones);
-                    }
-                }
-                for r in 0..R {
-                    let d = _mm256_mul_ps(*ws, _mm256_set1_ps(x[r].scales[b + j]));
-                    let sum = lane_sums8(lanes[r]);
-                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc[r]);
-                }
-            }
-            b += 8;
-        }
-        let mut dots = [[0f32; 8]; R];
-        for (d, a) in dots.iter_mut().zip(&acc) {
-            // SAFETY: eight floats.
-            unsafe { _mm256_storeu_ps(d.as_mut_ptr(), *a) };
-        }
-        dots
-    }
-
-    /// The scales of the `nb <= 8` blocks of `block` bytes from `base` on (the f16 in each
-    /// block's first two bytes; zero past `nb`), as f32, and the row prefetched ahead
-    /// ([`prefetch_ahead`], for rows of `kb` blocks).
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `nb` blocks of `block` bytes are readable from `base`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn group_scales(base: *const u8, block: usize, kb: usize, nb: usize) -> __m256 {
-        // SAFETY: as this function's.
-        unsafe { group_scales_ahead(base, block, nb, prefetch_ahead(block, kb)) }
-    }
-
-    /// [`group_scales`], prefetching `distance` bytes ahead.
-    ///
-    /// # Safety
-    /// As [`group_scales`].
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn group_scales_ahead(
-        base: *const u8,
-        block: usize,
-        nb: usize,
-        distance: usize,
-    ) -> __m256 {
-        let ahead = base.wrapping_add(distance);
-        for line in 0..(block * 8).div_ceil(64) {
-            crate::kernels::prefetch_line(ahead.wrapping_add(64 * line));
-        }
-        let mut halves = [0i16; 8];
-        for (j, h) in halves.iter_mut().enumerate().take(nb) {
-            // SAFETY: block j < nb starts at base + block j.
-            *h = unsafe { std::ptr::read_unaligned(base.add(block * j).cast::<i16>()) };
-        }
-        _mm256_cvtph_ps(_mm_set_epi16(
-            halves[7], halves[6], halves[5], halves[4], halves[3], halves[2], halves[1], halves[0],
-        ))
-    }
-
-    /// Most pairs of input rows per pass of [`dot4x_pairs`]: four weight rows by four pairs
-    /// fill 16 of the 32 registers with accumulators.
-    const PAIRS_MOST: usize = 4;
-
-    /// `a` in the lower eight lanes, `c` in the upper (AVX-512F alone: the f32x8 forms need DQ).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn halves_of(a: __m256, c: __m256) -> __m512 {
-        let wide = _mm512_castpd256_pd512(_mm256_castps_pd(a));
-        _mm512_castpd_ps(_mm512_insertf64x4::<1>(wide, _mm256_castps_pd(c)))
-    }
-
-    /// Two input rows as [`dot4x_pairs`] reads them.
-    #[derive(Clone, Copy)]
-    struct Pair<'a> {
-        /// `kb` blocks of 64 bytes: block `j` of the first row, then of the second (`x + 128`
-        /// for Q8_0 weights, `x` for Q4_0).
-        q: &'a [u8],
-        /// For Q4_0, the two rows' lane offsets, block by block.
-        offsets: Option<&'a [[i32; 16]]>,
-        /// The two rows' block scales.
-        scales: [&'a [f32]; 2],
-    }
-
-    /// [`dot4x_vnni`] for Q4_0 weights against `P` pairs of input rows, one pair in each
-    /// 512-bit register: the lower eight lanes are one row's, the upper eight the other's, each
-    /// block's unpacked nibbles in both halves. Every lane takes the same operations in the same
-    /// order as in [`dot4x_vnni`] (the same `vpdpbusd` from the same starting lanes, the scale
-    /// product `ws x xs` in f32, one fused multiply-add per block), so a row gets the same bits
-    /// paired or alone; one instruction does the work of two, and the block's scales reach
-    /// their half by one permutation rather than a broadcast per row.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F, AVX-512 VNNI and VL, AVX2, FMA and F16C; each `w[r]` holds `kb`
-    /// Q4_0 blocks, and each pair `kb` blocks of 64 bytes, `kb` scales per row and `kb`
-    /// offsets.
-    // `j` indexes the scales of four rows and the blocks of several slices at once.
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c")]
-    unsafe fn dot4x_pairs<const P: usize>(
-        kb: usize,
-        w: [&[u8]; 4],
-        x: [Pair; P],
-    ) -> [[[f32; 4]; 2]; P] {
-        let block = Q4_0_BYTES;
-        let low = _mm256_set1_epi8(0x0F);
-        let zero = _mm512_setzero_si512();
-        let mut acc = [[_mm512_setzero_ps(); P]; 4];
-        let mut b = 0;
-        while b < kb {
-            let nb = (kb - b).min(8);
-            // Each (weight row, pair)'s scale products for eight blocks: the first row's in
-            // lanes 0..8, the second's in 8..16.
-            let mut d = [[[0f32; 16]; P]; 4];
-            let mut bases = [std::ptr::null::<u8>(); 4];
-            // (No closures here: they would not inherit this function's target features, and
-            // their intrinsics would become calls.)
-            let mut xs = [_mm512_setzero_ps(); P];
-            for p in 0..P {
-                let mut two = [_mm256_setzero_ps(); 2];
-                for (half, xs) in x[p].scales.iter().enumerate() {
-                    // SAFETY: eight scales from `b` on where there are; else a padded copy.
-                    two[half] = unsafe {
-                        if b + 8 <= xs.len() {
-                            _mm256_loadu_ps(xs.as_ptr().add(b))
-                        } else {
-                            _mm256_loadu_ps(padded(xs, b).as_ptr())
-                        }
-                    };
-                }
-                xs[p] = halves_of(two[0], two[1]);
-            }
-            for (wr, row) in w.iter().enumerate() {
-                // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row of `kb`
-                // blocks of `block` bytes, its scale in its first 2 bytes, its weights in the
-                // next 32; pair block `b + j` is 64 bytes of `x[p].q`.
-                let base = unsafe { row.as_ptr().add(block * b) };
-                bases[wr] = base;
-                let ws = unsafe { group_scales(base, block, kb, nb) };
-                let ws = halves_of(ws, ws);
-                for p in 0..P {
-                    // SAFETY: sixteen floats.
-                    unsafe { _mm512_storeu_ps(d[wr][p].as_mut_ptr(), _mm512_mul_ps(ws, xs[p])) };
-                }
-            }
-            for j in 0..nb {
-                // Lanes 0..8 take scale j of the first row, 8..16 scale j of the second.
-                let pick = _mm512_set_epi32(
-                    8 + j as i32,
-                    8 + j as i32,
-                    8 + j as i32,
-                    8 + j as i32,
-                    8 + j as i32,
-                    8 + j as i32,
-                    8 + j as i32,
-                    8 + j as i32,
-                    j as i32,
-                    j as i32,
-                    j as i32,
-                    j as i32,
-                    j as i32,
-                    j as i32,
-                    j as i32,
-                    j as i32,
-                );
-                let (mut xq, mut xo) = ([zero; P], [zero; P]);
-                for p in 0..P {
-                    // SAFETY: pair block b + j and its offsets.
-                    xq[p] = unsafe { _mm512_loadu_si512(x[p].q.as_ptr().add(64 * (b + j)).cast()) };
-                    if let Some(o) = x[p].offsets {
-                        xo[p] = unsafe { _mm512_loadu_si512(o.as_ptr().add(b + j).cast()) };
-                    }
-                }
-                for wr in 0..4 {
-                    let wq = unsafe { bases[wr].add(block * j + 2) };
-                    // The stored nibbles (`w + 8`) are the unsigned operand.
-                    let packed = unsafe { _mm_loadu_si128(wq.cast()) };
-                    let nib =
-                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-                    let wv = _mm512_broadcast_i64x4(nib);
-                    for p in 0..P {
-                        let lanes = _mm512_dpbusd_epi32(xo[p], wv, xq[p]);
-                        // SAFETY: sixteen floats.
-                        let dj = _mm512_permutexvar_ps(pick, unsafe {
-                            _mm512_loadu_ps(d[wr][p].as_ptr())
-                        });
-                        acc[wr][p] = _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(lanes), acc[wr][p]);
-                    }
-                }
-            }
-            b += 8;
-        }
-        let mut dots = [[[0f32; 4]; 2]; P];
-        for p in 0..P {
-            for wr in 0..4 {
-                let upper = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[wr][p]));
-                dots[p][0][wr] = lanes_sum(_mm512_castps512_ps256(acc[wr][p]));
-                dots[p][1][wr] = lanes_sum(_mm256_castpd_ps(upper));
-            }
-        }
-        dots
-    }
-
-    /// One input row as [`dot4x_vnni`] and [`dot4x_avx2`] read it.
-    #[derive(Clone, Copy)]
-    struct Input<'a> {
-        /// `kb` blocks of 32 bytes: `x + 128` (Q8_0 weights) or `x` (Q4_0 weights).
-        q: &'a [u8],
-        /// The blocks' scales.
-        scales: &'a [f32],
-        /// For Q4_0, the blocks' lane offsets (see [`Kernel::offsets`]).
-        offsets: Option<&'a [[i32; 8]]>,
-    }
-
-    /// The sum of a vector's eight lanes, in the order candle sums them.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn lanes_sum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
-    /// Makes `$name`: four Q4_0 weight rows dotted with `R` input rows, with `$features`. Each block's products are summed into eight exact i32 lanes
-    /// (lane `l` the products of bytes `4l..4l + 4`), converted to f32 and accumulated with the
-    /// product of the two scales, block after block, then the lanes summed: candle's
-    /// arithmetic in candle's order, so its bits, whatever `R` and the instruction set.
-    ///
-    /// * VNNI (`$vnni`, `$dpbusd` of AVX-512 VNNI or AVX-VNNI): the stored nibbles (`w + 8`)
-    ///   are the unsigned operand as they are, and each input block's lanes start from its
-    ///   offsets, `-8` times its sums of four.
-    /// * AVX2: `maddubs` on the nibbles and `x` (at most `2 * 15 * 128`), `madd`, plus the
-    ///   input's offsets.
-    ///
-    /// (Q8_0 sums whole blocks instead: [`Kernel::run_exact`].)
-    ///
-    /// # Safety
-    /// The CPU has `$features`; each `w[r]` holds `kb` Q4_0 blocks, each input `kb` blocks of
-    /// 32 bytes (`x`), `kb` scales and `kb` offsets.
-    macro_rules! dot4x_fn {
-        ($name:ident, $features:literal, $vnni:literal, $dpbusd:ident) => {
-            // `j` indexes the scales of four rows and the blocks of several slices at once.
-            #[allow(clippy::needless_range_loop)]
-            #[target_feature(enable = $features)]
-            unsafe fn $name<const R: usize>(
-                kb: usize,
-                w: [&[u8]; 4],
-                x: [Input; R],
-            ) -> [[f32; 4]; R] {
-                let block = Q4_0_BYTES;
-                let low = _mm256_set1_epi8(0x0F);
-                let ones = _mm256_set1_epi16(1);
-                let zero = _mm256_setzero_si256();
-                let mut acc = [[_mm256_setzero_ps(); R]; 4];
-                let mut b = 0;
-                while b < kb {
-                    let nb = (kb - b).min(8);
-                    // Each (weight row, input row)'s block scales, eight blocks at a time.
-                    let mut d = [[[0f32; 8]; R]; 4];
-                    let mut bases = [std::ptr::null::<u8>(); 4];
-                    let xs: [__m256; R] = std::array::from_fn(|r| {
-                        let xs = x[r].scales;
-                        // SAFETY: eight scales from `b` on where there are; else a padded
-                        // copy.
-                        unsafe {
-                            if b + 8 <= xs.len() {
-                                _mm256_loadu_ps(xs.as_ptr().add(b))
-                            } else {
-                                _mm256_loadu_ps(padded(xs, b).as_ptr())
-                            }
-                        }
-                    });
-                    for (wr, row) in w.iter().enumerate() {
-                        // SAFETY (all pointer arithmetic below): block `b + j < kb` of a row
-                        // of `kb` blocks of 18 bytes, its scale in its first 2 bytes, its
-                        // nibbles in the next 16; input block `b + j` is 32 bytes of `x[r].q`,
-                        // its offsets entry `b + j`.
-                        let base = unsafe { row.as_ptr().add(block * b) };
-                        bases[wr] = base;
-                        let ws = unsafe { group_scales(base, block, kb, nb) };
-                        for r in 0..R {
-                            // SAFETY: eight floats.
-                            unsafe {
-                                _mm256_storeu_ps(d[wr][r].as_mut_ptr(), _mm256_mul_ps(ws, xs[r]))
-                            };
-                        }
-                    }
-                    // Each scale product is broadcast from memory (a load, no arithmetic): left
-                    // in registers, the compiler broadcast them with two shuffles per block
-                    // and row, on the port the kernel's other work needs.
-                    let dp: *const [[[f32; 8]; R]; 4] = std::hint::black_box(&d);
-                    for j in 0..nb {
-                        let xq: [__m256i; R] = std::array::from_fn(|r| unsafe {
-                            _mm256_loadu_si256(x[r].q.as_ptr().add(32 * (b + j)).cast())
-                        });
-                        // The lanes start from the input's offsets.
-                        let xo: [__m256i; R] = std::array::from_fn(|r| match x[r].offsets {
-                            Some(o) => unsafe { _mm256_loadu_si256(o.as_ptr().add(b + j).cast()) },
-                            _ => zero,
-                        });
-                        for wr in 0..4 {
-                            let wq = unsafe { bases[wr].add(block * j + 2) };
-                            let mut add = |r: usize, lanes: __m256i| {
-                                // SAFETY: `dp` points at `d`, alive and unchanged.
-                                let dj = unsafe { _mm256_broadcast_ss(&(*dp)[wr][r][j]) };
-                                acc[wr][r] =
-                                    _mm256_fmadd_ps(dj, _mm256_cvtepi32_ps(lanes), acc[wr][r]);
-                            };
-                            let packed = unsafe { _mm_loadu_si128(wq.cast()) };
-                            let nib = _mm256_and_si256(
-                                _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
-                                low,
-                            );
-                            for r in 0..R {
-                                add(
-                                    r,
-                                    if $vnni {
-                                        $dpbusd(xo[r], nib, xq[r])
-                                    } else {
-                                        _mm256_add_epi32(
-                                            _mm256_madd_epi16(
-                                                _mm256_maddubs_epi16(nib, xq[r]),
-                                                ones,
-                                            ),
-                                            xo[r],
-                                        )
-                                    },
-                                );
-                            }
-                        }
-                    }
-                    b += 8;
-                }
-                std::array::from_fn(|r| std::array::from_fn(|wr| lanes_sum(acc[wr][r])))
-            }
-        };
-    }
-
-    // (The AVX2 form never takes its `$dpbusd`: `$vnni` is false.)
-    dot4x_fn!(dot4x_avx2, "avx2,fma,f16c", false, _mm256_dpbusd_avx_epi32);
-    dot4x_fn!(
-        dot4x_vnni,
-        "avx2,fma,f16c,avx512vnni,avx512vl",
-        true,
-        _mm256_dpbusd_epi32
-    );
-    dot4x_fn!(
-        dot4x_avx_vnni,
-        "avx2,fma,f16c,avxvnni",
-        true,
-        _mm256_dpbusd_avx_epi32
-    );
-
-    /// Eight input scales from block `b` on, zero past the end.
-    #[inline]
-    fn padded(xs: &[f32], b: usize) -> [f32; 8] {
-        let mut out = [0f32; 8];
-        for (o, &v) in out.iter_mut().zip(xs.iter().skip(b)) {
-            *o = v;
-        }
-        out
     }
 
     /// `(bytes per block, weights per block)` of `format` where [`dequantize`] reads it on
@@ -3065,6 +1931,37 @@ mod x86 {
             }
             _ => None,
         }
+    }
+
+    /// The eight 6-bit scales, then the eight 6-bit mins, of a Q4_K block, one per byte, from
+    /// its 12 packed bytes: bytes 0-3 hold scales 0-3 and bytes 4-7 mins 0-3 in their low six
+    /// bits, and the top two bits of scales and mins 4-7 in their high two; bytes 8-11 hold the
+    /// low four bits of scales 4-7 (low halves) and of mins 4-7 (high halves).
+    #[inline]
+    fn scales_and_mins(packed: &[u8]) -> [u8; 16] {
+        const LOW6: u32 = 0x3f3f_3f3f;
+        const LOW4: u32 = 0x0f0f_0f0f;
+        const LOW2: u32 = 0x0303_0303;
+        let word = |i: usize| {
+            u32::from_le_bytes([
+                packed[4 * i],
+                packed[4 * i + 1],
+                packed[4 * i + 2],
+                packed[4 * i + 3],
+            ])
+        };
+        let (a, b, c) = (word(0), word(1), word(2));
+        let parts = [
+            a & LOW6,
+            (c & LOW4) | (((a >> 6) & LOW2) << 4),
+            b & LOW6,
+            ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4),
+        ];
+        let mut out = [0u8; 16];
+        for (o, p) in out.chunks_exact_mut(4).zip(parts) {
+            o.copy_from_slice(&p.to_le_bytes());
+        }
+        out
     }
 
     /// candle's `to_float` for Q8_0, Q4_0 or Q4_K blocks `bytes` into `out`, with the same
@@ -3210,22 +2107,12 @@ mod x86 {
     const Q8K_BYTES: usize = 292;
     /// Where a Q8_K block's i16 sums begin.
     const Q8K_SUMS: usize = 260;
-    /// How far ahead [`dot4_q4k`] prefetches each weight row, in rows: the same place in the
-    /// rows two passes of four on, or one of eight (a band's rows are consecutive in memory).
-    const Q4K_AHEAD_ROWS: usize = 8;
 
-    /// Q4_K weights against a Q8_K input: four weight rows per pass over each input block.
-    ///
-    /// candle's `vec_dot_q4k_q8k` is called once per row, and on short rows (3 blocks at width
-    /// 768) its fixed costs dominate: the call, two f16 conversions per block through a function
-    /// call each, and pairing the input's sums per block and per row. Here the input's pairs and
-    /// scale are made once per call, the four rows' `d` and `dmin` are converted in one
-    /// instruction, and four rows take each input block in turn (its scale and sums read once
-    /// for the four, its bytes from L1).
+    /// Q4_K weights, rows interleaved by eight ([`super::interleave`]), against a Q8_K input:
+    /// a group of eight rows at a time against a few input rows ([`q4k_group`] and the others).
+    /// The input's scales and sums per sub-block are made once per call.
     pub(super) struct Q4kKernel<'a> {
         weight: &'a [u8],
-        /// Bytes of one weight row.
-        row_bytes: usize,
         /// Blocks per row.
         kb: usize,
         /// The input rows as Q8_K blocks.
@@ -3235,18 +2122,14 @@ mod x86 {
         /// Each input block's sums per sub-block of 32: its sums of 16 added in pairs, as i16
         /// (as candle's `hadd` pairs them; at most 32 * 128 in magnitude, so no wrapping).
         input_sums: Vec<[i16; 8]>,
-        /// `vpdpwssd` with AVX-512 VNNI and VL ([`dot4_q4k_vnni`]) or AVX-VNNI
-        /// ([`dot4_q4k_avx_vnni`]), else [`dot4_q4k`].
+        /// The byte dot product the forms use.
         dots: Dots,
-        /// Weight rows interleaved by eight ([`super::interleave`]):
-        /// [`Q4kKernel::run_interleaved`].
-        interleaved: bool,
         rows: usize,
     }
 
-    /// The Q4_K kernel for `n` rows of width `k` stored as `bytes`, with the input `x` (`rows`
-    /// rows of `k`) quantized to Q8_K; `None` if the CPU lacks the instructions or the blocks do
-    /// not fit.
+    /// The Q4_K kernel for `n` rows of width `k` stored as `bytes`, interleaved (rows padded to
+    /// a multiple of eight), with the input `x` (`rows` rows of `k`) quantized to Q8_K; `None`
+    /// if the CPU lacks the instructions, for candle's layout, or blocks that do not fit.
     pub(super) fn q4k_kernel<'a>(
         isa: Isa,
         interleaved: bool,
@@ -3257,6 +2140,7 @@ mod x86 {
         rows: usize,
     ) -> Option<Q4kKernel<'a>> {
         if !available(isa)
+            || !interleaved
             || std::mem::size_of::<BlockQ4K>() != Q4K_BYTES
             || std::mem::size_of::<BlockQ8K>() != Q8K_BYTES
             || !k.is_multiple_of(256)
@@ -3265,13 +2149,7 @@ mod x86 {
             return None;
         }
         let kb = k / 256;
-        let row_bytes = kb * Q4K_BYTES;
-        let held = if interleaved {
-            kb * Q4KX8_BYTES / 8
-        } else {
-            row_bytes
-        };
-        if bytes.len() != n * held || (interleaved && !n.is_multiple_of(8)) {
+        if bytes.len() != n.next_multiple_of(8) * kb * Q4K_BYTES {
             return None;
         }
         let mut input = vec![BlockQ8K::zeros(); rows * kb];
@@ -3293,13 +2171,11 @@ mod x86 {
             .collect();
         Some(Q4kKernel {
             weight: bytes,
-            row_bytes,
             kb,
             input,
             input_scales,
             input_sums,
             dots: Dots::of(isa),
-            interleaved,
             rows,
         })
     }
@@ -3314,95 +2190,7 @@ mod x86 {
         }
     }
 
-    impl BandKernel for Q4kKernel<'_> {
-        fn run(&self, first: usize, out: &mut [f32]) {
-            if self.interleaved {
-                self.run_interleaved(first, out);
-                return;
-            }
-            let x = q8k_bytes(&self.input);
-            let kb = self.kb;
-            let x_row = kb * Q8K_BYTES;
-            let feats = out.len() / self.rows.max(1);
-            let w_row = |i: usize| {
-                let start = (first + i) * self.row_bytes;
-                &self.weight[start..start + self.row_bytes]
-            };
-            // Four weight rows at a time against up to four input rows per pass (as the Q8_0
-            // kernel): what a weight block alone decides (its scales, mins and nibbles) is made
-            // once for them.
-            let input = |r: usize| Q8kRow {
-                q: &x[r * x_row..(r + 1) * x_row],
-                d: &self.input_scales[r * kb..(r + 1) * kb],
-                sums: &self.input_sums[r * kb..(r + 1) * kb],
-            };
-            let mut i = 0;
-            // One input row (a single sequence's step) takes eight weight rows a pass: more rows
-            // streaming at once, 1.07-1.13x the four rows' GB/s from memory.
-            if self.rows == 1 {
-                while i < feats {
-                    // Past the band's end, repeat its last row.
-                    let rows: [&[u8]; 8] = std::array::from_fn(|j| w_row((i + j).min(feats - 1)));
-                    let x = [input(0)];
-                    // SAFETY: as below.
-                    let dots = unsafe {
-                        match self.dots {
-                            Dots::Evex => dot4_q4k_vnni::<8, 1>(kb, rows, x),
-                            Dots::Vex => dot4_q4k_avx_vnni::<8, 1>(kb, rows, x),
-                            Dots::Avx2 => dot4_q4k::<8, 1>(kb, rows, x),
-                        }
-                    };
-                    for (j, v) in dots[0].iter().enumerate().take(feats - i) {
-                        out[i + j] = *v;
-                    }
-                    i += 8;
-                }
-                return;
-            }
-            while i < feats {
-                // Past the band's end, repeat its last row.
-                let rows = [0, 1, 2, 3].map(|j| w_row((i + j).min(feats - 1)));
-                let mut r = 0;
-                while r < self.rows {
-                    let take = (self.rows - r).min(4);
-                    let mut put = |dots: &[[f32; 4]]| {
-                        for (dr, d) in dots.iter().enumerate() {
-                            for (j, v) in d.iter().enumerate().take(feats - i) {
-                                out[(i + j) * self.rows + r + dr] = *v;
-                            }
-                        }
-                    };
-                    let inputs = |d: usize| input(r + d);
-                    // SAFETY: the CPU has AVX2, FMA and F16C (`available`), every weight row is
-                    // `kb` Q4_K blocks and every input row `kb` Q8_K blocks with `kb` scales and
-                    // `kb` pair sums (lengths checked by `q4k_kernel` and sliced above).
-                    // `Dots::Evex`: AVX-512 VNNI and VL as well (`Isa::vnni`); `Dots::Vex`: AVX-VNNI
-                    // (`Isa::avx_vnni`).
-                    unsafe {
-                        macro_rules! call {
-                            ($f:ident) => {
-                                match take {
-                                    1 => put(&$f::<4, 1>(kb, rows, std::array::from_fn(inputs))),
-                                    2 => put(&$f::<4, 2>(kb, rows, std::array::from_fn(inputs))),
-                                    3 => put(&$f::<4, 3>(kb, rows, std::array::from_fn(inputs))),
-                                    _ => put(&$f::<4, 4>(kb, rows, std::array::from_fn(inputs))),
-                                }
-                            };
-                        }
-                        match self.dots {
-                            Dots::Evex => call!(dot4_q4k_vnni),
-                            Dots::Vex => call!(dot4_q4k_avx_vnni),
-                            Dots::Avx2 => call!(dot4_q4k),
-                        }
-                    }
-                    r += take;
-                }
-                i += 4;
-            }
-        }
-    }
-
-    /// One input row as [`dot4_q4k`] reads it.
+    /// One input row as [`q4k_group`] reads it.
     #[derive(Clone, Copy)]
     struct Q8kRow<'a> {
         /// `kb` Q8_K blocks.
@@ -3413,208 +2201,11 @@ mod x86 {
         sums: &'a [[i16; 8]],
     }
 
-    /// The eight 6-bit scales, then the eight 6-bit mins, of a Q4_K block, one per byte, from
-    /// its 12 packed bytes: bytes 0-3 hold scales 0-3 and bytes 4-7 mins 0-3 in their low six
-    /// bits, and the top two bits of scales and mins 4-7 in their high two; bytes 8-11 hold the
-    /// low four bits of scales 4-7 (low halves) and of mins 4-7 (high halves).
-    #[inline]
-    fn scales_and_mins(packed: &[u8]) -> [u8; 16] {
-        const LOW6: u32 = 0x3f3f_3f3f;
-        const LOW4: u32 = 0x0f0f_0f0f;
-        const LOW2: u32 = 0x0303_0303;
-        let word = |i: usize| {
-            u32::from_le_bytes([
-                packed[4 * i],
-                packed[4 * i + 1],
-                packed[4 * i + 2],
-                packed[4 * i + 3],
-            ])
-        };
-        let (a, b, c) = (word(0), word(1), word(2));
-        let parts = [
-            a & LOW6,
-            (c & LOW4) | (((a >> 6) & LOW2) << 4),
-            b & LOW6,
-            ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4),
-        ];
-        let mut out = [0u8; 16];
-        for (o, p) in out.chunks_exact_mut(4).zip(parts) {
-            o.copy_from_slice(&p.to_le_bytes());
-        }
-        out
-    }
-
-    /// Makes `$name`, [`dot4_q4k`]'s body with `$features`; with `$vnni`, `$dpwssd`
-    /// (`vpdpwssd` of AVX-512 VNNI or AVX-VNNI) multiplies each sub-block's pair sums by its
-    /// scale and adds them in one instruction.
-    macro_rules! dot4_q4k_fn {
-        ($name:ident, $features:literal, $vnni:literal, $dpwssd:ident) => {
-            /// `W` (4 or 8) Q4_K weight rows dotted with `R` Q8_K input rows.
-            ///
-            /// Per (weight row, input row), candle's arithmetic in candle's order: for each block, the
-            /// 256 products of nibble and input in eight i32 lanes (lane `l` takes bytes `4l..4l + 4` of
-            /// every 32, each pair of products times its sub-block's scale), converted to f32 and
-            /// accumulated with `d` times the input's scale; the mins times the input's sums per
-            /// sub-block in four i32 lanes, accumulated with `-dmin` times the input's scale; then the
-            /// eight lanes summed (halves, then pairs, then the last two), the four likewise, and the
-            /// two sums added. The integers are exact and every f32 operation is candle's, so the
-            /// results are candle's, whatever `R`. A weight block's scales, mins and nibbles are
-            /// unpacked once for the `R` input rows.
-            ///
-            /// # Safety
-            /// The CPU has `$features`; `W` is a multiple of 4; each `w[r]` holds `kb` Q4_K
-            /// blocks, and each input `kb` Q8_K blocks with `kb` scales and `kb` pair sums.
-            // `wr` and `r` index accumulators and scales of several rows at once.
-            #[allow(clippy::needless_range_loop)]
-            #[target_feature(enable = $features)]
-            unsafe fn $name<const W: usize, const R: usize>(
-                kb: usize,
-                w: [&[u8]; W],
-                x: [Q8kRow; R],
-            ) -> [[f32; W]; R] {
-                let low = _mm256_set1_epi8(0x0F);
-                // Shuffles that spread sub-block `s`'s i16 scale over every pair of lanes.
-                let spread: [__m256i; 8] = std::array::from_fn(|s| {
-                    _mm256_set1_epi16((((2 * s + 1) << 8) | (2 * s)) as i16)
-                });
-                let mut acc = [[_mm256_setzero_ps(); R]; W];
-                let mut acc_m = [[_mm_setzero_ps(); R]; W];
-                for b in 0..kb {
-                    // SAFETY (all pointer arithmetic below): block `b < kb` of rows of `kb` blocks of
-                    // `Q4K_BYTES`, and of input rows of `kb` blocks of `Q8K_BYTES`; the offsets stay
-                    // inside those blocks (d, dmin at 0 and 2, packed scales at 4..16, nibbles at
-                    // 16..144; the input's i8 at 4..260).
-                    let bases = w.map(|row| unsafe { row.as_ptr().add(Q4K_BYTES * b) });
-                    // The four blocks' d and dmin as f32 in one conversion, times each input's scale
-                    // (`-` for dmin: candle's `-y.d * x.dmin`).
-                    // (Four rows a conversion: `dd[r][2 wr]` is row wr's `d`, `2 wr + 1` its
-                    // `dmin`.)
-                    let mut dd = [[[0f32; 8]; 2]; R];
-                    for four in 0..W / 4 {
-                        let mut halves = [0u16; 8];
-                        for (i, base) in bases[4 * four..4 * four + 4].iter().enumerate() {
-                            halves[2 * i] = unsafe { std::ptr::read_unaligned(base.cast::<u16>()) };
-                            halves[2 * i + 1] =
-                                unsafe { std::ptr::read_unaligned(base.add(2).cast::<u16>()) };
-                        }
-                        let wd =
-                            _mm256_cvtph_ps(unsafe { _mm_loadu_si128(halves.as_ptr().cast()) });
-                        for r in 0..R {
-                            let yd = x[r].d[b];
-                            unsafe {
-                                _mm256_storeu_ps(
-                                    dd[r][four].as_mut_ptr(),
-                                    _mm256_mul_ps(
-                                        _mm256_setr_ps(yd, -yd, yd, -yd, yd, -yd, yd, -yd),
-                                        wd,
-                                    ),
-                                )
-                            };
-                        }
-                    }
-                    let sums: [__m128i; R] = std::array::from_fn(|r| unsafe {
-                        _mm_loadu_si128(x[r].sums[b].as_ptr().cast())
-                    });
-                    let q8: [*const u8; R] =
-                        std::array::from_fn(|r| unsafe { x[r].q.as_ptr().add(Q8K_BYTES * b + 4) });
-                    for (wr, &base) in bases.iter().enumerate() {
-                        // The same block of this row two passes on: in flight long before it is used.
-                        let ahead = base.wrapping_add(Q4K_AHEAD_ROWS * Q4K_BYTES * kb);
-                        for line in 0..Q4K_BYTES.div_ceil(64) {
-                            crate::kernels::prefetch_line(ahead.wrapping_add(64 * line));
-                        }
-                        let packed =
-                            scales_and_mins(unsafe { std::slice::from_raw_parts(base.add(4), 12) });
-                        let scales_mins = _mm256_cvtepu8_epi16(unsafe {
-                            _mm_loadu_si128(packed.as_ptr().cast())
-                        });
-                        let mins_w = _mm256_extracti128_si256::<1>(scales_mins);
-                        for r in 0..R {
-                            let mins = _mm_madd_epi16(mins_w, sums[r]);
-                            acc_m[wr][r] = _mm_fmadd_ps(
-                                _mm_set1_ps(dd[r][wr / 4][2 * (wr % 4) + 1]),
-                                _mm_cvtepi32_ps(mins),
-                                acc_m[wr][r],
-                            );
-                        }
-                        let scales =
-                            _mm256_broadcastsi128_si256(_mm256_castsi256_si128(scales_mins));
-                        let mut sumi = [_mm256_setzero_si256(); R];
-                        for j in 0..4 {
-                            let nibbles =
-                                unsafe { _mm256_loadu_si256(base.add(16 + 32 * j).cast()) };
-                            let lo = _mm256_and_si256(nibbles, low);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(nibbles), low);
-                            let sc_lo = _mm256_shuffle_epi8(scales, spread[2 * j]);
-                            let sc_hi = _mm256_shuffle_epi8(scales, spread[2 * j + 1]);
-                            for r in 0..R {
-                                let x_lo = unsafe { _mm256_loadu_si256(q8[r].add(64 * j).cast()) };
-                                let x_hi =
-                                    unsafe { _mm256_loadu_si256(q8[r].add(64 * j + 32).cast()) };
-                                let (q_lo, q_hi) = (
-                                    _mm256_maddubs_epi16(lo, x_lo),
-                                    _mm256_maddubs_epi16(hi, x_hi),
-                                );
-                                // VNNI: the pairs times their scales added in one instruction (the
-                                // same exact i32 sums as `madd` then `add`).
-                                if $vnni {
-                                    sumi[r] = $dpwssd(sumi[r], q_lo, sc_lo);
-                                    sumi[r] = $dpwssd(sumi[r], q_hi, sc_hi);
-                                } else {
-                                    sumi[r] =
-                                        _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc_lo, q_lo));
-                                    sumi[r] =
-                                        _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc_hi, q_hi));
-                                }
-                            }
-                        }
-                        for r in 0..R {
-                            acc[wr][r] = _mm256_fmadd_ps(
-                                _mm256_set1_ps(dd[r][wr / 4][2 * (wr % 4)]),
-                                _mm256_cvtepi32_ps(sumi[r]),
-                                acc[wr][r],
-                            );
-                        }
-                    }
-                }
-                std::array::from_fn(|r| {
-                    std::array::from_fn(|wr| {
-                        let v = acc[wr][r];
-                        let s =
-                            _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
-                        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                        let m = acc_m[wr][r];
-                        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-                        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-                        _mm_cvtss_f32(s) + _mm_cvtss_f32(m)
-                    })
-                })
-            }
-        };
-    }
-
-    // (The AVX2 form never takes its `$dpwssd`: `$vnni` is false.)
-    dot4_q4k_fn!(dot4_q4k, "avx2,fma,f16c", false, _mm256_dpwssd_avx_epi32);
-    dot4_q4k_fn!(
-        dot4_q4k_vnni,
-        "avx2,fma,f16c,avx512vnni,avx512vl",
-        true,
-        _mm256_dpwssd_epi32
-    );
-    dot4_q4k_fn!(
-        dot4_q4k_avx_vnni,
-        "avx2,fma,f16c,avxvnni",
-        true,
-        _mm256_dpwssd_avx_epi32
-    );
-
-    impl Q4kKernel<'_> {
-        /// [`BandKernel::run`] for weight rows interleaved by eight: a group of eight rows at
-        /// a time (`first` and every band start at a group) against every input row, a few at
-        /// a time ([`q4k_group`], [`q4k_group_vex`], [`q4k_group_avx2`]; the group stays in
-        /// the nearest cache meanwhile).
-        fn run_interleaved(&self, first: usize, out: &mut [f32]) {
+    impl BandKernel for Q4kKernel<'_> {
+        /// A group of eight rows at a time (`first` and every band start at a group) against
+        /// every input row, a few at a time ([`q4k_group`], [`q4k_group_vex`],
+        /// [`q4k_group_avx2`]; the group stays in the nearest cache meanwhile).
+        fn run(&self, first: usize, out: &mut [f32]) {
             let x = q8k_bytes(&self.input);
             let kb = self.kb;
             let x_row = kb * Q8K_BYTES;
@@ -3673,7 +2264,7 @@ mod x86 {
     /// input's sums per sub-block likewise (`madd` on pairs of them), and each block's two i32
     /// totals converted and added by two multiply-adds, `d` and `-dmin` times the input's scale:
     /// a row gets the same bits alone, in any batch and on every instruction set. candle's
-    /// order (eight f32 lanes a block, [`dot4_q4k`]) differs from it by float rounding.
+    /// order (eight f32 lanes a block) differs from it by float rounding.
     ///
     /// # Safety
     /// The CPU has `$features`; `group` is `kb` interleaved Q4_K blocks of eight rows, each
@@ -4002,10 +2593,9 @@ mod tests {
         for (q, held) in pieces.iter().zip(held) {
             let (n, k) = q.shape().dims2()?;
             let want = candle_reference(format, xs, q, rows)?;
-            // Q8_0 with SIMD, and interleaved Q4_0 and Q4_K, sum each block exactly: the
-            // definition's bits.
-            let exact_sums =
-                isa.level() != Level::Portable && (format == GgmlDType::Q8_0 || held.interleaved());
+            // Interleaved rows sum each block exactly: the definition's bits. (Rows in
+            // candle's layout take candle's dot products.)
+            let exact_sums = isa.level() != Level::Portable && held.interleaved();
             let definition = match (exact_sums, format) {
                 (false, _) => Vec::new(),
                 (true, GgmlDType::Q4K) => q4k_exact_reference(xs, q, rows)?,
@@ -4115,8 +2705,19 @@ mod tests {
             assert!(deinterleave(format, &mixed, 3, 11, &mut band));
             assert_eq!(band[..], bytes[11 * 3 * size..16 * 3 * size]);
             assert!(!deinterleave(format, &mixed, 3, 20, &mut band));
-            assert!(interleave(format, &bytes, 12, 2 * k).is_none());
-            assert!(interleave(format, &bytes[..size * 3 * 20], 20, k).is_none());
+            assert!(interleave(format, &bytes, 24, 2 * k).is_none());
+            assert!(interleave(format, &bytes[1..], 24, k).is_none());
+            // Twenty rows: the last group padded with zeros.
+            let twenty = &bytes[..20 * 3 * size];
+            let padded = interleave(format, twenty, 20, k)
+                .ok_or_else(|| crate::Error::Input("20 rows interleave".into()))?;
+            assert_eq!(padded.len(), 24 * 3 * size);
+            let mut back = vec![0u8; twenty.len()];
+            assert!(deinterleave(format, &padded, 3, 0, &mut back));
+            assert_eq!(back[..], twenty[..]);
+            let mut pad = vec![1u8; 4 * 3 * size];
+            assert!(deinterleave(format, &padded, 3, 20, &mut pad));
+            assert!(pad.iter().all(|&b| b == 0));
         }
         let q = QTensor::quantize(&seeded(&[8, 256], 3)?, GgmlDType::Q6K)?;
         assert!(interleave(GgmlDType::Q6K, &q.data()?, 8, 256).is_none());
@@ -4540,27 +3141,31 @@ mod tests {
         assert!(qgemv_cpu(&seeded(&[1, 32], 2)?, std::slice::from_ref(&q))?.is_none());
         let half = seeded(&[1, 64], 2)?.to_dtype(DType::F16)?;
         assert!(qgemv_cpu(&half, &[q])?.is_none());
-        // The Q4_K kernel: taken wherever the CPU has its instructions, and declined for blocks
-        // or inputs that do not fit (the caller then takes candle's dot products).
+        // The Q4_K kernel: taken for interleaved rows wherever the CPU has its instructions,
+        // and declined for candle's layout and for blocks or inputs that do not fit (the
+        // caller then takes candle's dot products).
         #[cfg(target_arch = "x86_64")]
         {
             let q = QTensor::quantize(&seeded(&[6, 512], 3)?, GgmlDType::Q4K)?;
             let bytes = q.data()?;
+            let mixed = interleave(GgmlDType::Q4K, &bytes, 6, 512)
+                .ok_or_else(|| crate::Error::Input("6 rows interleave".into()))?;
             let x: Vec<f32> = seeded(&[2, 512], 4)?.flatten_all()?.to_vec1()?;
             let cpu = is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
             let isa = Isa::cpu();
-            assert_eq!(
-                x86::q4k_kernel(isa, false, &bytes, 6, 512, &x, 2).is_some(),
-                cpu
-            );
+            let kernel = |isa, mixed, bytes: &[u8], n, k, x: &[f32], rows| {
+                x86::q4k_kernel(isa, mixed, bytes, n, k, x, rows).is_some()
+            };
+            assert_eq!(kernel(isa, true, &mixed, 6, 512, &x, 2), cpu);
+            assert!(!kernel(isa, false, &bytes, 6, 512, &x, 2));
             let portable = isa.at_most(crate::kernels::isa::Level::Portable);
-            assert!(x86::q4k_kernel(portable, false, &bytes, 6, 512, &x, 2).is_none());
-            assert!(x86::q4k_kernel(isa, false, &bytes, 5, 512, &x, 2).is_none());
-            assert!(x86::q4k_kernel(isa, false, &bytes, 8, 384, &x[..768], 2).is_none());
-            assert!(x86::q4k_kernel(isa, false, &bytes, 6, 512, &x[..500], 1).is_none());
-            assert!(x86::q4k_kernel(isa, false, &bytes[1..], 6, 512, &x, 2).is_none());
+            assert!(!kernel(portable, true, &mixed, 6, 512, &x, 2));
+            assert!(!kernel(isa, true, &mixed, 9, 512, &x, 2));
+            assert!(!kernel(isa, true, &mixed, 8, 384, &x[..768], 2));
+            assert!(!kernel(isa, true, &mixed, 6, 512, &x[..500], 1));
+            assert!(!kernel(isa, true, &mixed[1..], 6, 512, &x, 2));
         }
         Ok(())
     }
