@@ -62,7 +62,7 @@ mod tests {
 
     /// Rows read from a quantized table equal candle's dequantization of the whole table, for
     /// every format a head takes, as loaded and as the kernels of every instruction set lay it
-    /// out (Q8_0 and Q4_0 rows interleaved where they have AVX2), and ids beyond the table
+    /// out (Q8_0, Q4_0 and Q4_K rows interleaved where they have AVX2), and ids beyond the table
     /// are errors.
     #[test]
     fn quantized_rows_equal_the_dequantized_table() -> Result<()> {

@@ -15,12 +15,12 @@
 //!   weight row from registers, bit for bit as a row alone would be.
 //!
 //! A projection may also hold **quantized** weights (candle's GGML blocks, one tensor per fused
-//! piece; see [`crate::Quant`]), laid out as the CPU kernels read them ([`QWeight`]: Q8_0 and
-//! Q4_0 rows interleaved by eight where the CPU has AVX2). On the CPU, a few rows take
+//! piece; see [`crate::Quant`]), laid out as the CPU kernels read them ([`QWeight`]: Q8_0, Q4_0
+//! and Q4_K rows interleaved by eight where the CPU has AVX2). On the CPU, a few rows take
 //! [`qgemv_cpu`], the same banded streaming over block dot products (the input quantized once
 //! per call, as the block formats require); many rows (prefill) take the same kernel for
-//! interleaved rows where the CPU has byte dot products, and otherwise dequantize the weight and take the float matmul, which keeps
-//! a prompt at f32's speed (candle's quantized matmul is slower at 512 rows for Q8_0 and Q4_0,
+//! interleaved rows where the CPU has byte dot products, and otherwise dequantize the weight
+//! and take the float matmul, which keeps a prompt at f32's speed (candle's quantized matmul is slower at 512 rows for Q8_0 and Q4_0,
 //! and faster for Q4_K only with a second, repacked copy of the weight). Other devices (and
 //! [`crate::Kernels::Portable`]) run candle's quantized matmul op, the one its CUDA kernels serve.
 
