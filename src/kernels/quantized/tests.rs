@@ -573,6 +573,46 @@ fn the_inputs_q8_0_blocks_equal_candles() -> Result<()> {
     Ok(())
 }
 
+/// The input's Q8_K blocks are candle's `from_float`'s, byte for byte: a block whose largest
+/// magnitude comes twice with both signs (the first one sets the scale), values that round
+/// half away from zero, blocks of zeros, tiny values, and non-finite values.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_inputs_q8_k_blocks_equal_candles() -> Result<()> {
+    use candle_core::quantized::k_quants::BlockQ8K;
+    if Isa::cpu().level() < crate::kernels::isa::Level::Avx2 {
+        return Ok(());
+    }
+    let mut xs: Vec<f32> = seeded(&[1, 256 * 8], 6)?.flatten_all()?.to_vec1()?;
+    // Block 0: -2 before 2, so the scale is 127 / 2 and its sign follows the first.
+    xs[17] = -2.0;
+    xs[200] = 2.0;
+    // Block 1: the largest is -127 (the inverse scale 1), so the others round as themselves:
+    // halves.
+    for (i, x) in xs[256..512].iter_mut().enumerate() {
+        *x = if i == 3 {
+            -127.0
+        } else {
+            (i % 200) as f32 * 0.5 - 50.25
+        };
+    }
+    xs[512..768].fill(0.0);
+    xs[768..1024].iter_mut().for_each(|x| *x *= 1e-38);
+    xs[1024] = f32::NAN;
+    xs[1300] = f32::INFINITY;
+    xs[1600] = f32::NEG_INFINITY;
+    xs[1601] = -0.0;
+    xs[1800..2048].fill(f32::NAN);
+    let mut want = vec![BlockQ8K::zeros(); 8];
+    BlockQ8K::from_float(&xs, &mut want);
+    let mut got = vec![BlockQ8K::zeros(); 8];
+    x86::quantize_q8k(&xs, &mut got);
+    for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(format!("{g:?}"), format!("{w:?}"), "block {b}");
+    }
+    Ok(())
+}
+
 /// The weights a prompt chunk multiplies are candle's `to_float`'s, bit for bit, on every
 /// instruction set (the vectorised forms of Q8_0, Q4_0 and Q4_K, candle's for the rest),
 /// over rows that span several of the parallel bands; blocks of the wrong length decline.
