@@ -17,7 +17,7 @@
 //! puts one row's block in a register and needs the eight rows transposed (24 shuffles a block)
 //! or each row's lanes summed across: on a 2-core AMD EPYC (30-50 GB/s) one row read Q8_0
 //! weights at 20-24 GB/s that way and reads them at 28-31 GB/s interleaved, Q4_0 17.5 -> 26-29,
-//! Q4_K 22 -> 23-29 (from the cache 27 -> 44-51).
+//! Q4_K 21-22 -> 23-27 (from the cache 27 -> 44).
 //!
 //! * Q8_0 and Q4_0 ([`x86`]'s `group_rows`): Q4_0's four bytes hold two runs of four weights,
 //!   the low and the high nibbles, stored as `w + 8` (the unsigned operand as they are, each
