@@ -160,14 +160,14 @@ impl QWeight {
     }
 }
 
-/// Whether prompt chunks of interleaved weights take the decode kernel on `isa` (see
-/// [`prefill_product_cpu`]).
-fn integer_prompts(isa: Isa) -> bool {
+/// Whether prompt chunks of interleaved weights of `format` take the decode kernel on `isa`
+/// (see [`prefill_product_cpu`]).
+fn integer_prompts(isa: Isa, format: GgmlDType) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return x86::integer_prompts(isa);
+    return x86::integer_prompts(isa, format);
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = isa;
+        let _ = (isa, format);
         false
     }
 }
@@ -505,10 +505,14 @@ pub(crate) fn prefill_product_cpu(
             x.len()
         )));
     }
-    // Interleaved rows with `vpdpbusd`: the chunk through the decode kernel (Q8_0 2.7x the
+    // Interleaved rows: the chunk through the decode kernel (with `vpdpbusd`, Q8_0 2.7x the
     // dequantized gemm's speed at 512 rows of 2560 x 10240); each row then gets the bits a
     // decode step gives it.
-    if pieces.iter().all(|q| q.interleaved()) && integer_prompts(Isa::active()) {
+    let isa = Isa::active();
+    if pieces
+        .iter()
+        .all(|q| q.interleaved() && integer_prompts(isa, q.dtype()))
+    {
         return qgemv_rows(Isa::active(), x, m, k, pieces);
     }
     let data = pieces

@@ -522,8 +522,11 @@ fn a_prompt_chunk_gets_the_bits_of_a_decode_step(format: GgmlDType, k: usize) ->
         .iter()
         .map(|q| QWeight::prepared(q.clone(), isa).map(Arc::new))
         .collect::<Result<Vec<_>>>()?;
-    if !held.iter().all(|q| q.interleaved()) || !integer_prompts(isa) {
-        // No `vpdpbusd` here: prompts dequantize (the test above).
+    if !held
+        .iter()
+        .all(|q| q.interleaved() && integer_prompts(isa, q.dtype()))
+    {
+        // Prompts of these weights dequantize here (the test above).
         return Ok(());
     }
     let x = seeded(&[m, k], 9)?;
@@ -698,7 +701,11 @@ fn the_prefill_product_equals_dequantizing_and_matmul() -> Result<()> {
         let want: Vec<f32> = want.flatten_all()?.to_vec1()?;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         for held in forms(&qs, Isa::active())? {
-            if held.iter().all(|q| q.interleaved()) && integer_prompts(Isa::active()) {
+            let isa = Isa::active();
+            if held
+                .iter()
+                .all(|q| q.interleaved() && integer_prompts(isa, q.dtype()))
+            {
                 // The decode kernel's product (the test above).
                 continue;
             }
