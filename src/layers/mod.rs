@@ -27,6 +27,7 @@ use crate::checkpoint::catalogue::{BlockSpec, Group, LinearSpec, Parameter};
 use crate::checkpoint::gguf::GgufFile;
 use crate::checkpoint::Bands;
 use crate::kernels::fused::Op;
+use crate::kernels::isa::Isa;
 use crate::quant::{Quant, WeightFormat, WeightInfo};
 use crate::{Error, Result};
 use ffn::SwiGlu;
@@ -274,16 +275,18 @@ fn quantize_bands<'a>(
         BlockQ6K, BlockQ8_0,
     };
     let blocks = match format {
-        GgmlDType::Q4_0 => quantize_rows::<BlockQ4_0>(n, k, band, read)?,
-        GgmlDType::Q4_1 => quantize_rows::<BlockQ4_1>(n, k, band, read)?,
-        GgmlDType::Q5_0 => quantize_rows::<BlockQ5_0>(n, k, band, read)?,
-        GgmlDType::Q5_1 => quantize_rows::<BlockQ5_1>(n, k, band, read)?,
-        GgmlDType::Q8_0 => quantize_rows::<BlockQ8_0>(n, k, band, read)?,
-        GgmlDType::Q2K => quantize_rows::<BlockQ2K>(n, k, band, read)?,
-        GgmlDType::Q3K => quantize_rows::<BlockQ3K>(n, k, band, read)?,
-        GgmlDType::Q4K => quantize_rows::<BlockQ4K>(n, k, band, read)?,
-        GgmlDType::Q5K => quantize_rows::<BlockQ5K>(n, k, band, read)?,
-        GgmlDType::Q6K => quantize_rows::<BlockQ6K>(n, k, band, read)?,
+        GgmlDType::Q4_0 => quantize_rows::<BlockQ4_0>(n, k, band, read, &BlockQ4_0::from_float)?,
+        GgmlDType::Q4_1 => quantize_rows::<BlockQ4_1>(n, k, band, read, &BlockQ4_1::from_float)?,
+        GgmlDType::Q5_0 => quantize_rows::<BlockQ5_0>(n, k, band, read, &BlockQ5_0::from_float)?,
+        GgmlDType::Q5_1 => quantize_rows::<BlockQ5_1>(n, k, band, read, &BlockQ5_1::from_float)?,
+        GgmlDType::Q8_0 => quantize_rows::<BlockQ8_0>(n, k, band, read, &BlockQ8_0::from_float)?,
+        GgmlDType::Q2K => quantize_rows::<BlockQ2K>(n, k, band, read, &BlockQ2K::from_float)?,
+        GgmlDType::Q3K => quantize_rows::<BlockQ3K>(n, k, band, read, &BlockQ3K::from_float)?,
+        GgmlDType::Q4K => quantize_rows::<BlockQ4K>(n, k, band, read, &|x, b| {
+            crate::kernels::quantized::quantize_q4k(Isa::active(), x, b)
+        })?,
+        GgmlDType::Q5K => quantize_rows::<BlockQ5K>(n, k, band, read, &BlockQ5K::from_float)?,
+        GgmlDType::Q6K => quantize_rows::<BlockQ6K>(n, k, band, read, &BlockQ6K::from_float)?,
         _ => None,
     };
     let Some(blocks) = blocks else {
@@ -305,13 +308,15 @@ fn to_device(q: QTensor, device: &Device) -> Result<QTensor> {
     Ok(QTensor::new(storage, shape)?)
 }
 
-/// `n` rows of `k` floats quantized to blocks of `T`, read a band of `band` rows at a time, the
-/// rows of a band quantized in parallel; `None` if `k` is not whole blocks.
+/// `n` rows of `k` floats quantized to blocks of `T` by `from_float` (candle's, or a faster
+/// form of it that gives the same bytes), read a band of `band` rows at a time, the rows of a
+/// band quantized in parallel; `None` if `k` is not whole blocks.
 fn quantize_rows<'a, T: GgmlType + Send + Sync + 'static>(
     n: usize,
     k: usize,
     band: usize,
     read: &dyn Fn(usize, usize) -> Result<Cow<'a, [f32]>>,
+    from_float: &(dyn Fn(&[f32], &mut [T]) + Sync),
 ) -> Result<Option<Box<dyn QuantizedType>>> {
     use rayon::prelude::*;
     if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) {
@@ -332,7 +337,7 @@ fn quantize_rows<'a, T: GgmlType + Send + Sync + 'static>(
         }
         out.par_chunks_mut(rows * kb)
             .zip(data.par_chunks(rows * k))
-            .for_each(|(b, x)| T::from_float(x, b));
+            .for_each(|(b, x)| from_float(x, b));
     }
     Ok(Some(Box::new(blocks)))
 }

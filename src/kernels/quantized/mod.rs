@@ -959,6 +959,9 @@ fn blocks<T: GgmlType>(bytes: &[u8]) -> Option<&[T]> {
     Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
 }
 
+mod from_float;
+pub(crate) use from_float::quantize_q4k;
+
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
