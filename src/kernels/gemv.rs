@@ -178,13 +178,15 @@ fn tail_dot((a, b): (&[f32], &[f32])) -> f32 {
 /// weight rows of `w` (`out.len() / rows` of `k`), equal bit for bit to calling [`dot`] for
 /// each pair: every lane takes the same operations in the same order and [`finish_dot`] ends
 /// them, so a sequence gets the same logits alone and in a batch. With AVX-512 (AVX2) it dots
-/// four (two) weight rows with two (three) input rows at a time from registers, so that each
-/// weight, once loaded, serves several rows: with several rows a decode step is bound by
-/// arithmetic rather than by reading the weights. (Four weight rows by two input rows, not two
-/// by four: the input rows stream from the second-level cache for every block, the weight rows
-/// stay in the first, so fewer input rows per block halves that traffic. With the block's eight
-/// products folded together, 16 f32 rows at bench-160m's widths went from 52-77 to 107-127
-/// GFLOP/s with the weights in the last-level cache, on a 2-core Zen 4.)
+/// four (three) weight rows with two input rows at a time from registers, so that each weight,
+/// once loaded, serves several rows: with several rows a decode step is bound by arithmetic
+/// rather than by reading the weights. (More weight rows than input rows: the input rows stream
+/// from the second-level cache for every block, the weight rows stay in the first, so fewer
+/// input rows per block cut that traffic. With AVX-512, four by two where it was two by four,
+/// and the block's eight products folded together: 16 f32 rows at bench-160m's widths went
+/// from 52-77 to 107-127 GFLOP/s with the weights in the last-level cache, on a 2-core Zen 4.
+/// With AVX2, three by two where it was two by three: the 16-sequence step 1.1x, medians of
+/// five runs in turn.)
 fn dots(isa: Isa, x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
     match isa.level() {
         // SAFETY: an `Isa` is never above what the CPU has, so it has AVX-512F.
@@ -206,7 +208,7 @@ fn dots(isa: Isa, x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
         ),
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => dots_by::<2, 3>(
+        Level::Avx2 => dots_by::<3, 2>(
             isa,
             (x, w, k, out),
             |ws, xs, ahead| unsafe { x86::block_avx2_halves(ws, xs, ahead) },
@@ -461,9 +463,9 @@ mod x86 {
     }
 
     /// As [`block_avx2`], in two passes over the rows, each keeping half of every dot product's
-    /// lanes (two 8-lane registers) so that six products fit the sixteen registers: two weight
-    /// rows by three input rows load 0.8 values per multiply-add where one by two loaded 1.5,
-    /// and the loads, not the multiply-adds, bounded a batch. Every lane takes the same
+    /// lanes (two 8-lane registers) so that six products fit the sixteen registers: three
+    /// weight rows by two input rows load 0.8 values per multiply-add where one by two loaded
+    /// 1.5, and the loads, not the multiply-adds, bounded a batch. Every lane takes the same
     /// multiply-adds in the same order as in one pass, so the same bits. The second pass reads
     /// rows the first just brought into the nearest cache; the first asks for `ahead`'s lines.
     ///
