@@ -25,10 +25,28 @@ pub(crate) mod scan;
 /// prefetcher alone keeps too few lines in flight.
 #[inline(always)]
 pub(crate) fn prefetch_line<T>(at: *const T) {
+    prefetch_hint::<true, T>(at)
+}
+
+/// [`prefetch_line`] into the second-level cache (L2), not the first: what a kernel bound by
+/// memory asks for (see the quantized forms' `prefetch_blocks_ahead`).
+#[inline(always)]
+pub(crate) fn prefetch_line_to_l2<T>(at: *const T) {
+    prefetch_hint::<false, T>(at)
+}
+
+/// The prefetch into L1 (`L1`) or L2.
+#[inline(always)]
+fn prefetch_hint<const L1: bool, T>(at: *const T) {
     // SAFETY: a prefetch is only a hint; it reads nothing and never faults.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        if L1 {
+            _mm_prefetch::<_MM_HINT_T0>(at.cast())
+        } else {
+            _mm_prefetch::<_MM_HINT_T1>(at.cast())
+        }
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = at;
