@@ -32,7 +32,8 @@ pub enum Quant {
     /// 4-bit integers with one f16 scale per block of 32: 4.5 bits per weight, 14% of f32.
     Q4_0,
     /// 4-bit K-quant: super-blocks of 256 in 8 sub-blocks, each with a 6-bit scale and minimum:
-    /// 4.5 bits per weight, 14% of f32. Widths that are not a multiple of 256 take Q5_0.
+    /// 4.5 bits per weight, 14% of f32. Widths that are not a multiple of 256 take Q5_0, or
+    /// Q8_0 where Q5_0 would have an odd number of blocks a row.
     Q4K,
 }
 
@@ -49,26 +50,32 @@ impl Quant {
         }
     }
 
-    /// The formats tried, in order, for a projection: the first whose block divides the input
-    /// width is taken; when none does, the projection stays in float.
+    /// The formats tried, in order, for a projection: the first that takes the input width is
+    /// taken (its block divides the width, and for Q5_0 the row has an even number of blocks);
+    /// when none does, the projection stays in float.
     ///
     /// Q4_K falls back to Q5_0 (blocks of 32), as llama.cpp does: for the widths a K-quant
     /// cannot take, Q5_0 is the 32-block format closest to it in error (Q4_0, with no minimum and
-    /// one scale per 32 weights, loses clearly more).
+    /// one scale per 32 weights, loses clearly more). Rows of an odd number of Q5_0 blocks (a
+    /// width of 160: Phi-4-mini-flash's `dt_proj`) take Q8_0 instead: candle's Q5_0 dot products
+    /// need pairs of blocks, and without them every decode step dequantized the weight (4% of
+    /// Phi-4-mini-flash's Q4_K step on a 2-core CPU), where Q8_0 has the fast kernels, is more
+    /// exact, and at that width costs a few megabytes.
     pub fn fallbacks(self) -> &'static [GgmlDType] {
         match self {
             Quant::Q8_0 => &[GgmlDType::Q8_0],
             Quant::Q4_0 => &[GgmlDType::Q4_0],
-            Quant::Q4K => &[GgmlDType::Q4K, GgmlDType::Q5_0],
+            Quant::Q4K => &[GgmlDType::Q4K, GgmlDType::Q5_0, GgmlDType::Q8_0],
         }
     }
 
     /// The format a projection of input width `in_width` gets, or `None` for float.
     pub fn format_for(self, in_width: usize) -> Option<GgmlDType> {
-        self.fallbacks()
-            .iter()
-            .copied()
-            .find(|t| in_width > 0 && in_width.is_multiple_of(t.block_size()))
+        self.fallbacks().iter().copied().find(|&t| {
+            in_width > 0
+                && in_width.is_multiple_of(t.block_size())
+                && !crate::kernels::quantized::needs_even_blocks(t, in_width)
+        })
     }
 }
 
@@ -173,7 +180,7 @@ mod tests {
             // The requested format itself whenever its block divides the width.
             let own = q.fallbacks()[0];
             assert_eq!(q.format_for(3 * own.block_size()), Some(own));
-            for width in [1, 31, 33, 48, 96, 192, 255, 320, 768] {
+            for width in [1, 31, 33, 48, 96, 160, 192, 255, 320, 768] {
                 match q.format_for(width) {
                     Some(t) => assert_eq!(width % t.block_size(), 0, "{q} {width}"),
                     None => assert!(
@@ -186,6 +193,10 @@ mod tests {
         }
         // The shipped model's width takes Q5_0 under q4_k, the 160M bench width Q4_K.
         assert_eq!(Quant::Q4K.format_for(192), Some(GgmlDType::Q5_0));
+        // Phi-4-mini-flash's `dt_proj` (160 wide: five blocks of 32) takes Q8_0.
+        assert_eq!(Quant::Q4K.format_for(160), Some(GgmlDType::Q8_0));
+        assert_eq!(Quant::Q4K.format_for(96), Some(GgmlDType::Q8_0));
+        assert_eq!(Quant::Q4K.format_for(64), Some(GgmlDType::Q5_0));
         assert_eq!(Quant::Q4K.format_for(768), Some(GgmlDType::Q4K));
         assert_eq!(Quant::Q8_0.format_for(48), None);
         assert!("q3".parse::<Quant>().is_err());
