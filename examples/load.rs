@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo run --release --example load -- [--model DIR | --shape bench-160m] [--clients 1,8,32]
-//!     [--prompt-tokens 1024-4096] [--new-tokens 128] [--prefill-chunk 512] [--quant q8_0] [--json]
+//!     [--prompt-tokens 1024-4096] [--new-tokens 128] [--prefill-chunk 512] [--quant q8_0]
+//!     [--kv-dtype f16] [--json]
 //! ```
 //!
 //! Prompts are random token ids (a length drawn per client from the range); every request asks
@@ -67,6 +68,10 @@ struct Args {
     /// Quantize the projections as the model loads: q8_0, q4_0 or q4_k (none: float)
     #[arg(long, value_name = "Q", default_value = "none", value_parser = common::quant)]
     quant: common::Quant,
+    /// Keep the global K/V in this dtype: f16 or bf16 (half the bytes a decode step's attention
+    /// reads) [default: the weights' dtype]
+    #[arg(long, value_name = "DTYPE", value_parser = common::dtype)]
+    kv_dtype: Option<candle_core::DType>,
 }
 
 /// `MIN-MAX` or `N` token counts.
@@ -217,6 +222,7 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             };
             let options = yoco::LoadOptions {
                 quant: args.quant.0,
+                kv_dtype: args.kv_dtype,
                 ..yoco::LoadOptions::default()
             };
             let model = Model::random_with(&s.yoco(None), &options)?;
@@ -229,6 +235,7 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
             let options = yoco::LoadOptions {
                 quant: args.quant.0,
+                kv_dtype: args.kv_dtype,
                 ..yoco::LoadOptions::default()
             };
             let model = Model::load_with(&dir, &options)?;

@@ -16,63 +16,46 @@ use crate::Result;
 pub(crate) const DECODE_TILE: usize = 128;
 
 /// The element types [`decode_grouped_cpu`] reads keys and values in: f32, or f16/bf16 (half
-/// the bytes for a long-context decode to read, widened to f32 a tile at a time).
-trait KvElem: Copy + Send + Sync + candle_core::WithDType {
-    /// The `n` rows of `d` values at `src[start + j * stride..]` as f32 rows `stride` apart:
-    /// themselves, or widened into `buf` (rows `d` apart).
-    fn rows<'a>(
-        src: &'a [Self],
-        at: (usize, usize),
-        shape: (usize, usize),
-        buf: &'a mut Vec<f32>,
-    ) -> (&'a [f32], usize);
+/// the bytes for a long-context decode to read). The SIMD tile forms widen each 16-bit row in
+/// registers as they load it (exact: every f16 and bf16 is an f32), so the K/V is read once, in
+/// its own width; the other paths widen a row at a time.
+trait KvElem: Copy + Send + Sync + candle_core::WithDType + SimdLoad {
+    /// `src` (a row's `dst.len()` values) as f32.
+    fn widen(src: &[Self], dst: &mut [f32]);
 }
 
 impl KvElem for f32 {
-    fn rows<'a>(
-        src: &'a [f32],
-        (start, stride): (usize, usize),
-        _: (usize, usize),
-        _: &'a mut Vec<f32>,
-    ) -> (&'a [f32], usize) {
-        (&src[start..], stride)
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(&src[..dst.len()]);
     }
-}
-
-/// [`KvElem::rows`] of a half-precision type.
-fn widen_rows<'a, T: half::slice::HalfFloatSliceExt + ?Sized + 'a>(
-    src: impl Fn(usize) -> &'a T,
-    (n, d): (usize, usize),
-    buf: &'a mut Vec<f32>,
-) -> (&'a [f32], usize) {
-    buf.resize(n * d, 0.0);
-    for (j, row) in buf.chunks_exact_mut(d.max(1)).enumerate() {
-        src(j).convert_to_f32_slice(row);
-    }
-    (buf, d)
 }
 
 impl KvElem for half::f16 {
-    fn rows<'a>(
-        src: &'a [Self],
-        (start, stride): (usize, usize),
-        (n, d): (usize, usize),
-        buf: &'a mut Vec<f32>,
-    ) -> (&'a [f32], usize) {
-        widen_rows(|j| &src[start + j * stride..][..d], (n, d), buf)
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src[..dst.len()].convert_to_f32_slice(dst);
     }
 }
 
 impl KvElem for half::bf16 {
-    fn rows<'a>(
-        src: &'a [Self],
-        (start, stride): (usize, usize),
-        (n, d): (usize, usize),
-        buf: &'a mut Vec<f32>,
-    ) -> (&'a [f32], usize) {
-        widen_rows(|j| &src[start + j * stride..][..d], (n, d), buf)
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src[..dst.len()].convert_to_f32_slice(dst);
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+use x86::Wide as SimdLoad;
+
+/// Off x86 the element types need no SIMD loads.
+#[cfg(not(target_arch = "x86_64"))]
+trait SimdLoad {}
+#[cfg(not(target_arch = "x86_64"))]
+impl SimdLoad for f32 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl SimdLoad for half::f16 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl SimdLoad for half::bf16 {}
 
 /// One decode query per head on CPU (`q: (B, H, 1, d)` f32, `k, v: (B, H_kv, L, d)` in f32, f16
 /// or bf16 (both the same), any row stride, and an optional additive mask of one row of `L` per
@@ -163,10 +146,9 @@ impl Walk<'_> {
                 let mut max = vec![f32::NEG_INFINITY; g];
                 let mut sum = vec![0f32; g];
                 let mut scores = vec![0f32; g * DECODE_TILE];
-                let (mut wide_k, mut wide_v) = (Vec::new(), Vec::new());
                 for t0 in (first..l).step_by(DECODE_TILE) {
                     let t = DECODE_TILE.min(l - t0);
-                    let keys = T::rows(kd, (kb + t0 * kst2, kst2), (t, d), &mut wide_k);
+                    let keys = (&kd[kb + t0 * kst2..], kst2);
                     tile_dots(isa, qh, d, keys, t, (&mut scores, DECODE_TILE));
                     for gi in 0..g {
                         let s = &mut scores[gi * DECODE_TILE..gi * DECODE_TILE + t];
@@ -204,7 +186,7 @@ impl Walk<'_> {
                         fused::exp_shifted(s, new_max);
                         sum[gi] += lanes_sum(s);
                     }
-                    let values = T::rows(vd, (vb + t0 * vst2, vst2), (t, d), &mut wide_v);
+                    let values = (&vd[vb + t0 * vst2..], vst2);
                     tile_add_weighted(isa, out_kv, d, values, t, (&scores, DECODE_TILE));
                 }
                 for gi in 0..g {
@@ -237,12 +219,12 @@ fn lanes_sum(s: &[f32]) -> f32 {
 /// keys (rows of `d` in `keys.0`, `keys.1` apart). The keys go in blocks of 16 (AVX-512) or 8
 /// (AVX2) whose dot products are summed across lanes together, a transposing tree that leaves
 /// the block's sums in one register: summing each key's lanes on its own cost more than its
-/// multiplications. The keys after the last whole block take [`query_dots`].
-fn tile_dots(
+/// multiplications. The keys after the last whole block take [`query_dots`], widened.
+fn tile_dots<T: KvElem>(
     isa: Isa,
     q: &[f32],
     d: usize,
-    (k, kst): (&[f32], usize),
+    (k, kst): (&[T], usize),
     t: usize,
     (scores, stride): (&mut [f32], usize),
 ) {
@@ -269,8 +251,10 @@ fn tile_dots(
         _ => 0,
     };
     let mut dots = vec![0f32; if done < t { g } else { 0 }];
+    let mut key = vec![0f32; if done < t { d } else { 0 }];
     for j in done..t {
-        query_dots(isa, q, &k[j * kst..][..d], &mut dots);
+        T::widen(&k[j * kst..], &mut key);
+        query_dots(isa, q, &key, &mut dots);
         for (i, &x) in dots.iter().enumerate() {
             scores[i * stride + j] = x;
         }
@@ -281,11 +265,11 @@ fn tile_dots(
 /// `values.1` apart), key after key, for the query heads' accumulators `out` (rows of `d`); a
 /// zero weight adds nothing. The SIMD forms keep the accumulators in registers for the whole
 /// tile (loading and storing them per key was most of the work).
-fn tile_add_weighted(
+fn tile_add_weighted<T: KvElem>(
     isa: Isa,
     out: &mut [f32],
     d: usize,
-    (v, vst): (&[f32], usize),
+    (v, vst): (&[T], usize),
     t: usize,
     (p, stride): (&[f32], usize),
 ) {
@@ -307,13 +291,14 @@ fn tile_add_weighted(
             x86::tile_add_weighted_avx2(out, d, v, vst, t, p, stride)
         },
         _ => {
-            let mut pj = vec![0f32; g];
+            let (mut pj, mut value) = (vec![0f32; g], vec![0f32; d]);
             for j in 0..t {
                 for (i, x) in pj.iter_mut().enumerate() {
                     *x = p[i * stride + j];
                 }
                 if pj.iter().any(|&x| x != 0.0) {
-                    add_weighted(isa, out, &v[j * vst..][..d], &pj);
+                    T::widen(&v[j * vst..], &mut value);
+                    add_weighted(isa, out, &value, &pj);
                 }
             }
         }
@@ -376,28 +361,90 @@ mod x86 {
 
     use crate::kernels::prefetch_line;
 
+    /// A K/V element type the tile forms load as f32 lanes, widening 16-bit values in registers
+    /// (f16 by the F16C conversion, bf16 as the high half of an f32).
+    pub(super) trait Wide: Copy {
+        /// 16 values at `p` as f32.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F; `p` points at 16 readable values.
+        unsafe fn z(p: *const Self) -> __m512;
+        /// 8 values at `p` as f32.
+        ///
+        /// # Safety
+        /// The CPU has AVX2 and F16C; `p` points at 8 readable values.
+        unsafe fn y(p: *const Self) -> __m256;
+    }
+
+    impl Wide for f32 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn z(p: *const f32) -> __m512 {
+            // SAFETY: as the trait's.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn y(p: *const f32) -> __m256 {
+            // SAFETY: as the trait's.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+    }
+
+    impl Wide for half::f16 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn z(p: *const Self) -> __m512 {
+            // SAFETY: as the trait's: 32 bytes.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn y(p: *const Self) -> __m256 {
+            // SAFETY: as the trait's: 16 bytes.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        }
+    }
+
+    impl Wide for half::bf16 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn z(p: *const Self) -> __m512 {
+            // SAFETY: as the trait's: 32 bytes.
+            let h = unsafe { _mm256_loadu_si256(p.cast()) };
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn y(p: *const Self) -> __m256 {
+            // SAFETY: as the trait's: 16 bytes.
+            let h = unsafe { _mm_loadu_si128(p.cast()) };
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+
     /// Calls `$f::<N>($args)` for `N = $n` in 1..=16: a register array of a constant length
     /// stays in registers, where one of a run-time length lives on the stack (zeroed and filled
     /// by a call of `memcpy` per key, which cost more than the key's arithmetic).
     macro_rules! by_registers {
-        ($n:expr, $f:ident, $($args:expr),*) => {
+        ($n:expr, $f:ident $(<$t:ty>)?, $($args:expr),*) => {
             match $n {
-                1 => $f::<1>($($args),*),
-                2 => $f::<2>($($args),*),
-                3 => $f::<3>($($args),*),
-                4 => $f::<4>($($args),*),
-                5 => $f::<5>($($args),*),
-                6 => $f::<6>($($args),*),
-                7 => $f::<7>($($args),*),
-                8 => $f::<8>($($args),*),
-                9 => $f::<9>($($args),*),
-                10 => $f::<10>($($args),*),
-                11 => $f::<11>($($args),*),
-                12 => $f::<12>($($args),*),
-                13 => $f::<13>($($args),*),
-                14 => $f::<14>($($args),*),
-                15 => $f::<15>($($args),*),
-                16 => $f::<16>($($args),*),
+                1 => $f::<$($t,)? 1>($($args),*),
+                2 => $f::<$($t,)? 2>($($args),*),
+                3 => $f::<$($t,)? 3>($($args),*),
+                4 => $f::<$($t,)? 4>($($args),*),
+                5 => $f::<$($t,)? 5>($($args),*),
+                6 => $f::<$($t,)? 6>($($args),*),
+                7 => $f::<$($t,)? 7>($($args),*),
+                8 => $f::<$($t,)? 8>($($args),*),
+                9 => $f::<$($t,)? 9>($($args),*),
+                10 => $f::<$($t,)? 10>($($args),*),
+                11 => $f::<$($t,)? 11>($($args),*),
+                12 => $f::<$($t,)? 12>($($args),*),
+                13 => $f::<$($t,)? 13>($($args),*),
+                14 => $f::<$($t,)? 14>($($args),*),
+                15 => $f::<$($t,)? 15>($($args),*),
+                16 => $f::<$($t,)? 16>($($args),*),
                 _ => {}
             }
         };
@@ -439,17 +486,17 @@ mod x86 {
     /// The CPU has AVX-512F; `q` holds rows of `d = 16 N <= 256`, `k` holds `t` rows of `d`
     /// `kst` apart, and `scores` holds each head's `t` scores `stride` apart.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile_dots_avx512(
+    pub(super) unsafe fn tile_dots_avx512<T: Wide>(
         q: &[f32],
         d: usize,
-        k: &[f32],
+        k: &[T],
         kst: usize,
         t: usize,
         scores: &mut [f32],
         stride: usize,
     ) {
         // SAFETY: as this function's.
-        unsafe { by_registers!(d / 16, tile_dots_n, q, k, kst, t, scores, stride) }
+        unsafe { by_registers!(d / 16, tile_dots_n<T>, q, k, kst, t, scores, stride) }
     }
 
     /// [`tile_dots_avx512`] for heads of `16 N` floats.
@@ -458,9 +505,9 @@ mod x86 {
     /// As [`tile_dots_avx512`], with `d == 16 N`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile_dots_n<const N: usize>(
+    unsafe fn tile_dots_n<T: Wide, const N: usize>(
         q: &[f32],
-        k: &[f32],
+        k: &[T],
         kst: usize,
         t: usize,
         scores: &mut [f32],
@@ -482,16 +529,16 @@ mod x86 {
                 // SAFETY: 16 (c + 1) <= d floats of row i.
                 let qv: [__m512; N] =
                     std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qi.as_ptr().add(16 * c)) });
-                let acc: [__m512; 16] = std::array::from_fn(|jj| {
-                    let mut a = _mm512_setzero_ps();
+                // (Loops, not `array::from_fn`: a closure does not take this function's target
+                // features, and `T::z` then stays a call per key.)
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for (jj, a) in acc.iter_mut().enumerate() {
                     for (c, qc) in qv.iter().enumerate() {
-                        // SAFETY: key j0 + jj < t starts at (j0 + jj) kst and holds d floats.
-                        let kc =
-                            unsafe { _mm512_loadu_ps(k.as_ptr().add((j0 + jj) * kst + 16 * c)) };
-                        a = _mm512_fmadd_ps(*qc, kc, a);
+                        // SAFETY: key j0 + jj < t starts at (j0 + jj) kst and holds d values.
+                        let kc = unsafe { T::z(k.as_ptr().add((j0 + jj) * kst + 16 * c)) };
+                        *a = _mm512_fmadd_ps(*qc, kc, *a);
                     }
-                    a
-                });
+                }
                 // SAFETY: head i's scores j0..j0 + 16 <= t.
                 unsafe { _mm512_storeu_ps(scores.as_mut_ptr().add(i * stride + j0), sum16(acc)) };
             }
@@ -505,17 +552,17 @@ mod x86 {
     /// The CPU has AVX-512F; `out` holds rows of `d = 16 N <= 256`, `v` holds `t` rows of `d`
     /// `vst` apart, and `p` holds each head's `t` weights `stride` apart.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile_add_weighted_avx512(
+    pub(super) unsafe fn tile_add_weighted_avx512<T: Wide>(
         out: &mut [f32],
         d: usize,
-        v: &[f32],
+        v: &[T],
         vst: usize,
         t: usize,
         p: &[f32],
         stride: usize,
     ) {
         // SAFETY: as this function's.
-        unsafe { by_registers!(d / 16, tile_add_weighted_n, out, v, vst, t, p, stride) }
+        unsafe { by_registers!(d / 16, tile_add_weighted_n<T>, out, v, vst, t, p, stride) }
     }
 
     /// [`tile_add_weighted_avx512`] for heads of `16 N` floats.
@@ -524,9 +571,9 @@ mod x86 {
     /// As [`tile_add_weighted_avx512`], with `d == 16 N`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile_add_weighted_n<const N: usize>(
+    unsafe fn tile_add_weighted_n<T: Wide, const N: usize>(
         out: &mut [f32],
-        v: &[f32],
+        v: &[T],
         vst: usize,
         t: usize,
         p: &[f32],
@@ -557,10 +604,11 @@ mod x86 {
                         prefetch_line(v.as_ptr().wrapping_add((j + 8) * vst + 16 * c));
                     }
                 }
-                // SAFETY: value j < t starts at j vst and holds d floats.
-                let vv: [__m512; N] = std::array::from_fn(|c| unsafe {
-                    _mm512_loadu_ps(v.as_ptr().add(j * vst + 16 * c))
-                });
+                let mut vv = [_mm512_setzero_ps(); N];
+                for (c, x) in vv.iter_mut().enumerate() {
+                    // SAFETY: value j < t starts at j vst and holds d floats.
+                    *x = unsafe { T::z(v.as_ptr().add(j * vst + 16 * c)) };
+                }
                 for h in 0..per_pass {
                     if h < here {
                         let pj = p[(h0 + h) * stride + j];
@@ -615,11 +663,11 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX2 and FMA; `q` holds rows of `d`, a multiple of 8, `k` holds `t` rows of
     /// `d` `kst` apart, and `scores` holds each head's `t` scores `stride` apart.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile_dots_avx2(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_dots_avx2<T: Wide>(
         q: &[f32],
         d: usize,
-        k: &[f32],
+        k: &[T],
         kst: usize,
         t: usize,
         scores: &mut [f32],
@@ -633,7 +681,7 @@ mod x86 {
                     unsafe {
                         let qv = _mm256_loadu_ps(qi.as_ptr().add(c));
                         for (jj, a) in acc.iter_mut().enumerate() {
-                            let kc = _mm256_loadu_ps(k.as_ptr().add((j0 + jj) * kst + c));
+                            let kc = T::y(k.as_ptr().add((j0 + jj) * kst + c));
                             *a = _mm256_fmadd_ps(qv, kc, *a);
                         }
                     }
@@ -650,11 +698,11 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX2 and FMA; `out` holds rows of `d`, a multiple of 8, `v` holds `t` rows of
     /// `d` `vst` apart, and `p` holds each head's `t` weights `stride` apart.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile_add_weighted_avx2(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_add_weighted_avx2<T: Wide>(
         out: &mut [f32],
         d: usize,
-        v: &[f32],
+        v: &[T],
         vst: usize,
         t: usize,
         p: &[f32],
@@ -676,7 +724,7 @@ mod x86 {
                     let pv = _mm256_set1_ps(pj);
                     for (c, a) in acc.iter_mut().enumerate().take(n) {
                         // SAFETY: value j < t starts at j vst and holds d floats.
-                        let x = unsafe { _mm256_loadu_ps(v.as_ptr().add(j * vst + c0 + 8 * c)) };
+                        let x = unsafe { T::y(v.as_ptr().add(j * vst + c0 + 8 * c)) };
                         *a = _mm256_fmadd_ps(pv, x, *a);
                     }
                 }
@@ -1031,5 +1079,104 @@ mod tests {
                 assert_eq!(out, by_key, "{isa:?} d {d} g {g} t {t}");
             }
         }
+    }
+
+    /// The tile forms read f16 and bf16 keys and values as the f32 forms read the same values
+    /// widened first, bit for bit (widening is exact), on every instruction set: whole blocks,
+    /// the keys after them, and a row stride wider than a head.
+    #[test]
+    fn half_precision_tiles_equal_the_f32_tiles_of_their_widened_rows() {
+        let mut rng = crate::kernels::TestRng::new(11);
+        for (d, g, t, kst) in [
+            (64, 3, 128, 64),
+            (64, 3, 37, 80),
+            (128, 2, 21, 136),
+            (20, 3, 9, 24),
+        ] {
+            let stride = t + 1;
+            let q: Vec<f32> = (0..g * d).map(|_| rng.next_f32() - 0.5).collect();
+            let raw: Vec<f32> = (0..(t - 1) * kst + d)
+                .map(|_| rng.next_f32() - 0.5)
+                .collect();
+            let p: Vec<f32> = (0..g * stride).map(|_| rng.next_f32()).collect();
+            let f16: Vec<half::f16> = raw.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let bf16: Vec<half::bf16> = raw.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            let wide_f16: Vec<f32> = f16.iter().map(|x| x.to_f32()).collect();
+            let wide_bf16: Vec<f32> = bf16.iter().map(|x| x.to_f32()).collect();
+            for isa in Isa::supported() {
+                let run = |k: &dyn Fn(&mut [f32], &mut [f32])| {
+                    let (mut scores, mut out) = (vec![0f32; g * stride], vec![0.25f32; g * d]);
+                    k(&mut scores, &mut out);
+                    (scores, out)
+                };
+                let tiles = |kv: (&[half::f16], &[half::bf16], &[f32]), which: usize| {
+                    run(&|scores: &mut [f32], out: &mut [f32]| match which {
+                        0 => {
+                            tile_dots(isa, &q, d, (kv.0, kst), t, (scores, stride));
+                            tile_add_weighted(isa, out, d, (kv.0, kst), t, (&p, stride));
+                        }
+                        1 => {
+                            tile_dots(isa, &q, d, (kv.1, kst), t, (scores, stride));
+                            tile_add_weighted(isa, out, d, (kv.1, kst), t, (&p, stride));
+                        }
+                        _ => {
+                            tile_dots(isa, &q, d, (kv.2, kst), t, (scores, stride));
+                            tile_add_weighted(isa, out, d, (kv.2, kst), t, (&p, stride));
+                        }
+                    })
+                };
+                let got_f16 = tiles((&f16, &bf16, &wide_f16), 0);
+                let want_f16 = tiles((&f16, &bf16, &wide_f16), 2);
+                assert_eq!(got_f16, want_f16, "{isa:?} f16 d {d} g {g} t {t}");
+                let got_bf16 = tiles((&f16, &bf16, &wide_bf16), 1);
+                let want_bf16 = tiles((&f16, &bf16, &wide_bf16), 2);
+                assert_eq!(got_bf16, want_bf16, "{isa:?} bf16 d {d} g {g} t {t}");
+            }
+        }
+    }
+
+    /// Not a test: the decode attention of a 16-sequence step over 1K positions (bench-160m's
+    /// heads), one cross layer's K/V after another from memory, in f32, f16 and bf16
+    /// (`YOCO_BENCH_KV` one of them, `YOCO_BENCH_L` positions, `YOCO_BENCH_B` sequences). Prints
+    /// GB/s of K/V read.
+    #[test]
+    #[ignore]
+    fn decode_attention_throughput() -> Result<()> {
+        let var = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let (b, h, h_kv, d) = (var("YOCO_BENCH_B", 16), 12, 4, 64);
+        let (l, layers, calls) = (var("YOCO_BENCH_L", 1024), 6, 120);
+        let only = std::env::var("YOCO_BENCH_KV").unwrap_or_default();
+        let q = crate::kernels::testing::uniform(&[b, h, 1, d], 1, 1.0)?;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            if !only.is_empty() && only != dtype.as_str() {
+                continue;
+            }
+            let kv = (0..layers)
+                .map(|i| {
+                    let k = crate::kernels::testing::uniform(&[b, h_kv, l, d], 2 + i as u64, 1.0)?;
+                    let v = crate::kernels::testing::uniform(&[b, h_kv, l, d], 20 + i as u64, 1.0)?;
+                    Ok((k.to_dtype(dtype)?, v.to_dtype(dtype)?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let t0 = std::time::Instant::now();
+            for c in 0..calls {
+                let (k, v) = &kv[c % layers];
+                decode_grouped_cpu(&q, k, v, None, 0.125)?;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let bytes = 2 * b * h_kv * l * d * dtype.size_in_bytes() * calls;
+            println!(
+                "{dtype:?} {:?}, {b} x {l}: {:.2} GB/s of K/V, {:.3} ms per layer",
+                Isa::active(),
+                bytes as f64 / secs / 1e9,
+                secs * 1e3 / calls as f64
+            );
+        }
+        Ok(())
     }
 }
