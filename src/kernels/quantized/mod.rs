@@ -45,6 +45,7 @@
 //! candle's dot products (`GgmlType::vec_dot_4`). Which instructions run is decided by
 //! [`super::isa::Isa`]: the CPU's best unless `YOCO_CPU_ISA` lowers it.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::quantized::k_quants::{
@@ -388,8 +389,8 @@ fn qgemv_rows(
             spans.push((kernel.as_ref(), first, band.min(n - first)));
         }
     }
-    let mut out = vec![0f32; total * rows];
     if rows == 1 {
+        let mut out = vec![0f32; total];
         let mut rest: &mut [f32] = &mut out;
         let mut tasks = Vec::with_capacity(spans.len());
         for &(kernel, first, len) in &spans {
@@ -400,33 +401,47 @@ fn qgemv_rows(
         tasks
             .into_par_iter()
             .for_each(|(kernel, first, out)| kernel.run(first, out));
-    } else {
-        // Each band's columns of every output row: a band fills its feature-major buffer (in
-        // its core's cache) and puts it in place itself. One thread reordering the whole
-        // product afterwards, a scattered store per value, took 3% of a 16-row decode step.
-        let mut segments: Vec<Vec<&mut [f32]>> =
-            spans.iter().map(|_| Vec::with_capacity(rows)).collect();
-        for row in out.chunks_mut(total) {
-            let mut rest = row;
-            for (segs, &(_, _, len)) in segments.iter_mut().zip(&spans) {
-                let (seg, tail) = std::mem::take(&mut rest).split_at_mut(len);
-                segs.push(seg);
-                rest = tail;
-            }
+        return Ok(Some(out));
+    }
+    // Each band's columns of every output row: a band fills its feature-major buffer (in
+    // its core's cache, reused from band to band) and puts it in place itself. One thread
+    // reordering the whole product afterwards, a scattered store per value, took 3% of a
+    // 16-row decode step; so did zeroing the output on one thread first, whose lines the
+    // other threads' stores then had to take from that core's cache.
+    let mut out: Vec<f32> = Vec::with_capacity(total * rows);
+    let Some(slots) = out.spare_capacity_mut().get_mut(..total * rows) else {
+        return Ok(None);
+    };
+    let mut segments: Vec<Vec<&mut [MaybeUninit<f32>]>> =
+        spans.iter().map(|_| Vec::with_capacity(rows)).collect();
+    for row in slots.chunks_mut(total) {
+        let mut rest = row;
+        for (segs, &(_, _, len)) in segments.iter_mut().zip(&spans) {
+            let (seg, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            segs.push(seg);
+            rest = tail;
         }
-        spans
-            .into_par_iter()
-            .zip(segments)
-            .for_each(|((kernel, first, len), mut segs)| {
-                let mut by_feature = vec![0f32; len * rows];
-                kernel.run(first, &mut by_feature);
+    }
+    spans
+        .into_par_iter()
+        .zip(segments)
+        .for_each(|((kernel, first, len), mut segs)| {
+            BY_FEATURE.with_borrow_mut(|by_feature| {
+                by_feature.resize(len * rows, 0.0);
+                let by_feature = &mut by_feature[..len * rows];
+                kernel.run(first, by_feature);
                 for (r, seg) in segs.iter_mut().enumerate() {
-                    for (j, y) in seg.iter_mut().enumerate() {
-                        *y = by_feature[j * rows + r];
+                    let column = by_feature.iter().skip(r).step_by(rows);
+                    for (y, &x) in seg.iter_mut().zip(column) {
+                        y.write(x);
                     }
                 }
-            });
-    }
+            })
+        });
+    // SAFETY: the spans cover each piece's rows once, so the segments (each row's `len`
+    // slots per span, `total` in all) cover the first `total * rows` slots, every one of
+    // which the bands wrote above.
+    unsafe { out.set_len(total * rows) };
     drop(kernels);
     drop(data);
     Ok(Some(out))
@@ -462,6 +477,9 @@ pub(crate) fn dequantize_cpu(q: &QWeight) -> Result<Tensor> {
 const SCRATCH_MAX_FLOATS: usize = 64 << 20;
 
 thread_local! {
+    /// A band's feature-major products in [`qgemv_rows`] (every value written by the kernel
+    /// before it is read), kept for the thread's next band.
+    static BY_FEATURE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The f32 rows of the last weight [`prefill_product_cpu`] dequantized on this thread: reused
     /// by the next, so that its pages are not faulted in and zeroed anew for every projection of
     /// every prompt chunk (that cost as much as the dequantization itself).
