@@ -526,7 +526,12 @@ fn exp_shifted_body(s: &mut [f32], shift: f32) {
         let x = *v - shift;
         let keep = x >= -87.0;
         let x = if keep { x } else { -87.0 };
-        let n = (x * LOG2E + ROUND) - ROUND;
+        let t = x * LOG2E + ROUND;
+        let n = t - ROUND;
+        // The integer `n` from `t`'s bits, which step by one in [2^23, 2^24): the same value
+        // as `n as i32`, whose saturating conversion the compiler does lane by lane (six
+        // scalar instructions each, most of this loop's time).
+        let n_int = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
         let r = x - n * LN2_HI - n * LN2_LO;
         let mut p = 1.987_569_1e-4;
         p = p * r + 1.398_2e-3;
@@ -535,7 +540,7 @@ fn exp_shifted_body(s: &mut [f32], shift: f32) {
         p = p * r + 1.666_666_5e-1;
         p = p * r + 0.5;
         let e = (p * r * r + r) + 1.0;
-        let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+        let scale = f32::from_bits((n_int.wrapping_add(127) as u32) << 23);
         *v = if keep { e * scale } else { 0.0 };
     }
 }
