@@ -239,31 +239,65 @@ fn weighted_select(
     inclusive: bool,
 ) -> (usize, Option<usize>) {
     let passes = |cum: f64| cum > target || (inclusive && cum >= target);
-    // Invariant: cands[..lo] are better than cands[lo..hi], which are better than
-    // cands[hi..]; `acc` is the weight of cands[..lo] and does not pass `target`.
-    let (mut lo, mut hi) = (0usize, cands.len());
-    let mut acc = 0.0f64;
-    let mut rounds = 0u32;
-    let mut narrowed = None;
-    if hi > SMALL_RANGE {
-        // Narrow to one bucket of weights first (see `bucket_of`): a language model's mass
-        // sits on a few tokens, so the boundary is then among a handful of candidates; and a
-        // nearly flat distribution, where a quickselect would take a dozen passes over tens
-        // of thousands of candidates, takes one pass here and a few hundred after.
-        // Candidates of later buckets are dropped.
-        if let Some((bucket, start, end, before)) = narrow_to_bucket(cands, sums, &passes) {
-            (lo, hi, acc) = (start, end, before);
-            narrowed = Some(bucket);
+    // Narrow to one bucket of weights first (see `bucket_of`): a language model's mass sits on
+    // a few tokens, so the boundary is then among a handful of candidates; and a nearly flat
+    // distribution, where a quickselect would take a dozen passes over tens of thousands of
+    // candidates, takes one pass here and a few hundred after. Candidates of later buckets are
+    // dropped.
+    let narrowed = match cands.len() > SMALL_RANGE {
+        true => narrow_to_bucket(cands, sums, &passes),
+        false => None,
+    };
+    let (lo, hi, acc) = narrowed.map_or((0, cands.len(), 0.0), |(_, lo, hi, acc)| (lo, hi, acc));
+    let j = cands
+        .get_mut(lo..hi)
+        .map_or(0, |range| select_within(range, acc, &passes));
+    (lo + j, narrowed.map(|(bucket, ..)| bucket))
+}
+
+/// [`weighted_select`]'s answer for a draw, which needs only the chosen candidate: the boundary
+/// bucket's candidates are copied out (in their order, into `edge`) and the selection runs on
+/// them, where `weighted_select` first compacts every candidate of the better buckets (a write
+/// per candidate: a fifth of a draw from a nearly flat 32K vocabulary). The same candidates in
+/// the same order with the same weight before them, so the same answer; `cands` is reordered
+/// only when there is nothing to narrow.
+fn weighted_pick(
+    cands: &mut Vec<Candidate>,
+    sums: &BucketSums,
+    target: f64,
+    edge: &mut Vec<Candidate>,
+) -> Option<Candidate> {
+    let passes = |cum: f64| cum > target;
+    if cands.len() > SMALL_RANGE {
+        if let Some((bucket, before)) = sums.boundary(passes) {
+            edge.clear();
+            edge.extend(cands.iter().filter(|c| bucket_of(c.weight) == bucket));
+            let j = select_within(edge, before, &passes);
+            return edge.get(j).copied();
         }
     }
-    while let Some(range) = cands.get_mut(lo..hi).filter(|r| !r.is_empty()) {
+    let (i, _) = weighted_select(cands, sums, target, false);
+    cands.get(i).copied()
+}
+
+/// The selection of [`weighted_select`] within `v`, the candidates after some whose weight
+/// `acc` does not pass: returns the index in `v` of the first candidate, best-first, at which
+/// the running weight passes, leaving `v[..=j]` its better ones (in no particular order). When
+/// rounding keeps the sum short, the least likely of the candidates left is put last and taken
+/// (every candidate before `v` is better than all of `v`).
+fn select_within(v: &mut [Candidate], mut acc: f64, passes: &impl Fn(f64) -> bool) -> usize {
+    // Invariant: v[..lo] are better than v[lo..hi], which are better than v[hi..]; `acc` is
+    // the weight before v[lo] and does not pass.
+    let (mut lo, mut hi) = (0usize, v.len());
+    let mut rounds = 0u32;
+    while let Some(range) = v.get_mut(lo..hi).filter(|r| !r.is_empty()) {
         if range.len() <= SMALL_RANGE || rounds >= MAX_ROUNDS {
             range.sort_unstable_by(best_first);
             let mut cum = acc;
             for (j, c) in range.iter().enumerate() {
                 cum += f64::from(c.weight);
                 if passes(cum) {
-                    return (lo + j, narrowed);
+                    return lo + j;
                 }
             }
             break;
@@ -274,17 +308,17 @@ fn weighted_select(
         if p > 0 && passes(acc + better) {
             hi = lo + p;
         } else if passes(acc + better + pivot_weight) {
-            return (lo + p, narrowed);
+            return lo + p;
         } else {
             acc += better + pivot_weight;
             lo += p + 1;
         }
     }
-    // Only reached through rounding: everything before `hi` is better than everything
-    // after it, so the least likely of them is the candidate meant. Put it last, at
-    // `hi - 1`, as the contract says (the bucket narrowing leaves that prefix unordered).
-    let Some(head) = cands.get_mut(..hi) else {
-        return (0, narrowed);
+    // Only reached through rounding: everything before `hi` is better than everything after
+    // it, so the least likely of them is the candidate meant. Put it last, at `hi - 1`, as the
+    // contract says (the bucket narrowing leaves that prefix unordered).
+    let Some(head) = v.get_mut(..hi) else {
+        return 0;
     };
     let worst = (0..head.len()).reduce(|w, j| match (head.get(w), head.get(j)) {
         (Some(a), Some(b)) if best_first(b, a) == Ordering::Greater => j,
@@ -294,7 +328,7 @@ fn weighted_select(
     if let Some(w) = worst {
         head.swap(w, last);
     }
-    (last, narrowed)
+    last
 }
 
 /// Buckets per octave of weight in [`bucket_of`]: 16, from the top 4 bits of the mantissa.
@@ -469,6 +503,8 @@ pub struct Sampler {
     /// Reused between calls so that sampling does not allocate a vocabulary-sized buffer
     /// per token.
     cands: Vec<Candidate>,
+    /// Reused buffer for the final draw's boundary bucket ([`weighted_pick`]).
+    edge: Vec<Candidate>,
     /// Reused buffer for the distinct ids of the penalty window.
     recent: Vec<u32>,
     /// The softmax's denominator (relative to the largest logit) of the last stochastic draw,
@@ -502,6 +538,7 @@ impl Sampler {
             rng: Rng::new(seed),
             suppress,
             cands: Vec::new(),
+            edge: Vec::new(),
             recent: Vec::new(),
             last_total: None,
         })
@@ -732,12 +769,13 @@ impl Sampler {
         // u * total. `u < 1`, so some token passes it unless rounding interferes, in which
         // case the least likely one is taken.
         let target = f64::from(self.rng.next_f32()) * sums.total();
-        let index = if sorted {
-            scan(cands, target, false).unwrap_or(cands.len().saturating_sub(1))
+        let chosen = if sorted {
+            let index = scan(cands, target, false).unwrap_or(cands.len().saturating_sub(1));
+            cands.get(index).copied()
         } else {
-            weighted_select(cands, &sums, target, false).0
+            weighted_pick(cands, &sums, target, &mut self.edge)
         };
-        cands.get(index).map(|c| c.id).ok_or_else(no_candidate)
+        chosen.map(|c| c.id).ok_or_else(no_candidate)
     }
 }
 
@@ -1023,6 +1061,12 @@ mod tests {
                     );
                     let j = scan(&full, target, inclusive).unwrap_or(n - 1);
                     assert_eq!(i, j, "n {n} target {target} inclusive {inclusive}");
+                    if !inclusive {
+                        // A draw's pick: the same candidate, without reordering the others.
+                        let (mut d, mut edge) = (cands.clone(), Vec::new());
+                        let picked = weighted_pick(&mut d, &sums, target, &mut edge);
+                        assert_eq!(picked.map(|c| c.id), Some(full[j].id), "n {n} {target}");
+                    }
                     let mut ids: Vec<u32> = c[..=i].iter().map(|c| c.id).collect();
                     ids.sort_unstable();
                     let mut want: Vec<u32> = full[..=j].iter().map(|c| c.id).collect();
