@@ -347,9 +347,11 @@ fn bucket_of(weight: f32) -> usize {
     ((ONE_BITS - weight.to_bits().min(ONE_BITS)) >> BUCKET_SHIFT) as usize
 }
 
-/// The candidates' weights summed per bucket of [`bucket_of`] (in f64, candidate by
-/// candidate in their order): their distribution at 16 steps to an octave, from which
-/// [`weighted_select`] finds the bucket that holds a boundary without a pass of its own.
+/// The candidates' weights summed per bucket of [`bucket_of`], in f64: their distribution at
+/// 16 steps to an octave, from which [`weighted_select`] finds the bucket that holds a boundary
+/// without a pass of its own. A bucket's weights share an exponent, so each is a whole multiple
+/// of one power of two below 2^24 of it, and any partial sum of up to 2^29 of them fits f64's
+/// mantissa: a bucket's sum is exact, whatever the order or grouping of its adds.
 struct BucketSums([f64; BUCKETS]);
 
 impl BucketSums {
